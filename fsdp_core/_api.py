@@ -1,0 +1,150 @@
+"""``fully_shard``: validate, collect the parameters a unit owns, build the unit, swap the class."""
+from __future__ import annotations
+
+import weakref
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from ._module import FSDPModule, install_hooks, swap_class
+from ._policies import MixedPrecisionPolicy, OffloadPolicy
+from ._unit import FlatUnit, Registration
+
+__all__ = ["fully_shard"]
+
+# original parameter -> the unit that sharded it (to detect parameters tied across units)
+_owner: "weakref.WeakKeyDictionary[nn.Parameter, tuple[FlatUnit, str]]" = weakref.WeakKeyDictionary()
+
+
+def _resolve_group(mesh):
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError(
+            "fully_shard needs an initialized default process group: call "
+            "torch.distributed.init_process_group('gloo' or 'nccl') on every rank first"
+        )
+    if mesh is None:
+        return dist.group.WORLD
+    if isinstance(mesh, dist.ProcessGroup):
+        return mesh
+    get_group = getattr(mesh, "get_group", None)
+    if get_group is not None:
+        if getattr(mesh, "ndim", 1) != 1:
+            raise ValueError(f"fully_shard supports a 1-D DeviceMesh only, got a {mesh.ndim}-D mesh")
+        return get_group()
+    raise TypeError(f"mesh must be None, a 1-D DeviceMesh or a ProcessGroup, got {type(mesh).__name__}")
+
+
+def _compute_device(group, params: list[nn.Parameter]) -> torch.device:
+    dev = params[0].device if params else torch.device("cpu")
+    if dev.type != "meta" and dev.type != "cpu":
+        return dev
+    if dist.get_backend(group) == "nccl" and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def fully_shard(
+    module: nn.Module,
+    *,
+    mesh=None,
+    reshard_after_forward: bool = True,
+    mp_policy: Optional[MixedPrecisionPolicy] = None,
+    offload_policy: Optional[OffloadPolicy] = None,
+    deterministic: bool = False,
+) -> nn.Module:
+    """Shard ``module``'s parameters (those not already owned by an inner call) across the
+    ranks of ``mesh`` as one flat unit. Call it on inner modules first and the root last.
+    Modifies ``module`` in place (its class becomes ``FSDP<Class>``) and returns it."""
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"fully_shard expects an nn.Module, got {type(module).__name__}")
+    if isinstance(module, FSDPModule):
+        raise ValueError(f"{type(module).__name__} is already sharded: call fully_shard once per module")
+    mp_policy = MixedPrecisionPolicy() if mp_policy is None else mp_policy
+    offload_policy = OffloadPolicy() if offload_policy is None else offload_policy
+    if not isinstance(mp_policy, MixedPrecisionPolicy):
+        raise TypeError(f"mp_policy must be a MixedPrecisionPolicy, got {type(mp_policy).__name__}")
+    if not isinstance(offload_policy, OffloadPolicy):
+        raise TypeError(f"offload_policy must be an OffloadPolicy, got {type(offload_policy).__name__}")
+    group = _resolve_group(mesh)
+    world = dist.get_world_size(group)
+    if deterministic and world & (world - 1):
+        raise ValueError(f"deterministic=True needs a power-of-two world size, got {world}")
+
+    params, regs = _collect(module)
+    unit = None
+    if params:
+        _check_params(module, params, regs)
+        unit = FlatUnit(
+            module=module, params=params, registrations=regs, group=group, mp_policy=mp_policy,
+            offload_policy=offload_policy, reshard_after_forward=reshard_after_forward,
+            deterministic=deterministic, compute_device=_compute_device(group, params),
+        )
+        for i, p in enumerate(params):
+            _owner[p] = (unit, unit.names[i])
+    module._fsdp_unit = unit
+    swap_class(module)
+    install_hooks(module)
+    return module
+
+
+def _collect(module: nn.Module) -> tuple[list[nn.Parameter], list[Registration]]:
+    """Parameters registered under ``module`` not yet sharded, in first-registration order."""
+    sub_modules = set(module.modules())
+    params: list[nn.Parameter] = []
+    index: dict[int, int] = {}
+    regs: list[Registration] = []
+    for mod_name, sub in module.named_modules(remove_duplicate=False):
+        for attr, p in sub._parameters.items():
+            if p is None:
+                continue
+            fqn = f"{mod_name}.{attr}" if mod_name else attr
+            sharding_unit = getattr(p, "_fsdp_unit", None)
+            if sharding_unit is not None:  # a local shard of some unit
+                if not any(m._fsdp_unit is sharding_unit for m in sub_modules if isinstance(m, FSDPModule)):
+                    raise ValueError(
+                        f"parameter {fqn!r} of {type(module).__name__} is already sharded by a "
+                        "fully_shard call on an ancestor module; call fully_shard on inner modules "
+                        "first and on the root last"
+                    )
+                continue
+            owner = _owner.get(p)
+            if owner is not None:
+                raise ValueError(
+                    f"parameter {fqn!r} is the same tensor as {owner[1]!r}, which the fully_shard "
+                    f"unit {owner[0].module_name!r} already shards: a parameter "
+                    "tied across two units cannot be sharded; call fully_shard on a module that "
+                    "contains every use of the tied parameter (e.g. only on their common ancestor)"
+                )
+            if id(p) not in index:
+                index[id(p)] = len(params)
+                params.append(p)
+            regs.append(Registration(sub, attr, index[id(p)], fqn))
+    return params, regs
+
+
+def _check_params(module: nn.Module, params: list[nn.Parameter], regs: list[Registration]) -> None:
+    names = {}
+    for reg in regs:
+        names.setdefault(reg.index, reg.fqn)
+    devices = {}
+    for i, p in enumerate(params):
+        devices.setdefault(p.device, names[i])
+    if len(devices) > 1:
+        desc = ", ".join(f"{name!r} on {dev}" for dev, name in devices.items())
+        raise ValueError(
+            f"{type(module).__name__} has parameters on mixed devices ({desc}): move the module to "
+            "one device (or build it on meta) before fully_shard"
+        )
+    dtypes = {}
+    for i, p in enumerate(params):
+        dtypes.setdefault(p.dtype, names[i])
+        if not p.is_floating_point():
+            raise TypeError(f"parameter {names[i]!r} has non-floating dtype {p.dtype}; fully_shard shards floating parameters")
+    if len(dtypes) > 1:
+        desc = ", ".join(f"{name!r} is {dt}" for dt, name in dtypes.items())
+        raise TypeError(
+            f"{type(module).__name__} mixes parameter dtypes ({desc}): one unit holds one dtype; "
+            "cast the module (e.g. module.float()) or shard the differing submodules as their own units"
+        )

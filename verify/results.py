@@ -1,0 +1,69 @@
+"""Result records that cross the process boundary: plain, picklable, JSON-able.
+
+A case is one scenario run through one sharder at one world size. The rank side produces
+`StepRecord`s; comparison against the reference fills the diff fields; the CLI and the
+report only ever read these records (as dicts, through `to_dict`).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+__all__ = ["StepRecord", "CaseResult", "VERDICTS"]
+
+# pass: every check of the case's tier held. fail: a check failed (a numerical divergence,
+# padding written, a shard that does not reassemble). error: the case did not complete (a rank
+# raised, died or hung). unsupported: the sharder cannot run this case (reason says why).
+VERDICTS = ("pass", "fail", "error", "unsupported")
+
+
+@dataclass
+class StepRecord:
+    step: int
+    loss: float                       # sharded run's step loss
+    loss_ref: float                   # reference's step loss
+    loss_bitwise: bool = False
+    loss_abs_diff: float = 0.0
+    max_abs: float = 0.0              # over every parameter element after the step
+    max_rel: float = 0.0
+    max_ulp: int = 0
+    bitwise: bool = False             # loss and every parameter bit-identical to the reference
+    n_params_differ: int = 0          # parameters (tensors) not bitwise equal
+    worst_param: str = ""             # parameter with the largest max_abs
+    padding_ok: bool = True           # every padding view bitwise zero on every rank
+    padding_bad: list[str] = field(default_factory=list)  # labels of non-zero padding views
+    reassembly_ok: bool = True        # local shards concatenate to the full parameters
+    collectives: dict[str, list[int]] = field(default_factory=dict)  # kind -> [count, bytes] (rank 0)
+    state_bytes: list[int] = field(default_factory=list)  # per rank: params + grads + optimizer state
+    step_time_s: float = 0.0          # rank 0 wall time of the step (forward + backward + step)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class CaseResult:
+    scenario_json: str
+    sharder: str
+    family: str
+    world_size: int
+    mode: str
+    dtype: str
+    optimizer: str
+    tier: str                          # "bitwise" | "tolerance" | "reported"
+    verdict: str                       # one of VERDICTS
+    reason: str = ""                   # why it failed / errored / is unsupported
+    steps: list[StepRecord] = field(default_factory=list)
+    first_divergence: Optional[tuple[int, str]] = None  # (step, parameter) first not bitwise equal
+    replay: str = ""                   # one-line command that reruns exactly this case
+    wall_time_s: float = 0.0
+
+    @property
+    def passed(self) -> bool:
+        return self.verdict in ("pass", "unsupported")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["passed"] = self.passed
+        return d
