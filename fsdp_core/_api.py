@@ -1,7 +1,6 @@
 """``fully_shard``: validate, collect the parameters a unit owns, build the unit, swap the class."""
 from __future__ import annotations
 
-import weakref
 from typing import Optional
 
 import torch
@@ -14,8 +13,6 @@ from ._unit import FlatUnit, Registration
 
 __all__ = ["fully_shard"]
 
-# original parameter -> the unit that sharded it (to detect parameters tied across units)
-_owner: "weakref.WeakKeyDictionary[nn.Parameter, tuple[FlatUnit, str]]" = weakref.WeakKeyDictionary()
 
 
 def _resolve_group(mesh):
@@ -82,7 +79,9 @@ def fully_shard(
             deterministic=deterministic, compute_device=_compute_device(group, params),
         )
         for i, p in enumerate(params):
-            _owner[p] = (unit, unit.names[i])
+            # Marks the original tensor: if it is also registered outside this unit (tied across
+            # units), an outer fully_shard call finds the mark and refuses.
+            p._fsdp_sharded_by = (unit, unit.names[i])
     module._fsdp_unit = unit
     swap_class(module)
     install_hooks(module)
@@ -109,7 +108,7 @@ def _collect(module: nn.Module) -> tuple[list[nn.Parameter], list[Registration]]
                         "first and on the root last"
                     )
                 continue
-            owner = _owner.get(p)
+            owner = getattr(p, "_fsdp_sharded_by", None)
             if owner is not None:
                 raise ValueError(
                     f"parameter {fqn!r} is the same tensor as {owner[1]!r}, which the fully_shard "

@@ -11,6 +11,7 @@ order is the same on every rank because every rank runs the same graph.
 """
 from __future__ import annotations
 
+import weakref
 from typing import Any, Optional
 
 import torch
@@ -22,8 +23,11 @@ from ._unit import FlatUnit
 __all__ = ["FSDPModule"]
 
 # Units that ran a forward with grad enabled since the last end-of-backward, in forward order.
-_pending: dict[int, FlatUnit] = {}
-_callback_queued = False
+# Weak: a model dropped between forward and backward must not be kept alive (or processed).
+_pending: dict[int, "weakref.ref[FlatUnit]"] = {}
+# The autograd graph task the end-of-backward callback is queued for (a backward that raised
+# never runs its callback; keying by task keeps the next backward from being skipped).
+_queued_task: Optional[int] = None
 
 
 class _PostBackward(torch.autograd.Function):
@@ -34,25 +38,33 @@ class _PostBackward(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
+        ctx.unit.backward_task = torch._C._current_graph_task_id()
         ctx.unit.input_hook_fired()
         return (None,) + grads
 
 
 def _final_callback() -> None:
-    global _callback_queued
-    _callback_queued = False
-    units = list(_pending.values())
+    global _queued_task
+    _queued_task = None
+    units = [u for u in (ref() for ref in _pending.values()) if u is not None]
     _pending.clear()
+    error = None
     for unit in reversed(units):
-        unit.post_backward()
+        try:
+            unit.post_backward()
+        except Exception as e:  # finish every unit's bookkeeping, then report the first error
+            error = error or e
     for unit in units:
         unit.reset_backward_state()
+    if error is not None:
+        raise error
 
 
 def _queue_final_callback() -> None:
-    global _callback_queued
-    if not _callback_queued:
-        _callback_queued = True
+    global _queued_task
+    task = torch._C._current_graph_task_id()
+    if _queued_task != task:
+        _queued_task = task
         torch.autograd.Variable._execution_engine.queue_callback(_final_callback)
 
 
@@ -70,10 +82,13 @@ def _pre_forward(module: nn.Module, args: tuple, kwargs: dict):
     if mp.param_dtype is not None and mp.cast_forward_inputs:
         flat = [x.to(mp.param_dtype) if _floating(x) else x for x in flat]
     if torch.is_grad_enabled():
-        if unit.post_backward_done:  # a new iteration for this unit (after a backward)
-            unit.reset_backward_state()
+        task = torch._C._current_graph_task_id()
+        if unit.backward_task is not None and unit.backward_task != task:
+            # The last backward through this unit raised before its end: drop its leftovers.
+            unit.abandon_backward()
+            _pending.pop(id(unit), None)
         if not unit.in_pending:
-            _pending[id(unit)] = unit
+            _pending[id(unit)] = weakref.ref(unit)
             unit.in_pending = True
         idx = [i for i, x in enumerate(flat) if isinstance(x, torch.Tensor) and x.requires_grad]
         if idx:
@@ -107,6 +122,7 @@ def _post_forward(module: nn.Module, args: tuple, kwargs: dict, output: Any):
 def _make_pre_backward(unit: FlatUnit):
     def hook(grad: torch.Tensor):
         _queue_final_callback()
+        unit.backward_task = torch._C._current_graph_task_id()
         unit.unshard()
         return grad
 

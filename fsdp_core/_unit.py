@@ -208,6 +208,15 @@ class FlatUnit:
         self.hooks_fired = 0
         self.post_backward_done = False
         self.in_pending = False
+        self.backward_task: Optional[int] = None  # autograd graph task of the running backward
+
+    def abandon_backward(self) -> None:
+        """A backward through this unit raised midway: its partial gradients are garbage."""
+        self._acc.clear()
+        if self.unsharded_params is not None:
+            self._clear_unsharded_grads()
+        self.reshard()
+        self.reset_backward_state()
 
     def input_hook_fired(self) -> None:
         self.hooks_fired += 1

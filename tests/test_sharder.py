@@ -1,0 +1,141 @@
+"""Multi-rank tests of fsdp_core on gloo at W = 1, 2, 4, 8, through the session's rank pool."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import sharder_cases as cases
+
+pytestmark = pytest.mark.multigpu
+
+TIMEOUT = 240.0
+
+
+def run(pool, world_size, fn, payload):
+    res = pool.run(world_size, fn, payload, timeout_s=TIMEOUT)
+    assert res.ok, res.error
+    return res.values
+
+
+def check_parity(values, *, bitwise: bool, atol=None, rtol=None):
+    for rank_value in values:
+        assert rank_value["names"] == rank_value["ref_names"], "named_parameters() lost the original names"
+        assert rank_value["pad_init"] == [], f"padding non-zero after init: {rank_value['pad_init']}"
+        for rec in rank_value["records"]:
+            step = rec["step"]
+            assert rec["pad_reduce"] == [], f"step {step}: padding non-zero after reduction: {rec['pad_reduce']}"
+            assert rec["pad_step"] == [], f"step {step}: padding non-zero after optimizer step: {rec['pad_step']}"
+            assert rec["reassembled"], f"step {step}: local shards do not reassemble to the full parameters"
+            for name, (max_abs, equal) in rec["diffs"].items():
+                if bitwise:
+                    assert equal, f"step {step}: {name} not bitwise equal to the reference (max |d| {max_abs:.3g})"
+                else:
+                    tol = atol + rtol  # parameters are O(1): a combined bound per element
+                    assert max_abs <= tol, f"step {step}: {name} differs by {max_abs:.3g} > {tol:.3g}"
+
+
+FP32 = dict(atol=1e-5, rtol=1.3e-6)   # torch.testing defaults for float32
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 4, 8])
+@pytest.mark.parametrize("wrap", ["per_block", "root_only", "every_leaf"])
+def test_fast_sgd_parity(rank_pool, world_size, wrap):
+    values = run(rank_pool, world_size, cases.parity, dict(wrap=wrap, steps=4, M=8, opt="sgd"))
+    check_parity(values, bitwise=(world_size == 1), **FP32)
+
+
+@pytest.mark.parametrize("world_size", [2, 8])
+def test_fast_parity_no_reshard_and_offload(rank_pool, world_size):
+    values = run(rank_pool, world_size, cases.parity,
+                 dict(wrap="per_block", steps=3, M=8, opt="sgd", reshard=False, offload=True))
+    check_parity(values, bitwise=False, **FP32)
+
+
+def test_offload_exact_at_world_size_one(rank_pool):
+    values = run(rank_pool, 1, cases.parity, dict(wrap="per_block", steps=3, M=4, opt="adamw", offload=True))
+    check_parity(values, bitwise=True)
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_fast_bf16_mixed_precision_within_bf16_tolerance(rank_pool, world_size):
+    values = run(rank_pool, world_size, cases.parity, dict(wrap="per_block", steps=3, M=4, opt="sgd", bf16=True))
+    check_parity(values, bitwise=False, atol=1e-5, rtol=1.6e-2)
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 4, 8])
+@pytest.mark.parametrize("opt,bf16", [("sgd", False), ("adam", False), ("adamw", False), ("adamw", True)])
+def test_deterministic_bitwise_to_tree_reference(rank_pool, world_size, opt, bf16):
+    values = run(rank_pool, world_size, cases.parity,
+                 dict(wrap="per_block", steps=3, M=8, opt=opt, bf16=bf16, det=True, clip=0.5))
+    check_parity(values, bitwise=True)
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_deterministic_deep_nesting_bitwise(rank_pool, world_size):
+    values = run(rank_pool, world_size, cases.parity,
+                 dict(wrap="every_leaf", steps=2, M=4, opt="adamw", det=True))
+    check_parity(values, bitwise=True)
+
+
+@pytest.mark.parametrize("world_size", [1, 4])
+def test_gradient_accumulation_equals_one_big_batch(rank_pool, world_size):
+    values = run(rank_pool, world_size, cases.accumulation, dict(k=4, wrap="per_block"))
+    for v in values:
+        assert v["keys_a"] == v["keys_b"]
+        assert v["max_diff"] < 1e-6
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 8])
+def test_meta_init_equals_eager_bitwise(rank_pool, world_size):
+    for v in run(rank_pool, world_size, cases.meta_init, dict(wrap="per_block")):
+        assert v == dict(equal=True, keys=True, buffers=True, grads=True, pad=[])
+
+
+def test_meta_init_missing_buffer_is_refused(rank_pool):
+    msg = run(rank_pool, 2, cases.meta_init_missing_buffer, dict(wrap="per_block"))[0]
+    assert "phase" in msg and "uninitialised" in msg, msg
+
+
+@pytest.mark.parametrize("world_size", [1, 4])
+def test_state_dict_roundtrip(rank_pool, world_size):
+    for v in run(rank_pool, world_size, cases.roundtrip, dict(wrap="per_block")):
+        assert v == dict(same=True, keys=True, shapes=True, plain_equal=True, pad=[])
+
+
+def test_unshard_reshard_api(rank_pool):
+    v = run(rank_pool, 2, cases.unshard_api, dict(wrap="per_block"))[0]
+    assert v["during"] == (6, 6) and v["equal"]
+    assert v["before"] == v["after"] and len(v["before"]) == 1   # a 1-D local shard
+    assert v["cls"] == "FSDPZoo" and v["is_fsdp"]
+
+
+EXPECTED_ERRORS = {
+    "mixed_devices": ("ValueError", ["mixed devices", "'1.weight'"]),
+    "tied_across_units": ("ValueError", ["head.weight", "tied"]),
+    "forward_on_meta": ("RuntimeError", ["meta", "materialize_meta"]),
+    "already_sharded": ("ValueError", ["already sharded"]),
+    "outer_first": ("ValueError", ["inner modules first"]),
+    "sd_missing": ("RuntimeError", ["blocks.0.fc.weight", "bogus.weight"]),
+    "sd_shape": ("RuntimeError", ["blocks.1.fc.weight", "(3, 3)"]),
+    "not_a_module": ("TypeError", ["nn.Module"]),
+    "det_grad_sync_odd": ("RuntimeError", ["power of two"]),
+}
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_user_errors_are_clear(rank_pool, world_size):
+    got = run(rank_pool, world_size, cases.errors, dict(wrap="per_block"))[0]
+    for case, (etype, fragments) in EXPECTED_ERRORS.items():
+        kind, msg = got[case]
+        assert kind == etype, f"{case}: expected {etype}, got {kind}: {msg}"
+        for frag in fragments:
+            assert frag in msg, f"{case}: message lacks {frag!r}: {msg}"
+
+
+def test_no_process_group_is_a_clear_error():
+    import torch.distributed as dist
+    import fsdp_core
+
+    assert not dist.is_initialized()
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        fsdp_core.fully_shard(torch.nn.Linear(2, 2))
