@@ -2,9 +2,12 @@
 end-of-backward callback.
 
 [Note: when a unit's gradients are ready]
-Pre-forward wraps the unit's input tensors that require grad in an identity autograd function
-whose backward runs after the whole unit's backward (``_PostBackward``). A unit called c times
-with hooked inputs reduces when the c-th of those backwards has run. Units whose inputs carry no
+Pre-forward registers a multi-grad hook on the unit's input tensors that require grad; it fires
+once their gradients are computed, which is after the whole unit's backward. A unit called c
+times with hooked inputs reduces when the c-th of those hooks has fired. The hook is a tensor
+hook, not an autograd node: an extra node (an identity function on the inputs, as FSDP2 uses)
+changes the order in which autograd sums the gradient of a tensor used by several units, and
+with it the last bits of that gradient. Units whose inputs carry no
 grad (the first unit, fed token ids) or that are only partly reached are reduced by the
 end-of-backward callback, queued by the first pre-backward hook of each backward pass. Reduction
 order is the same on every rank because every rank runs the same graph.
@@ -22,34 +25,39 @@ from ._unit import FlatUnit
 
 __all__ = ["FSDPModule"]
 
-# Units that ran a forward with grad enabled since the last end-of-backward, in forward order.
-# Weak: a model dropped between forward and backward must not be kept alive (or processed).
-_pending: dict[int, "weakref.ref[FlatUnit]"] = {}
-# The autograd graph task the end-of-backward callback is queued for (a backward that raised
-# never runs its callback; keying by task keeps the next backward from being skipped).
-_queued_task: Optional[int] = None
+# [Note: backward bookkeeping]
+# Units reached by a backward pass (a pre- or post-backward hook fired) are enlisted under that
+# pass's autograd graph task; the pass's end-of-backward callback processes exactly those. A pass
+# that raised never runs its callback: its units notice at their next forward (their
+# ``backward_task`` is stale) and drop the partial state. ``_generation`` counts completed
+# passes, so a unit can tell a new iteration (reset its counters) from a second forward before
+# one backward (keep counting). Weak references: a model dropped midway is neither kept alive
+# nor processed.
+_generation = 0
+_task_units: dict[int, list["weakref.ref[FlatUnit]"]] = {}
 
 
-class _PostBackward(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, unit: FlatUnit, *inputs: torch.Tensor):
-        ctx.unit = unit
-        return tuple(x.view_as(x) for x in inputs)
+def _enlist(unit: FlatUnit) -> None:
+    """Called from backward hooks: make sure this pass's final callback processes ``unit``."""
+    task = torch._C._current_graph_task_id()
+    unit.backward_task = task
+    units = _task_units.get(task)
+    if units is None:
+        units = _task_units[task] = []
+        torch.autograd.Variable._execution_engine.queue_callback(lambda: _final_callback(task))
+    if unit.enlisted_task != task:
+        unit.enlisted_task = task
+        units.append(weakref.ref(unit))
 
-    @staticmethod
-    def backward(ctx, *grads):
-        ctx.unit.backward_task = torch._C._current_graph_task_id()
-        ctx.unit.input_hook_fired()
-        return (None,) + grads
 
-
-def _final_callback() -> None:
-    global _queued_task
-    _queued_task = None
-    units = [u for u in (ref() for ref in _pending.values()) if u is not None]
-    _pending.clear()
+def _final_callback(task: int) -> None:
+    global _generation
+    _generation += 1
+    units = [u for u in (ref() for ref in _task_units.pop(task, [])) if u is not None]
+    for stale in [t for t, refs in _task_units.items() if all(r() is None for r in refs)]:
+        del _task_units[stale]
     error = None
-    for unit in reversed(units):
+    for unit in reversed(units):  # reverse of first-reached order; the same on every rank
         try:
             unit.post_backward()
         except Exception as e:  # finish every unit's bookkeeping, then report the first error
@@ -58,14 +66,6 @@ def _final_callback() -> None:
         unit.reset_backward_state()
     if error is not None:
         raise error
-
-
-def _queue_final_callback() -> None:
-    global _queued_task
-    task = torch._C._current_graph_task_id()
-    if _queued_task != task:
-        _queued_task = task
-        torch.autograd.Variable._execution_engine.queue_callback(_final_callback)
 
 
 def _floating(x: Any) -> bool:
@@ -86,16 +86,15 @@ def _pre_forward(module: nn.Module, args: tuple, kwargs: dict):
         if unit.backward_task is not None and unit.backward_task != task:
             # The last backward through this unit raised before its end: drop its leftovers.
             unit.abandon_backward()
-            _pending.pop(id(unit), None)
-        if not unit.in_pending:
-            _pending[id(unit)] = weakref.ref(unit)
-            unit.in_pending = True
-        idx = [i for i, x in enumerate(flat) if isinstance(x, torch.Tensor) and x.requires_grad]
-        if idx:
+        elif unit.generation != _generation:  # a backward completed since its last forward
+            unit.reset_backward_state()
+        unit.generation = _generation
+        needs_grad = [x for x in flat if isinstance(x, torch.Tensor) and x.requires_grad]
+        if needs_grad:
             unit.calls_with_hook += 1
-            wrapped = _PostBackward.apply(unit, *[flat[i] for i in idx])
-            for i, w in zip(idx, wrapped):
-                flat[i] = w
+            handle: list = []
+            handle.append(torch.autograd.graph.register_multi_grad_hook(
+                needs_grad, _make_post_backward(unit, handle), mode="all"))
         else:
             unit.calls_without_hook += 1
     args, kwargs = tree_unflatten(flat, spec)
@@ -119,10 +118,18 @@ def _post_forward(module: nn.Module, args: tuple, kwargs: dict, output: Any):
     return tree_unflatten(flat, spec)
 
 
+def _make_post_backward(unit: FlatUnit, handle: list):
+    def hook(grads) -> None:
+        handle[0].remove()  # once: the input tensor may outlive this iteration
+        _enlist(unit)
+        unit.input_hook_fired()
+
+    return hook
+
+
 def _make_pre_backward(unit: FlatUnit):
     def hook(grad: torch.Tensor):
-        _queue_final_callback()
-        unit.backward_task = torch._C._current_graph_task_id()
+        _enlist(unit)
         unit.unshard()
         return grad
 

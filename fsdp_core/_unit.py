@@ -74,6 +74,7 @@ class FlatUnit:
         self.layout: FlatLayout = make_layout([p.numel() for p in params], self.world_size)
         self.pieces = self.layout.local_pieces(self.rank)
         self.requires_gradient_sync = True
+        self.generation = -1                        # see [Note: backward bookkeeping]
         self.state = ShardState.SHARDED
         self.unsharded_flat: Optional[torch.Tensor] = None  # 1-D padded, param dtype, compute device
         self.unsharded_params: Optional[list[nn.Parameter]] = None
@@ -207,8 +208,8 @@ class FlatUnit:
         self.calls_without_hook = 0    # forward calls with no input requiring grad
         self.hooks_fired = 0
         self.post_backward_done = False
-        self.in_pending = False
         self.backward_task: Optional[int] = None  # autograd graph task of the running backward
+        self.enlisted_task: Optional[int] = None  # the task whose final callback processes us
 
     def abandon_backward(self) -> None:
         """A backward through this unit raised midway: its partial gradients are garbage."""

@@ -187,6 +187,9 @@ def meta_init_missing_buffer(payload: dict, ctx) -> str:
     return "no error"
 
 
+_KEEP_ALIVE: list = []
+
+
 def errors(payload: dict, ctx) -> dict:
     """Each user mistake ends in a clear exception; returns type and message per case."""
     import torch.nn as nn
@@ -242,6 +245,7 @@ def errors(payload: dict, ctx) -> dict:
 
     def det_grad_sync_odd():
         m = _shard(zm.build_zoo(0), dict(payload, group=g, det=True))
+        _KEEP_ALIVE.append(m)  # an aborted model that outlives its case must not disturb the next
         for i in range(3):  # 3 micro-batches per rank: not a power of two
             m.set_requires_gradient_sync(i == 2)
             zm.loss_of(m, zm.batch(0, i)).backward()

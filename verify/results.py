@@ -35,7 +35,10 @@ class StepRecord:
     padding_bad: list[str] = field(default_factory=list)  # labels of non-zero padding views
     reassembly_ok: bool = True        # local shards concatenate to the full parameters
     collectives: dict[str, list[int]] = field(default_factory=dict)  # kind -> [count, bytes] (rank 0)
+    collectives_expected: dict[str, list[int]] = field(default_factory=dict)  # the formula
+    collectives_ok: bool = True       # recorded == formula for every kind the formula names
     state_bytes: list[int] = field(default_factory=list)  # per rank: params + grads + optimizer state
+    state_bytes_model: int = 0        # ZeRO-3 model: unsharded (params + grads + optimizer state) / W
     step_time_s: float = 0.0          # rank 0 wall time of the step (forward + backward + step)
 
     def to_dict(self) -> dict[str, Any]:

@@ -1,0 +1,65 @@
+"""pytest wiring: markers, Hypothesis profiles, the session's rank pool. No logic lives here."""
+from __future__ import annotations
+
+import os
+
+import pytest
+from hypothesis import HealthCheck, settings
+
+from verify.rank import is_torchrun
+
+# -- Hypothesis profiles (the one place they are registered) ----------------------------------
+# dev: quick local iterations. ci: reproducible (derandomized, no example database) and modest.
+# nightly: many examples, for the scheduled matrix. Pick one with HYPOTHESIS_PROFILE; CI=true
+# without HYPOTHESIS_PROFILE means ci.
+settings.register_profile("dev", max_examples=10, deadline=None)
+settings.register_profile(
+    "ci",
+    max_examples=25,
+    derandomize=True,
+    database=None,
+    deadline=None,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+settings.register_profile(
+    "nightly",
+    max_examples=300,
+    deadline=None,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+_ci = os.environ.get("CI", "").lower() not in ("", "0", "false", "no")
+_profile = os.environ.get("HYPOTHESIS_PROFILE") or ("ci" if _ci else "dev")
+if is_torchrun():
+    # Every rank must draw the same examples in the same order, whatever the profile.
+    settings.register_profile(f"{_profile}-torchrun", parent=settings.get_profile(_profile),
+                              derandomize=True, database=None)
+    _profile = f"{_profile}-torchrun"
+settings.load_profile(_profile)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "multigpu: runs on several ranks; under torchrun the pytest process is a rank "
+        "(torchrun --nproc_per_node=8 -m pytest -m multigpu)")
+    config.addinivalue_line("markers", "slow: takes more than a few seconds; deselect with "
+                            "-m 'not slow'")
+
+
+@pytest.fixture(scope="session")
+def rank_pool():
+    """The session's ranks: a RankPool of VERIFY_MAX_WORLD_SIZE (default 8) spawned processes,
+    or, when pytest itself runs under torchrun, a TorchrunContext on the launcher's group.
+    Both offer run(world_size, fn, payload) -> PoolResult."""
+    from verify.pool import RankPool
+    from verify.rank import TorchrunContext
+
+    if is_torchrun():
+        pool = TorchrunContext()
+    else:
+        pool = RankPool(int(os.environ.get("VERIFY_MAX_WORLD_SIZE", "8")))
+    try:
+        yield pool
+    finally:
+        pool.close()

@@ -1,0 +1,209 @@
+"""The parent side of the harness: draw scenarios, send each to the rank pool, run the
+reference, compare step by step, and turn it all into `CaseResult`s and reports.
+
+`run_campaign` is `python -m verify run`; `replay` is `python -m verify replay`;
+`run_one(pool, scenario)` is what the pytest tests and both commands share.
+"""
+from __future__ import annotations
+
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Iterable, Optional, Sequence
+
+import torch
+from hypothesis import HealthCheck, Phase, given, seed as hyp_seed, settings
+
+from verify.compare import compare_step, tier_for
+from verify.reference import run_reference
+from verify.results import CaseResult, StepRecord
+from verify.scenarios import Scenario
+from verify import strategies
+
+__all__ = ["draw_scenarios", "run_one", "evaluate", "run_campaign", "replay", "replay_command"]
+
+# How large drawn cases get, per profile (steps per case).
+PROFILE_MAX_STEPS = {"dev": 2, "ci": 3, "nightly": 4}
+
+
+def replay_command(s: Scenario, sharder: str = "fsdp_core") -> str:
+    extra = "" if sharder == "fsdp_core" else f" --sharder {sharder}"
+    return f"python -m verify replay{extra} '{s.to_json()}'"
+
+
+def draw_scenarios(*, world_size: int, mode: str, n: int, seed: int, profile: str = "ci") -> list[Scenario]:
+    """``n`` distinct scenarios for one world size and mode, the same for the same seed.
+
+    Hypothesis generates small examples first; drawing 8n and sampling n of them (seeded)
+    spreads the cases over the whole strategy instead of its simplest corner."""
+    strategy = strategies.scenarios(world_sizes=(world_size,), modes=(mode,),
+                                    max_steps=PROFILE_MAX_STEPS.get(profile, 3))
+    drawn: list[Scenario] = []
+
+    @hyp_seed(seed * 1_000 + world_size * 10 + (mode == "deterministic"))
+    @settings(max_examples=max(8 * n, 20), database=None, phases=[Phase.generate], deadline=None,
+              suppress_health_check=list(HealthCheck), derandomize=False)
+    @given(strategy)
+    def collect(s: Scenario) -> None:
+        if s not in drawn:
+            drawn.append(s)
+
+    collect()
+    picked = sorted(random.Random(seed).sample(range(len(drawn)), min(n, len(drawn))))
+    return [drawn[i] for i in picked]
+
+
+def _state_model_bytes(s: Scenario, ref_params: dict) -> int:
+    """ZeRO-3 model per rank: (parameters + gradients + optimizer state) / W, fp32."""
+    seen, n = set(), 0
+    for t in ref_params.values():
+        if id(t) not in seen:
+            seen.add(id(t))
+            n += t.numel() * 4
+    opt_copies = {"sgd": 0, "sgd_momentum": 1, "adam": 2, "adamw": 2}[s.optimizer]
+    return (n * (2 + opt_copies)) // s.world_size
+
+
+def _reassemble(values: list[dict], step: int, full: dict) -> list[str]:
+    """Parameters whose per-rank pieces do not concatenate to the gathered full tensor."""
+    bad = []
+    for name, (_, _) in values[0]["records"][step]["pieces"].items():
+        want = full.get(name)
+        if want is None:
+            bad.append(name)
+            continue
+        flat = torch.full((want.numel(),), float("nan"))
+        covered = torch.zeros(want.numel(), dtype=torch.int32)
+        for v in values:
+            start, vals = v["records"][step]["pieces"][name]
+            flat[start: start + vals.numel()] = vals
+            covered[start: start + vals.numel()] += 1
+        if not (torch.all(covered == 1) and torch.equal(flat, want.reshape(-1).float())):
+            bad.append(name)
+    return bad
+
+
+def evaluate(s: Scenario, sharder: str, result, ref, wall: float) -> CaseResult:
+    """Compare a pool result with the reference, step by step."""
+    case = CaseResult(scenario_json=s.to_json(), sharder=sharder, family=s.family,
+                      world_size=s.world_size, mode=s.mode, dtype=s.dtype, optimizer=s.optimizer,
+                      tier=tier_for(s), verdict="pass", replay=replay_command(s, sharder),
+                      wall_time_s=wall)
+    if not result.ok:
+        case.verdict, case.reason = "error", result.error or "the case did not complete"
+        return case
+    values = result.values
+    problems: list[str] = []
+    pad_init = [f"rank {v['rank']}: {label}" for v in values for label in v["pad_init"]]
+    if pad_init:
+        problems.append(f"padding not zero after init: {pad_init[:5]}")
+    for step, rec0 in enumerate(values[0]["records"]):
+        ref_step = ref[step]
+        params = {k: v for k, v in rec0["params"].items() if k in ref_step.params}
+        missing_buffers_ok = {k for k in rec0["params"] if k not in ref_step.params}
+        diff = compare_step(s, loss=rec0["loss"], loss_ref=ref_step.loss, params=params,
+                            params_ref=ref_step.params, where=f"step {step}")
+        if not diff.verdict.ok:
+            problems.append(diff.verdict.reason)
+        pad_bad = [f"rank {v['rank']}: {label} ({when})" for v in values
+                   for when in ("pad_reduce", "pad_step") for label in v["records"][step][when]]
+        if pad_bad:
+            problems.append(f"step {step}: padding not zero: {pad_bad[:5]}")
+        not_reassembled = _reassemble(values, step, rec0["params"])
+        if not_reassembled:
+            problems.append(f"step {step}: shards do not reassemble for {not_reassembled[:5]}")
+        coll, expected = rec0["collectives"], rec0["expected_collectives"]
+        coll_ok = all(coll.get(kind) == want for kind, want in expected.items())
+        if not coll_ok:
+            problems.append(f"step {step}: collectives {coll} differ from the formula {expected}")
+        pd_ = diff.params
+        if case.first_divergence is None and not (diff.loss.bitwise and pd_.bitwise):
+            case.first_divergence = (step, pd_.first_differing or "loss")
+        case.steps.append(StepRecord(
+            step=step, loss=float(rec0["loss"]), loss_ref=float(ref_step.loss),
+            loss_bitwise=diff.loss.bitwise, loss_abs_diff=diff.loss.max_abs,
+            max_abs=pd_.max_abs, max_rel=pd_.max_rel, max_ulp=pd_.max_ulp,
+            bitwise=diff.loss.bitwise and pd_.bitwise, n_params_differ=pd_.n_params_differ,
+            worst_param=pd_.worst_param, padding_ok=not pad_bad, padding_bad=pad_bad[:10],
+            reassembly_ok=not not_reassembled, collectives=coll,
+            collectives_expected=expected, collectives_ok=coll_ok,
+            state_bytes=[v["records"][step]["state_bytes"] for v in values],
+            state_bytes_model=_state_model_bytes(s, ref_step.params),
+            step_time_s=rec0["step_time_s"]))
+        del missing_buffers_ok
+    if problems:
+        case.verdict, case.reason = "fail", "\n".join(problems)
+    return case
+
+
+def run_one(pool, s: Scenario, *, sharder: str = "fsdp_core", timeout_s: Optional[float] = None) -> CaseResult:
+    """One case through the pool, compared with its reference."""
+    from verify.runner import run_case
+    torch.set_num_threads(1)
+    t0 = time.perf_counter()
+    result = pool.run(s.world_size, run_case, {"scenario": s.to_json(), "sharder": sharder},
+                      timeout_s=timeout_s)
+    ref = run_reference(s) if result.ok else None
+    return evaluate(s, sharder, result, ref, time.perf_counter() - t0)
+
+
+def _progress(i: int, n: int, case: CaseResult, started: float) -> None:
+    rate = i / max(time.perf_counter() - started, 1e-9) * 60
+    width = 24
+    bar = "#" * round(width * i / n) + "." * (width - round(width * i / n))
+    print(f"[{bar}] {i}/{n} W={case.world_size} {case.mode:<13} {case.family:<8} {case.dtype} "
+          f"{case.optimizer:<12} {case.verdict.upper():<5} {case.wall_time_s:5.2f}s  "
+          f"({rate:.0f} cases/min)", flush=True)
+
+
+def run_campaign(*, world_sizes: Sequence[int], examples: int, seed: int, sharders: Iterable[str],
+                 modes: Sequence[str], profile: Optional[str], out_dir, timeout_s: float = 120.0) -> list[CaseResult]:
+    from verify.pool import RankPool
+    from verify.report import write_reports
+    torch.set_num_threads(1)
+    profile = profile or "ci"
+    sharders = list(sharders)
+    unknown = [s for s in sharders if s != "fsdp_core"]
+    if unknown:
+        print(f"python -m verify: sharder(s) {unknown} are not available yet; running fsdp_core only",
+              file=sys.stderr)
+        sharders = ["fsdp_core"]
+    plan = [(sh, s) for w in world_sizes for mode in modes
+            for s in draw_scenarios(world_size=w, mode=mode, n=examples, seed=seed, profile=profile)
+            for sh in sharders]
+    print(f"drew {len(plan)} cases (world sizes {list(world_sizes)}, modes {list(modes)}, "
+          f"seed {seed}, profile {profile}); starting the rank pool", flush=True)
+    results: list[CaseResult] = []
+    started = time.perf_counter()
+    with RankPool(max(world_sizes), timeout_s=timeout_s) as pool:
+        for i, (sharder, s) in enumerate(plan, 1):
+            case = run_one(pool, s, sharder=sharder, timeout_s=timeout_s)
+            results.append(case)
+            _progress(i, len(plan), case, started)
+    elapsed = time.perf_counter() - started
+    failed = [c for c in results if not c.passed]
+    title = f"Equivalence campaign: seed {seed}, world sizes {','.join(map(str, world_sizes))}"
+    paths = write_reports([c.to_dict() for c in results], Path(out_dir), title=title)
+    print(f"{len(results) - len(failed)}/{len(results)} cases passed in {elapsed:.1f}s "
+          f"({len(results) / max(elapsed, 1e-9) * 60:.1f} cases/min); wrote "
+          + ", ".join(str(p) for p in paths))
+    for c in failed:
+        print(f"\nFAILED ({c.verdict}) W={c.world_size} {c.mode} {c.family}: "
+              f"{c.reason.splitlines()[0] if c.reason else ''}\n  replay: {c.replay}")
+    return results
+
+
+def replay(scenario_json: str, *, timeout_s: float = 120.0, sharder: str = "fsdp_core") -> int:
+    from verify.pool import RankPool
+    s = Scenario.from_json(scenario_json)
+    with RankPool(s.world_size, timeout_s=timeout_s) as pool:
+        case = run_one(pool, s, sharder=sharder, timeout_s=timeout_s)
+    print(f"{case.verdict.upper()}: W={s.world_size} {s.mode} {s.family} tier={case.tier}")
+    for st in case.steps:
+        print(f"  step {st.step}: loss {st.loss:.9g} vs {st.loss_ref:.9g}  max|d param| {st.max_abs:.3g} "
+              f"max ULP {st.max_ulp} bitwise={st.bitwise} padding_ok={st.padding_ok} "
+              f"reassembly_ok={st.reassembly_ok} collectives_ok={st.collectives_ok}")
+    if case.reason:
+        print(case.reason)
+    return 0 if case.passed else 1

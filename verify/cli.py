@@ -1,0 +1,225 @@
+"""`python -m verify`: run a campaign, replay one case, re-render a report.
+
+This module parses and validates arguments only; the work is done by `verify.campaign`
+(imported when a command needs it, so `--help` stays instant) and `verify.report`.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+__all__ = ["main", "build_parser", "EXIT_OK", "EXIT_FAILED", "EXIT_USAGE"]
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+SHARDERS = ("fsdp_core", "fsdp2", "ddp")
+MODES = {"fast": ("fast",), "deterministic": ("deterministic",),
+         "both": ("fast", "deterministic")}
+PROFILES = ("dev", "ci", "nightly")
+MAX_WORLD_SIZE = 8
+
+_EXIT_CODES = """\
+exit codes:
+  0  every verdict passed (report: the saved results all passed)
+  1  some verdict failed or a case errored; each failure prints a replay command
+  2  usage error (bad arguments, unreadable input)
+"""
+
+
+def _world_sizes(text: str) -> list[int]:
+    allowed = [1 << i for i in range(MAX_WORLD_SIZE.bit_length()) if 1 << i <= MAX_WORLD_SIZE]
+    sizes = []
+    for part in text.split(","):
+        part = part.strip()
+        try:
+            w = int(part)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{part!r} is not an integer; give a comma-separated list such as 1,2,4,8")
+        if w not in allowed:
+            raise argparse.ArgumentTypeError(
+                f"world size {w} is not supported; allowed: {', '.join(map(str, allowed))}")
+        if w not in sizes:
+            sizes.append(w)
+    return sorted(sizes)
+
+
+def _sharders(text: str) -> list[str]:
+    names = [s.strip() for s in text.split(",") if s.strip()]
+    bad = [s for s in names if s not in SHARDERS]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(
+            f"unknown sharder {', '.join(bad) or repr(text)}; choose from {', '.join(SHARDERS)} "
+            "(comma-separated for several)")
+    return list(dict.fromkeys(names))
+
+
+def _positive_int(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer")
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
+    return n
+
+
+def _seed(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer")
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {n}")
+    return n
+
+
+def _seconds(text: str) -> float:
+    try:
+        s = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds")
+    if not s > 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text}")
+    return s
+
+
+def _scenario_json(text: str) -> str:
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(
+            f"not valid JSON ({exc}); pass the scenario exactly as the replay line prints it, "
+            "in single quotes")
+    if not isinstance(data, dict):
+        raise argparse.ArgumentTypeError("the scenario must be a JSON object")
+    return text
+
+
+def build_parser() -> argparse.ArgumentParser:
+    fmt = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(
+        prog="python -m verify", formatter_class=fmt, epilog=_EXIT_CODES,
+        description="Prove that a sharded run trains exactly like the unsharded one: draw "
+                    "cases, run them on 1/2/4/8 ranks and a reference, compare step by step.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    run = sub.add_parser(
+        "run", formatter_class=fmt, epilog=_EXIT_CODES,
+        help="draw scenarios, run them at each world size, write tables",
+        description="Draw N scenarios per world size and mode, run each through the sharder "
+                    "and its reference, and write OUT/equivalence.md, OUT/results.csv and "
+                    "OUT/results.json (plus plots).")
+    run.add_argument("--world-sizes", type=_world_sizes, default=[1, 2, 4, 8], metavar="LIST",
+                     help="comma-separated world sizes, powers of two up to "
+                          f"{MAX_WORLD_SIZE} (default: 1,2,4,8)")
+    run.add_argument("--examples", type=_positive_int, default=6, metavar="N",
+                     help="scenarios drawn per world size and mode (default: 6)")
+    run.add_argument("--seed", type=_seed, default=0, metavar="S",
+                     help="seed for drawing scenarios; the same seed draws the same cases "
+                          "(default: 0)")
+    run.add_argument("--sharder", type=_sharders, default=["fsdp_core"], metavar="NAME",
+                     help=f"sharder(s) under test, comma-separated: {', '.join(SHARDERS)} "
+                          "(default: fsdp_core)")
+    run.add_argument("--mode", choices=sorted(MODES), default="both",
+                     help="numerics mode(s) to run (default: both)")
+    run.add_argument("--profile", choices=PROFILES, default=None,
+                     help="Hypothesis settings profile for drawing (default: the campaign's)")
+    run.add_argument("--out", type=Path, default=Path("reports"), metavar="DIR",
+                     help="directory for the tables, data and plots (default: reports)")
+    run.add_argument("--timeout", type=_seconds, default=120.0, metavar="S",
+                     help="seconds a case may run before its ranks are killed and it is "
+                          "reported as an error (default: 120)")
+
+    replay = sub.add_parser(
+        "replay", formatter_class=fmt, epilog=_EXIT_CODES,
+        help="rerun one case from its scenario JSON",
+        description="Rerun exactly one case, as printed by a failing run: "
+                    "python -m verify replay '<scenario json>'")
+    replay.add_argument("scenario", type=_scenario_json, metavar="SCENARIO_JSON",
+                        help="the scenario as a JSON object (quote it for the shell)")
+    replay.add_argument("--timeout", type=_seconds, default=120.0, metavar="S",
+                        help="seconds before the case's ranks are killed (default: 120)")
+
+    report = sub.add_parser(
+        "report", formatter_class=fmt, epilog=_EXIT_CODES,
+        help="re-render the tables and plots from DIR/results.json",
+        description="Re-render DIR/equivalence.md, DIR/results.csv and the plots from "
+                    "DIR/results.json, without running anything.")
+    report.add_argument("dir", type=Path, metavar="DIR",
+                        help="a directory written by `run` (holds results.json)")
+    report.add_argument("--title", default=None, help="title for the markdown (default: saved)")
+    return parser
+
+
+def _exit_code(outcome: Any) -> int:
+    """What a campaign returns, as an exit code: an int is one; a bool or a list of results
+    (objects with .passed or dicts with "passed") says whether everything passed."""
+    if isinstance(outcome, bool):
+        return EXIT_OK if outcome else EXIT_FAILED
+    if isinstance(outcome, int):
+        return outcome
+    if isinstance(outcome, (list, tuple)):
+        passed = [r["passed"] if isinstance(r, dict) else r.passed for r in outcome]
+        return EXIT_OK if all(passed) else EXIT_FAILED
+    raise TypeError(f"unexpected campaign outcome {type(outcome).__name__}")
+
+
+def _campaign() -> Any:
+    try:
+        campaign = importlib.import_module("verify.campaign")
+    except ModuleNotFoundError as exc:
+        if exc.name != "verify.campaign":
+            raise
+        sys.exit("python -m verify: verify.campaign is not available in this checkout")
+    return campaign
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    if args.out.exists() and not args.out.is_dir():
+        raise _Usage(f"--out {args.out} exists and is not a directory")
+    return _exit_code(_campaign().run_campaign(
+        world_sizes=args.world_sizes, examples=args.examples, seed=args.seed,
+        sharders=args.sharder, modes=MODES[args.mode], profile=args.profile,
+        out_dir=args.out, timeout_s=args.timeout))
+
+
+def _cmd_replay(args: argparse.Namespace) -> int:
+    return _exit_code(_campaign().replay(args.scenario, timeout_s=args.timeout))
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from verify.report import load_results, write_reports
+    path = args.dir / "results.json"
+    if not path.is_file():
+        raise _Usage(f"{path} not found; pass a directory written by `python -m verify run`")
+    try:
+        title, results = load_results(path)
+    except (ValueError, KeyError) as exc:
+        raise _Usage(f"{path} is not a results file: {exc}")
+    for p in write_reports(results, args.dir, title=args.title or title):
+        print(p)
+    passed = all(r.get("passed", r.get("verdict") in ("pass", "unsupported")) for r in results)
+    return EXIT_OK if passed else EXIT_FAILED
+
+
+class _Usage(Exception):
+    pass
+
+
+_COMMANDS = {"run": _cmd_run, "replay": _cmd_replay, "report": _cmd_report}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)      # exits with 2 and a message on bad arguments
+    try:
+        return _COMMANDS[args.command](args)
+    except _Usage as exc:
+        parser.error(str(exc))          # exits 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,126 @@
+"""The reference: the scenario trained by plain single-process PyTorch, no sharding.
+
+The caller pins `torch.set_num_threads(1)` first (the CLI entry and every rank do), since the
+intra-op thread count changes CPU reduction orders; this module does not touch global settings.
+
+fast mode: the data-parallel reference. For each rank r (in order), one forward/backward on the
+    concatenation of its micro-batches [r*k, (r+1)*k) with the mean loss, gradients g_r cast to
+    the reduce dtype; the step gradient is tree(g_0, ..., g_{W-1}) / W and the step loss
+    tree(loss_r) / W. At W = 1 this is the full-batch reference (one forward/backward on all M
+    micro-batches). At W = 2 it is still what any correct sharder computes bit for bit, since a
+    two-term sum does not depend on the backend's order; at W >= 4 the backend's reduction
+    order is its own, so the comparison is by tolerance (it differs from the full-batch
+    gradient by rounding only).
+deterministic mode: g_m = grad(loss_m / k) for each micro-batch, k = M / W, cast to the reduce
+    dtype (fp32); the step gradient is tree(g_0, ..., g_{M-1}) / W (DESIGN section 3); the step
+    loss is step_loss of the unscaled per-micro-batch losses.
+bf16: an fp32 master model is trained; each step's forward/backward runs on a compute copy whose
+    parameters are cast to bf16 (buffers keep their dtype, tied parameters stay tied), with a
+    forward pre-hook on every wrap unit casting floating inputs to bf16 (as the sharder's
+    MixedPrecisionPolicy does on every unit). Gradients are cast to fp32 before they are summed
+    or handed to the master.
+"""
+from __future__ import annotations
+
+import copy
+from typing import NamedTuple, Optional
+
+import torch
+import torch.nn as nn
+
+from verify.scenarios import (Scenario, build_model, cat_batches, loss_fn, make_batch,
+                              make_optimizer, step_loss, tree, wrap_units)
+
+__all__ = ["RefStep", "run_reference"]
+
+REDUCE_DTYPE = torch.float32
+
+
+class RefStep(NamedTuple):
+    loss: torch.Tensor               # 0-d fp32: the step's loss (computed before the update)
+    params: dict[str, torch.Tensor]  # fp32 copies after the step, named as in state_dict()
+
+
+def run_reference(s: Scenario) -> list[RefStep]:
+    s.validate()
+    master = build_model(s)
+    opt = make_optimizer(s, master.named_parameters())
+    out = []
+    for step in range(s.steps):
+        compute = master if s.dtype == "fp32" else _bf16_copy(s, master)
+        batches = [make_batch(s, step, m) for m in range(s.micro_batches)]
+        if s.mode == "fast":
+            loss, grads = _fast_step(s, compute, batches)
+        else:
+            loss, grads = _deterministic_step(s, compute, batches)
+        for name, p in master.named_parameters():
+            p.grad = grads[name]
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        params = {n: p.detach().clone() for n, p in master.named_parameters(remove_duplicate=False)}
+        out.append(RefStep(loss.detach().to(torch.float32), params))
+    return out
+
+
+def _fast_step(s: Scenario, model: nn.Module, batches):
+    losses, grads_r = [], []
+    for r in range(s.world_size):  # rank r's local batch: its k micro-batches, concatenated
+        loss_r = loss_fn(s, model, cat_batches(batches[r * s.k:(r + 1) * s.k]))
+        loss_r.backward()
+        losses.append(loss_r.detach().to(torch.float32))
+        grads_r.append(_take_grads(model))
+    grads = {name: _tree_or_none([g[name] for g in grads_r], s.world_size) for name in grads_r[0]}
+    return tree(losses) / s.world_size, grads
+
+
+def _deterministic_step(s: Scenario, model: nn.Module, batches):
+    losses, grads_m = [], []
+    for batch in batches:  # global micro-batch order m = 0..M-1
+        loss_m = loss_fn(s, model, batch)
+        (loss_m / s.k).backward()
+        losses.append(loss_m.detach().to(torch.float32))
+        grads_m.append(_take_grads(model))
+    grads = {name: _tree_or_none([g[name] for g in grads_m], s.world_size) for name in grads_m[0]}
+    return step_loss(losses), grads
+
+
+def _tree_or_none(gs: list[Optional[torch.Tensor]], world_size: int) -> Optional[torch.Tensor]:
+    if all(g is None for g in gs):  # a frozen parameter
+        return None
+    if any(g is None for g in gs):
+        raise RuntimeError("a parameter received a gradient in some micro-batches but not all")
+    return tree(gs) / world_size
+
+
+def _take_grads(model: nn.Module) -> dict[str, Optional[torch.Tensor]]:
+    """The model's gradients by name, cast to the reduce dtype; the model's .grad are cleared."""
+    grads = {}
+    for name, p in model.named_parameters():
+        grads[name] = None if p.grad is None else p.grad.to(REDUCE_DTYPE)
+        p.grad = None
+    return grads
+
+
+def _bf16_copy(s: Scenario, master: nn.Module) -> nn.Module:
+    """A compute copy with bf16 parameters (leaves of their own) and input-casting pre-hooks."""
+    compute = copy.deepcopy(master)  # keeps tied parameters tied
+    for p in compute.parameters():   # each distinct Parameter once
+        p.data = p.data.to(torch.bfloat16)
+    for unit in wrap_units(s, compute):
+        unit.register_forward_pre_hook(_cast_inputs_to_bf16, with_kwargs=True)
+    return compute
+
+
+def _cast_inputs_to_bf16(module, args, kwargs):
+    return _to_bf16(args), _to_bf16(kwargs)
+
+
+def _to_bf16(x):
+    """Floating tensors to bf16, through tuples, lists and dicts; everything else unchanged."""
+    if isinstance(x, torch.Tensor):
+        return x.to(torch.bfloat16) if x.is_floating_point() else x
+    if isinstance(x, (tuple, list)):
+        return type(x)(_to_bf16(v) for v in x)
+    if isinstance(x, dict):
+        return {k: _to_bf16(v) for k, v in x.items()}
+    return x
