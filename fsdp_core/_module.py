@@ -35,6 +35,9 @@ __all__ = ["FSDPModule"]
 # nor processed.
 _generation = 0
 _task_units: dict[int, list["weakref.ref[FlatUnit]"]] = {}
+# Units forwarded with grad enabled in the current generation: the final callback reshards the
+# ones backward never reached (a frozen unit kept unsharded by reshard_after_forward=False).
+_forwarded: list["weakref.ref[FlatUnit]"] = []
 
 
 def _enlist(unit: FlatUnit) -> None:
@@ -64,6 +67,11 @@ def _final_callback(task: int) -> None:
             error = error or e
     for unit in units:
         unit.reset_backward_state()
+    others = [u for u in (ref() for ref in _forwarded) if u is not None and u not in units]
+    _forwarded.clear()
+    for unit in others:
+        if unit.backward_task is None:  # not inside another, still running backward
+            unit.reshard()
     if error is not None:
         raise error
 
@@ -88,6 +96,8 @@ def _pre_forward(module: nn.Module, args: tuple, kwargs: dict):
             unit.abandon_backward()
         elif unit.generation != _generation:  # a backward completed since its last forward
             unit.reset_backward_state()
+        if unit.generation != _generation:
+            _forwarded.append(weakref.ref(unit))
         unit.generation = _generation
         needs_grad = [x for x in flat if isinstance(x, torch.Tensor) and x.requires_grad]
         if needs_grad:

@@ -12,6 +12,8 @@ TIMEOUT = 240.0
 
 
 def run(pool, world_size, fn, payload):
+    if world_size not in pool.world_sizes:  # under torchrun with fewer processes
+        pytest.skip(f"world size {world_size} needs more ranks than {max(pool.world_sizes)}")
     res = pool.run(world_size, fn, payload, timeout_s=TIMEOUT)
     assert res.ok, res.error
     return res.values
@@ -136,6 +138,7 @@ def test_no_process_group_is_a_clear_error():
     import torch.distributed as dist
     import fsdp_core
 
-    assert not dist.is_initialized()
+    if dist.is_initialized():
+        pytest.skip("this process is a rank (torchrun): the default group exists")
     with pytest.raises(RuntimeError, match="init_process_group"):
         fsdp_core.fully_shard(torch.nn.Linear(2, 2))

@@ -39,6 +39,9 @@ REDUCE_DTYPE = torch.float32
 class RefStep(NamedTuple):
     loss: torch.Tensor               # 0-d fp32: the step's loss (computed before the update)
     params: dict[str, torch.Tensor]  # fp32 copies after the step, named as in state_dict()
+    # The step's gradient (reduce dtype) by parameter name, frozen parameters absent: what the
+    # sharder must hand the optimizer, bit for bit in the bitwise tier.
+    grads: Optional[dict[str, torch.Tensor]] = None
 
 
 def run_reference(s: Scenario) -> list[RefStep]:
@@ -58,7 +61,8 @@ def run_reference(s: Scenario) -> list[RefStep]:
         opt.step()
         opt.zero_grad(set_to_none=True)
         params = {n: p.detach().clone() for n, p in master.named_parameters(remove_duplicate=False)}
-        out.append(RefStep(loss.detach().to(torch.float32), params))
+        step_grads = {n: g.detach().clone() for n, g in grads.items() if g is not None}
+        out.append(RefStep(loss.detach().to(torch.float32), params, step_grads))
     return out
 
 
