@@ -3,7 +3,8 @@
 Data path, one module per stage: ``_layout`` (pure shard math) -> ``_unit`` (flat shard,
 all-gather, gradient reduction) -> ``_collectives`` (every torch.distributed call) ->
 ``_module`` (forward/backward hooks) -> ``_api`` (``fully_shard``); whole-model views in
-``_state`` (state dicts, padding, clipping) and ``_meta`` (meta-device init).
+``_state`` (state dicts, padding, clipping) and ``_meta`` (meta-device init); sharded
+checkpoints in ``checkpoint`` (imported on first use: it pulls in torch.distributed.checkpoint).
 """
 from ._api import fully_shard
 from ._layout import FlatLayout, LocalPiece, make_layout
@@ -27,4 +28,13 @@ __all__ = [
     "FlatLayout",
     "LocalPiece",
     "make_layout",
+    "checkpoint",
 ]
+
+
+def __getattr__(name: str):
+    if name == "checkpoint":  # fsdp_core.checkpoint.save / load, without slowing `import fsdp_core`
+        import importlib
+
+        return importlib.import_module(".checkpoint", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

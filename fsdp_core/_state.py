@@ -82,10 +82,18 @@ def _sharded_param_of(p: nn.Parameter) -> nn.Parameter:
 
 
 @torch.no_grad()
-def load_full_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], *, strict: bool = True) -> None:
+def load_full_state_dict(model: nn.Module, state_dict: Optional[dict[str, torch.Tensor]], *, strict: bool = True,
+                         src_rank: Optional[int] = None) -> None:
     """Load an unsharded state dict (every rank passes the full dict): each rank copies its own
     slices into its shards. Missing or unexpected keys and wrong shapes raise ``RuntimeError``
-    naming them (``strict=False`` ignores missing and unexpected keys, never shapes)."""
+    naming them (``strict=False`` ignores missing and unexpected keys, never shapes).
+
+    With ``src_rank``, only that rank (of the model's group) passes the dict, the others pass
+    ``None``; the weights are scattered one unit at a time, so no rank ever holds two full
+    copies (see [Note: one unit at a time] in ``_scatter_load``)."""
+    if src_rank is not None:
+        from ._scatter_load import load_from_rank  # builds on this module: imported on use
+        return load_from_rank(model, state_dict, src_rank=src_rank, strict=strict)
     entries = list(_walk(model))
     expected = {key for key, *_ in entries}
     missing = [k for k, *_ in entries if k not in state_dict]
