@@ -15,7 +15,7 @@ PYTEST_ARGS ?=
 REPORTS     ?= reports
 CAMPAIGN    := --world-sizes 1,2,4,8 --examples 6 --seed 7 --out $(REPORTS)
 
-.PHONY: setup test verify nightly clean distclean
+.PHONY: setup test verify nightly mutants clean distclean
 
 setup: $(STAMP)
 
@@ -39,6 +39,11 @@ verify: setup
 # Placeholder for the nightly matrix: the same campaign with the nightly profile.
 nightly: setup
 	$(PY) -m verify run $(CAMPAIGN) --profile nightly
+
+# The planted-bug suite (docs/planted_bugs.md): prints a line per bug and caught/total; fails
+# if any bug is missed or a clean run fails.
+mutants: setup
+	$(PY) -m verify mutants
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache .hypothesis

@@ -15,7 +15,7 @@ from typing import Iterable, Optional, Sequence
 import torch
 from hypothesis import HealthCheck, Phase, given, seed as hyp_seed, settings
 
-from verify.compare import compare_step, tier_for
+from verify.compare import compare_step, diff_stats, tier_for
 from verify.reference import run_reference
 from verify.results import CaseResult, StepRecord
 from verify.scenarios import Scenario
@@ -27,8 +27,9 @@ __all__ = ["draw_scenarios", "run_one", "evaluate", "run_campaign", "replay", "r
 PROFILE_MAX_STEPS = {"dev": 2, "ci": 3, "nightly": 4}
 
 
-def replay_command(s: Scenario, sharder: str = "fsdp_core") -> str:
+def replay_command(s: Scenario, sharder: str = "fsdp_core", plant: Optional[str] = None) -> str:
     extra = "" if sharder == "fsdp_core" else f" --sharder {sharder}"
+    extra += f" --plant {plant}" if plant else ""
     return f"python -m verify replay{extra} '{s.to_json()}'"
 
 
@@ -84,6 +85,31 @@ def _reassemble(values: list[dict], step: int, full: dict) -> list[str]:
     return bad
 
 
+def _grads_differ(values: list[dict], step: int, ref_grads: Optional[dict]) -> Optional[list[str]]:
+    """Parameters whose reduced gradient, reassembled from the ranks' shards, is not bitwise
+    equal to the reference's step gradient; None when the runner recorded no gradients.
+
+    Parameters are compared after the update too, but a last-bit gradient error (a summation
+    order, one ulp) is mostly absorbed by ``p - lr * g``: only this check sees it reliably."""
+    recs = [v["records"][step].get("grads") for v in values]
+    if ref_grads is None or not all(recs):
+        return None
+    bad = []
+    for name in list(ref_grads) + [n for n in recs[0] if n not in ref_grads]:
+        want = ref_grads.get(name)
+        if want is None or name not in recs[0]:
+            bad.append(f"{name} (a gradient on one side only)")
+            continue
+        flat = torch.full((want.numel(),), float("nan"), dtype=want.dtype)
+        for rec in recs:
+            start, vals = rec[name]
+            flat[start: start + vals.numel()] = vals
+        d = diff_stats(flat, want.reshape(-1))
+        if not d.bitwise:
+            bad.append(f"{name} ({d.n_diff}/{d.numel} elements differ, max ULP {d.max_ulp})")
+    return bad
+
+
 def evaluate(s: Scenario, sharder: str, result, ref, wall: float) -> CaseResult:
     """Compare a pool result with the reference, step by step."""
     case = CaseResult(scenario_json=s.to_json(), sharder=sharder, family=s.family,
@@ -113,6 +139,10 @@ def evaluate(s: Scenario, sharder: str, result, ref, wall: float) -> CaseResult:
         not_reassembled = _reassemble(values, step, rec0["params"])
         if not_reassembled:
             problems.append(f"step {step}: shards do not reassemble for {not_reassembled[:5]}")
+        grads_bad = _grads_differ(values, step, ref_step.grads) if case.tier == "bitwise" else None
+        if grads_bad:
+            problems.append(f"step {step}: reduced gradients not bitwise equal to the "
+                            f"reference's: {grads_bad[:5]}")
         coll, expected = rec0["collectives"], rec0["expected_collectives"]
         coll_ok = all(coll.get(kind) == want for kind, want in expected.items())
         if not coll_ok:
@@ -126,7 +156,8 @@ def evaluate(s: Scenario, sharder: str, result, ref, wall: float) -> CaseResult:
             max_abs=pd_.max_abs, max_rel=pd_.max_rel, max_ulp=pd_.max_ulp,
             bitwise=diff.loss.bitwise and pd_.bitwise, n_params_differ=pd_.n_params_differ,
             worst_param=pd_.worst_param, padding_ok=not pad_bad, padding_bad=pad_bad[:10],
-            reassembly_ok=not not_reassembled, collectives=coll,
+            reassembly_ok=not not_reassembled,
+            grads_ok=None if grads_bad is None else not grads_bad, collectives=coll,
             collectives_expected=expected, collectives_ok=coll_ok,
             state_bytes=[v["records"][step]["state_bytes"] for v in values],
             state_bytes_model=_state_model_bytes(s, ref_step.params),
@@ -137,15 +168,23 @@ def evaluate(s: Scenario, sharder: str, result, ref, wall: float) -> CaseResult:
     return case
 
 
-def run_one(pool, s: Scenario, *, sharder: str = "fsdp_core", timeout_s: Optional[float] = None) -> CaseResult:
-    """One case through the pool, compared with its reference."""
+def run_one(pool, s: Scenario, *, sharder: str = "fsdp_core", timeout_s: Optional[float] = None,
+            plant: Optional[str] = None) -> CaseResult:
+    """One case through the pool, compared with its reference. ``plant``: the name of a
+    planted bug (verify/plant.py) the ranks install for this case; None for the real run."""
     from verify.runner import run_case
     torch.set_num_threads(1)
+    payload = {"scenario": s.to_json(), "sharder": sharder}
+    if plant is not None:
+        from verify.plant import check_name
+        payload["plant"] = check_name(plant)
     t0 = time.perf_counter()
-    result = pool.run(s.world_size, run_case, {"scenario": s.to_json(), "sharder": sharder},
-                      timeout_s=timeout_s)
+    result = pool.run(s.world_size, run_case, payload, timeout_s=timeout_s)
     ref = run_reference(s) if result.ok else None
-    return evaluate(s, sharder, result, ref, time.perf_counter() - t0)
+    case = evaluate(s, sharder, result, ref, time.perf_counter() - t0)
+    if plant is not None:
+        case.replay = replay_command(s, sharder, plant)
+    return case
 
 
 def _progress(i: int, n: int, case: CaseResult, started: float) -> None:
@@ -158,7 +197,8 @@ def _progress(i: int, n: int, case: CaseResult, started: float) -> None:
 
 
 def run_campaign(*, world_sizes: Sequence[int], examples: int, seed: int, sharders: Iterable[str],
-                 modes: Sequence[str], profile: Optional[str], out_dir, timeout_s: float = 120.0) -> list[CaseResult]:
+                 modes: Sequence[str], profile: Optional[str], out_dir, timeout_s: float = 120.0,
+                 plant: Optional[str] = None) -> list[CaseResult]:
     from verify.pool import RankPool
     from verify.report import write_reports
     torch.set_num_threads(1)
@@ -174,11 +214,14 @@ def run_campaign(*, world_sizes: Sequence[int], examples: int, seed: int, sharde
             for sh in sharders]
     print(f"drew {len(plan)} cases (world sizes {list(world_sizes)}, modes {list(modes)}, "
           f"seed {seed}, profile {profile}); starting the rank pool", flush=True)
+    if plant is not None:
+        print(f"PLANTED BUG {plant!r} is installed in every case (a demo: failures are expected)",
+              flush=True)
     results: list[CaseResult] = []
     started = time.perf_counter()
     with RankPool(max(world_sizes), timeout_s=timeout_s) as pool:
         for i, (sharder, s) in enumerate(plan, 1):
-            case = run_one(pool, s, sharder=sharder, timeout_s=timeout_s)
+            case = run_one(pool, s, sharder=sharder, timeout_s=timeout_s, plant=plant)
             results.append(case)
             _progress(i, len(plan), case, started)
     elapsed = time.perf_counter() - started
@@ -194,12 +237,14 @@ def run_campaign(*, world_sizes: Sequence[int], examples: int, seed: int, sharde
     return results
 
 
-def replay(scenario_json: str, *, timeout_s: float = 120.0, sharder: str = "fsdp_core") -> int:
+def replay(scenario_json: str, *, timeout_s: float = 120.0, sharder: str = "fsdp_core",
+           plant: Optional[str] = None) -> int:
     from verify.pool import RankPool
     s = Scenario.from_json(scenario_json)
     with RankPool(s.world_size, timeout_s=timeout_s) as pool:
-        case = run_one(pool, s, sharder=sharder, timeout_s=timeout_s)
-    print(f"{case.verdict.upper()}: W={s.world_size} {s.mode} {s.family} tier={case.tier}")
+        case = run_one(pool, s, sharder=sharder, timeout_s=timeout_s, plant=plant)
+    planted = f" (planted bug {plant!r})" if plant else ""
+    print(f"{case.verdict.upper()}: W={s.world_size} {s.mode} {s.family} tier={case.tier}{planted}")
     for st in case.steps:
         print(f"  step {st.step}: loss {st.loss:.9g} vs {st.loss_ref:.9g}  max|d param| {st.max_abs:.3g} "
               f"max ULP {st.max_ulp} bitwise={st.bitwise} padding_ok={st.padding_ok} "

@@ -1,4 +1,5 @@
-"""`python -m verify`: run a campaign, replay one case, re-render a report.
+"""`python -m verify`: run a campaign, replay one case, re-render a report, run the planted
+bugs (`mutants`).
 
 This module parses and validates arguments only; the work is done by `verify.campaign`
 (imported when a command needs it, so `--help` stays instant) and `verify.report`.
@@ -87,6 +88,19 @@ def _seconds(text: str) -> float:
     return s
 
 
+def _plant(text: str) -> str:
+    from verify.plant import PLANTS
+    if text not in PLANTS:
+        raise argparse.ArgumentTypeError(
+            f"unknown planted bug {text!r}; choose from {', '.join(PLANTS)} "
+            "(see docs/planted_bugs.md)")
+    return text
+
+
+def _plants(text: str) -> list[str]:
+    return list(dict.fromkeys(_plant(n.strip()) for n in text.split(",") if n.strip()))
+
+
 def _scenario_json(text: str) -> str:
     try:
         data = json.loads(text)
@@ -133,6 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--timeout", type=_seconds, default=120.0, metavar="S",
                      help="seconds a case may run before its ranks are killed and it is "
                           "reported as an error (default: 120)")
+    # For demos and harness tests only, hence hidden: plant a named bug in every case.
+    run.add_argument("--plant", type=_plant, default=None, help=argparse.SUPPRESS)
 
     replay = sub.add_parser(
         "replay", formatter_class=fmt, epilog=_EXIT_CODES,
@@ -143,6 +159,26 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the scenario as a JSON object (quote it for the shell)")
     replay.add_argument("--timeout", type=_seconds, default=120.0, metavar="S",
                         help="seconds before the case's ranks are killed (default: 120)")
+    replay.add_argument("--plant", type=_plant, default=None, help=argparse.SUPPRESS)
+
+    mutants = sub.add_parser(
+        "mutants", formatter_class=fmt, epilog=_EXIT_CODES,
+        help="prove the harness can fail: run every planted bug, print caught/total",
+        description="Plant each named bug of verify/plant.py (docs/planted_bugs.md) in the "
+                    "ranks, run it on its fixed scenarios, and print per bug whether the "
+                    "harness caught it and by which check, then `caught N/N`. Exits 1 if a "
+                    "bug is missed or a clean run fails. One bug can be demonstrated on any "
+                    "case with `run --plant NAME` or `replay --plant NAME`.")
+    mutants.add_argument("--only", type=_plants, default=None, metavar="NAMES",
+                         help="comma-separated plant names (default: every bug)")
+    mutants.add_argument("--blind", action="store_true",
+                         help="also run the scenarios each bug is invisible to by design, "
+                              "and report what they saw")
+    mutants.add_argument("--faults", action="store_true",
+                         help="also run the rank faults (raise, exit, hang on rank 1); each "
+                              "must become one 'error' case")
+    mutants.add_argument("--timeout", type=_seconds, default=60.0, metavar="S",
+                         help="seconds a case may run (default: 60)")
 
     report = sub.add_parser(
         "report", formatter_class=fmt, epilog=_EXIT_CODES,
@@ -178,17 +214,28 @@ def _campaign() -> Any:
     return campaign
 
 
+def _planted(args: argparse.Namespace) -> dict:
+    return {} if args.plant is None else {"plant": args.plant}
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     if args.out.exists() and not args.out.is_dir():
         raise _Usage(f"--out {args.out} exists and is not a directory")
     return _exit_code(_campaign().run_campaign(
         world_sizes=args.world_sizes, examples=args.examples, seed=args.seed,
         sharders=args.sharder, modes=MODES[args.mode], profile=args.profile,
-        out_dir=args.out, timeout_s=args.timeout))
+        out_dir=args.out, timeout_s=args.timeout, **_planted(args)))
 
 
 def _cmd_replay(args: argparse.Namespace) -> int:
-    return _exit_code(_campaign().replay(args.scenario, timeout_s=args.timeout))
+    return _exit_code(_campaign().replay(args.scenario, timeout_s=args.timeout,
+                                         **_planted(args)))
+
+
+def _cmd_mutants(args: argparse.Namespace) -> int:
+    from verify.mutants import main as mutants_main
+    return mutants_main(args.only, blind=args.blind, faults=args.faults,
+                        timeout_s=args.timeout)
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
@@ -210,7 +257,8 @@ class _Usage(Exception):
     pass
 
 
-_COMMANDS = {"run": _cmd_run, "replay": _cmd_replay, "report": _cmd_report}
+_COMMANDS = {"run": _cmd_run, "replay": _cmd_replay, "report": _cmd_report,
+             "mutants": _cmd_mutants}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -34,6 +34,8 @@ class StepRecord:
     padding_ok: bool = True           # every padding view bitwise zero on every rank
     padding_bad: list[str] = field(default_factory=list)  # labels of non-zero padding views
     reassembly_ok: bool = True        # local shards concatenate to the full parameters
+    grads_ok: Optional[bool] = None   # bitwise tier: reduced gradients bitwise equal to the
+                                      # reference's step gradient (None: not compared)
     collectives: dict[str, list[int]] = field(default_factory=dict)  # kind -> [count, bytes] (rank 0)
     collectives_expected: dict[str, list[int]] = field(default_factory=dict)  # the formula
     collectives_ok: bool = True       # recorded == formula for every kind the formula names

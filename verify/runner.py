@@ -29,9 +29,11 @@ from verify.scenarios import (Scenario, build_model, cat_batches, loss_fn, make_
 __all__ = ["run_case", "CollectiveRecorder", "RECORDED_COLLECTIVES"]
 
 # torch.distributed functions a sharder's data path uses; the recorder wraps exactly these.
-RECORDED_COLLECTIVES = ("all_gather_into_tensor", "all_gather", "reduce_scatter_tensor",
-                        "reduce_scatter", "all_to_all_single", "all_to_all", "all_reduce",
-                        "broadcast")
+# (all_gather_single / reduce_scatter_single are the newer names FSDP2 calls.)
+RECORDED_COLLECTIVES = tuple(name for name in (
+    "all_gather_into_tensor", "all_gather_single", "all_gather", "reduce_scatter_tensor",
+    "reduce_scatter_single", "reduce_scatter", "all_to_all_single", "all_to_all", "all_reduce",
+    "broadcast") if hasattr(dist, name))
 
 
 def _nbytes(x: Any) -> int:
@@ -157,6 +159,18 @@ def _local_pieces(model) -> dict[str, tuple[int, torch.Tensor]]:
     return out
 
 
+def _local_grads(model) -> dict[str, tuple[int, torch.Tensor]]:
+    """name -> (start in the flattened parameter, this rank's real gradient elements) for every
+    sharded parameter with a gradient: the step's reduced gradient, before the optimizer."""
+    out = {}
+    for name, p in model.named_parameters():
+        unit = getattr(p, "_fsdp_unit", None)
+        if unit is not None and p.grad is not None:
+            piece = unit.pieces[p._fsdp_index]
+            out[name] = (piece.param_start, p.grad.detach()[: piece.real_numel].clone())
+    return out
+
+
 def _any_requires_grad(output) -> bool:
     from torch.utils._pytree import tree_leaves
     return any(isinstance(t, torch.Tensor) and t.requires_grad for t in tree_leaves(output))
@@ -180,6 +194,12 @@ def _watch_units(model) -> tuple[dict[int, int], set[int], list]:
 
 
 def run_case(payload: dict, ctx) -> dict:
+    from verify.plant import planted  # payload["plant"]: a planted bug (verify/plant.py), or none
+    with planted(payload.get("plant"), ctx):
+        return _run_case(payload, ctx)
+
+
+def _run_case(payload: dict, ctx) -> dict:
     s = Scenario.from_json(payload["scenario"])
     sharder = payload.get("sharder", "fsdp_core")
     if s.world_size != ctx.world_size:
@@ -209,6 +229,7 @@ def run_case(payload: dict, ctx) -> dict:
                 loss.backward()
                 losses = [loss.detach().float()]
             pad_reduce = _padding_bad(model, None)
+            grads = _local_grads(model)
             state_bytes = _state_bytes(model, opt)
             opt.step()
         step_time = time.perf_counter() - t0
@@ -230,7 +251,7 @@ def run_case(payload: dict, ctx) -> dict:
         full = fsdp_core.full_state_dict(model)  # collective: every rank gathers
         full = full if r == 0 else None
         records.append(dict(
-            step=step, loss=step_l, params=full, pieces=_local_pieces(model),
+            step=step, loss=step_l, params=full, pieces=_local_pieces(model), grads=grads,
             pad_reduce=pad_reduce, pad_step=pad_step, collectives=collectives,
             expected_collectives=expected, state_bytes=state_bytes, step_time_s=step_time,
         ))
