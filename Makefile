@@ -13,9 +13,11 @@ TORCH_PIP_ARGS ?=
 STAMP       := $(VENV)/.setup-stamp
 PYTEST_ARGS ?=
 REPORTS     ?= reports
-CAMPAIGN    := --world-sizes 1,2,4,8 --examples 6 --seed 7 --out $(REPORTS)
+CAMPAIGN    := --world-sizes 1,2,4,8 --examples 12 --seed 7 --out $(REPORTS)
+NIGHTLY_EXAMPLES ?= 20
+NIGHTLY_SEED     ?= 1
 
-.PHONY: setup test verify nightly mutants clean distclean
+.PHONY: setup test verify nightly bench mutants clean distclean
 
 setup: $(STAMP)
 
@@ -36,14 +38,18 @@ test: setup
 verify: setup
 	$(PY) -m verify run $(CAMPAIGN)
 
-# Placeholder for the nightly matrix: the same campaign with the nightly profile.
+# The nightly matrix, as .github/workflows/nightly.yml runs it: world size x mode x dtype, each
+# cell a campaign with the nightly Hypothesis profile, reports under reports/nightly/<cell>/.
+# Every cell runs; the target fails if any cell failed.
 nightly: setup
-	$(PY) -m verify run $(CAMPAIGN) --profile nightly
+	@rc=0; for w in 1 2 4 8; do for m in fast deterministic; do for d in fp32 bf16; do \
+	  echo "== nightly cell W=$$w $$m $$d"; \
+	  $(PY) -m verify run --world-sizes $$w --mode $$m --dtype $$d --profile nightly \
+	    --examples $(NIGHTLY_EXAMPLES) --seed $(NIGHTLY_SEED) --out $(REPORTS)/nightly/W$$w-$$m-$$d || rc=1; \
+	done; done; done; exit $$rc
 
-# The planted-bug suite (docs/planted_bugs.md): prints a line per bug and caught/total; fails
-# if any bug is missed or a clean run fails.
-mutants: setup
-	$(PY) -m verify mutants
+bench: setup
+	$(PY) -m verify bench --out $(REPORTS)
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache .hypothesis

@@ -33,12 +33,13 @@ def replay_command(s: Scenario, sharder: str = "fsdp_core", plant: Optional[str]
     return f"python -m verify replay{extra} '{s.to_json()}'"
 
 
-def draw_scenarios(*, world_size: int, mode: str, n: int, seed: int, profile: str = "ci") -> list[Scenario]:
+def draw_scenarios(*, world_size: int, mode: str, n: int, seed: int, profile: str = "ci",
+                   dtypes: Sequence[str] = ("fp32", "bf16")) -> list[Scenario]:
     """``n`` distinct scenarios for one world size and mode, the same for the same seed.
 
     Hypothesis generates small examples first; drawing 8n and sampling n of them (seeded)
     spreads the cases over the whole strategy instead of its simplest corner."""
-    strategy = strategies.scenarios(world_sizes=(world_size,), modes=(mode,),
+    strategy = strategies.scenarios(world_sizes=(world_size,), modes=(mode,), dtypes=tuple(dtypes),
                                     max_steps=PROFILE_MAX_STEPS.get(profile, 3))
     drawn: list[Scenario] = []
 
@@ -198,7 +199,7 @@ def _progress(i: int, n: int, case: CaseResult, started: float) -> None:
 
 def run_campaign(*, world_sizes: Sequence[int], examples: int, seed: int, sharders: Iterable[str],
                  modes: Sequence[str], profile: Optional[str], out_dir, timeout_s: float = 120.0,
-                 plant: Optional[str] = None) -> list[CaseResult]:
+                 plant: Optional[str] = None, dtypes: Sequence[str] = ("fp32", "bf16")) -> list[CaseResult]:
     from verify.pool import RankPool
     from verify.report import write_reports
     torch.set_num_threads(1)
@@ -210,7 +211,8 @@ def run_campaign(*, world_sizes: Sequence[int], examples: int, seed: int, sharde
               file=sys.stderr)
         sharders = ["fsdp_core"]
     plan = [(sh, s) for w in world_sizes for mode in modes
-            for s in draw_scenarios(world_size=w, mode=mode, n=examples, seed=seed, profile=profile)
+            for s in draw_scenarios(world_size=w, mode=mode, n=examples, seed=seed, profile=profile,
+                                    dtypes=dtypes)
             for sh in sharders]
     print(f"drew {len(plan)} cases (world sizes {list(world_sizes)}, modes {list(modes)}, "
           f"seed {seed}, profile {profile}); starting the rank pool", flush=True)

@@ -20,6 +20,7 @@ SHARDERS = ("fsdp_core", "fsdp2", "ddp")
 MODES = {"fast": ("fast",), "deterministic": ("deterministic",),
          "both": ("fast", "deterministic")}
 PROFILES = ("dev", "ci", "nightly")
+DTYPES = {"fp32": ("fp32",), "bf16": ("bf16",), "both": ("fp32", "bf16")}
 MAX_WORLD_SIZE = 8
 
 _EXIT_CODES = """\
@@ -140,6 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "(default: fsdp_core)")
     run.add_argument("--mode", choices=sorted(MODES), default="both",
                      help="numerics mode(s) to run (default: both)")
+    run.add_argument("--dtype", choices=sorted(DTYPES), default="both",
+                     help="dtype policy of the drawn cases: fp32, bf16 (bf16 compute, fp32 "
+                          "reduce and master) or both (default: both)")
     run.add_argument("--profile", choices=PROFILES, default=None,
                      help="Hypothesis settings profile for drawing (default: the campaign's)")
     run.add_argument("--out", type=Path, default=Path("reports"), metavar="DIR",
@@ -179,6 +183,31 @@ def build_parser() -> argparse.ArgumentParser:
                               "must become one 'error' case")
     mutants.add_argument("--timeout", type=_seconds, default=60.0, metavar="S",
                          help="seconds a case may run (default: 60)")
+
+    bench = sub.add_parser(
+        "bench", formatter_class=fmt, epilog=_EXIT_CODES,
+        help="time fsdp_core against FSDP2 on a GPT, measure memory and traffic",
+        description="In one run, at each world size: fsdp_core (fast and deterministic) and "
+                    "FSDP2 train the same GPT on the same data, interleaved step by step; prints "
+                    "ours/FSDP2 and deterministic/fast step-time ratios (medians after warm-up), "
+                    "state memory against FSDP2 and the ZeRO-3 model, collectives against the "
+                    "formula, and the harness's cost per case through the pool vs spawning. "
+                    "Writes OUT/performance.md and OUT/performance.png.")
+    bench.add_argument("--world-sizes", type=_world_sizes, default=[1, 2, 4, 8], metavar="LIST",
+                       help="comma-separated world sizes (default: 1,2,4,8)")
+    bench.add_argument("--steps", type=_positive_int, default=5, help="timed steps (default: 5)")
+    bench.add_argument("--warmup", type=_positive_int, default=2, help="warm-up steps (default: 2)")
+    bench.add_argument("--width", type=_positive_int, default=256, help="model width (default: 256)")
+    bench.add_argument("--layers", type=_positive_int, default=6, help="blocks (default: 6)")
+    bench.add_argument("--vocab", type=_positive_int, default=1024, help="vocabulary (default: 1024)")
+    bench.add_argument("--seq", type=_positive_int, default=64, help="sequence length (default: 64)")
+    bench.add_argument("--batch", type=_positive_int, default=8, help="sequences per rank (default: 8)")
+    bench.add_argument("--harness-cases", type=_positive_int, default=20, metavar="N",
+                       help="drawn cases timed through the pool (default: 20)")
+    bench.add_argument("--out", type=Path, default=Path("reports"), metavar="DIR",
+                       help="directory for performance.md/png (default: reports)")
+    bench.add_argument("--timeout", type=_seconds, default=600.0, metavar="S",
+                       help="seconds one world size may take (default: 600)")
 
     report = sub.add_parser(
         "report", formatter_class=fmt, epilog=_EXIT_CODES,
@@ -224,7 +253,19 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return _exit_code(_campaign().run_campaign(
         world_sizes=args.world_sizes, examples=args.examples, seed=args.seed,
         sharders=args.sharder, modes=MODES[args.mode], profile=args.profile,
-        out_dir=args.out, timeout_s=args.timeout, **_planted(args)))
+        out_dir=args.out, timeout_s=args.timeout, **_dtypes(args), **_planted(args)))
+
+
+def _dtypes(args: argparse.Namespace) -> dict:
+    return {} if args.dtype == "both" else {"dtypes": DTYPES[args.dtype]}
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from verify.bench import run_bench
+    run_bench(world_sizes=args.world_sizes, steps=args.steps, warmup=args.warmup, width=args.width,
+              layers=args.layers, vocab=args.vocab, seq=args.seq, batch=args.batch,
+              out_dir=args.out, harness_cases=args.harness_cases, timeout_s=args.timeout)
+    return EXIT_OK
 
 
 def _cmd_replay(args: argparse.Namespace) -> int:
@@ -258,7 +299,7 @@ class _Usage(Exception):
 
 
 _COMMANDS = {"run": _cmd_run, "replay": _cmd_replay, "report": _cmd_report,
-             "mutants": _cmd_mutants}
+             "mutants": _cmd_mutants, "bench": _cmd_bench}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
