@@ -76,6 +76,10 @@ def _final_callback(task: int) -> None:
         raise error
 
 
+def _in_backward() -> bool:
+    return torch._C._current_graph_task_id() != -1
+
+
 def _floating(x: Any) -> bool:
     return isinstance(x, torch.Tensor) and x.is_floating_point()
 
@@ -89,7 +93,9 @@ def _pre_forward(module: nn.Module, args: tuple, kwargs: dict):
     mp = unit.mp_policy
     if mp.param_dtype is not None and mp.cast_forward_inputs:
         flat = [x.to(mp.param_dtype) if _floating(x) else x for x in flat]
-    if torch.is_grad_enabled():
+    if torch.is_grad_enabled() and _in_backward():
+        pass  # activation-checkpoint recompute inside backward: the bookkeeping is done already
+    elif torch.is_grad_enabled():
         task = torch._C._current_graph_task_id()
         if unit.backward_task is not None and unit.backward_task != task:
             # The last backward through this unit raised before its end: drop its leftovers.
@@ -115,6 +121,8 @@ def _post_forward(module: nn.Module, args: tuple, kwargs: dict, output: Any):
     unit: Optional[FlatUnit] = module._fsdp_unit
     if unit is None:
         return output
+    if _in_backward():
+        return output  # a recompute (activation checkpointing): backward needs the parameters
     if unit.reshard_after_forward:
         unit.reshard()
     flat, spec = tree_flatten(output)

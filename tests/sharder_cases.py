@@ -86,7 +86,8 @@ def parity(payload: dict, ctx) -> dict:
     opt_kind = payload.get("opt", "sgd")
     reuse = payload.get("reuse", True)
     ref = zm.build_zoo(payload.get("seed", 0), reuse=reuse)
-    model = _shard(zm.build_zoo(payload.get("seed", 0), reuse=reuse), p)
+    model = _shard(zm.build_zoo(payload.get("seed", 0), reuse=reuse,
+                                checkpoint=payload.get("act_ckpt", False)), p)
     names = [n for n, _ in model.named_parameters()]
     opt = _opt(opt_kind, list(model.named_parameters()))
     ref_opt = _opt(opt_kind, list(ref.named_parameters()))

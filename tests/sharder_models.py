@@ -13,6 +13,7 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 VOCAB, WIDTH, SEQ = 23, 6, 5
 
@@ -38,9 +39,10 @@ class Block(nn.Module):
 
 
 class Zoo(nn.Module):
-    def __init__(self, n_blocks: int = 2, reuse: bool = True):
+    def __init__(self, n_blocks: int = 2, reuse: bool = True, checkpoint: bool = False):
         super().__init__()
         self.reuse = reuse
+        self.checkpoint = checkpoint                         # activation checkpointing per block
         self.emb = nn.Embedding(VOCAB, WIDTH)
         self.blocks = nn.ModuleList(Block(WIDTH) for _ in range(n_blocks))
         self.norm = nn.LayerNorm(WIDTH)
@@ -50,7 +52,13 @@ class Zoo(nn.Module):
     def forward(self, idx: torch.Tensor) -> torch.Tensor:  # idx: (B, T) -> logits (B, T, V)
         x = self.emb(idx)
         for b in self.blocks:
-            x = b(x)
+            if self.checkpoint == "full_recompute":  # the recompute runs the whole unit forward
+                with torch.utils.checkpoint.set_checkpoint_early_stop(False):
+                    x = torch.utils.checkpoint.checkpoint(b, x, use_reentrant=False)
+            elif self.checkpoint:
+                x = torch.utils.checkpoint.checkpoint(b, x, use_reentrant=False)
+            else:
+                x = b(x)
         if self.reuse:
             x = self.blocks[0](x)                           # a whole unit called twice
         return self.head(self.norm(x))

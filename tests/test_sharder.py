@@ -79,6 +79,17 @@ def test_deterministic_deep_nesting_bitwise(rank_pool, world_size):
     check_parity(values, bitwise=True)
 
 
+@pytest.mark.parametrize("world_size", [2, 4])
+@pytest.mark.parametrize("det", [False, True])
+@pytest.mark.parametrize("mode", [True, "full_recompute"])
+def test_activation_checkpointing_inside_units(rank_pool, world_size, det, mode):
+    """Non-reentrant activation checkpointing recomputes a unit's forward inside backward: the
+    recompute must neither reshard (backward needs the parameters) nor count as a new call."""
+    values = run(rank_pool, world_size, cases.parity,
+                 dict(wrap="per_block", steps=2, M=4, opt="adamw", det=det, act_ckpt=mode))
+    check_parity(values, bitwise=det, **FP32)  # fast: this file's reference is full-batch
+
+
 @pytest.mark.parametrize("world_size", [1, 4])
 def test_gradient_accumulation_equals_one_big_batch(rank_pool, world_size):
     values = run(rank_pool, world_size, cases.accumulation, dict(k=4, wrap="per_block"))
