@@ -161,8 +161,17 @@ class FlatUnit:
             self.shard[start:end].zero_()
 
     # ------------------------------------------------------------------ unshard / reshard
+    @property
+    def aliased(self) -> bool:
+        """One rank, same dtype and device: the shard *is* the unsharded buffer (no copy)."""
+        return (self.world_size == 1 and self.param_dtype == self.master_dtype
+                and self.shard.device == self.compute_device)
+
     def _alloc_unsharded(self) -> None:
-        flat = torch.empty(self.layout.padded_numel, dtype=self.param_dtype, device=self.compute_device)
+        if self.aliased:
+            flat = self.shard
+        else:
+            flat = torch.empty(self.layout.padded_numel, dtype=self.param_dtype, device=self.compute_device)
         params = []
         for i, (off, n, shape) in enumerate(zip(self.layout.offsets, self.layout.numels, self.shapes)):
             view = flat[off: off + n].view(shape)
@@ -185,13 +194,17 @@ class FlatUnit:
         if self.unsharded_flat is None:
             self._alloc_unsharded()
         flat = self.unsharded_flat
-        storage = flat.untyped_storage()
-        nbytes = flat.numel() * flat.element_size()
-        if storage.size() != nbytes:
-            storage.resize_(nbytes)
-        src = self.shard.to(device=self.compute_device, dtype=self.param_dtype, non_blocking=True)
-        with torch.autograd._unsafe_preserve_version_counter(flat):
-            C.all_gather_flat(flat, src, self.group)
+        if not self.aliased:
+            storage = flat.untyped_storage()
+            nbytes = flat.numel() * flat.element_size()
+            if storage.size() != nbytes:
+                storage.resize_(nbytes)
+            src = self.shard.to(device=self.compute_device, dtype=self.param_dtype, non_blocking=True)
+            with torch.autograd._unsafe_preserve_version_counter(flat):
+                if self.world_size == 1:
+                    flat.copy_(src)  # one rank: nothing to gather
+                else:
+                    C.all_gather_flat(flat, src, self.group)
         self.register_unsharded()
         self.state = ShardState.UNSHARDED
 
@@ -199,7 +212,8 @@ class FlatUnit:
         if self.state is ShardState.SHARDED:
             return
         self.register_sharded()
-        self.unsharded_flat.untyped_storage().resize_(0)
+        if not self.aliased:
+            self.unsharded_flat.untyped_storage().resize_(0)
         self.state = ShardState.SHARDED
 
     # ------------------------------------------------------------------ backward bookkeeping
@@ -252,13 +266,14 @@ class FlatUnit:
             if not self.requires_gradient_sync:
                 return
             local = self._pop_local_tree()
-            reduced = C.tree_reduce_mean(local, self.group)
+            reduced = local if self.world_size == 1 else C.tree_reduce_mean(local, self.group)
         else:
             if not self.requires_gradient_sync:
                 return  # grads stay on the unsharded params; autograd keeps accumulating
             flat = self._flatten_grads(grads)
             self._clear_unsharded_grads()
-            reduced = C.reduce_scatter_mean(flat, self.group)
+            # One rank: the sum over ranks is the gradient itself and / 1 is exact.
+            reduced = flat if self.world_size == 1 else C.reduce_scatter_mean(flat, self.group)
         self._assign_sharded_grads(reduced, had_grad)
 
     def _clear_unsharded_grads(self) -> None:
