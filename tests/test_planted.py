@@ -94,8 +94,8 @@ def test_planted_bug_is_caught_and_the_clean_run_passes(rank_pool, name):
         assert failed_checks(case), case.reason
         assert case.replay.startswith(f"python -m verify replay --plant {name} '")
         assert s.to_json() in case.replay
-    for s in bug.blind:             # where the harness cannot see it, by design: documented
-        case = run_one(rank_pool, s, plant=name)
+    for s in bug.blind:  # where the equivalence checks cannot see it, by design: documented
+        case = run_one(rank_pool, s, plant=name, backend_check=False)
         assert case.passed, f"{name} is now caught on a 'blind' scenario; update the registry"
 
 
@@ -105,12 +105,12 @@ def test_last_bit_bugs_need_the_bitwise_tier(rank_pool, name):
     """Why deterministic mode exists: a bug in the last bits passes the tolerance tier (fast
     SGD at W = 4) and fails every bitwise-tier run (deterministic mode; fast at W <= 2)."""
     assert FAST4 in BUGS[name].blind
-    tolerance = run_one(rank_pool, FAST4, plant=name)
+    tolerance = run_one(rank_pool, FAST4, plant=name, backend_check=False)
     assert tolerance.tier == "tolerance" and tolerance.verdict == "pass", tolerance.reason
     bitwise = [s for s in BUGS[name].catch if s.mode == "deterministic" or s.world_size <= 2]
     assert any(s.mode == "deterministic" for s in bitwise)
     for s in bitwise:
-        case = run_one(rank_pool, s, plant=name)
+        case = run_one(rank_pool, s, plant=name, backend_check=False)
         assert case.tier == "bitwise" and case.verdict == "fail", case.reason
 
 
@@ -119,9 +119,25 @@ def test_gradient_check_sees_what_the_update_absorbs(rank_pool):
     parameters and losses stay bitwise equal, and only the reduced-gradient check fails."""
     for name in ("dist_reduce_one_ulp", "sequential_cross_rank_sum"):
         s = BUGS[name].catch[0]
-        case = run_one(rank_pool, s, plant=name)
+        case = run_one(rank_pool, s, plant=name, backend_check=False)
         assert failed_checks(case) == ("gradients",), (name, case.reason)
         assert all(st.bitwise for st in case.steps)
+
+
+def test_backend_check_catches_torch_distributed_plants_everywhere(rank_pool):
+    """Bugs planted in torch.distributed itself are caught before the equivalence checks even
+    look, on every scenario, including those where the numerical checks are blind."""
+    for name in ("drop_rank_grad", "swap_shards_allgather", "dist_reduce_one_ulp"):
+        bug = BUGS[name]
+        assert "Planted in torch.distributed" in bug.doc
+        for s in bug.catch + bug.blind:
+            case = run_one(rank_pool, s, plant=name)
+            assert "backend" in failed_checks(case), (name, s.to_json(), case.reason)
+
+
+def test_backend_check_names_the_broken_collective(rank_pool):
+    case = run_one(rank_pool, FAST4, plant="dist_reduce_one_ulp")
+    assert "torch.distributed.reduce_scatter_tensor is broken" in case.reason, case.reason
 
 
 # -- make mutants ------------------------------------------------------------------------------

@@ -23,14 +23,14 @@ __all__ = ["failed_checks", "describe", "MutantOutcome", "run_mutants", "main"]
 
 # Checks, in the order they are named. Numerical checks are named after the tier that held them.
 CHECKS = ("error", "bitwise", "tolerance", "reported", "structure", "gradients", "padding",
-          "reassembly", "collectives")
+          "reassembly", "collectives", "backend")
 
 
 def failed_checks(case: CaseResult) -> tuple[str, ...]:
     """Which checks a case failed: 'error' (a rank raised, died or hung), the numerical tier
     that failed ('bitwise', 'tolerance', 'reported'), 'structure' (missing or unexpected
     parameters), 'gradients' (the reduced gradient, bitwise tier), 'padding', 'reassembly',
-    'collectives'."""
+    'collectives', 'backend' (a torch.distributed collective failed verify/backend_check.py)."""
     if case.verdict == "error":
         return ("error",)
     found = set()
@@ -46,6 +46,8 @@ def failed_checks(case: CaseResult) -> tuple[str, ...]:
             found.add("structure")
         if "padding not zero" in line:
             found.add("padding")
+        if "backend check failed" in line:
+            found.add("backend")
     for st in case.steps:
         if not st.padding_ok:
             found.add("padding")
@@ -124,8 +126,8 @@ def run_mutants(pool, names: Optional[Iterable[str]] = None, *, blind: bool = Fa
             checks = failed_checks(case)
             outcome.cases.append((s, case, checks))
             outcome.caught &= not case.passed
-        for s in (p.blind if blind else ()):
-            case = run_one(pool, s, timeout_s=timeout_s, plant=p.name)
+        for s in (p.blind if blind else ()):  # blind: to the equivalence checks alone
+            case = run_one(pool, s, timeout_s=timeout_s, plant=p.name, backend_check=False)
             outcome.blind.append((s, case, failed_checks(case)))
         outcomes.append(outcome)
         out(outcome.line())

@@ -1,0 +1,96 @@
+"""Check the communication backend before trusting a case: every torch.distributed collective a
+sharder may use, on inputs whose exact results are known.
+
+Every value below is a small integer (|x| <= 31, sums of up to 8 ranks within 256), so each sum
+is exact in fp32 and bf16 and the expected result does not depend on the order the backend adds
+in; any difference (one
+ulp after a gather, a scaled reduction, a swapped chunk, a dropped rank) is a broken backend,
+reported by name before the case's own checks run. It costs a few tiny collectives per case.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["check_backend", "backend_problem", "BackendError"]
+
+
+class BackendError(RuntimeError):
+    """A torch.distributed collective returned other values than the mathematics says."""
+
+
+def _values(rank: int, n: int, dtype: torch.dtype, device) -> torch.Tensor:
+    # distinct per rank and position, exactly representable, with a sign change
+    base = torch.arange(n, dtype=torch.float32, device=device)
+    return (((base % 7) - 3) * (rank + 1) + rank).to(dtype)
+
+
+def _expect(name: str, got: torch.Tensor, want: torch.Tensor, rank: int) -> None:
+    if got.dtype != want.dtype or got.shape != want.shape:
+        raise BackendError(f"torch.distributed.{name} returned {got.dtype}{tuple(got.shape)} on rank {rank}, "
+                           f"expected {want.dtype}{tuple(want.shape)}")
+    bits = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[got.element_size()]
+    differ = (got.view(bits) != want.view(bits)).nonzero().flatten()
+    if differ.numel():
+        i = int(differ[0])
+        raise BackendError(
+            f"torch.distributed.{name} is broken: on rank {rank}, {differ.numel()} of {got.numel()} "
+            f"elements differ from the exact result (first at index {i}: got {got[i].item()!r}, "
+            f"expected {want[i].item()!r}); the case's results cannot be trusted")
+
+
+def backend_problem(group, device=None) -> "str | None":
+    """``check_backend`` that never raises: the first problem as text, or None.
+
+    Every rank runs the same sequence of collectives whatever it finds (raising on one rank
+    would leave the others waiting in the next collective); each rank reports what it saw with
+    its results, and the parent fails the case if any rank saw a problem."""
+    problems: list[str] = []
+    check_backend(group, device, on_error=problems.append)
+    return problems[0] if problems else None
+
+
+@torch.no_grad()
+def check_backend(group, device=None, *, dtypes=(torch.float32, torch.bfloat16), n: int = 33,
+                  on_error=None) -> None:
+    """Raise ``BackendError`` naming the first collective that returns wrong values (or, with
+    ``on_error``, pass each error to it and carry on with the remaining collectives)."""
+    def expect(name, got, want):
+        try:
+            _expect(name, got, want, rank)
+        except BackendError as e:
+            if on_error is None:
+                raise
+            on_error(str(e))
+
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    device = device or torch.device("cpu")
+    m = n * world  # divisible by W for the scatter-style collectives
+    for dtype in dtypes:
+        mine = [_values(r, m, dtype, device) for r in range(world)]
+        total = sum((t.float() for t in mine), torch.zeros(m, device=device)).to(dtype)
+        x = mine[rank].clone()
+
+        out = torch.empty(world * m, dtype=dtype, device=device)
+        dist.all_gather_into_tensor(out, x, group=group)
+        expect("all_gather_into_tensor", out, torch.cat(mine))
+
+        out = torch.empty(m // world, dtype=dtype, device=device)
+        dist.reduce_scatter_tensor(out, x.clone(), op=dist.ReduceOp.SUM, group=group)
+        expect("reduce_scatter_tensor", out, total.chunk(world)[rank])
+
+        out = torch.empty(m, dtype=dtype, device=device)
+        dist.all_to_all_single(out, x.clone(), group=group)
+        expect("all_to_all_single", out, torch.cat([t.chunk(world)[rank] for t in mine]))
+
+        y = x.clone()
+        dist.all_reduce(y, op=dist.ReduceOp.SUM, group=group)
+        expect("all_reduce", y, total)
+
+        y = x.clone()
+        dist.broadcast(y, src=dist.get_global_rank(group, 0), group=group)
+        expect("broadcast", y, mine[0])
+
+        outs = [torch.empty(m, dtype=dtype, device=device) for _ in range(world)]
+        dist.all_gather(outs, x, group=group)
+        expect("all_gather", torch.cat(outs), torch.cat(mine))
