@@ -132,7 +132,15 @@ def _post_forward(module: nn.Module, args: tuple, kwargs: dict, output: Any):
     if torch.is_grad_enabled():
         for x in flat:
             if isinstance(x, torch.Tensor) and x.requires_grad:
-                x.register_hook(_make_pre_backward(unit))
+                # A prehook on the node that produced x runs after x's tensor hooks, among them
+                # the next unit's post-backward (a multi-grad hook on the same tensor): so the
+                # next unit reshards before this one unshards, and at most one block is
+                # unsharded at a time in backward.
+                hook = _make_pre_backward(unit)
+                if x.grad_fn is not None:
+                    x.grad_fn.register_prehook(lambda grad_outputs, hook=hook: hook(None))
+                else:
+                    x.register_hook(hook)
     return tree_unflatten(flat, spec)
 
 
