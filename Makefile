@@ -13,11 +13,13 @@ TORCH_PIP_ARGS ?=
 STAMP       := $(VENV)/.setup-stamp
 PYTEST_ARGS ?=
 REPORTS     ?= reports
-CAMPAIGN    := --world-sizes 1,2,4,8 --examples 12 --seed 7 --out $(REPORTS)
+CAMPAIGN    := --world-sizes 1,2,4,8 --examples 12 --seed 7 --resume-cases 4 --out $(REPORTS)
 NIGHTLY_EXAMPLES ?= 20
 NIGHTLY_SEED     ?= 1
+SOAK_EXAMPLES    ?= 63
+SOAK_SEED        ?= 1
 
-.PHONY: setup test verify nightly bench mutants clean distclean
+.PHONY: setup test verify nightly soak bench peers converge mutants clean distclean
 
 setup: $(STAMP)
 
@@ -25,7 +27,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install $(TORCH_PIP_ARGS) "$(TORCH_SPEC)"
-	$(PY) -m pip install -e '.[test]'
+	$(PY) -m pip install -e '.[test,hf]'
 	@touch $@
 
 # Exit code 5 (no tests collected) is not a failure of the suite.
@@ -48,8 +50,27 @@ nightly: setup
 	    --examples $(NIGHTLY_EXAMPLES) --seed $(NIGHTLY_SEED) --out $(REPORTS)/nightly/W$$w-$$m-$$d || rc=1; \
 	done; done; done; exit $$rc
 
+# The leak check (issue 9): one nightly-profile campaign of SOAK_EXAMPLES x 4 world sizes x 2
+# modes (63 -> 504 cases) on one rank pool, plus 8 checkpoint-resume cases; fails if a verdict
+# fails or the largest rank RSS grew by more than 10% from case 50 to the end.
+# reports/soak/equivalence.md has the "Pool memory" section, pool_memory.png the curve.
+soak: setup
+	$(PY) -m verify run --world-sizes 1,2,4,8 --examples $(SOAK_EXAMPLES) --seed $(SOAK_SEED) \
+	  --profile nightly --resume-cases 8 --soak --out $(REPORTS)/soak
+
 bench: setup
 	$(PY) -m verify bench --out $(REPORTS)
+
+# The peers (issue 7): the same drawn cases through fsdp_core, FSDP2 and DDP side by side ->
+# reports/peers.md (the run's other tables under reports/peers/).
+peers: setup
+	@$(PY) -m verify run --sharder all --world-sizes 1,2,4,8 --examples 6 --seed 7 \
+	  --out $(REPORTS)/peers; rc=$$?; \
+	cp $(REPORTS)/peers/peers.md $(REPORTS)/peers.md && echo "wrote $(REPORTS)/peers.md"; exit $$rc
+
+# Sharded (W=4) vs unsharded loss curves on Python's stdlib sources -> reports/convergence.md.
+converge: setup
+	$(PY) -m verify converge --out $(REPORTS)
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache .hypothesis

@@ -7,6 +7,8 @@ Layout (read the module names top to bottom to follow a case):
   verify.compare    - pure comparisons (bitwise, ULP, tolerance tiers) and verdicts
   verify.results    - the records that cross the process boundary
   verify.pool       - the persistent ranks that run the sharded side
+  verify.peers      - the same cases through FSDP2 and DDP; what a peer cannot run, and why
+  verify.converge   - sharded vs unsharded loss curves on real text (Python's stdlib sources)
   verify.report     - results to markdown tables (the only pandas/tabulate user)
   verify.cli        - `python -m verify run | replay`
 

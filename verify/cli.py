@@ -16,7 +16,8 @@ from typing import Any, Optional, Sequence
 __all__ = ["main", "build_parser", "EXIT_OK", "EXIT_FAILED", "EXIT_USAGE"]
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
-SHARDERS = ("fsdp_core", "fsdp2", "ddp")
+# "fsdp2" is an alias of "torch_fsdp2"; "all" is every sharder side by side (verify/peers.py).
+SHARDERS = ("fsdp_core", "torch_fsdp2", "fsdp2", "ddp", "all")
 MODES = {"fast": ("fast",), "deterministic": ("deterministic",),
          "both": ("fast", "deterministic")}
 PROFILES = ("dev", "ci", "nightly")
@@ -59,6 +60,19 @@ def _sharders(text: str) -> list[str]:
     return list(dict.fromkeys(names))
 
 
+def _families(text: str) -> list[str]:
+    from verify.scenarios import FAMILIES
+    names = list(dict.fromkeys(f.strip() for f in text.split(",") if f.strip()))
+    bad = [f for f in names if f not in FAMILIES]
+    if bad or not names:
+        hint = ("; the hf_* families need transformers: pip install -e '.[hf]'"
+                if any(f.startswith("hf_") for f in bad) else "")
+        raise argparse.ArgumentTypeError(
+            f"unknown family {', '.join(bad) or repr(text)}; choose from "
+            f"{', '.join(FAMILIES)} (comma-separated for several){hint}")
+    return names
+
+
 def _positive_int(text: str) -> int:
     try:
         n = int(text)
@@ -69,6 +83,23 @@ def _positive_int(text: str) -> int:
     return n
 
 
+def _count(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer")
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {n}")
+    return n
+
+
+def _world_size(text: str) -> int:
+    sizes = _world_sizes(text)
+    if len(sizes) != 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give one world size")
+    return sizes[0]
+
+
 def _seed(text: str) -> int:
     try:
         n = int(text)
@@ -77,6 +108,16 @@ def _seed(text: str) -> int:
     if n < 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {n}")
     return n
+
+
+def _positive_float(text: str) -> float:
+    try:
+        x = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number")
+    if not (x > 0 and x < float("inf")):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return x
 
 
 def _seconds(text: str) -> float:
@@ -138,7 +179,12 @@ def build_parser() -> argparse.ArgumentParser:
                           "(default: 0)")
     run.add_argument("--sharder", type=_sharders, default=["fsdp_core"], metavar="NAME",
                      help=f"sharder(s) under test, comma-separated: {', '.join(SHARDERS)} "
-                          "(default: fsdp_core)")
+                          "(fsdp2 = torch_fsdp2; all = every sharder on the same cases, "
+                          "side by side in OUT/peers.md; default: fsdp_core)")
+    run.add_argument("--families", type=_families, default=None, metavar="LIST",
+                     help="model families to draw, comma-separated (default: the core ones: "
+                          "mlp, gpt, cs336, convnet, special; hf_gpt2 and hf_llama when "
+                          "transformers is installed and they are named here)")
     run.add_argument("--mode", choices=sorted(MODES), default="both",
                      help="numerics mode(s) to run (default: both)")
     run.add_argument("--dtype", choices=sorted(DTYPES), default="both",
@@ -151,6 +197,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--timeout", type=_seconds, default=120.0, metavar="S",
                      help="seconds a case may run before its ranks are killed and it is "
                           "reported as an error (default: 120)")
+    run.add_argument("--resume-cases", type=_count, default=0, metavar="N",
+                     help="also draw N checkpoint-resume cases (train at one world size, save, "
+                          "load at another, finish), run after the others (default: 0)")
+    run.add_argument("--soak", action="store_true",
+                     help="leak check: exit 1 when the largest rank RSS grew by more than "
+                          "10%% from case 50 to the end (RSS is recorded in every run)")
     # For demos and harness tests only, hence hidden: plant a named bug in every case.
     run.add_argument("--plant", type=_plant, default=None, help=argparse.SUPPRESS)
 
@@ -163,7 +215,15 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the scenario as a JSON object (quote it for the shell)")
     replay.add_argument("--timeout", type=_seconds, default=120.0, metavar="S",
                         help="seconds before the case's ranks are killed (default: 120)")
+    replay.add_argument("--sharder", choices=[s for s in SHARDERS if s != "all"],
+                        default="fsdp_core", help="the sharder to run it through (default: "
+                                                  "fsdp_core)")
     replay.add_argument("--plant", type=_plant, default=None, help=argparse.SUPPRESS)
+    replay.add_argument("--resume-from", type=_world_size, default=None, metavar="W_A",
+                        help="a checkpoint-resume case: train at W_A, save, load at the "
+                             "scenario's world size and finish (with --save-after)")
+    replay.add_argument("--save-after", type=_positive_int, default=None, metavar="S",
+                        help="steps trained at W_A before the checkpoint")
 
     mutants = sub.add_parser(
         "mutants", formatter_class=fmt, epilog=_EXIT_CODES,
@@ -209,6 +269,39 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--timeout", type=_seconds, default=600.0, metavar="S",
                        help="seconds one world size may take (default: 600)")
 
+    converge = sub.add_parser(
+        "converge", formatter_class=fmt, epilog=_EXIT_CODES,
+        help="sharded vs unsharded loss curves on real text (Python's stdlib sources)",
+        description="Train a small GPT on the bytes of Python's standard-library sources "
+                    "(byte-level, vocabulary 256), sharded by fsdp_core at W ranks and "
+                    "unsharded, in each mode, for the same steps on the same batches; write "
+                    "OUT/convergence.md (final and held-out losses), OUT/convergence.png (the "
+                    "curves) and OUT/convergence.json. Exits 1 if deterministic mode's curves "
+                    "are not bitwise equal.")
+    converge.add_argument("--world-size", type=_world_size, default=4, metavar="W",
+                          help="ranks of the sharded run (default: 4)")
+    converge.add_argument("--steps", type=_positive_int, default=200,
+                          help="training steps (default: 200)")
+    converge.add_argument("--mode", choices=sorted(MODES), default="both",
+                          help="numerics mode(s) (default: both)")
+    converge.add_argument("--width", type=_positive_int, default=64, help="model width (default: 64)")
+    converge.add_argument("--layers", type=_positive_int, default=2, help="blocks (default: 2)")
+    converge.add_argument("--seq", type=_positive_int, default=32,
+                          help="context length in bytes (default: 32)")
+    converge.add_argument("--micro-batches", type=_positive_int, default=8, metavar="M",
+                          help="micro-batches per step, a power of two >= W (default: 8)")
+    converge.add_argument("--batch", type=_positive_int, default=2,
+                          help="sequences per micro-batch (default: 2)")
+    converge.add_argument("--lr", type=_positive_float, default=3e-3,
+                          help="AdamW lr (default: 3e-3)")
+    converge.add_argument("--seed", type=_seed, default=0, help="seed (default: 0)")
+    converge.add_argument("--corpus-bytes", type=_positive_int, default=2_000_000, metavar="N",
+                          help="bytes of the corpus to use (default: 2000000)")
+    converge.add_argument("--out", type=Path, default=Path("reports"), metavar="DIR",
+                          help="directory for convergence.md/png/json (default: reports)")
+    converge.add_argument("--timeout", type=_seconds, default=1800.0, metavar="S",
+                          help="seconds the sharded run of one mode may take (default: 1800)")
+
     report = sub.add_parser(
         "report", formatter_class=fmt, epilog=_EXIT_CODES,
         help="re-render the tables and plots from DIR/results.json",
@@ -250,10 +343,23 @@ def _planted(args: argparse.Namespace) -> dict:
 def _cmd_run(args: argparse.Namespace) -> int:
     if args.out.exists() and not args.out.is_dir():
         raise _Usage(f"--out {args.out} exists and is not a directory")
-    return _exit_code(_campaign().run_campaign(
+    extra = {"resume_cases": args.resume_cases} if args.resume_cases else {}
+    if args.soak:  # round-robin over world sizes; oneDNN's kernel caches capped (verify/soak.py)
+        from verify.soak import apply_soak_env
+        apply_soak_env()
+        extra["interleave"] = True
+    if args.families is not None:
+        extra["families"] = args.families
+    code = _exit_code(_campaign().run_campaign(
         world_sizes=args.world_sizes, examples=args.examples, seed=args.seed,
         sharders=args.sharder, modes=MODES[args.mode], profile=args.profile,
-        out_dir=args.out, timeout_s=args.timeout, **_dtypes(args), **_planted(args)))
+        out_dir=args.out, timeout_s=args.timeout, **_dtypes(args), **_planted(args), **extra))
+    if args.soak:
+        from verify.soak import check
+        held, line = check(args.out / "results.json")
+        print(line)
+        code = code if held else EXIT_FAILED
+    return code
 
 
 def _dtypes(args: argparse.Namespace) -> dict:
@@ -268,9 +374,47 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_converge(args: argparse.Namespace) -> int:
+    w = args.world_size
+    m = args.micro_batches
+    if m & (m - 1) or m < w:
+        raise _Usage(f"--micro-batches {m} must be a power of two >= the world size {w}")
+    if args.out.exists() and not args.out.is_dir():
+        raise _Usage(f"--out {args.out} exists and is not a directory")
+    from verify.converge import run_converge
+    paths = run_converge(world_size=w, steps=args.steps, width=args.width, layers=args.layers,
+                         seq=args.seq, micro_batches=m, micro_batch_size=args.batch, lr=args.lr,
+                         seed=args.seed, corpus_bytes=args.corpus_bytes, modes=MODES[args.mode],
+                         out_dir=args.out, timeout_s=args.timeout)
+    for p in paths:
+        print(p)
+    runs = json.loads((args.out / "convergence.json").read_text())["runs"]
+    det_ok = all(r["bitwise_steps"] == len(r["sharded"]) and r["final_params_bitwise"]
+                 for r in runs if r["mode"] == "deterministic")
+    if not det_ok:
+        print("deterministic mode: the sharded curve is NOT bitwise equal to the unsharded one",
+              file=sys.stderr)
+    return EXIT_OK if det_ok else EXIT_FAILED
+
+
 def _cmd_replay(args: argparse.Namespace) -> int:
+    if (args.resume_from is None) != (args.save_after is None):
+        raise _Usage("--resume-from and --save-after go together (a checkpoint-resume case)")
+    if args.resume_from is not None:
+        if args.sharder != "fsdp_core" or args.plant is not None:
+            raise _Usage("--resume-from replays a checkpoint-resume case of fsdp_core (its "
+                         "checkpoints), without --sharder or --plant")
+        from verify.resume import ResumeCase, replay_resume
+        from verify.scenarios import Scenario
+        try:
+            ResumeCase(Scenario.from_json(args.scenario), args.resume_from, args.save_after)
+        except (ValueError, TypeError) as exc:
+            raise _Usage(f"not a checkpoint-resume case: {exc}")
+        return replay_resume(args.scenario, args.resume_from, args.save_after,
+                             timeout_s=args.timeout)
+    sharder = {} if args.sharder == "fsdp_core" else {"sharder": args.sharder}
     return _exit_code(_campaign().replay(args.scenario, timeout_s=args.timeout,
-                                         **_planted(args)))
+                                         **sharder, **_planted(args)))
 
 
 def _cmd_mutants(args: argparse.Namespace) -> int:
@@ -288,7 +432,9 @@ def _cmd_report(args: argparse.Namespace) -> int:
         title, results = load_results(path)
     except (ValueError, KeyError) as exc:
         raise _Usage(f"{path} is not a results file: {exc}")
-    for p in write_reports(results, args.dir, title=args.title or title):
+    from verify.soak import load_pool_memory
+    for p in write_reports(results, args.dir, title=args.title or title,
+                           pool_memory=load_pool_memory(path)):
         print(p)
     passed = all(r.get("passed", r.get("verdict") in ("pass", "unsupported")) for r in results)
     return EXIT_OK if passed else EXIT_FAILED
@@ -299,7 +445,7 @@ class _Usage(Exception):
 
 
 _COMMANDS = {"run": _cmd_run, "replay": _cmd_replay, "report": _cmd_report,
-             "mutants": _cmd_mutants, "bench": _cmd_bench}
+             "mutants": _cmd_mutants, "converge": _cmd_converge, "bench": _cmd_bench}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -293,13 +293,14 @@ def adam_step_bound(t: int, betas: tuple[float, float] = _ADAM_BETAS) -> float:
     return math.sqrt(sum(wi * wi / ui for wi, ui in zip(w, u)))
 
 
-def bounds_for(s) -> Optional[Bounds]:
-    """The tolerances a scenario is held to; None for the bitwise tier.
+def bounds_for(s, tier: Optional[str] = None) -> Optional[Bounds]:
+    """The tolerances a scenario is held to; None for the bitwise tier. ``tier``: held to that
+    tier instead of `tier_for(s)` (a peer sharder that does not owe ours, verify/peers.py).
 
     tolerance: torch.testing defaults for the compute dtype (bf16 compute: bf16 defaults, with
     the parameter atol widened, see [Note: fast bf16 SGD bounds]). reported: see
     [Note: reported tier bounds]."""
-    tier = tier_for(s)
+    tier = tier_for(s) if tier is None else tier
     if tier == "bitwise":
         return None
     compute = TOLERANCES[torch.bfloat16 if s.dtype == "bf16" else torch.float32]
@@ -372,10 +373,12 @@ class StepDiff(NamedTuple):
 
 def compare_step(s, *, loss: torch.Tensor, loss_ref: torch.Tensor,
                  params: Mapping[str, torch.Tensor], params_ref: Mapping[str, torch.Tensor],
-                 where: str = "") -> StepDiff:
-    """One step of a case against the reference, held to the scenario's tier and bounds."""
-    bounds = bounds_for(s)
+                 where: str = "", tier: Optional[str] = None) -> StepDiff:
+    """One step of a case against the reference, held to the scenario's tier and bounds (or to
+    ``tier``, see `bounds_for`)."""
+    tier = tier_for(s) if tier is None else tier
+    bounds = bounds_for(s, tier)
     loss_diff = diff_stats(loss, loss_ref, tol=bounds.loss if bounds else None)
     params_diff = compare_params(params, params_ref, tol=bounds.params if bounds else None)
     return StepDiff(loss_diff, params_diff,
-                    verdict(tier_for(s), loss=loss_diff, params=params_diff, where=where))
+                    verdict(tier, loss=loss_diff, params=params_diff, where=where))

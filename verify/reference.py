@@ -23,7 +23,7 @@ bf16: an fp32 master model is trained; each step's forward/backward runs on a co
 from __future__ import annotations
 
 import copy
-from typing import NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 import torch.nn as nn
@@ -44,18 +44,26 @@ class RefStep(NamedTuple):
     grads: Optional[dict[str, torch.Tensor]] = None
 
 
-def run_reference(s: Scenario) -> list[RefStep]:
+def run_reference(s: Scenario, *, world_size_at: Optional[Callable[[int], int]] = None
+                  ) -> list[RefStep]:
+    """``world_size_at(step)``: the world size whose protocol step ``step`` follows (default:
+    ``s.world_size`` throughout), for a run that is checkpointed at one world size and resumed
+    at another (verify/resume.py). Every world size must divide ``s.micro_batches``."""
     s.validate()
     master = build_model(s)
     opt = make_optimizer(s, master.named_parameters())
     out = []
     for step in range(s.steps):
+        at = s if world_size_at is None else s.with_world_size(world_size_at(step))
+        if at.micro_batches != s.micro_batches:
+            raise ValueError(f"world size {at.world_size} at step {step} needs more than "
+                             f"micro_batches={s.micro_batches}")
         compute = master if s.dtype == "fp32" else _bf16_copy(s, master)
         batches = [make_batch(s, step, m) for m in range(s.micro_batches)]
         if s.mode == "fast":
-            loss, grads = _fast_step(s, compute, batches)
+            loss, grads = _fast_step(at, compute, batches)
         else:
-            loss, grads = _deterministic_step(s, compute, batches)
+            loss, grads = _deterministic_step(at, compute, batches)
         for name, p in master.named_parameters():
             p.grad = grads[name]
         opt.step()

@@ -31,14 +31,15 @@ class StepRecord:
     bitwise: bool = False             # loss and every parameter bit-identical to the reference
     n_params_differ: int = 0          # parameters (tensors) not bitwise equal
     worst_param: str = ""             # parameter with the largest max_abs
-    padding_ok: bool = True           # every padding view bitwise zero on every rank
+    padding_ok: Optional[bool] = True  # every padding view bitwise zero on every rank
+                                      # (None here and below: not checked, a peer sharder)
     padding_bad: list[str] = field(default_factory=list)  # labels of non-zero padding views
-    reassembly_ok: bool = True        # local shards concatenate to the full parameters
+    reassembly_ok: Optional[bool] = True  # local shards concatenate to the full parameters
     grads_ok: Optional[bool] = None   # bitwise tier: reduced gradients bitwise equal to the
                                       # reference's step gradient (None: not compared)
     collectives: dict[str, list[int]] = field(default_factory=dict)  # kind -> [count, bytes] (rank 0)
     collectives_expected: dict[str, list[int]] = field(default_factory=dict)  # the formula
-    collectives_ok: bool = True       # recorded == formula for every kind the formula names
+    collectives_ok: Optional[bool] = True  # recorded == formula for every kind the formula names
     state_bytes: list[int] = field(default_factory=list)  # per rank: params + grads + optimizer state
     state_bytes_model: int = 0        # ZeRO-3 model: unsharded (params + grads + optimizer state) / W
     step_time_s: float = 0.0          # rank 0 wall time of the step (forward + backward + step)
@@ -63,6 +64,10 @@ class CaseResult:
     first_divergence: Optional[tuple[int, str]] = None  # (step, parameter) first not bitwise equal
     replay: str = ""                   # one-line command that reruns exactly this case
     wall_time_s: float = 0.0
+    # Checkpoint-resume cases (verify/resume.py) only: the world size that trained the first
+    # `save_after` steps and saved; world_size is the one that loaded and finished.
+    save_world_size: Optional[int] = None
+    save_after: Optional[int] = None
 
     @property
     def passed(self) -> bool:

@@ -26,7 +26,7 @@ from verify.compare import is_bitwise_zero
 from verify.scenarios import (Scenario, build_model, cat_batches, loss_fn, make_batch,
                               make_optimizer, step_loss, tree, wrap_units)
 
-__all__ = ["run_case", "CollectiveRecorder", "RECORDED_COLLECTIVES"]
+__all__ = ["run_case", "train_steps", "CollectiveRecorder", "RECORDED_COLLECTIVES"]
 
 # torch.distributed functions a sharder's data path uses; the recorder wraps exactly these.
 # (all_gather_single / reduce_scatter_single are the newer names FSDP2 calls.)
@@ -57,7 +57,9 @@ class CollectiveRecorder:
         def wrapped(*args, **kwargs):
             entry = self.counts[name]
             entry[0] += 1
-            entry[1] += max((_nbytes(a) for a in args[:2]), default=0)
+            tensors = list(args[:2]) + [kwargs[k] for k in ("output", "input", "tensor",
+                                                              "output_tensor", "input_tensor") if k in kwargs]
+            entry[1] += max((_nbytes(a) for a in tensors), default=0)
             return fn(*args, **kwargs)
         wrapped.__wrapped__ = fn  # type: ignore[attr-defined]
         return wrapped
@@ -94,14 +96,26 @@ def shard_fsdp_core(s: Scenario, model: torch.nn.Module, group) -> torch.nn.Modu
     return model
 
 
+def _peer(name: str) -> Callable[[Scenario, torch.nn.Module, Any], torch.nn.Module]:
+    def shard(s: Scenario, model: torch.nn.Module, group) -> torch.nn.Module:
+        from verify import peers
+        return getattr(peers, f"shard_{name}")(s, model, group)
+    shard.__name__ = f"shard_{name}"
+    return shard
+
+
+# Every sharder the harness runs; the peers (verify/peers.py) have their own case loop.
 SHARDERS: dict[str, Callable[[Scenario, torch.nn.Module, Any], torch.nn.Module]] = {
     "fsdp_core": shard_fsdp_core,
+    "torch_fsdp2": _peer("torch_fsdp2"),
+    "ddp": _peer("ddp"),
 }
 
 
 def expected_collectives(s: Scenario, model: torch.nn.Module, calls: dict[int, int],
                          in_backward: set[int]) -> dict[str, list[int]]:
-    """The per-step formula for fsdp_core: per unit and micro-batch, one all-gather per forward
+    """The per-step formula for fsdp_core (nothing at all on one rank): per unit and
+    micro-batch, one all-gather per forward
     call plus one in backward when resharding after forward (one in all without; none in
     backward for a unit that autograd never reaches), and one reduction per unit with trainable
     parameters per step (reduce-scatter in fast mode, all-to-all in deterministic mode).
@@ -111,6 +125,8 @@ def expected_collectives(s: Scenario, model: torch.nn.Module, calls: dict[int, i
     gathers = [0, 0]
     reduce = [0, 0]
     for unit in fsdp_core.units_of(model):
+        if unit.world_size == 1:
+            continue  # one rank: fsdp_core gathers and reduces nothing
         item = unit.param_dtype.itemsize
         n_calls = calls.get(id(unit), 0) // micro
         regather = 1 if id(unit) in in_backward else 0
@@ -121,7 +137,7 @@ def expected_collectives(s: Scenario, model: torch.nn.Module, calls: dict[int, i
             reduce[0] += 1
             reduce[1] += unit.layout.padded_numel * unit.reduce_dtype.itemsize
     kind = "all_to_all_single" if s.mode == "deterministic" else "reduce_scatter_tensor"
-    out = {"all_gather_into_tensor": gathers}
+    out = {"all_gather_into_tensor": gathers} if gathers[0] else {}
     if reduce[0]:
         out[kind] = reduce
     return out
@@ -196,23 +212,40 @@ def _watch_units(model) -> tuple[dict[int, int], set[int], list]:
 def run_case(payload: dict, ctx) -> dict:
     from verify.plant import planted  # payload["plant"]: a planted bug (verify/plant.py), or none
     with planted(payload.get("plant"), ctx):
-        return _run_case(payload, ctx)
+        # The backend itself first (verify/backend_check.py): each rank reports what it saw.
+        from verify.backend_check import backend_problem
+        problem = backend_problem(ctx.group, ctx.device) if payload.get("backend_check", True) else None
+        out = _run_case(payload, ctx)
+        return dict(out, backend_error=problem) if problem and isinstance(out, dict) else out
 
 
 def _run_case(payload: dict, ctx) -> dict:
     s = Scenario.from_json(payload["scenario"])
     sharder = payload.get("sharder", "fsdp_core")
+    if sharder != "fsdp_core":
+        from verify.peers import run_peer_case
+        return run_peer_case(payload, ctx)
     if s.world_size != ctx.world_size:
         raise ValueError(f"scenario world_size {s.world_size} sent to a group of {ctx.world_size} ranks")
     torch.set_num_threads(1)
     W, r, k = ctx.world_size, ctx.rank, s.k
     model = SHARDERS[sharder](s, build_model(s), ctx.group)
     opt = make_optimizer(s, model.named_parameters())
+    pad_init = _padding_bad(model, opt)
+    records = train_steps(s, ctx, model, opt, range(s.steps))
+    return dict(rank=r, pad_init=pad_init, records=records)
+
+
+def train_steps(s: Scenario, ctx, model: torch.nn.Module, opt: torch.optim.Optimizer,
+                steps) -> list[dict]:
+    """Train the global steps ``steps`` (the protocol of [Note: the training protocol]) and
+    return one record per step; shared by `run_case` and the checkpoint-resume cases
+    (verify/resume.py), which train a range of steps, save, load elsewhere and go on."""
+    W, r, k = ctx.world_size, ctx.rank, s.k
     recorder = CollectiveRecorder()
     import fsdp_core
     records = []
-    pad_init = _padding_bad(model, opt)
-    for step in range(s.steps):
+    for step in steps:
         mine = [make_batch(s, step, m) for m in range(r * k, (r + 1) * k)]
         calls, in_backward, handles = _watch_units(model)
         t0 = time.perf_counter()
@@ -228,11 +261,13 @@ def _run_case(payload: dict, ctx) -> dict:
                 loss = loss_fn(s, model, cat_batches(mine))
                 loss.backward()
                 losses = [loss.detach().float()]
+            t_checks = time.perf_counter()
             pad_reduce = _padding_bad(model, None)
             grads = _local_grads(model)
             state_bytes = _state_bytes(model, opt)
+            t_checks = time.perf_counter() - t_checks  # not the sharder's time: left out
             opt.step()
-        step_time = time.perf_counter() - t0
+        step_time = time.perf_counter() - t0 - t_checks
         for h in handles:
             h.remove()
         pad_step = _padding_bad(model, opt)
@@ -255,4 +290,4 @@ def _run_case(payload: dict, ctx) -> dict:
             pad_reduce=pad_reduce, pad_step=pad_step, collectives=collectives,
             expected_collectives=expected, state_bytes=state_bytes, step_time_s=step_time,
         ))
-    return dict(rank=r, pad_init=pad_init, records=records)
+    return records

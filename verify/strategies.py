@@ -11,11 +11,12 @@ from typing import Any, Optional, Sequence
 
 from hypothesis import strategies as st
 
-from verify.scenarios import DTYPES, FAMILIES, MODES, OPTIMIZERS, WORLD_SIZES, WRAPS, Scenario
+from verify.scenarios import (CORE_FAMILIES, DTYPES, FAMILIES, MODES, OPTIMIZERS, WORLD_SIZES,
+                              WRAPS, Scenario)
 
 __all__ = [
     "EDGE_SIZES", "sizes", "mlp_models", "gpt_models", "cs336_models", "convnet_models",
-    "special_models", "model_shapes", "micro_batches", "scenarios",
+    "special_models", "hf_gpt2_models", "hf_llama_models", "model_shapes", "micro_batches", "scenarios",
 ]
 
 # Sizes a sharder splits badly over 1, 2, 4, 8 ranks: 1, smaller than 8, primes, 8 and 8 +/- 1.
@@ -103,9 +104,44 @@ def special_models(*, max_width: int = 8, max_blocks: int = 3) -> st.SearchStrat
     }).map(_pairs)
 
 
+def hf_gpt2_models(*, max_vocab: int = 96, max_layers: int = 2, max_seq: int = 8) -> st.SearchStrategy[Model]:
+    """HuggingFace GPT-2 shapes (family hf_gpt2, needs transformers): width n_head * head_dim
+    in 16..32, tied or untied head."""
+    @st.composite
+    def draw_gpt2(draw) -> Model:
+        n_head = draw(st.sampled_from((1, 2, 4)))
+        head_dim = draw(st.sampled_from([d for d in (4, 8, 16, 32) if 16 <= n_head * d <= 32]))
+        return _pairs({
+            "vocab_size": draw(sizes(min_value=2, max_value=max_vocab)),
+            "n_embd": n_head * head_dim, "n_head": n_head,
+            "n_layer": draw(st.integers(1, max_layers)), "seq_len": draw(st.integers(1, max_seq)),
+            "tied": draw(st.booleans()),
+        })
+    return draw_gpt2()
+
+
+def hf_llama_models(*, max_vocab: int = 96, max_layers: int = 2, max_seq: int = 8) -> st.SearchStrategy[Model]:
+    """HuggingFace Llama shapes (family hf_llama, needs transformers): width 16..32, even head
+    sizes (RoPE), grouped-query attention (n_kv_head divides n_head), any intermediate size."""
+    @st.composite
+    def draw_llama(draw) -> Model:
+        n_head = draw(st.sampled_from((1, 2, 4)))
+        head_dim = draw(st.sampled_from([d for d in (4, 8, 16, 32) if 16 <= n_head * d <= 32]))
+        return _pairs({
+            "vocab_size": draw(sizes(min_value=2, max_value=max_vocab)),
+            "hidden_size": n_head * head_dim, "n_head": n_head,
+            "n_kv_head": draw(st.sampled_from([k for k in (1, 2, 4) if n_head % k == 0])),
+            "intermediate_size": draw(sizes(max_value=48)),
+            "n_layer": draw(st.integers(1, max_layers)), "seq_len": draw(st.integers(1, max_seq)),
+            "tied": draw(st.booleans()),
+        })
+    return draw_llama()
+
+
 _MODEL_STRATEGIES = {
     "mlp": mlp_models, "gpt": gpt_models, "cs336": cs336_models,
     "convnet": convnet_models, "special": special_models,
+    "hf_gpt2": hf_gpt2_models, "hf_llama": hf_llama_models,
 }
 
 
@@ -135,10 +171,13 @@ def scenarios(*, world_sizes: Sequence[int] = WORLD_SIZES, modes: Sequence[str] 
               families: Optional[Sequence[str]] = None, optimizers: Optional[Sequence[str]] = None,
               dtypes: Sequence[str] = DTYPES, wraps: Sequence[str] = WRAPS,
               max_steps: int = 3) -> st.SearchStrategy[Scenario]:
-    """Valid scenarios. Arguments are checked here, eagerly, not at draw time."""
+    """Valid scenarios. Arguments are checked here, eagerly, not at draw time. ``families``
+    defaults to the core families (`CORE_FAMILIES`): the HuggingFace ones are drawn only when
+    named, so a seed draws the same cases with or without transformers installed."""
     world_sizes = _subset("world_sizes", world_sizes, WORLD_SIZES)
     modes = _subset("modes", modes, MODES)
-    families = _subset("families", families, tuple(FAMILIES))
+    families = _subset("families", tuple(CORE_FAMILIES) if families is None else families,
+                       tuple(FAMILIES))
     optimizers = _subset("optimizers", optimizers, OPTIMIZERS)
     dtypes = _subset("dtypes", dtypes, DTYPES)
     wraps = _subset("wraps", wraps, WRAPS)

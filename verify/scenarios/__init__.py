@@ -18,15 +18,21 @@ from typing import Any, Iterable, Sequence
 import torch
 import torch.nn as nn
 
-from verify.scenarios import cs336, convnet, gpt, mlp, special
+from verify.scenarios import _hf, cs336, convnet, gpt, hf_gpt2, hf_llama, mlp, special
 
 __all__ = [
-    "Scenario", "FAMILIES", "MODES", "OPTIMIZERS", "DTYPES", "WRAPS", "WORLD_SIZES",
+    "Scenario", "FAMILIES", "CORE_FAMILIES", "HF_FAMILIES", "MODES", "OPTIMIZERS", "DTYPES", "WRAPS", "WORLD_SIZES",
     "build_model", "init_weights", "make_batch", "cat_batches", "loss_fn", "wrap_units",
     "make_optimizer", "param_names", "tree", "step_loss",
 ]
 
-FAMILIES = {"mlp": mlp, "gpt": gpt, "cs336": cs336, "convnet": convnet, "special": special}
+# The families every install has; the default Hypothesis draws take only these, so a seed draws
+# the same cases with or without the optional extras.
+CORE_FAMILIES = {"mlp": mlp, "gpt": gpt, "cs336": cs336, "convnet": convnet, "special": special}
+# HuggingFace transformers models from tiny configs: present only where transformers is
+# importable (`pip install -e '.[hf]'`); drawn only when asked for by name.
+HF_FAMILIES = {"hf_gpt2": hf_gpt2, "hf_llama": hf_llama} if _hf.AVAILABLE else {}
+FAMILIES = {**CORE_FAMILIES, **HF_FAMILIES}
 MODES = ("fast", "deterministic")
 OPTIMIZERS = ("sgd", "sgd_momentum", "adam", "adamw")
 DTYPES = ("fp32", "bf16")
@@ -93,8 +99,7 @@ class Scenario:
     # -- validation ---------------------------------------------------------------------------
     def validate(self) -> None:
         """Raise ValueError naming the first bad field and what is allowed."""
-        _one_of("family", self.family, tuple(FAMILIES))
-        fam = FAMILIES[self.family]
+        fam = _family(self.family)
         if not isinstance(self.model, tuple) or not all(
             isinstance(p, tuple) and len(p) == 2 and isinstance(p[0], str) for p in self.model
         ):
@@ -142,6 +147,9 @@ def _one_of(name: str, value, allowed: tuple) -> None:
 
 
 def _family(name: str):
+    if name in ("hf_gpt2", "hf_llama") and name not in FAMILIES:
+        raise ValueError(f"family={name!r} needs transformers, which is not installed: "
+                         "pip install -e '.[hf]'")
     _one_of("family", name, tuple(FAMILIES))
     return FAMILIES[name]
 

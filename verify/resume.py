@@ -1,0 +1,288 @@
+"""Checkpoint-resume cases: train ``s`` steps at world size W_a, save a checkpoint, load it at
+W_b into a freshly built (differently initialised) model and optimizer, train the remaining
+steps, and compare every step with the reference of the uninterrupted run.
+
+A `ResumeCase` is a `Scenario` (as it finishes: ``world_size`` = W_b, ``steps`` the total) plus
+W_a and ``s``. Two pool runs make a case: `save_phase` on ranks 0..W_a-1 (the first ``s`` steps,
+then `fsdp_core.checkpoint.save` into a directory the parent chose), then `load_phase` on ranks
+0..W_b-1 (`fsdp_core.checkpoint.load`, steps ``s..steps-1``). Both train through
+`verify.runner.train_steps`, so a resumed step records exactly what a `run_case` step records,
+and `verify.campaign.evaluate` judges each phase; `evaluate_resume` joins the two into one
+`CaseResult` (family ``resume:<family>``, ``world_size`` W_b, ``save_world_size`` W_a,
+``save_after`` s).
+
+[Note: the reference of a resumed run]
+deterministic: the step gradient is tree(grad(loss_m / k)) / W with k = M / W. W and k are
+    powers of two, so grad(loss_m / k) = grad(loss_m) / k exactly (every backward op is linear in
+    the incoming gradient, and scaling by a power of two commutes with rounding, barring
+    subnormals), and tree(g_m / k) / W = tree(g_m) / M: the same bits at every W. The
+    uninterrupted reference is therefore the plain one, `run_reference` of the scenario (at any
+    W: M is kept). The steps before the checkpoint (run at W_a) are compared with it too, so a
+    resume case also checks the W-independence the contract promises.
+fast: the data-parallel reference depends on W (each rank's mean loss, averaged), so the
+    reference follows the run: W_a's protocol for steps < s, W_b's after (`run_reference(s,
+    world_size_at=...)`). A resumed run inherits the differences of the steps before the
+    checkpoint, so the steps after it are held to the looser tier of the two world sizes; the
+    steps before it to W_a's own.
+Between the phases the loaded state (parameters and persistent buffers, through
+`full_state_dict`) must equal, bit for bit, the state saved after step s - 1.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import random
+import re
+import tempfile
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+from verify.results import CaseResult
+from verify.scenarios import Scenario, build_model, make_optimizer
+
+__all__ = ["ResumeCase", "save_phase", "load_phase", "resume_reference", "run_resume",
+           "evaluate_resume", "draw_resume_cases", "resume_replay_command", "replay_resume"]
+
+SHARDER = "fsdp_core"        # fsdp_core.checkpoint is this sharder's API
+
+
+@dataclass(frozen=True)
+class ResumeCase:
+    scenario: Scenario        # the case as it finishes: world_size = W_b, steps = the total
+    save_world_size: int      # W_a: the world size that trains the first steps and saves
+    save_after: int           # s: steps trained before the checkpoint, 1 <= s < steps
+
+    def __post_init__(self) -> None:
+        s = self.scenario
+        if self.save_world_size not in (1, 2, 4, 8):
+            raise ValueError(f"save_world_size={self.save_world_size!r}: allowed 1, 2, 4, 8")
+        if s.micro_batches < self.save_world_size:
+            raise ValueError(f"micro_batches={s.micro_batches} is smaller than "
+                             f"save_world_size={self.save_world_size}: the two phases would "
+                             "train on different data")
+        if not (isinstance(self.save_after, int) and 1 <= self.save_after < s.steps):
+            raise ValueError(f"save_after={self.save_after!r}: must be in [1, steps={s.steps})")
+
+    @property
+    def scenario_a(self) -> Scenario:
+        """The scenario as the saving world size runs it (same M, same data)."""
+        return self.scenario.with_world_size(self.save_world_size)
+
+    @property
+    def label(self) -> str:
+        return (f"W={self.save_world_size} -> {self.scenario.world_size} after "
+                f"{self.save_after}/{self.scenario.steps} steps")
+
+
+# -- rank side ----------------------------------------------------------------------------------
+
+def _shared_path(payload: dict, ctx) -> str:
+    """Rank 0's path for every rank (under torchrun each rank's parent chose its own)."""
+    paths = [payload["path"]]
+    if ctx.world_size > 1:
+        dist.broadcast_object_list(paths, src=dist.get_global_rank(ctx.group, 0), group=ctx.group)
+    return paths[0]
+
+
+def _setup(s: Scenario, ctx, model: torch.nn.Module):
+    from verify.runner import SHARDERS
+    if s.world_size != ctx.world_size:
+        raise ValueError(f"scenario world_size {s.world_size} sent to a group of {ctx.world_size} ranks")
+    torch.set_num_threads(1)
+    model = SHARDERS[SHARDER](s, model, ctx.group)
+    return model, make_optimizer(s, model.named_parameters())
+
+
+def save_phase(payload: dict, ctx) -> dict:
+    """Ranks 0..W_a-1: train steps [0, s), then save model and optimizer to payload["path"]."""
+    import fsdp_core.checkpoint
+    from verify.runner import _padding_bad, train_steps
+    path = _shared_path(payload, ctx)
+    s = Scenario.from_json(payload["scenario_a"])
+    model, opt = _setup(s, ctx, build_model(s))
+    pad_init = _padding_bad(model, opt)
+    records = train_steps(s, ctx, model, opt, range(payload["save_after"]))
+    fsdp_core.checkpoint.save(path, model, opt)
+    return dict(rank=ctx.rank, pad_init=pad_init, records=records)
+
+
+def load_phase(payload: dict, ctx) -> dict:
+    """Ranks 0..W_b-1: a model and optimizer built afresh, their parameters and persistent
+    buffers overwritten with another seed's (so that whatever the load misses shows), then
+    loaded from payload["path"] and trained on steps [s, steps). ``pad_init`` is the padding
+    checked right after the load; ``loaded`` (rank 0) the full state as loaded."""
+    import fsdp_core
+    import fsdp_core.checkpoint
+    from verify.runner import _padding_bad, train_steps
+    path = _shared_path(payload, ctx)
+    s = Scenario.from_json(payload["scenario_b"])
+    model = build_model(s)
+    decoy = build_model(dataclasses.replace(s, seed=(s.seed + 0x5EED) % 2**63))
+    model.load_state_dict(decoy.state_dict())   # non-persistent buffers keep the real init
+    model, opt = _setup(s, ctx, model)
+    fsdp_core.checkpoint.load(path, model, opt)
+    pad_init = _padding_bad(model, opt)
+    loaded = fsdp_core.full_state_dict(model)   # collective
+    records = train_steps(s, ctx, model, opt, range(payload["save_after"], s.steps))
+    return dict(rank=ctx.rank, pad_init=pad_init, records=records,
+                loaded=loaded if ctx.rank == 0 else None)
+
+
+# -- parent side --------------------------------------------------------------------------------
+
+def resume_reference(case: ResumeCase):
+    """The uninterrupted run's reference; see [Note: the reference of a resumed run]."""
+    from verify.reference import run_reference
+    s = case.scenario
+    if s.mode == "deterministic":
+        return run_reference(s)
+    w_a, w_b, cut = case.save_world_size, s.world_size, case.save_after
+    return run_reference(s, world_size_at=lambda step: w_a if step < cut else w_b)
+
+
+def resume_replay_command(case: ResumeCase) -> str:
+    return (f"python -m verify replay --resume-from {case.save_world_size} "
+            f"--save-after {case.save_after} '{case.scenario.to_json()}'")
+
+
+def run_resume(pool, case: ResumeCase, *, timeout_s: Optional[float] = None,
+               ckpt_dir: Optional[str] = None, keep_values: bool = False, load_fn=None):
+    """One resume case through the pool (two runs), compared with its reference. The checkpoint
+    lives in a temporary directory under ``ckpt_dir`` (default: the system's), removed after.
+    With ``keep_values`` returns (CaseResult, save-phase PoolResult, load-phase PoolResult).
+    ``load_fn``: a rank function standing in for `load_phase` (tests plant broken loads)."""
+    torch.set_num_threads(1)
+    s = case.scenario
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="verify-resume-", dir=ckpt_dir) as tmp:
+        payload = {"scenario_a": case.scenario_a.to_json(), "scenario_b": s.to_json(),
+                   "save_after": case.save_after, "path": os.path.join(tmp, "ckpt")}
+        res_a = pool.run(case.save_world_size, save_phase, payload, timeout_s=timeout_s)
+        res_b = pool.run(s.world_size, load_fn or load_phase, payload,
+                         timeout_s=timeout_s) if res_a.ok else None
+    ref = resume_reference(case) if res_a.ok and res_b.ok else None
+    result = evaluate_resume(case, res_a, res_b, ref, time.perf_counter() - t0)
+    return (result, res_a, res_b) if keep_values else result
+
+
+def _looser(case: ResumeCase) -> Scenario:
+    """The scenario at the larger of the two world sizes: its tier is the looser one (tiers
+    only loosen as W grows) and its M suffices for both."""
+    s = case.scenario
+    return dataclasses.replace(s, world_size=max(s.world_size, case.save_world_size))
+
+
+_STEP = re.compile(r"(?m)^step (\d+)")
+
+
+def _shift(text: str, by: int) -> str:
+    return _STEP.sub(lambda m: f"step {int(m.group(1)) + by}", text)
+
+
+def _loaded_problems(saved: dict, loaded: dict, cut: int) -> list[str]:
+    missing = sorted(set(saved) - set(loaded))
+    bad = [k for k in saved if k in loaded and not (
+        saved[k].shape == loaded[k].shape and saved[k].dtype == loaded[k].dtype
+        and torch.equal(saved[k], loaded[k]))]
+    out = []
+    if missing:
+        out.append(f"after the load: {missing[:5]} missing from the loaded model")
+    if bad:
+        out.append(f"after the load: {bad[:5]} differ from the state saved after step {cut - 1}")
+    return out
+
+
+def evaluate_resume(case: ResumeCase, res_a, res_b, ref, wall: float) -> CaseResult:
+    """Both phases judged by `verify.campaign.evaluate` (steps before the checkpoint at W_a's
+    tier, steps after at the looser tier) and joined into one `CaseResult`."""
+    from verify.campaign import _state_model_bytes, evaluate
+    from verify.compare import tier_for
+    s, cut, w_a = case.scenario, case.save_after, case.save_world_size
+    loose = _looser(case)
+    out = CaseResult(scenario_json=s.to_json(), sharder=SHARDER, family=f"resume:{s.family}",
+                     world_size=s.world_size, mode=s.mode, dtype=s.dtype, optimizer=s.optimizer,
+                     tier=tier_for(loose), verdict="pass", replay=resume_replay_command(case),
+                     wall_time_s=wall, save_world_size=w_a, save_after=cut)
+    if not res_a.ok or res_b is None or not res_b.ok:
+        failed, what = (res_a, f"the save phase (W={w_a}, steps 0..{cut - 1})") if not res_a.ok \
+            else (res_b, f"the load phase (W={s.world_size}, steps {cut}..{s.steps - 1})")
+        out.verdict = "error"
+        out.reason = f"{case.label}: {what} did not complete:\n{failed.error or ''}"
+        return out
+    before = evaluate(case.scenario_a, SHARDER, res_a, ref[:cut], wall)
+    after = evaluate(loose, SHARDER, res_b, ref[cut:], wall)
+    after.reason = after.reason.replace("padding not zero after init", "padding not zero after the load")
+    for st in after.steps:
+        st.step += cut
+        st.state_bytes_model = _state_model_bytes(s, ref[st.step].params)
+    problems = []
+    if before.reason:
+        problems.append(f"before the checkpoint (W={w_a}):\n{before.reason}")
+    loaded = _loaded_problems(res_a.values[0]["records"][-1]["params"], res_b.values[0]["loaded"], cut)
+    if loaded or after.reason:
+        problems.append(f"after resuming at W={s.world_size}:\n"
+                        + "\n".join(loaded + ([_shift(after.reason, cut)] if after.reason else [])))
+    out.steps = before.steps + after.steps
+    out.first_divergence = before.first_divergence or (
+        None if after.first_divergence is None
+        else (after.first_divergence[0] + cut, after.first_divergence[1]))
+    if problems:
+        out.verdict = "fail"
+        out.reason = f"{case.label}\n" + "\n".join(problems)
+    return out
+
+
+def draw_resume_cases(*, n: int, seed: int, world_sizes: Sequence[int],
+                      modes: Sequence[str] = ("fast", "deterministic"), profile: str = "ci",
+                      dtypes: Sequence[str] = ("fp32", "bf16"),
+                      families: Optional[Sequence[str]] = None) -> list[ResumeCase]:
+    """``n`` resume cases, the same for the same arguments: modes in turn, (W_a, W_b) two
+    different world sizes of ``world_sizes`` (equal only when there is one), scenarios drawn by
+    the campaign's strategy at max(W_a, W_b) (so M serves both) with at least 2 steps, and the
+    checkpoint after a step drawn in [1, steps)."""
+    from verify.campaign import draw_scenarios
+    if n <= 0:
+        return []
+    sizes = sorted(set(world_sizes))
+    rng = random.Random(f"resume/{seed}")
+    picks = []
+    for i in range(n):
+        w_a, w_b = rng.sample(sizes, 2) if len(sizes) > 1 else (sizes[0], sizes[0])
+        picks.append((w_a, w_b, modes[i % len(modes)]))
+    groups: dict[tuple[int, str], list[int]] = defaultdict(list)
+    for i, (w_a, w_b, mode) in enumerate(picks):
+        groups[(max(w_a, w_b), mode)].append(i)
+    cases: list[Optional[ResumeCase]] = [None] * n
+    for (w, mode), idxs in sorted(groups.items()):
+        drawn = draw_scenarios(world_size=w, mode=mode, n=len(idxs), seed=seed + 1009,
+                               profile=profile, dtypes=dtypes,
+                               **({} if families is None else {"families": families}))
+        for j, i in enumerate(idxs):
+            s = drawn[j % len(drawn)]
+            s = dataclasses.replace(s, steps=max(s.steps, 2))
+            cases[i] = ResumeCase(s.with_world_size(picks[i][1]), picks[i][0],
+                                  rng.randint(1, s.steps - 1))
+    return [c for c in cases if c is not None]
+
+
+def replay_resume(scenario_json: str, save_world_size: int, save_after: int, *,
+                  timeout_s: float = 120.0) -> int:
+    """`python -m verify replay --resume-from W_A --save-after S '<scenario json>'`."""
+    from verify.pool import RankPool
+    case = ResumeCase(Scenario.from_json(scenario_json), save_world_size, save_after)
+    with RankPool(max(case.scenario.world_size, save_world_size), timeout_s=timeout_s) as pool:
+        result = run_resume(pool, case, timeout_s=timeout_s)
+    print(f"{result.verdict.upper()}: resume {case.label}, {case.scenario.mode} "
+          f"{case.scenario.family} tier={result.tier}")
+    for st in result.steps:
+        print(f"  step {st.step}: loss {st.loss:.9g} vs {st.loss_ref:.9g}  max|d param| "
+              f"{st.max_abs:.3g} max ULP {st.max_ulp} bitwise={st.bitwise} "
+              f"padding_ok={st.padding_ok} reassembly_ok={st.reassembly_ok}")
+    if result.reason:
+        print(result.reason)
+    return 0 if result.passed else 1
