@@ -21,7 +21,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from ._ckpt_state import check_materialized, model_group
-from ._state import _sharded_param_of, _walk, units_of
+from ._state import _sharded_param_of, _walk, check_full_state_dict, units_of
 
 __all__ = ["load_from_rank"]
 
@@ -38,7 +38,7 @@ def load_from_rank(model: nn.Module, state_dict: Optional[dict], *, src_rank: in
     try:
         check_materialized(model, "load_full_state_dict")
         if rank == src_rank:
-            present = _check(entries, state_dict, strict)
+            present = check_full_state_dict(entries, state_dict, strict)
     except Exception as e:  # noqa: BLE001 - shared with every rank below
         err = e
     verdicts = [(None if err is None else f"{type(err).__name__}: {err}", present)]
@@ -100,39 +100,6 @@ def load_from_rank(model: nn.Module, state_dict: Optional[dict], *, src_rank: in
         if group is not None:
             dist.broadcast(buf, src=src, group=group)
         target.copy_(buf)
-
-
-def _check(entries, state_dict, strict: bool) -> set[str]:
-    """On the source rank: the keys to load; raises for a dict that does not fit the model."""
-    if not isinstance(state_dict, dict):
-        raise TypeError(
-            f"load_full_state_dict: the source rank must pass the full state dict, got "
-            f"{type(state_dict).__name__}")
-    expected = {key for key, *_ in entries}
-    missing = [k for k in expected if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in expected]
-    if strict and (missing or unexpected):
-        raise RuntimeError(
-            "load_full_state_dict: the state dict does not match the model "
-            f"(missing keys: {sorted(missing)[:10]}; unexpected keys: {unexpected[:10]}); "
-            "pass a state dict of the same architecture, or strict=False to skip keys")
-    for key, kind, mod, attr in entries:
-        if key not in state_dict:
-            continue
-        src = state_dict[key]
-        if not isinstance(src, torch.Tensor):
-            raise TypeError(f"load_full_state_dict: value for {key!r} is a {type(src).__name__}, not a Tensor")
-        if kind == "buffer":
-            shape = tuple(mod._buffers[attr].shape)
-        else:
-            p = _sharded_param_of(mod._parameters[attr])
-            unit = getattr(p, "_fsdp_unit", None)
-            shape = tuple(unit.shapes[p._fsdp_index]) if unit is not None else tuple(p.shape)
-        if tuple(src.shape) != shape:
-            raise RuntimeError(
-                f"load_full_state_dict: {kind} {key!r} has shape {shape} in the model but "
-                f"{tuple(src.shape)} in the state dict")
-    return {k for k in expected if k in state_dict}
 
 
 def _comm_device(group) -> torch.device:

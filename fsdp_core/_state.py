@@ -15,7 +15,7 @@ from . import _collectives as C
 from ._module import FSDPModule
 from ._unit import FlatUnit
 
-__all__ = ["full_state_dict", "load_full_state_dict", "padding_views", "clip_grad_norm_", "units_of"]
+__all__ = ["full_state_dict", "load_full_state_dict", "check_full_state_dict", "padding_views", "clip_grad_norm_", "units_of"]
 
 
 def units_of(model: nn.Module) -> list[FlatUnit]:
@@ -95,36 +95,16 @@ def load_full_state_dict(model: nn.Module, state_dict: Optional[dict[str, torch.
         from ._scatter_load import load_from_rank  # builds on this module: imported on use
         return load_from_rank(model, state_dict, src_rank=src_rank, strict=strict)
     entries = list(_walk(model))
-    expected = {key for key, *_ in entries}
-    missing = [k for k, *_ in entries if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in expected]
-    if strict and (missing or unexpected):
-        raise RuntimeError(
-            "load_full_state_dict: the state dict does not match the model "
-            f"(missing keys: {missing[:10]}{' ...' if len(missing) > 10 else ''}; "
-            f"unexpected keys: {unexpected[:10]}{' ...' if len(unexpected) > 10 else ''}); "
-            "pass a state dict of the same architecture, or strict=False to skip keys"
-        )
+    present = check_full_state_dict(entries, state_dict, strict)
     for key, kind, mod, attr in entries:
-        if key not in state_dict:
+        if key not in present:
             continue
         src = state_dict[key]
-        if not isinstance(src, torch.Tensor):
-            raise TypeError(f"load_full_state_dict: value for {key!r} is a {type(src).__name__}, not a Tensor")
         if kind == "buffer":
-            buf = mod._buffers[attr]
-            if buf.shape != src.shape:
-                raise RuntimeError(f"load_full_state_dict: buffer {key!r} has shape {tuple(buf.shape)} in the model but {tuple(src.shape)} in the state dict")
-            buf.copy_(src)
+            mod._buffers[attr].copy_(src)
             continue
         p = _sharded_param_of(mod._parameters[attr])
         unit: Optional[FlatUnit] = getattr(p, "_fsdp_unit", None)
-        shape = unit.shapes[p._fsdp_index] if unit is not None else tuple(p.shape)
-        if tuple(src.shape) != shape:
-            raise RuntimeError(
-                f"load_full_state_dict: parameter {key!r} has shape {shape} in the model but "
-                f"{tuple(src.shape)} in the state dict"
-            )
         if unit is None:
             p.copy_(src)
             continue
@@ -135,6 +115,42 @@ def load_full_state_dict(model: nn.Module, state_dict: Optional[dict[str, torch.
         unit.zero_padding()
         if unit.unsharded_flat is not None and unit.state.value == "unsharded":
             unit.reshard()
+
+
+def check_full_state_dict(entries, state_dict, strict: bool) -> set[str]:
+    """The keys of ``state_dict`` to load into the model whose ``_walk`` gave ``entries``;
+    raises, naming the keys, for a dict that does not fit it. Checks everything before anything
+    is copied, so a bad dict leaves the model untouched."""
+    if not isinstance(state_dict, dict):
+        raise TypeError(
+            f"load_full_state_dict: the source rank must pass the full state dict, got "
+            f"{type(state_dict).__name__}")
+    expected = {key for key, *_ in entries}
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    if strict and (missing or unexpected):
+        raise RuntimeError(
+            "load_full_state_dict: the state dict does not match the model "
+            f"(missing keys: {sorted(missing)[:10]}; unexpected keys: {unexpected[:10]}); "
+            "pass a state dict of the same architecture, or strict=False to skip keys")
+    for key, kind, mod, attr in entries:
+        if key not in state_dict:
+            continue
+        src = state_dict[key]
+        if not isinstance(src, torch.Tensor):
+            raise TypeError(f"load_full_state_dict: value for {key!r} is a {type(src).__name__}, not a Tensor")
+        if kind == "buffer":
+            shape = tuple(mod._buffers[attr].shape)
+        else:
+            p = _sharded_param_of(mod._parameters[attr])
+            unit = getattr(p, "_fsdp_unit", None)
+            shape = tuple(unit.shapes[p._fsdp_index]) if unit is not None else tuple(p.shape)
+        if tuple(src.shape) != shape:
+            raise RuntimeError(
+                f"load_full_state_dict: {kind} {key!r} has shape {shape} in the model but "
+                f"{tuple(src.shape)} in the state dict")
+    return {k for k in expected if k in state_dict}
+
 
 
 def padding_views(model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None) -> Iterator[tuple[str, torch.Tensor]]:

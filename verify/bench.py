@@ -22,6 +22,7 @@ from typing import Optional, Sequence
 import torch
 import torch.distributed as dist
 
+from verify.peers import state_bytes as _state_bytes
 from verify.scenarios import Scenario, build_model, cat_batches, loss_fn, make_batch, wrap_units
 
 __all__ = ["bench_case", "run_bench"]
@@ -48,22 +49,6 @@ def _shard(variant: str, s: Scenario, model, group):
     for unit in wrap_units(s, model):
         fsdp_core.fully_shard(unit, mesh=group, deterministic=(variant == "fsdp_core_det"))
     return model
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if hasattr(t, "to_local") else t
-
-
-def _state_bytes(model, opt) -> int:
-    n = 0
-    for p in model.parameters():
-        n += _local(p).numel() * p.element_size()
-        if p.grad is not None:
-            n += _local(p.grad).numel() * p.grad.element_size()
-        for v in opt.state.get(p, {}).values():
-            if isinstance(v, torch.Tensor) and v.dim() > 0:
-                n += _local(v).numel() * v.element_size()
-    return n
 
 
 class _PeakUnsharded:

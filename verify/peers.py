@@ -170,21 +170,21 @@ def _full_grads(sharder: str, model: torch.nn.Module) -> dict[str, tuple[int, to
     return out
 
 
-def _local(t: torch.Tensor) -> torch.Tensor:
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if hasattr(t, "to_local") else t
 
 
-def _state_bytes(model: torch.nn.Module, opt: torch.optim.Optimizer) -> int:
+def state_bytes(model: torch.nn.Module, opt: torch.optim.Optimizer) -> int:
     """This rank's bytes of parameters + gradients + optimizer state (the local shard of a
     DTensor, the whole replica for DDP)."""
     n = 0
     for p in model.parameters():
-        n += _local(p).numel() * p.element_size()
+        n += local_tensor(p).numel() * p.element_size()
         if p.grad is not None:
-            n += _local(p.grad).numel() * p.grad.element_size()
+            n += local_tensor(p.grad).numel() * p.grad.element_size()
         for v in opt.state.get(p, {}).values():
             if isinstance(v, torch.Tensor) and v.dim() > 0:
-                n += _local(v).numel() * v.element_size()
+                n += local_tensor(v).numel() * v.element_size()
     return n
 
 
@@ -216,7 +216,7 @@ def run_peer_case(payload: dict, ctx) -> dict:
             loss = loss_fn(s, model, batch)
             loss.backward()
             t1 = time.perf_counter()
-            state_bytes = _state_bytes(model, opt)
+            nbytes = state_bytes(model, opt)
             grads = _full_grads(sharder, model)
             t2 = time.perf_counter()
             opt.step()
@@ -231,5 +231,5 @@ def run_peer_case(payload: dict, ctx) -> dict:
         records.append(dict(
             step=step, loss=tree(list(gathered)) / W, params=full if r == 0 else None,
             pieces={}, grads=grads if r == 0 else None, pad_reduce=[], pad_step=[], collectives=collectives,
-            expected_collectives={}, state_bytes=state_bytes, step_time_s=step_time))
+            expected_collectives={}, state_bytes=nbytes, step_time_s=step_time))
     return dict(rank=r, pad_init=[], records=records)
