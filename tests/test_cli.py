@@ -102,8 +102,8 @@ def test_run_defaults(fake_campaign):
 def test_exit_code_follows_the_verdicts(outcome, code, fake_campaign):
     fake_campaign.outcome = outcome
     assert main(["run"]) == code
-    assert main(["replay", '{"family": "mlp"}']) == code
-    assert fake_campaign.calls[-1] == ("replay", '{"family": "mlp"}', {"timeout_s": 120.0})
+    assert main(["replay", '{"family": "mlp", "model": {}, "world_size": 2}']) == code
+    assert fake_campaign.calls[-1] == ("replay", '{"family": "mlp", "model": {}, "world_size": 2}', {"timeout_s": 120.0})
 
 
 def _case(verdict):
@@ -128,3 +128,16 @@ def test_report_rejects_a_broken_results_file(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["report", str(tmp_path)])
     assert exc.value.code == EXIT_USAGE and "not a results file" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("text, says", [
+    ('{"family":"mlp","model":{},"world_size":16}', "world_size=16"),
+    ('{"family":"nope","model":{},"world_size":2}', "nope"),
+    ('{"family":"mlp","model":{},"world_size":2,"bogus":1}', "bogus"),
+])
+def test_replay_refuses_an_invalid_scenario_naming_the_field(text, says, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["replay", text])
+    assert exc.value.code == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "invalid scenario" in err and says in err, err

@@ -398,6 +398,11 @@ def _cmd_converge(args: argparse.Namespace) -> int:
 
 
 def _cmd_replay(args: argparse.Namespace) -> int:
+    from verify.scenarios import Scenario
+    try:
+        Scenario.from_json(args.scenario)
+    except (ValueError, TypeError) as exc:
+        raise _Usage(f"invalid scenario: {exc}")
     if (args.resume_from is None) != (args.save_after is None):
         raise _Usage("--resume-from and --save-after go together (a checkpoint-resume case)")
     if args.resume_from is not None:
