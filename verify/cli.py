@@ -399,12 +399,12 @@ def _cmd_converge(args: argparse.Namespace) -> int:
 
 def _cmd_replay(args: argparse.Namespace) -> int:
     from verify.scenarios import Scenario
+    if (args.resume_from is None) != (args.save_after is None):
+        raise _Usage("--resume-from and --save-after go together (a checkpoint-resume case)")
     try:
         Scenario.from_json(args.scenario)
     except (ValueError, TypeError) as exc:
         raise _Usage(f"invalid scenario: {exc}")
-    if (args.resume_from is None) != (args.save_after is None):
-        raise _Usage("--resume-from and --save-after go together (a checkpoint-resume case)")
     if args.resume_from is not None:
         if args.sharder != "fsdp_core" or args.plant is not None:
             raise _Usage("--resume-from replays a checkpoint-resume case of fsdp_core (its "
