@@ -312,7 +312,12 @@ def replay(scenario_json: str, *, timeout_s: float = 120.0, sharder: str = "fsdp
     with RankPool(s.world_size, timeout_s=timeout_s) as pool:
         case = run_one(pool, s, sharder=sharder, timeout_s=timeout_s, plant=plant)
     planted = f" (planted bug {plant!r})" if plant else ""
-    print(f"{case.verdict.upper()}: W={s.world_size} {s.mode} {s.family} tier={case.tier}{planted}")
+    return print_case(case, f"W={s.world_size} {s.mode} {s.family}{planted}")
+
+
+def print_case(case: CaseResult, what: str) -> int:
+    """A replayed case, step by step, then why it failed; returns the exit code."""
+    print(f"{case.verdict.upper()}: {what} tier={case.tier}")
     for st in case.steps:
         print(f"  step {st.step}: loss {st.loss:.9g} vs {st.loss_ref:.9g}  max|d param| {st.max_abs:.3g} "
               f"max ULP {st.max_ulp} bitwise={st.bitwise} padding_ok={st.padding_ok} "

@@ -100,14 +100,7 @@ def _world_size(text: str) -> int:
     return sizes[0]
 
 
-def _seed(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer")
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {n}")
-    return n
+_seed = _count  # a seed is any count: an int >= 0
 
 
 def _positive_float(text: str) -> float:

@@ -277,12 +277,5 @@ def replay_resume(scenario_json: str, save_world_size: int, save_after: int, *,
     case = ResumeCase(Scenario.from_json(scenario_json), save_world_size, save_after)
     with RankPool(max(case.scenario.world_size, save_world_size), timeout_s=timeout_s) as pool:
         result = run_resume(pool, case, timeout_s=timeout_s)
-    print(f"{result.verdict.upper()}: resume {case.label}, {case.scenario.mode} "
-          f"{case.scenario.family} tier={result.tier}")
-    for st in result.steps:
-        print(f"  step {st.step}: loss {st.loss:.9g} vs {st.loss_ref:.9g}  max|d param| "
-              f"{st.max_abs:.3g} max ULP {st.max_ulp} bitwise={st.bitwise} "
-              f"padding_ok={st.padding_ok} reassembly_ok={st.reassembly_ok}")
-    if result.reason:
-        print(result.reason)
-    return 0 if result.passed else 1
+    from verify.campaign import print_case
+    return print_case(result, f"resume {case.label}, {case.scenario.mode} {case.scenario.family}")

@@ -228,12 +228,11 @@ def _run_case(payload: dict, ctx) -> dict:
     if s.world_size != ctx.world_size:
         raise ValueError(f"scenario world_size {s.world_size} sent to a group of {ctx.world_size} ranks")
     torch.set_num_threads(1)
-    W, r, k = ctx.world_size, ctx.rank, s.k
     model = SHARDERS[sharder](s, build_model(s), ctx.group)
     opt = make_optimizer(s, model.named_parameters())
     pad_init = _padding_bad(model, opt)
     records = train_steps(s, ctx, model, opt, range(s.steps))
-    return dict(rank=r, pad_init=pad_init, records=records)
+    return dict(rank=ctx.rank, pad_init=pad_init, records=records)
 
 
 def train_steps(s: Scenario, ctx, model: torch.nn.Module, opt: torch.optim.Optimizer,
