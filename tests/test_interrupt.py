@@ -47,7 +47,7 @@ def test_ctrl_c_mid_campaign_leaves_no_rank_behind(tmp_path):
         if "1/" in line and "W=2" in line or time.time() > deadline:
             break
     ranks |= _children(proc.pid)
-    assert ranks, "no rank processes were seen"
+    assert len(ranks) >= 2, f"rank processes were not seen: {ranks}"  # 2 ranks (+ helpers)
     proc.send_signal(signal.SIGINT)
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode != 0
