@@ -30,9 +30,14 @@ def tree_sum(xs: Sequence[torch.Tensor]) -> torch.Tensor:
 
 
 @torch.no_grad()
-def all_gather_flat(out: torch.Tensor, shard: torch.Tensor, group) -> None:
-    """Gather every rank's 1-D ``shard`` into the 1-D ``out`` (rank order)."""
+def all_gather_flat(out: torch.Tensor, shard: torch.Tensor, group, *, async_op: bool = False):
+    """Gather every rank's 1-D ``shard`` into the 1-D ``out`` (rank order). With ``async_op``
+    the gather is in flight on return: the caller waits on the returned work before reading
+    ``out`` and keeps ``shard`` alive until then."""
+    if async_op:
+        return dist.all_gather_into_tensor(out, shard, group=group, async_op=True)
     dist.all_gather_into_tensor(out, shard, group=group)
+    return None
 
 
 @torch.no_grad()

@@ -21,9 +21,74 @@ import torch
 import torch.nn as nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from ._unit import FlatUnit
+from ._unit import FlatUnit, ShardState
 
 __all__ = ["FSDPModule"]
+
+# [Note: prefetch order]
+# The outermost fully_shard module (the root) keeps two orders: the units in the order they
+# unshard in a forward pass (from the root's pre-forward to its post-forward) and in a backward
+# pass (one autograd graph task), consecutive repeats merged. A pass that repeats the previous
+# pass's order so far prefetches: when the unit at position i unshards, the unit at i + 1 (if
+# sharded) starts its all-gather asynchronously, so it overlaps the compute of unit i. A pass
+# that departs from the learned order stops prefetching and becomes the order learned for the
+# next pass. Prefetched units not used by the end of their pass are resharded there (a wasted
+# gather, never a stale buffer): the root's post-forward ends a forward pass, the end-of-backward
+# callback a backward pass, so no unsharded copy outlives its pass into an optimizer step. Every
+# rank runs the same passes, so every rank issues the same collectives in the same order.
+
+
+class _Order:
+    __slots__ = ("learned", "seen", "follows", "pending", "active")
+
+    def __init__(self) -> None:
+        self.learned: list["weakref.ref[FlatUnit]"] = []
+        self.seen: list["weakref.ref[FlatUnit]"] = []
+        self.follows = True
+        self.pending: list["weakref.ref[FlatUnit]"] = []  # prefetched by this order in this pass
+        self.active: Any = None  # forward: True inside a pass; backward: the graph task observed
+
+    def start(self, active: Any) -> None:
+        self.finish()
+        self.active = active
+
+    def finish(self) -> None:
+        for ref in self.pending:
+            unit = ref()
+            if unit is not None and unit.prefetched:
+                unit.reshard()
+        self.pending.clear()
+        if self.seen:
+            self.learned, self.seen = self.seen, []
+        self.follows = True
+        self.active = None
+
+    def observe(self, unit: FlatUnit, prefetch: bool) -> None:
+        if self.seen and self.seen[-1]() is unit:
+            return
+        i = len(self.seen)
+        self.seen.append(weakref.ref(unit))
+        if not self.follows:
+            return
+        if i >= len(self.learned) or self.learned[i]() is not unit:
+            self.follows = False
+            return
+        nxt = self.learned[i + 1]() if i + 1 < len(self.learned) else None
+        if prefetch and nxt is not None and nxt.state is ShardState.SHARDED:
+            nxt.unshard(async_op=True)
+            self.pending.append(weakref.ref(nxt))
+
+
+def _root_of(module: nn.Module) -> nn.Module:
+    while True:
+        outer = module.__dict__.get("_fsdp_outer")
+        if outer is None or outer() is None:
+            return module
+        module = outer()
+
+
+# Backward passes whose orders the end-of-backward callback finishes, by graph task.
+_task_orders: dict[int, list[_Order]] = {}
 
 # [Note: backward bookkeeping]
 # Units reached by a backward pass (a pre- or post-backward hook fired) are enlisted under that
@@ -67,6 +132,11 @@ def _final_callback(task: int) -> None:
             error = error or e
     for unit in units:
         unit.reset_backward_state()
+    for order in _task_orders.pop(task, []):
+        if order.active == task:
+            order.finish()  # reshards what this pass prefetched and never used
+    for stale in [t for t, orders in _task_orders.items() if all(o.active != t for o in orders)]:
+        del _task_orders[stale]  # passes that raised before their end
     others = [u for u in (ref() for ref in _forwarded) if u is not None and u not in units]
     _forwarded.clear()
     for unit in others:
@@ -84,11 +154,37 @@ def _floating(x: Any) -> bool:
     return isinstance(x, torch.Tensor) and x.is_floating_point()
 
 
+def _observe_forward(module: nn.Module, unit: Optional[FlatUnit]) -> None:
+    if _in_backward():
+        return  # an activation-checkpoint recompute is not a forward pass
+    root = _root_of(module)
+    order: _Order = root.__dict__["_fsdp_fwd_order"]
+    if root is module:
+        order.start(True)
+        backward: _Order = root.__dict__["_fsdp_bwd_order"]
+        if backward.active is not None:
+            backward.finish()  # a backward that raised before its end left prefetches behind
+    if unit is not None and order.active:
+        order.observe(unit, root.__dict__["_fsdp_prefetch"])
+
+
+def _observe_backward(module: nn.Module, unit: FlatUnit) -> None:
+    task = torch._C._current_graph_task_id()
+    root = _root_of(module)
+    order: _Order = root.__dict__["_fsdp_bwd_order"]
+    if order.active != task:
+        order.start(task)
+        _task_orders.setdefault(task, []).append(order)
+    order.observe(unit, root.__dict__["_fsdp_prefetch"])
+
+
 def _pre_forward(module: nn.Module, args: tuple, kwargs: dict):
     unit: Optional[FlatUnit] = module._fsdp_unit
+    if unit is not None:
+        unit.unshard()
+    _observe_forward(module, unit)
     if unit is None:
         return args, kwargs
-    unit.unshard()
     flat, spec = tree_flatten((args, kwargs))
     mp = unit.mp_policy
     if mp.param_dtype is not None and mp.cast_forward_inputs:
@@ -119,10 +215,12 @@ def _pre_forward(module: nn.Module, args: tuple, kwargs: dict):
 
 def _post_forward(module: nn.Module, args: tuple, kwargs: dict, output: Any):
     unit: Optional[FlatUnit] = module._fsdp_unit
-    if unit is None:
-        return output
     if _in_backward():
         return output  # a recompute (activation checkpointing): backward needs the parameters
+    if _root_of(module) is module:
+        module.__dict__["_fsdp_fwd_order"].finish()  # the end of a forward pass
+    if unit is None:
+        return output
     if unit.reshard_after_forward:
         unit.reshard()
     flat, spec = tree_flatten(output)
@@ -136,7 +234,7 @@ def _post_forward(module: nn.Module, args: tuple, kwargs: dict, output: Any):
                 # the next unit's post-backward (a multi-grad hook on the same tensor): so the
                 # next unit reshards before this one unshards, and at most one block is
                 # unsharded at a time in backward.
-                hook = _make_pre_backward(unit)
+                hook = _make_pre_backward(module, unit)
                 if x.grad_fn is not None:
                     x.grad_fn.register_prehook(lambda grad_outputs, hook=hook: hook(None))
                 else:
@@ -153,10 +251,11 @@ def _make_post_backward(unit: FlatUnit, handle: list):
     return hook
 
 
-def _make_pre_backward(unit: FlatUnit):
+def _make_pre_backward(module: nn.Module, unit: FlatUnit):
     def hook(grad: torch.Tensor):
         _enlist(unit)
         unit.unshard()
+        _observe_backward(module, unit)
         return grad
 
     return hook
@@ -171,10 +270,14 @@ class FSDPModule:
         mods = self.modules() if recurse else [self]
         return [m._fsdp_unit for m in mods if isinstance(m, FSDPModule) and m._fsdp_unit is not None]
 
-    def unshard(self) -> None:
-        """All-gather this unit's parameters and register them unsharded (original shapes)."""
-        for unit in self._fsdp_units(recurse=False):
-            unit.unshard()
+    def unshard(self, async_op: bool = False) -> Optional["UnshardHandle"]:
+        """All-gather this unit's parameters and register them unsharded (original shapes).
+        With ``async_op=True`` only start the all-gather and return a handle: its ``wait()``
+        (or the module's next forward) completes it, as FSDP2's ``unshard(async_op=True)``."""
+        units = self._fsdp_units(recurse=False)
+        for unit in units:
+            unit.unshard(async_op=async_op)
+        return UnshardHandle(units) if async_op else None
 
     def reshard(self) -> None:
         """Free the unsharded parameters and register the local shards again."""
@@ -188,6 +291,15 @@ class FSDPModule:
             raise TypeError(f"requires_gradient_sync must be a bool, got {type(requires_gradient_sync).__name__}")
         for unit in self._fsdp_units(recurse):
             unit.requires_gradient_sync = requires_gradient_sync
+
+    def set_prefetch(self, enabled: bool) -> None:
+        """Prefetching of the next unit's all-gather in forward and backward (on by default; see
+        [Note: prefetch order]). Set on the root; off is for measuring what prefetch buys."""
+        if not isinstance(enabled, bool):
+            raise TypeError(f"enabled must be a bool, got {type(enabled).__name__}")
+        for m in self.modules():
+            if isinstance(m, FSDPModule):
+                m.__dict__["_fsdp_prefetch"] = enabled
 
     def set_reshard_after_forward(self, reshard_after_forward: bool, *, recurse: bool = True) -> None:
         for unit in self._fsdp_units(recurse):
@@ -203,6 +315,18 @@ class FSDPModule:
         return out
 
 
+class UnshardHandle:
+    """Returned by ``unshard(async_op=True)``: ``wait()`` completes the all-gather."""
+
+    def __init__(self, units: list[FlatUnit]):
+        self._units = units
+
+    def wait(self) -> None:
+        for unit in self._units:
+            unit.unshard()
+        self._units = []
+
+
 _class_cache: dict[type, type] = {}
 
 
@@ -216,5 +340,11 @@ def swap_class(module: nn.Module) -> None:
 
 
 def install_hooks(module: nn.Module) -> None:
+    module.__dict__["_fsdp_fwd_order"] = _Order()
+    module.__dict__["_fsdp_bwd_order"] = _Order()
+    module.__dict__["_fsdp_prefetch"] = True
+    for inner in module.modules():  # inner units (sharded before) now sit under this one
+        if inner is not module and isinstance(inner, FSDPModule) and inner.__dict__.get("_fsdp_outer") is None:
+            inner.__dict__["_fsdp_outer"] = weakref.ref(module)
     module.register_forward_pre_hook(_pre_forward, with_kwargs=True)
     module.register_forward_hook(_post_forward, with_kwargs=True)

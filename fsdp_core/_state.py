@@ -96,6 +96,8 @@ def load_full_state_dict(model: nn.Module, state_dict: Optional[dict[str, torch.
         return load_from_rank(model, state_dict, src_rank=src_rank, strict=strict)
     entries = list(_walk(model))
     present = check_full_state_dict(entries, state_dict, strict)
+    for unit in units_of(model):
+        unit.reshard()  # no unsharded copy (nor an in-flight gather) may outlive the new values
     for key, kind, mod, attr in entries:
         if key not in present:
             continue
@@ -113,8 +115,6 @@ def load_full_state_dict(model: nn.Module, state_dict: Optional[dict[str, torch.
         unit.shard[piece.shard_start: piece.shard_start + piece.real_numel].copy_(flat_src)
     for unit in units_of(model):
         unit.zero_padding()
-        if unit.unsharded_flat is not None and unit.state.value == "unsharded":
-            unit.reshard()
 
 
 def check_full_state_dict(entries, state_dict, strict: bool) -> set[str]:

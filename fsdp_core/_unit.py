@@ -11,6 +11,14 @@ The unsharded parameters are views of ``unsharded_flat``. Resharding frees the s
 (``resize_(0)``) and unsharding refills it in place, so tensors saved by autograd in forward see
 the refilled data in backward. The refill happens under ``_unsafe_preserve_version_counter``:
 it restores the same values, so it must not look like an in-place modification to autograd.
+
+[Note: prefetch]
+``unshard(async_op=True)`` allocates the buffer and starts the all-gather without waiting: the
+unit is GATHERING and marked ``prefetched``. The next plain ``unshard()`` (the unit's own
+pre-forward or pre-backward) waits, registers the unsharded parameters and clears the mark; a
+``reshard()`` of a GATHERING unit waits before it frees the storage. A prefetch moves a gather
+earlier, never adds one, and gathers the same bytes, so results are bitwise unchanged. Who
+prefetches what is decided in ``_module`` (see [Note: prefetch order] there).
 """
 from __future__ import annotations
 
@@ -28,7 +36,28 @@ from ._policies import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy
 
 class ShardState(enum.Enum):
     SHARDED = "sharded"
+    GATHERING = "gathering"   # an async all-gather into the unsharded buffer is in flight
     UNSHARDED = "unsharded"
+
+
+class UnshardedBytes:
+    """Bytes of unsharded buffers allocated at once in this process (all units), and the peak
+    since ``reset_peak()``: the transient memory of ZeRO-3, measured where it is allocated."""
+
+    def __init__(self) -> None:
+        self.now = 0
+        self.peak = 0
+
+    def add(self, n: int) -> None:
+        self.now += n
+        if self.now > self.peak:
+            self.peak = self.now
+
+    def reset_peak(self) -> None:
+        self.peak = self.now
+
+
+UNSHARDED_BYTES = UnshardedBytes()
 
 
 class Registration:
@@ -78,6 +107,8 @@ class FlatUnit:
         self.state = ShardState.SHARDED
         self.unsharded_flat: Optional[torch.Tensor] = None  # 1-D padded, param dtype, compute device
         self.unsharded_params: Optional[list[nn.Parameter]] = None
+        self.prefetched = False   # gathered ahead of use and not yet used (see [Note: prefetch])
+        self._pending = None      # (work, source) of an in-flight async all-gather
         self._acc: list[tuple[int, torch.Tensor]] = []  # deterministic: (count, flat) pairwise stack
         self.reset_backward_state()
         self._build_shard(params)
@@ -172,6 +203,7 @@ class FlatUnit:
             flat = self.shard
         else:
             flat = torch.empty(self.layout.padded_numel, dtype=self.param_dtype, device=self.compute_device)
+            UNSHARDED_BYTES.add(flat.untyped_storage().size())
         params = []
         for i, (off, n, shape) in enumerate(zip(self.layout.offsets, self.layout.numels, self.shapes)):
             view = flat[off: off + n].view(shape)
@@ -181,8 +213,14 @@ class FlatUnit:
         self.unsharded_flat, self.unsharded_params = flat, params
 
     @torch.no_grad()
-    def unshard(self) -> None:
-        if self.state is ShardState.UNSHARDED:
+    def unshard(self, async_op: bool = False) -> None:
+        """Make the unsharded parameters available. With ``async_op`` only start the all-gather
+        (a prefetch); a later plain call waits for it. See [Note: prefetch]."""
+        if self.state is not ShardState.SHARDED:
+            if not async_op:
+                if self.state is ShardState.GATHERING:
+                    self._wait_gather()
+                self.prefetched = False
             return
         if self.shard.device.type == "meta":
             names = ", ".join(n for n in self.names[:3])
@@ -194,26 +232,51 @@ class FlatUnit:
         if self.unsharded_flat is None:
             self._alloc_unsharded()
         flat = self.unsharded_flat
+        self.prefetched = async_op
         if not self.aliased:
             storage = flat.untyped_storage()
             nbytes = flat.numel() * flat.element_size()
             if storage.size() != nbytes:
                 storage.resize_(nbytes)
+                UNSHARDED_BYTES.add(nbytes)
             src = self.shard.to(device=self.compute_device, dtype=self.param_dtype, non_blocking=True)
             with torch.autograd._unsafe_preserve_version_counter(flat):
                 if self.world_size == 1:
                     flat.copy_(src)  # one rank: nothing to gather
                 else:
-                    C.all_gather_flat(flat, src, self.group)
+                    version = flat._version
+                    work = C.all_gather_flat(flat, src, self.group, async_op=async_op)
+                    if work is not None:
+                        self._pending = (work, src, version)  # src must outlive the gather
+                        self.state = ShardState.GATHERING
+                        return
+        self._finish_unshard()
+
+    def _wait_gather(self) -> None:
+        work, _src, version = self._pending
+        work.wait()
+        # The backend's worker thread bumped the buffer's version when it wrote the gathered
+        # values (see [Note: views and version counters]): put back the version of the issue.
+        torch._C._autograd._unsafe_set_version_counter((self.unsharded_flat,), (version,))
+        self._pending = None
+        self._finish_unshard()
+
+    def _finish_unshard(self) -> None:
+        """The unsharded buffer holds the gathered parameters: register them."""
         self.register_unsharded()
         self.state = ShardState.UNSHARDED
 
     def reshard(self) -> None:
         if self.state is ShardState.SHARDED:
             return
+        if self.state is ShardState.GATHERING:
+            self._wait_gather()  # never free a buffer a collective is still writing
+        self.prefetched = False
         self.register_sharded()
         if not self.aliased:
-            self.unsharded_flat.untyped_storage().resize_(0)
+            storage = self.unsharded_flat.untyped_storage()
+            UNSHARDED_BYTES.add(-storage.size())
+            storage.resize_(0)
         self.state = ShardState.SHARDED
 
     # ------------------------------------------------------------------ backward bookkeeping

@@ -279,5 +279,80 @@ def unshard_api(payload: dict, ctx) -> dict:
     equal = torch.equal(blk.fc.weight.detach(), zm.build_zoo(0).blocks[0].fc.weight.detach())
     blk.reshard()
     after = tuple(blk.fc.weight.shape)
-    return dict(before=before, during=during, after=after, equal=equal,
+    handle = blk.unshard(async_op=True)  # FSDP2's async form: wait() completes it
+    in_flight = blk._fsdp_unit.state.value
+    handle.wait()
+    async_equal = torch.equal(blk.fc.weight.detach(), zm.build_zoo(0).blocks[0].fc.weight.detach())
+    blk.reshard()
+    return dict(before=before, during=during, after=after, equal=equal, in_flight=in_flight,
+                async_equal=async_equal, after_async=tuple(blk.fc.weight.shape),
                 cls=type(m).__name__, is_fsdp=isinstance(m, fsdp_core.FSDPModule))
+
+
+class _Chain(torch.nn.Module):
+    """Blocks run in the order ``self.route`` names (set per step): a data-dependent order."""
+
+    def __init__(self, n: int = 4, d: int = 16):
+        super().__init__()
+        self.emb = torch.nn.Linear(d, d)
+        self.blocks = torch.nn.ModuleList(torch.nn.Sequential(torch.nn.Linear(d, d), torch.nn.Tanh())
+                                          for _ in range(n))
+        self.route = list(range(n))
+
+    def forward(self, x):
+        x = self.emb(x)
+        for i in self.route:
+            x = self.blocks[i](x)
+        return x.square().mean()
+
+
+def prefetch(payload: dict, ctx) -> dict:
+    """The same training with prefetch on and off, step by step over ``payload["routes"]``:
+    gathers per step (sync / async), unit states after each step, and bitwise equality."""
+    import fsdp_core._collectives as C
+    from fsdp_core._unit import UNSHARDED_BYTES, ShardState
+    counts = {"sync": 0, "async": 0}
+    orig = C.all_gather_flat
+
+    def counting(out, shard, group, *, async_op=False):
+        counts["async" if async_op else "sync"] += 1
+        return orig(out, shard, group, async_op=async_op)
+
+    C.all_gather_flat = counting
+    try:
+        models, opts = [], []
+        for on in (True, False):
+            torch.manual_seed(0)
+            m = _Chain()
+            for b in m.blocks:
+                fully_shard(b, mesh=ctx.group, deterministic=payload.get("det", False))
+            fully_shard(m, mesh=ctx.group, deterministic=payload.get("det", False))
+            m.set_prefetch(on)
+            models.append(m)
+            opts.append(torch.optim.AdamW(m.parameters(), lr=1e-2))
+        steps = []
+        for step, route in enumerate(payload["routes"]):
+            g = torch.Generator().manual_seed(100 * step + ctx.rank)
+            x = torch.randn(4, 16, generator=g)
+            rec = {}
+            for m, opt, key in zip(models, opts, ("on", "off")):
+                m.route = route
+                counts.update({"sync": 0, "async": 0})
+                UNSHARDED_BYTES.reset_peak()
+                base = UNSHARDED_BYTES.now  # the process-wide count: other models may hold some
+                loss = m(x)
+                loss.backward()
+                opt.step()
+                opt.zero_grad()
+                units = fsdp_core.units_of(m)
+                rec[key] = dict(
+                    loss=loss.item(), gathers=dict(counts),
+                    left=[u.module_name for u in units
+                          if u.state is not ShardState.SHARDED or u.prefetched or u._pending is not None],
+                    peak=UNSHARDED_BYTES.peak - base, now=UNSHARDED_BYTES.now - base)
+            on_sd, off_sd = (fsdp_core.full_state_dict(m) for m in models)
+            rec["equal"] = all(torch.equal(on_sd[k], off_sd[k]) for k in on_sd)
+            steps.append(rec)
+        return dict(steps=steps)
+    finally:
+        C.all_gather_flat = orig

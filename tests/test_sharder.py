@@ -120,6 +120,8 @@ def test_unshard_reshard_api(rank_pool):
     assert v["during"] == (6, 6) and v["equal"]
     assert v["before"] == v["after"] and len(v["before"]) == 1   # a 1-D local shard
     assert v["cls"] == "FSDPZoo" and v["is_fsdp"]
+    assert v["in_flight"] in ("gathering", "unsharded") and v["async_equal"]
+    assert v["after_async"] == v["before"]
 
 
 EXPECTED_ERRORS = {
@@ -153,3 +155,35 @@ def test_no_process_group_is_a_clear_error():
         pytest.skip("this process is a rank (torchrun): the default group exists")
     with pytest.raises(RuntimeError, match="init_process_group"):
         fsdp_core.fully_shard(torch.nn.Linear(2, 2))
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+@pytest.mark.parametrize("det", [False, True])
+def test_prefetch_is_bitwise_neutral_and_follows_the_learned_order(rank_pool, world_size, det):
+    """Prefetch (the next unit's all-gather started asynchronously, order learned from the
+    previous pass) changes neither results nor gather counts while the order holds; when the
+    order changes (a block skipped, blocks reordered) results stay bitwise equal, nothing is left
+    unsharded after the step, and at most the mispredicted prefetches are extra gathers."""
+    full, skip, back = [0, 1, 2, 3], [0, 2, 3], [3, 2, 1, 0]
+    routes = [full, full, full, skip, full, back, back]
+    values = run(rank_pool, world_size, cases.prefetch, {"routes": routes, "det": det})
+    for rv in values:
+        for step, (route, rec) in enumerate(zip(routes, rv["steps"])):
+            on, off = rec["on"], rec["off"]
+            assert rec["equal"], f"step {step}: prefetch changed the parameters"
+            assert on["loss"] == off["loss"], f"step {step}: prefetch changed the loss"
+            assert on["left"] == [] and off["left"] == [], f"step {step}: units left unsharded {on['left']}"
+            assert on["now"] == 0 and off["now"] == 0, f"step {step}: unsharded bytes still allocated"
+            assert off["gathers"]["async"] == 0
+            total_on = on["gathers"]["sync"] + on["gathers"]["async"]
+            total_off = off["gathers"]["sync"]
+            same_order = step > 0 and routes[step - 1] == route
+            if step == 0:
+                assert on["gathers"] == off["gathers"], "nothing is learned before the first pass"
+            elif same_order:
+                assert total_on == total_off, f"step {step}: prefetch added gathers {on['gathers']} vs {total_off}"
+                # forward: every block after the first; backward: every block (root is first)
+                assert on["gathers"]["async"] >= 2 * len(route) - 1, f"step {step}: prefetch idle {on['gathers']}"
+                assert on["peak"] > off["peak"], "a prefetched unit is unsharded ahead of use"
+            else:
+                assert total_off <= total_on <= total_off + 2, f"step {step}: {on['gathers']} vs {total_off}"
