@@ -162,6 +162,27 @@ def test_values_come_back_in_rank_order(rank_pool, world_size):
     assert res.wall_time_s < SHORT
 
 
+def sleep_then_rank(payload, ctx):
+    time.sleep(payload)
+    return ctx.rank
+
+
+def test_submit_returns_at_once_and_result_waits(small_pool):
+    """The parent works while the ranks do (the campaign computes the reference meanwhile)."""
+    assert small_pool.run(2, whoami, None).ok  # the ranks are up
+    t0 = time.perf_counter()
+    pending = small_pool.submit(2, sleep_then_rank, 1.0)
+    sent_in = time.perf_counter() - t0
+    with pytest.raises(RuntimeError, match="in flight"):
+        small_pool.submit(2, whoami, None)  # one task at a time
+    time.sleep(1.0)                          # the parent's own work overlaps the ranks' sleep
+    res = pending.result()
+    assert res.ok and res.values == [0, 1]
+    assert sent_in < 0.5 and time.perf_counter() - t0 < 1.9
+    assert pending.result() is res           # idempotent
+    assert small_pool.run(2, sum_of_ranks, None).values == [3.0, 3.0]  # free again
+
+
 def test_collective_on_sub_group(rank_pool):
     for world_size in (8, 2, 4, 1, 2):                # sub-groups in any order, reused
         res = rank_pool.run(world_size, sum_of_ranks, None)

@@ -232,6 +232,29 @@ def _shutdown(holder: list) -> None:
         gen.stop(graceful=True)
 
 
+class _Sent(NamedTuple):
+    gen: Any
+    task_id: int
+    world_size: int
+    fn: Callable
+    start: float
+    deadline: float
+    timeout: float
+    died: list
+
+
+class PendingRun:
+    """A task sent by ``RankPool.submit``; ``result()`` waits for it (once)."""
+
+    def __init__(self, pool: "RankPool", sent: _Sent):
+        self._pool, self._sent, self._result = pool, sent, None
+
+    def result(self) -> "PoolResult":
+        if self._result is None:
+            self._result = self._pool._finish(self._sent)
+        return self._result
+
+
 class RankPool:
     """`max_world_size` persistent ranks on one process group; see the module docstring."""
 
@@ -246,6 +269,7 @@ class RankPool:
         self.startup_timeout_s = float(startup_timeout_s)
         self._ctx = mp.get_context("spawn")
         self._task_id = 0
+        self._in_flight: Optional[PendingRun] = None
         self._generations = 0
         self._closed = False
         self._holder: list[Optional[_Generation]] = [None]
@@ -272,8 +296,18 @@ class RankPool:
     def run(self, world_size: int, fn: Callable[[Any, RankContext], Any], payload: Any, *,
             timeout_s: Optional[float] = None) -> PoolResult:
         """Run `fn(payload, ctx)` on ranks 0..world_size-1; never hangs past the timeout."""
+        return self.submit(world_size, fn, payload, timeout_s=timeout_s).result()
+
+    def submit(self, world_size: int, fn: Callable[[Any, RankContext], Any], payload: Any, *,
+               timeout_s: Optional[float] = None) -> "PendingRun":
+        """Send `fn(payload, ctx)` to the ranks and return at once: the caller works while the
+        ranks do (the campaign computes the case's reference), then calls ``result()``. One
+        task at a time: a second ``submit`` before ``result()`` raises. The timeout counts from
+        the send."""
         if self._closed:
             raise RuntimeError("RankPool.run() after close(); build a new RankPool")
+        if self._in_flight is not None:
+            raise RuntimeError("RankPool.submit() while a task is in flight: call result() on it first")
         if world_size not in self.world_sizes:
             raise ValueError(
                 f"world_size {world_size!r} cannot be served by a pool of {self.max_world_size} "
@@ -288,11 +322,18 @@ class RankPool:
                 "be a module-level function (pickled by reference) and the payload picklable"
             ) from exc
         self._ensure_ready()
-        result, healthy = self._dispatch(world_size, fn, blob, timeout)
+        sent = self._send(world_size, fn, blob, timeout)
+        self._in_flight = PendingRun(self, sent)
+        return self._in_flight
+
+    def _finish(self, sent: "_Sent") -> PoolResult:
+        """Collect a submitted task; restart the ranks if it left them unusable."""
+        self._in_flight = None
+        result, healthy = self._collect(sent)
         if not healthy:
             self._restart()
         elif not result.ok:
-            check, _ = self._dispatch(world_size, probe, pickle.dumps((probe, None)),
+            check, _ = self._dispatch(sent.world_size, probe, pickle.dumps((probe, None)),
                                       _PROBE_TIMEOUT_S)
             if not (check.ok and all(check.values)):
                 self._restart()
@@ -379,16 +420,15 @@ class RankPool:
     def _dispatch(self, world_size: int, fn: Callable, blob: bytes,
                   timeout: float) -> tuple[PoolResult, bool]:
         """Send one task and collect it. Returns (result, pool still healthy)."""
+        return self._collect(self._send(world_size, fn, blob, timeout))
+
+    def _send(self, world_size: int, fn: Callable, blob: bytes, timeout: float) -> "_Sent":
         gen = self._holder[0]
         self._task_id += 1
         task_id = self._task_id
         msg = pickle.dumps((task_id, world_size, list(sys.path), blob),
                            protocol=pickle.HIGHEST_PROTOCOL)
         start = time.perf_counter()
-        deadline = start + timeout
-        values: dict[int, Any] = {}
-        errors: dict[int, str] = {}
-        pending = set(range(world_size))
         died: list[int] = []
         gen.stderr.clear(range(len(gen.procs)))
         for rank in range(world_size):
@@ -396,6 +436,15 @@ class RankPool:
                 gen.conns[rank].send_bytes(msg)
             except (OSError, ValueError):
                 died.append(rank)
+        return _Sent(gen, task_id, world_size, fn, start, start + timeout, timeout, died)
+
+    def _collect(self, sent: "_Sent") -> tuple[PoolResult, bool]:
+        """Wait for a sent task's results (or deaths, errors, the deadline)."""
+        gen, task_id, world_size, fn = sent.gen, sent.task_id, sent.world_size, sent.fn
+        start, deadline, timeout, died = sent.start, sent.deadline, sent.timeout, list(sent.died)
+        values: dict[int, Any] = {}
+        errors: dict[int, str] = {}
+        pending = set(range(world_size))
         index = {id(c): r for r, c in enumerate(gen.conns)}
         sentinels = {p.sentinel: r for r, p in enumerate(gen.procs)}
         first_error_at: Optional[float] = None
@@ -517,13 +566,23 @@ def _trivial_collective(payload: Any, ctx: RankContext) -> float:
     return t.item()
 
 
-def _fresh_rank(rank: int, world_size: int, store_port: int, prefix: str) -> None:
+def _fresh_rank(rank: int, world_size: int, store_port: int, prefix: str,
+                blob: Optional[bytes] = None, conn: Any = None) -> None:
+    """A rank spawned for one task: init a gloo group, run the task (``blob``: a pickled
+    ``(fn, payload)``, sent back through ``conn``; none: a trivial all-reduce), tear down."""
     import torch
     torch.set_num_threads(1)
     import torch.distributed as dist
     store = dist.TCPStore(HOST, store_port, is_master=False, timeout=timedelta(seconds=300))
     dist.init_process_group("gloo", store=dist.PrefixStore(prefix, store), rank=rank,
                             world_size=world_size)
+    if blob is not None:
+        fn, payload = pickle.loads(blob)
+        ctx = RankContext(rank=rank, world_size=world_size, group=dist.group.WORLD,
+                          device=torch.device("cpu"))
+        conn.send_bytes(pickle.dumps(fn(payload, ctx)))
+        dist.destroy_process_group()
+        return
     t = torch.ones(1)
     dist.all_reduce(t)
     dist.destroy_process_group()
@@ -531,16 +590,22 @@ def _fresh_rank(rank: int, world_size: int, store_port: int, prefix: str) -> Non
         raise SystemExit(2)
 
 
-def _spawn_once(world_size: int, number: int) -> float:
+def _spawn_once(world_size: int, number: int, task: Optional[tuple[Callable, Any]] = None
+                ) -> tuple[float, Optional[list]]:
+    """Spawn ``world_size`` fresh ranks for one task; (seconds until all exited, their values)."""
     import torch.distributed as dist
     ctx = mp.get_context("spawn")
     start = time.perf_counter()
     store = dist.TCPStore(HOST, 0, is_master=True, wait_for_workers=False)
+    blob = None if task is None else pickle.dumps(task, protocol=pickle.HIGHEST_PROTOCOL)
+    pipes = [ctx.Pipe(duplex=False) for _ in range(world_size)] if task is not None else []
     procs = [ctx.Process(target=_fresh_rank, daemon=True,
-                         args=(r, world_size, store.port, f"fresh/{os.getpid()}/{number}"))
+                         args=(r, world_size, store.port, f"fresh/{os.getpid()}/{number}", blob,
+                               pipes[r][1] if pipes else None))
              for r in range(world_size)]
     for p in procs:
         p.start()
+    values = [pickle.loads(recv.recv_bytes()) for recv, _ in pipes] if pipes else None
     for p in procs:
         p.join(300)
     elapsed = time.perf_counter() - start
@@ -551,7 +616,16 @@ def _spawn_once(world_size: int, number: int) -> float:
             p.join()
     if bad:
         raise RuntimeError(f"fresh-spawn measurement failed: (rank, exit code) {bad}")
-    return elapsed
+    return elapsed, values
+
+
+def spawn_run(world_size: int, fn: Callable[[Any, RankContext], Any], payload: Any,
+              number: int = 0) -> tuple[float, list]:
+    """Run ``fn(payload, ctx)`` on ``world_size`` freshly spawned ranks, as a harness without a
+    pool would: (seconds from spawn to exit, the values in rank order). For measurement only:
+    no timeout handling beyond the join."""
+    elapsed, values = _spawn_once(world_size, number, (fn, payload))
+    return elapsed, values
 
 
 def measure_overhead(pool: RankPool, world_size: int, n: int = 20, *,
@@ -576,5 +650,5 @@ def measure_overhead(pool: RankPool, world_size: int, n: int = 20, *,
             raise RuntimeError(f"the pool failed the trivial task:\n{res.error}")
     times.sort()
     pool_s = times[len(times) // 2]
-    spawn_s = sum(_spawn_once(world_size, i) for i in range(n_spawn)) / n_spawn
+    spawn_s = sum(_spawn_once(world_size, i)[0] for i in range(n_spawn)) / n_spawn
     return OverheadMeasurement(pool_s=pool_s, spawn_s=spawn_s, ratio=spawn_s / pool_s)

@@ -276,6 +276,11 @@ class TorchrunContext:
             return PoolResult(False, None, "\n\n".join(errors), wall)
         return PoolResult(True, [v for _, v in outcomes], None, wall)
 
+    def submit(self, world_size: int, fn: Callable[[Any, RankContext], Any], payload: Any, *,
+               timeout_s: Optional[float] = None) -> "_Done":
+        """``RankPool.submit``'s shape: this process is a rank, so the task runs here, now."""
+        return _Done(self.run(world_size, fn, payload, timeout_s=timeout_s))
+
     def close(self) -> None:
         """Destroy the process groups if this context created the default group (a rank that
         exits with live gloo groups can abort at interpreter teardown)."""
@@ -297,3 +302,11 @@ class TorchrunContext:
             raise ValueError(f"world_size {world_size!r} cannot run under torchrun with "
                              f"{self.max_world_size} ranks; allowed: "
                              f"{', '.join(map(str, self.world_sizes))}")
+
+
+class _Done:
+    def __init__(self, result: PoolResult):
+        self._result = result
+
+    def result(self) -> PoolResult:
+        return self._result
