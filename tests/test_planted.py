@@ -114,6 +114,18 @@ def test_last_bit_bugs_need_the_bitwise_tier(rank_pool, name):
         assert case.tier == "bitwise" and case.verdict == "fail", case.reason
 
 
+def test_resharded_check_sees_a_gathered_copy_kept_past_backward(rank_pool):
+    """A prefetch that runs past its iteration leaves a unit unsharded (its all-gather in
+    flight) when backward ends: the 'resharded' check names it on every scenario, the
+    numerical checks only from the step after."""
+    for s in BUGS["prefetch_across_step"].catch:
+        case = run_one(rank_pool, s, plant="prefetch_across_step", backend_check=False)
+        assert "resharded" in failed_checks(case), (s.to_json(), case.reason)
+        assert "step 0: units still unsharded after backward" in case.reason
+        clean = run_one(rank_pool, s, backend_check=False)
+        assert clean.verdict == "pass", clean.reason
+
+
 def test_gradient_check_sees_what_the_update_absorbs(rank_pool):
     """A one-ulp gradient or a summation-order bug is usually absorbed by ``p - lr * g``: the
     parameters and losses stay bitwise equal, and only the reduced-gradient check fails."""

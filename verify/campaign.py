@@ -161,6 +161,9 @@ def evaluate(s: Scenario, sharder: str, result, ref, wall: float) -> CaseResult:
                    for when in ("pad_reduce", "pad_step") for label in v["records"][step][when]]
         if pad_bad:
             problems.append(f"step {step}: padding not zero: {pad_bad[:5]}")
+        held = [f"rank {v['rank']}: {u}" for v in values for u in v["records"][step].get("unsharded", ())]
+        if held:
+            problems.append(f"step {step}: units still unsharded after backward: {held[:5]}")
         not_reassembled = _reassemble(values, step, rec0["params"]) if own else []
         if not_reassembled:
             problems.append(f"step {step}: shards do not reassemble for {not_reassembled[:5]}")
@@ -217,9 +220,12 @@ def run_one(pool, s: Scenario, *, sharder: str = "fsdp_core", timeout_s: Optiona
         from verify.plant import check_name
         payload["plant"] = check_name(plant)
     t0 = time.perf_counter()
-    result = pool.run(s.world_size, run_case, payload, timeout_s=timeout_s)
-    ref = run_reference(s) if result.ok else None
-    case = evaluate(s, sharder, result, ref, time.perf_counter() - t0)
+    pending = pool.submit(s.world_size, run_case, payload, timeout_s=timeout_s)
+    try:  # the reference is computed here while the ranks run the case
+        ref = run_reference(s)
+    finally:
+        result = pending.result()
+    case = evaluate(s, sharder, result, ref if result.ok else None, time.perf_counter() - t0)
     if plant is not None:
         case.replay = replay_command(s, sharder, plant)
     return case

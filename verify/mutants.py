@@ -23,14 +23,15 @@ __all__ = ["failed_checks", "describe", "MutantOutcome", "run_mutants", "main"]
 
 # Checks, in the order they are named. Numerical checks are named after the tier that held them.
 CHECKS = ("error", "bitwise", "tolerance", "reported", "structure", "gradients", "padding",
-          "reassembly", "collectives", "backend")
+          "resharded", "reassembly", "collectives", "backend")
 
 
 def failed_checks(case: CaseResult) -> tuple[str, ...]:
     """Which checks a case failed: 'error' (a rank raised, died or hung), the numerical tier
     that failed ('bitwise', 'tolerance', 'reported'), 'structure' (missing or unexpected
-    parameters), 'gradients' (the reduced gradient, bitwise tier), 'padding', 'reassembly',
-    'collectives', 'backend' (a torch.distributed collective failed verify/backend_check.py)."""
+    parameters), 'gradients' (the reduced gradient, bitwise tier), 'padding', 'resharded' (a
+    unit still unsharded after backward), 'reassembly', 'collectives', 'backend' (a
+    torch.distributed collective failed verify/backend_check.py)."""
     if case.verdict == "error":
         return ("error",)
     found = set()
@@ -48,6 +49,8 @@ def failed_checks(case: CaseResult) -> tuple[str, ...]:
             found.add("padding")
         if "backend check failed" in line:
             found.add("backend")
+        if "still unsharded after backward" in line:
+            found.add("resharded")
     for st in case.steps:
         if not st.padding_ok:
             found.add("padding")

@@ -91,6 +91,14 @@ def _group_rank(kwargs: dict) -> int:
     return dist.get_rank(kwargs.get("group"))
 
 
+def _completed(work):
+    """An async collective's output is written only by its end: a plant that edits the output
+    waits first (the caller's own later ``wait()`` then returns at once)."""
+    if work is not None:
+        work.wait()
+    return work
+
+
 def _wrap_dist(names: tuple[str, ...], make: Callable[[Callable], Callable]) -> Undo:
     """Replace each ``torch.distributed.<name>`` by ``make(original)``."""
     return _undo_all([_patch(dist, n, make(getattr(dist, n))) for n in names])
@@ -127,7 +135,7 @@ def swap_shards_allgather(ctx) -> Undo:
     gathers (``full_state_dict``) see it too."""
     def make(orig):
         def fn(output, input, *args, **kwargs):
-            work = orig(output, input, *args, **kwargs)
+            work = _completed(orig(output, input, *args, **kwargs))
             world = dist.get_world_size(kwargs.get("group"))
             if world >= 2 and output.numel() % world == 0:
                 chunks = output.view(-1).view(world, -1)
@@ -148,7 +156,7 @@ def dist_reduce_one_ulp(ctx) -> Undo:
 
     def make(orig):
         def fn(output, input, *args, **kwargs):
-            work = orig(output, input, *args, **kwargs)
+            work = _completed(orig(output, input, *args, **kwargs))
             nonzero = output.view(-1).nonzero()
             if _group_rank(kwargs) == 0 and len(nonzero):
                 int_view(output.view(-1))[int(nonzero[0])] += 1
@@ -223,18 +231,17 @@ def allgather_one_ulp(ctx) -> Undo:
     buffer is one ulp off (say, from a cast or a copy that rounds differently on one rank).
     Forward and backward then use it; the sharded master copy stays right. A last-bit bug."""
     from verify.compare import int_view
-    _, _, FlatUnit, ShardState = _internals()
-    orig = FlatUnit.unshard
+    _, _, FlatUnit, _ = _internals()
+    orig = FlatUnit._finish_unshard  # every gather ends here, prefetched or not
 
-    def unshard(self):
-        gathered = self.state is ShardState.SHARDED
+    def _finish_unshard(self):
         orig(self)
-        if gathered and ctx.rank == 0 and self.unsharded_flat is not None:
+        if ctx.rank == 0 and self.unsharded_flat is not None:
             flat = self.unsharded_flat
             with torch.no_grad(), torch.autograd._unsafe_preserve_version_counter(flat):
                 int_view(flat)[self.layout.offsets[0]] += 1
 
-    return _patch(FlatUnit, "unshard", unshard)
+    return _patch(FlatUnit, "_finish_unshard", _finish_unshard)
 
 
 def view_offset_off_by_one(ctx) -> Undo:
@@ -376,6 +383,35 @@ def callback_units_not_reduced(ctx) -> Undo:
     return _patch(M, "_final_callback", _final_callback)
 
 
+def prefetch_across_step(ctx) -> Undo:
+    """Prefetch runs past the end of its iteration: when a backward ends, the first unit of the
+    learned forward order starts its all-gather for the next forward, from the shards as they
+    are *before* the optimizer step, and the next forward computes with the old parameters. The
+    gather only moved, so each step's collective count is unchanged. No gathers at W = 1."""
+    _, M, _, ShardState = _internals()
+    roots: list = []
+    orig_observe, orig_final = M._observe_backward, M._final_callback
+
+    def _observe_backward(module, unit):
+        root = M._root_of(module)
+        if not any(r is root for r in roots):
+            roots.append(root)
+        return orig_observe(module, unit)
+
+    def _final_callback(task):
+        try:
+            return orig_final(task)
+        finally:
+            for root in roots:
+                learned = root.__dict__["_fsdp_fwd_order"].learned
+                first = learned[0]() if learned else None
+                if first is not None and first.state is ShardState.SHARDED:
+                    first.unshard(async_op=True)
+
+    return _undo_all([_patch(M, "_observe_backward", _observe_backward),
+                      _patch(M, "_final_callback", _final_callback)])
+
+
 # -- faults: rank 1 fails during its first gradient reduction ----------------------------------
 
 def _fault_on_rank_1(ctx, act: Callable[[], None]) -> Undo:
@@ -453,6 +489,8 @@ BUGS: dict[str, Plant] = {p.name: p for p in [
          [FAST2, DET4]),
     _bug(callback_units_not_reduced, "units reduced only by the end-of-backward callback get "
          "no gradient", [FAST2, FAST4, DET2]),
+    _bug(prefetch_across_step, "the next forward's first unit gathered before the optimizer step",
+         [FAST2, FAST4, DET2]),
 ]}
 
 FAULTS: dict[str, Plant] = {p.name: dataclasses.replace(p, kind="fault") for p in [

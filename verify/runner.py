@@ -145,6 +145,14 @@ def expected_collectives(s: Scenario, model: torch.nn.Module, calls: dict[int, i
 
 # -- the case -------------------------------------------------------------------------------
 
+def _still_unsharded(model) -> list[str]:
+    """Units holding a gathered (or in-flight) copy once backward is done: none may, or the
+    optimizer step would leave a stale unsharded copy behind for the next forward."""
+    import fsdp_core
+    return [f"{u.module_name}[{u.names[0]}...]" for u in fsdp_core.units_of(model)
+            if u.state.value != "sharded" or u.prefetched]
+
+
 def _padding_bad(model, opt) -> list[str]:
     import fsdp_core
     return [label for label, view in fsdp_core.padding_views(model, opt) if not is_bitwise_zero(view)]
@@ -262,6 +270,7 @@ def train_steps(s: Scenario, ctx, model: torch.nn.Module, opt: torch.optim.Optim
                 losses = [loss.detach().float()]
             t_checks = time.perf_counter()
             pad_reduce = _padding_bad(model, None)
+            unsharded = _still_unsharded(model)
             grads = _local_grads(model)
             state_bytes = _state_bytes(model, opt)
             t_checks = time.perf_counter() - t_checks  # not the sharder's time: left out
@@ -286,7 +295,7 @@ def train_steps(s: Scenario, ctx, model: torch.nn.Module, opt: torch.optim.Optim
         full = full if r == 0 else None
         records.append(dict(
             step=step, loss=step_l, params=full, pieces=_local_pieces(model), grads=grads,
-            pad_reduce=pad_reduce, pad_step=pad_step, collectives=collectives,
+            pad_reduce=pad_reduce, pad_step=pad_step, unsharded=unsharded, collectives=collectives,
             expected_collectives=expected, state_bytes=state_bytes, step_time_s=step_time,
         ))
     return records
