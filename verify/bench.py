@@ -14,7 +14,10 @@ is measured in the same run.
 """
 from __future__ import annotations
 
+import contextlib
+import os
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Optional, Sequence
@@ -27,7 +30,9 @@ from verify.scenarios import Scenario, build_model, cat_batches, loss_fn, make_b
 
 __all__ = ["bench_case", "run_bench"]
 
-VARIANTS = ("fsdp_core", "fsdp_core_det", "fsdp2")
+# fsdp_core fast, fsdp_core fast with prefetch off (what prefetch buys), fsdp_core deterministic,
+# FSDP2: every variant trains the same model on the same data, interleaved step by step.
+VARIANTS = ("fsdp_core", "fsdp_core_noprefetch", "fsdp_core_det", "fsdp2")
 
 
 def bench_scenario(world_size: int, *, width: int, layers: int, vocab: int, seq: int, batch: int) -> Scenario:
@@ -48,39 +53,44 @@ def _shard(variant: str, s: Scenario, model, group):
     import fsdp_core
     for unit in wrap_units(s, model):
         fsdp_core.fully_shard(unit, mesh=group, deterministic=(variant == "fsdp_core_det"))
+    model.set_prefetch(variant != "fsdp_core_noprefetch")
     return model
 
 
-class _PeakUnsharded:
-    """Peak bytes of fsdp_core unsharded parameter buffers alive at once (wraps unshard/reshard)."""
+@contextlib.contextmanager
+def _stderr_quiet():
+    """The profiler's C++ side prints start/stop lines on fd 2 in every rank: drop them."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
 
-    def __init__(self) -> None:
-        from fsdp_core._unit import FlatUnit
-        self.cls, self.now, self.peak = FlatUnit, 0, 0
-        self.orig = (FlatUnit.unshard, FlatUnit.reshard)
-        bench = self
 
-        def unshard(unit):
-            was = unit.state.value
-            bench.orig[0](unit)
-            if was != unit.state.value:
-                bench.now += unit.unsharded_flat.numel() * unit.unsharded_flat.element_size()
-                bench.peak = max(bench.peak, bench.now)
-
-        def reshard(unit):
-            was = unit.state.value
-            bench.orig[1](unit)
-            if was != unit.state.value:
-                bench.now -= unit.unsharded_flat.numel() * unit.unsharded_flat.element_size()
-
-        FlatUnit.unshard, FlatUnit.reshard = unshard, reshard
-
-    def close(self) -> None:
-        self.cls.unshard, self.cls.reshard = self.orig
+def peak_allocated(step) -> int:
+    """Peak bytes of tensor memory allocated during ``step()`` above what was allocated before
+    it, from the profiler's allocation events: the same yardstick for every sharder
+    (unsharded parameters, activations, gradient buffers, communication buffers)."""
+    from torch.profiler import ProfilerActivity, profile
+    with _stderr_quiet(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                    if e.name() == "[memory]")
+    now = peak = 0
+    for _, n in events:
+        now += n
+        peak = max(peak, now)
+    return peak
 
 
 def bench_case(payload: dict, ctx) -> dict:
     """Rank side: build every variant, time interleaved steps, measure memory and traffic."""
+    from fsdp_core._unit import UNSHARDED_BYTES
     from verify.runner import CollectiveRecorder, expected_collectives, _watch_units
     torch.set_num_threads(1)
     s = Scenario.from_json(payload["scenario"])
@@ -88,39 +98,48 @@ def bench_case(payload: dict, ctx) -> dict:
     models, opts = {}, {}
     for v in variants:
         models[v] = _shard(v, s, build_model(s), ctx.group)
-        opts[v] = torch.optim.AdamW(models[v].parameters(), lr=s.lr)
+        # One optimizer implementation for every variant: PyTorch picks the per-tensor loop for
+        # DTensor (FSDP2) parameters and foreach for plain tensors unless told.
+        opts[v] = torch.optim.AdamW(models[v].parameters(), lr=s.lr, foreach=True)
     times: dict[str, list[float]] = {v: [] for v in variants}
-    out: dict = {"rank": ctx.rank, "variants": {}}
+    out: dict = {"rank": ctx.rank, "variants": {v: {} for v in variants}}
     steps, warmup = payload.get("steps", 5), payload.get("warmup", 2)
-    for step in range(warmup + steps):
+
+    def train(v, batch):
+        loss_fn(s, models[v], batch).backward()
+        state = _state_bytes(models[v], opts[v])
+        opts[v].step()
+        return state
+
+    for step in range(warmup + steps + 1):  # the last step measures memory and traffic, untimed
         batch = cat_batches([make_batch(s, step, ctx.rank)])
+        measure = step == warmup + steps
         for v in variants:
-            peak = _PeakUnsharded() if (v == "fsdp_core" and step == warmup) else None
-            rec = CollectiveRecorder() if step == warmup else None
-            calls, in_bw, handles = _watch_units(models[v]) if (rec and v != "fsdp2") else ({}, set(), [])
+            entry = out["variants"][v]
             dist.barrier(group=ctx.group)
-            t0 = time.perf_counter()
-            with (rec.recording() if rec else _null()):
-                loss_fn(s, models[v], batch).backward()
-                state = _state_bytes(models[v], opts[v])
-                opts[v].step()
-            dist.barrier(group=ctx.group)
-            dt = time.perf_counter() - t0
-            opts[v].zero_grad(set_to_none=True)
-            for h in handles:
-                h.remove()
-            if step >= warmup:
-                times[v].append(dt)
-            if rec is not None:
-                entry = out["variants"].setdefault(v, {})
-                entry["state_bytes"] = state
+            if not measure:
+                t0 = time.perf_counter()
+                train(v, batch)
+                dist.barrier(group=ctx.group)
+                if step >= warmup:
+                    times[v].append(time.perf_counter() - t0)
+            else:
+                rec = CollectiveRecorder()
+                calls, in_bw, handles = _watch_units(models[v]) if v != "fsdp2" else ({}, set(), [])
+                UNSHARDED_BYTES.reset_peak()
+                base = UNSHARDED_BYTES.now  # other variants' buffers: all resharded between steps
+                result: dict = {}
+                with rec.recording():
+                    entry["peak_allocated"] = peak_allocated(lambda: result.update(state=train(v, batch)))
+                for h in handles:
+                    h.remove()
+                entry["state_bytes"] = result["state"]
                 entry["collectives"] = rec.take()
                 if v != "fsdp2":
+                    entry["peak_unsharded"] = UNSHARDED_BYTES.peak - base
                     det = s.__class__(**{**s.__dict__, "mode": "deterministic" if v.endswith("det") else "fast"})
                     entry["expected"] = expected_collectives(det, models[v], calls, in_bw)
-            if peak is not None:
-                peak.close()
-                out["variants"][v]["peak_unsharded"] = peak.peak
+            opts[v].zero_grad(set_to_none=True)
     for v in variants:
         out["variants"][v]["step_s"] = statistics.median(times[v])
     if "fsdp_core" in models:
@@ -129,14 +148,6 @@ def bench_case(payload: dict, ctx) -> dict:
         out["n_params"] = sum(sum(u.layout.numels) for u in units)
         out["largest_unit_bytes"] = max(u.layout.used_numel for u in units) * 4
     return out
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
 
 
 def _fmt_bytes(n: Optional[float]) -> str:
@@ -149,10 +160,44 @@ def _fmt_bytes(n: Optional[float]) -> str:
     return str(n)
 
 
+def _row(w: int, values: list[dict]) -> dict:
+    r0 = values[0]
+    v = r0["variants"]
+    n = r0["n_params"]
+    ms = {k: 1e3 * v[k]["step_s"] for k in v}
+    state = {k: max(rv["variants"][k]["state_bytes"] for rv in values) for k in v}
+    peak_alloc = {k: max(rv["variants"][k]["peak_allocated"] for rv in values) for k in v}
+    peak_unsharded = {k: max(rv["variants"][k]["peak_unsharded"] for rv in values)
+                      for k in v if k != "fsdp2"}
+    zero3_state = 16 * n / w  # fp32 parameters + gradients + AdamW's two moments, divided by W
+    ours = v["fsdp_core"]
+    return dict(
+        world_size=w, n_params=n, ms=ms,
+        ours_over_fsdp2=ms["fsdp_core"] / ms["fsdp2"],
+        noprefetch_over_ours=ms["fsdp_core_noprefetch"] / ms["fsdp_core"],
+        det_over_fast=ms["fsdp_core_det"] / ms["fsdp_core"],
+        state=state, state_over_fsdp2=state["fsdp_core"] / state["fsdp2"],
+        zero3_state=zero3_state, state_over_zero3=state["fsdp_core"] / zero3_state,
+        largest_unit=r0["largest_unit_bytes"], peak_unsharded=peak_unsharded,
+        zero3_model=zero3_state + r0["largest_unit_bytes"],
+        total_over_model=(state["fsdp_core"] + peak_unsharded["fsdp_core"]) / (zero3_state + r0["largest_unit_bytes"]),
+        peak_allocated=peak_alloc, peak_alloc_over_fsdp2=peak_alloc["fsdp_core"] / peak_alloc["fsdp2"],
+        collectives=ours["collectives"], expected=ours["expected"],
+        collectives_ok=all(_same_traffic(v[k]) for k in v if k != "fsdp2"),
+        det_collectives=v["fsdp_core_det"]["collectives"], det_expected=v["fsdp_core_det"]["expected"],
+        fsdp2_collectives=v["fsdp2"]["collectives"],
+    )
+
+
+def _same_traffic(entry: dict) -> bool:
+    return entry["collectives"] == entry["expected"]
+
+
 def run_bench(*, world_sizes: Sequence[int] = (1, 2, 4, 8), steps: int = 5, warmup: int = 2,
               width: int = 256, layers: int = 6, vocab: int = 1024, seq: int = 64, batch: int = 8,
-              out_dir: str | Path = "reports", harness_cases: int = 20, timeout_s: float = 600.0) -> dict:
-    from verify.pool import RankPool, measure_overhead
+              out_dir: str | Path = "reports", harness_cases: int = 20, spawn_cases: int = 6,
+              timeout_s: float = 600.0) -> dict:
+    from verify.pool import RankPool
     torch.set_num_threads(1)
     rows = []
     with RankPool(max(world_sizes), timeout_s=timeout_s) as pool:
@@ -163,33 +208,18 @@ def run_bench(*, world_sizes: Sequence[int] = (1, 2, 4, 8), steps: int = 5, warm
                            timeout_s=timeout_s)
             if not res.ok:
                 raise RuntimeError(f"bench at W={w} failed:\n{res.error}")
-            r0 = res.values[0]
-            v = r0["variants"]
-            n = r0["n_params"]
-            model_bytes = 16 * n / w + r0["largest_unit_bytes"]
-            state = {k: max(rv["variants"][k]["state_bytes"] for rv in res.values) for k in v}
-            rows.append(dict(
-                world_size=w, n_params=n,
-                ours_ms=1e3 * v["fsdp_core"]["step_s"], fsdp2_ms=1e3 * v["fsdp2"]["step_s"],
-                det_ms=1e3 * v["fsdp_core_det"]["step_s"],
-                ours_over_fsdp2=v["fsdp_core"]["step_s"] / v["fsdp2"]["step_s"],
-                det_over_fast=v["fsdp_core_det"]["step_s"] / v["fsdp_core"]["step_s"],
-                ours_state=state["fsdp_core"], fsdp2_state=state["fsdp2"],
-                state_over_fsdp2=state["fsdp_core"] / state["fsdp2"],
-                zero3_model=model_bytes,
-                peak_unsharded=v["fsdp_core"].get("peak_unsharded"),
-                ours_state_plus_peak_over_model=(state["fsdp_core"] + (v["fsdp_core"].get("peak_unsharded") or 0)) / model_bytes,
-                collectives=v["fsdp_core"]["collectives"], expected=v["fsdp_core"]["expected"],
-                collectives_ok=all(v["fsdp_core"]["collectives"].get(k) == e for k, e in v["fsdp_core"]["expected"].items()),
-                det_collectives=v["fsdp_core_det"]["collectives"], det_expected=v["fsdp_core_det"]["expected"],
-                fsdp2_collectives=v["fsdp2"]["collectives"],
-            ))
+            rows.append(_row(w, res.values))
             row = rows[-1]
-            print(f"  ours {row['ours_ms']:.1f} ms, FSDP2 {row['fsdp2_ms']:.1f} ms, ours/FSDP2 "
-                  f"{row['ours_over_fsdp2']:.2f}; deterministic/fast {row['det_over_fast']:.2f}; "
-                  f"state ours/FSDP2 {row['state_over_fsdp2']:.3f}; collectives = formula: "
-                  f"{row['collectives_ok']}", flush=True)
-        overhead = _harness_cost(pool, min(4, max(world_sizes)), harness_cases)
+            print(f"  ours {row['ms']['fsdp_core']:.1f} ms, FSDP2 {row['ms']['fsdp2']:.1f} ms, ours/FSDP2 "
+                  f"{row['ours_over_fsdp2']:.2f}; no-prefetch/prefetch {row['noprefetch_over_ours']:.2f}; "
+                  f"deterministic/fast {row['det_over_fast']:.2f}; state ours/FSDP2 {row['state_over_fsdp2']:.3f}, "
+                  f"ours/(16N/W) {row['state_over_zero3']:.3f}; peak step memory ours/FSDP2 "
+                  f"{row['peak_alloc_over_fsdp2']:.2f}; collectives = formula: {row['collectives_ok']}", flush=True)
+        overhead = _harness_cost(pool, min(4, max(world_sizes)), harness_cases, spawn_cases)
+        print(f"  harness at W={overhead['world_size']}: {overhead['pool_same_cases_s']:.3f} s per drawn case "
+              f"through the pool vs {overhead['spawn_case_s']:.2f} s on spawned ranks: "
+              f"{overhead['case_ratio']:.1f}x on the same cases, {overhead['draw_ratio']:.1f}x over the draw",
+              flush=True)
     report = {"rows": rows, "overhead": overhead,
               "config": dict(width=width, layers=layers, vocab=vocab, seq=seq, batch=batch,
                              steps=steps, warmup=warmup)}
@@ -197,53 +227,110 @@ def run_bench(*, world_sizes: Sequence[int] = (1, 2, 4, 8), steps: int = 5, warm
     return report
 
 
-def _harness_cost(pool, world_size: int, n: int) -> dict:
-    """Drawn cases through the pool vs the same cases with a fresh set of processes each: the
-    spawn figure is the measured spawn cost plus the case's own time through the pool."""
-    from verify.campaign import draw_scenarios, run_one
-    from verify.pool import measure_overhead
-    cases = draw_scenarios(world_size=world_size, mode="deterministic", n=n, seed=0)
-    t0 = time.perf_counter()
-    for s in cases:
-        run_one(pool, s)
-    per_case = (time.perf_counter() - t0) / max(len(cases), 1)
+def _harness_cost(pool, world_size: int, n: int, n_spawn: int = 6) -> dict:
+    """Drawn cases through the pool vs the same cases each on freshly spawned ranks (what a
+    harness without a pool pays: spawn, import, group init, a cold case, teardown), both with
+    the reference and the comparison, measured now. The pool first runs one other case, so
+    its ranks have imported the harness (a campaign pays that once)."""
+    from verify.campaign import draw_scenarios, evaluate, run_one
+    from verify.pool import measure_overhead, spawn_run
+    from verify.rank import PoolResult
+    from verify.reference import run_reference
+    from verify.runner import run_case
+    cases = draw_scenarios(world_size=world_size, mode="deterministic", n=n + 1, seed=0)
+    run_one(pool, cases[0])
+    pool_times = []
+    for s in cases[1:]:
+        t0 = time.perf_counter()
+        case = run_one(pool, s)
+        pool_times.append(time.perf_counter() - t0)
+        if case.verdict != "pass":
+            raise RuntimeError(f"harness cost: a drawn case did not pass through the pool: {case.replay}")
+    picked = sorted({round(i * (n - 1) / max(n_spawn - 1, 1)) for i in range(min(n_spawn, n))})
+    spawn_times = []
+    for i, s in enumerate(cases[1 + j] for j in picked):
+        t0 = time.perf_counter()
+        wall, values = spawn_run(world_size, run_case, {"scenario": s.to_json(), "sharder": "fsdp_core"}, i)
+        case = evaluate(s, "fsdp_core", PoolResult(True, values, None, wall), run_reference(s), wall)
+        spawn_times.append(time.perf_counter() - t0)
+        if case.verdict != "pass":
+            raise RuntimeError(f"harness cost: a drawn case did not pass on spawned ranks: {case.replay}")
     trivial = measure_overhead(pool, world_size, n=10)
-    return dict(world_size=world_size, cases=len(cases), pool_case_s=per_case,
-                spawn_s=trivial.spawn_s, pool_trivial_s=trivial.pool_s,
-                case_ratio=(trivial.spawn_s + per_case) / per_case,
-                trivial_ratio=trivial.ratio, cases_per_min=60.0 / per_case)
+    per_case = sum(pool_times) / len(pool_times)
+    same = sum(pool_times[j] for j in picked) / len(picked)
+    spawn_case = sum(spawn_times) / len(spawn_times)
+    # What spawning adds to a case (spawn, imports, group init, cold start, teardown), measured
+    # on the picked cases, added to every drawn case's pool time: the ratio over the whole draw.
+    spawn_extra = spawn_case - same
+    return dict(world_size=world_size, cases=len(pool_times), pool_case_s=per_case,
+                spawn_cases=len(spawn_times), spawn_case_s=spawn_case, pool_same_cases_s=same,
+                case_ratio=spawn_case / same, pool_times=pool_times, picked=picked,
+                spawn_extra_s=spawn_extra, draw_ratio=(per_case + spawn_extra) / per_case, spawn_s=trivial.spawn_s, pool_trivial_s=trivial.pool_s,
+                trivial_ratio=trivial.ratio, cases_per_min=60.0 / per_case,
+                spawn_cases_per_min=60.0 / spawn_case)
 
 
 def _write(report: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     cfg, rows, ov = report["config"], report["rows"], report["overhead"]
+    backend = "NCCL" if torch.cuda.is_available() else "gloo on CPU"
     lines = [
         "# Performance: fsdp_core vs FSDP2",
         "",
         f"GPT width {cfg['width']}, {cfg['layers']} layers, vocab {cfg['vocab']}, sequence {cfg['seq']}, "
         f"batch {cfg['batch']} per rank, AdamW; per block units + root. Median of {cfg['steps']} steps "
-        f"after {cfg['warmup']} warm-up, variants interleaved step by step in one run "
-        f"({'NCCL' if torch.cuda.is_available() else 'gloo on CPU'}). Reproduce: `python -m verify bench`.",
+        f"after {cfg['warmup']} warm-up, variants interleaved step by step in one run ({backend}); "
+        "memory and traffic from one more, untimed step. Reproduce: `python -m verify bench`.",
         "",
-        "| W | params | ours ms | FSDP2 ms | ours/FSDP2 | det ms | det/fast | state ours | state FSDP2 | ours/FSDP2 | ZeRO-3 model | peak unsharded | (state+peak)/model | collectives = formula |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "## Step time",
+        "",
+        "| W | params | ours ms | FSDP2 ms | ours/FSDP2 | ours without prefetch ms | without/with prefetch | det ms | det/fast |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        ms = r["ms"]
         lines.append(
-            f"| {r['world_size']} | {r['n_params']:,} | {r['ours_ms']:.1f} | {r['fsdp2_ms']:.1f} | "
-            f"{r['ours_over_fsdp2']:.2f} | {r['det_ms']:.1f} | {r['det_over_fast']:.2f} | "
-            f"{_fmt_bytes(r['ours_state'])} | {_fmt_bytes(r['fsdp2_state'])} | {r['state_over_fsdp2']:.3f} | "
-            f"{_fmt_bytes(r['zero3_model'])} | {_fmt_bytes(r['peak_unsharded'])} | "
-            f"{r['ours_state_plus_peak_over_model']:.3f} | {'yes' if r['collectives_ok'] else 'NO'} |")
-    lines += ["", "Collectives of one step (count, bytes), fsdp_core fast / deterministic / FSDP2:", ""]
+            f"| {r['world_size']} | {r['n_params']:,} | {ms['fsdp_core']:.1f} | {ms['fsdp2']:.1f} | "
+            f"{r['ours_over_fsdp2']:.2f} | {ms['fsdp_core_noprefetch']:.1f} | {r['noprefetch_over_ours']:.2f} | "
+            f"{ms['fsdp_core_det']:.1f} | {r['det_over_fast']:.2f} |")
+    lines += [
+        "",
+        "## Memory per rank",
+        "",
+        "State is parameters + gradients + optimizer state; the ZeRO-3 model of it is 16N/W (fp32 "
+        "parameters, gradients and AdamW's two moments). Unsharded is the peak of unsharded parameter "
+        "buffers allocated at once (counted where fsdp_core allocates them); the ZeRO-3 model of it is "
+        "the largest unit. Peak step memory is the peak of all tensor memory allocated during a step "
+        "above what was allocated before it (profiler allocation events; the same yardstick for both "
+        "sharders).",
+        "",
+        "| W | state ours | state FSDP2 | ours/FSDP2 | 16N/W | ours/(16N/W) | unsharded peak | without prefetch | largest unit | (state+unsharded)/(16N/W+largest) | peak step memory ours | FSDP2 | ours/FSDP2 |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        lines.append(f"- W={r['world_size']}: fast {r['collectives']} (formula {r['expected']}); "
-                     f"deterministic {r['det_collectives']} (formula {r['det_expected']}); FSDP2 {r['fsdp2_collectives']}")
-    lines += ["", f"Harness at W={ov['world_size']}: {ov['cases']} drawn cases through the pool took "
-              f"{ov['pool_case_s']:.3f} s each ({ov['cases_per_min']:.0f} cases/min, reference and comparison "
-              f"included); spawning a fresh set of ranks costs {ov['spawn_s']:.2f} s before any work, so a "
-              f"case is {ov['case_ratio']:.0f}x cheaper through the pool (a trivial task: "
-              f"{ov['pool_trivial_s'] * 1e3:.2f} ms vs {ov['spawn_s']:.2f} s, {ov['trivial_ratio']:.0f}x).", ""]
+        st, pu, pa = r["state"], r["peak_unsharded"], r["peak_allocated"]
+        lines.append(
+            f"| {r['world_size']} | {_fmt_bytes(st['fsdp_core'])} | {_fmt_bytes(st['fsdp2'])} | "
+            f"{r['state_over_fsdp2']:.3f} | {_fmt_bytes(r['zero3_state'])} | {r['state_over_zero3']:.3f} | "
+            f"{_fmt_bytes(pu['fsdp_core'])} | {_fmt_bytes(pu['fsdp_core_noprefetch'])} | "
+            f"{_fmt_bytes(r['largest_unit'])} | {r['total_over_model']:.3f} | "
+            f"{_fmt_bytes(pa['fsdp_core'])} | {_fmt_bytes(pa['fsdp2'])} | {r['peak_alloc_over_fsdp2']:.2f} |")
+    lines += ["", "## Collectives of one step",
+              "", "Count and bytes by kind; fsdp_core against the formula (two all-gathers and one "
+              "reduction per unit per step with resharding after forward; nothing at W=1).", ""]
+    for r in rows:
+        lines.append(f"- W={r['world_size']} ({'= formula' if r['collectives_ok'] else 'NOT the formula'}): "
+                     f"fast {r['collectives']} (formula {r['expected']}); deterministic {r['det_collectives']} "
+                     f"(formula {r['det_expected']}); FSDP2 {r['fsdp2_collectives']}")
+    lines += ["", "## Harness", "",
+              f"At W={ov['world_size']}, drawn deterministic cases with their reference and comparison: "
+              f"{ov['cases']} through the pool took {ov['pool_case_s']:.3f} s each ({ov['cases_per_min']:.0f} "
+              f"cases/min); {ov['spawn_cases']} of them (spread over the draw), each on freshly spawned ranks, took "
+              f"{ov['spawn_case_s']:.2f} s each ({ov['spawn_cases_per_min']:.0f} cases/min) against "
+              f"{ov['pool_same_cases_s']:.3f} s through the pool: **{ov['case_ratio']:.1f}x** cheaper per "
+              f"case. Spawning adds {ov['spawn_extra_s']:.2f} s to a case; added to every drawn case, the "
+              f"pool is **{ov['draw_ratio']:.1f}x** cheaper over the whole draw. A trivial task: {ov['pool_trivial_s'] * 1e3:.2f} ms through the pool vs "
+              f"{ov['spawn_s']:.2f} s spawned ({ov['trivial_ratio']:.0f}x).", ""]
     (out / "performance.md").write_text("\n".join(lines))
     try:
         import matplotlib
@@ -251,9 +338,10 @@ def _write(report: dict, out: Path) -> None:
         import matplotlib.pyplot as plt
         fig, ax = plt.subplots(figsize=(5, 3.5))
         ws = [r["world_size"] for r in rows]
-        ax.plot(ws, [r["ours_ms"] for r in rows], "o-", label="fsdp_core (fast)")
-        ax.plot(ws, [r["det_ms"] for r in rows], "s--", label="fsdp_core (deterministic)")
-        ax.plot(ws, [r["fsdp2_ms"] for r in rows], "^-", label="FSDP2")
+        ax.plot(ws, [r["ms"]["fsdp_core"] for r in rows], "o-", label="fsdp_core (fast)")
+        ax.plot(ws, [r["ms"]["fsdp_core_noprefetch"] for r in rows], "x:", label="fsdp_core (no prefetch)")
+        ax.plot(ws, [r["ms"]["fsdp_core_det"] for r in rows], "s--", label="fsdp_core (deterministic)")
+        ax.plot(ws, [r["ms"]["fsdp2"] for r in rows], "^-", label="FSDP2")
         ax.set_xlabel("world size W")
         ax.set_ylabel("step time (ms, median)")
         ax.set_xscale("log", base=2)

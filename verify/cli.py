@@ -240,11 +240,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser(
         "bench", formatter_class=fmt, epilog=_EXIT_CODES,
         help="time fsdp_core against FSDP2 on a GPT, measure memory and traffic",
-        description="In one run, at each world size: fsdp_core (fast and deterministic) and "
-                    "FSDP2 train the same GPT on the same data, interleaved step by step; prints "
-                    "ours/FSDP2 and deterministic/fast step-time ratios (medians after warm-up), "
-                    "state memory against FSDP2 and the ZeRO-3 model, collectives against the "
-                    "formula, and the harness's cost per case through the pool vs spawning. "
+        description="In one run, at each world size: fsdp_core (fast, fast without prefetch, "
+                    "deterministic) and FSDP2 train the same GPT on the same data, interleaved "
+                    "step by step; prints ours/FSDP2, without/with prefetch and "
+                    "deterministic/fast step-time ratios (medians after warm-up), state memory "
+                    "against FSDP2 and the ZeRO-3 model, unsharded and peak step memory, "
+                    "collectives against the formula, and the harness's cost per case through "
+                    "the pool vs spawning fresh ranks per case. "
                     "Writes OUT/performance.md and OUT/performance.png.")
     bench.add_argument("--world-sizes", type=_world_sizes, default=[1, 2, 4, 8], metavar="LIST",
                        help="comma-separated world sizes (default: 1,2,4,8)")
@@ -257,6 +259,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--batch", type=_positive_int, default=8, help="sequences per rank (default: 8)")
     bench.add_argument("--harness-cases", type=_positive_int, default=20, metavar="N",
                        help="drawn cases timed through the pool (default: 20)")
+    bench.add_argument("--spawn-cases", type=_positive_int, default=6, metavar="N",
+                       help="of those, cases also run on freshly spawned ranks (default: 6)")
     bench.add_argument("--out", type=Path, default=Path("reports"), metavar="DIR",
                        help="directory for performance.md/png (default: reports)")
     bench.add_argument("--timeout", type=_seconds, default=600.0, metavar="S",
@@ -363,7 +367,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from verify.bench import run_bench
     run_bench(world_sizes=args.world_sizes, steps=args.steps, warmup=args.warmup, width=args.width,
               layers=args.layers, vocab=args.vocab, seq=args.seq, batch=args.batch,
-              out_dir=args.out, harness_cases=args.harness_cases, timeout_s=args.timeout)
+              out_dir=args.out, harness_cases=args.harness_cases, spawn_cases=args.spawn_cases,
+              timeout_s=args.timeout)
     return EXIT_OK
 
 
