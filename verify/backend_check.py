@@ -5,7 +5,8 @@ Every value below is a small integer (|x| <= 31, sums of up to 8 ranks within 25
 is exact in fp32 and bf16 and the expected result does not depend on the order the backend adds
 in; any difference (one
 ulp after a gather, a scaled reduction, a swapped chunk, a dropped rank) is a broken backend,
-reported by name before the case's own checks run. It costs a few tiny collectives per case.
+reported by name before the case's own checks run. It costs six tiny collectives per dtype the
+case communicates in (fp32 always, bf16 for bf16 cases).
 """
 from __future__ import annotations
 
@@ -39,14 +40,14 @@ def _expect(name: str, got: torch.Tensor, want: torch.Tensor, rank: int) -> None
             f"expected {want[i].item()!r}); the case's results cannot be trusted")
 
 
-def backend_problem(group, device=None) -> "str | None":
+def backend_problem(group, device=None, *, dtypes=(torch.float32, torch.bfloat16)) -> "str | None":
     """``check_backend`` that never raises: the first problem as text, or None.
 
     Every rank runs the same sequence of collectives whatever it finds (raising on one rank
     would leave the others waiting in the next collective); each rank reports what it saw with
     its results, and the parent fails the case if any rank saw a problem."""
     problems: list[str] = []
-    check_backend(group, device, on_error=problems.append)
+    check_backend(group, device, dtypes=dtypes, on_error=problems.append)
     return problems[0] if problems else None
 
 

@@ -222,7 +222,11 @@ def run_case(payload: dict, ctx) -> dict:
     with planted(payload.get("plant"), ctx):
         # The backend itself first (verify/backend_check.py): each rank reports what it saw.
         from verify.backend_check import backend_problem
-        problem = backend_problem(ctx.group, ctx.device) if payload.get("backend_check", True) else None
+        # fp32 always (the master dtype and the reduce dtype); bf16 only where the case uses it.
+        bf16 = Scenario.from_json(payload["scenario"]).dtype == "bf16"
+        dtypes = (torch.float32, torch.bfloat16) if bf16 else (torch.float32,)
+        problem = (backend_problem(ctx.group, ctx.device, dtypes=dtypes)
+                   if payload.get("backend_check", True) else None)
         out = _run_case(payload, ctx)
         return dict(out, backend_error=problem) if problem and isinstance(out, dict) else out
 
