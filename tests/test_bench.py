@@ -27,3 +27,14 @@ def test_bench_writes_the_tables_and_structural_targets_hold(tmp_path):
     assert two["peak_unsharded"]["fsdp_core"] > two["peak_unsharded"]["fsdp_core_noprefetch"] > 0
     ov = report["overhead"]
     assert ov["spawn_cases"] == 1 and ov["spawn_case_s"] > ov["pool_same_cases_s"] > 0
+
+
+@pytest.mark.slow
+def test_independent_timing_check_runs_and_its_exit_code_follows_the_ratio(capsys):
+    from verify.timing_check import main
+    rc = main(["--world-size", "2", "--width", "32", "--layers", "2", "--vocab", "64", "--seq", "8",
+               "--batch", "2", "--steps", "1", "--rounds", "2", "--foreach", "true"])
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert line.startswith("W=2: fsdp_core ") and "ours/FSDP2" in line and "foreach=true" in line
+    ratio = float(line.split("ours/FSDP2 ")[1].split()[0])
+    assert rc == (0 if ratio <= 1.0 else 1)

@@ -259,8 +259,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--batch", type=_positive_int, default=8, help="sequences per rank (default: 8)")
     bench.add_argument("--harness-cases", type=_positive_int, default=20, metavar="N",
                        help="drawn cases timed through the pool (default: 20)")
-    bench.add_argument("--spawn-cases", type=_positive_int, default=6, metavar="N",
-                       help="of those, cases also run on freshly spawned ranks (default: 6)")
+    bench.add_argument("--spawn-cases", type=_positive_int, default=None, metavar="N",
+                       help="of those, cases also run on freshly spawned ranks, ~8 s each "
+                            "(default: all of them)")
     bench.add_argument("--out", type=Path, default=Path("reports"), metavar="DIR",
                        help="directory for performance.md/png (default: reports)")
     bench.add_argument("--timeout", type=_seconds, default=600.0, metavar="S",
