@@ -194,7 +194,7 @@ def _same_traffic(entry: dict) -> bool:
     return entry["collectives"] == entry["expected"]
 
 
-def run_bench(*, world_sizes: Sequence[int] = (1, 2, 4, 8), steps: int = 5, warmup: int = 2,
+def run_bench(*, world_sizes: Sequence[int] = (1, 2, 4, 8), steps: int = 10, warmup: int = 2,
               width: int = 256, layers: int = 6, vocab: int = 1024, seq: int = 64, batch: int = 8,
               out_dir: str | Path = "reports", harness_cases: int = 20, spawn_cases: Optional[int] = None,
               timeout_s: float = 600.0) -> dict:

@@ -250,7 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "Writes OUT/performance.md and OUT/performance.png.")
     bench.add_argument("--world-sizes", type=_world_sizes, default=[1, 2, 4, 8], metavar="LIST",
                        help="comma-separated world sizes (default: 1,2,4,8)")
-    bench.add_argument("--steps", type=_positive_int, default=5, help="timed steps (default: 5)")
+    bench.add_argument("--steps", type=_positive_int, default=10, help="timed steps (default: 10)")
     bench.add_argument("--warmup", type=_positive_int, default=2, help="warm-up steps (default: 2)")
     bench.add_argument("--width", type=_positive_int, default=256, help="model width (default: 256)")
     bench.add_argument("--layers", type=_positive_int, default=6, help="blocks (default: 6)")
