@@ -147,6 +147,54 @@ def test_backend_check_catches_torch_distributed_plants_everywhere(rank_pool):
             assert "backend" in failed_checks(case), (name, s.to_json(), case.reason)
 
 
+def backend_cache_probe(payload, ctx):
+    """Which calls of backend_problem really ran the check, as the collectives change."""
+    import torch.distributed as dist
+    from verify import backend_check as B
+    ran = []
+    orig_check, orig_reduce, orig_gather = B.check_backend, dist.all_reduce, dist.all_gather_into_tensor
+
+    def counting(*a, **k):
+        ran[-1] = True
+        return orig_check(*a, **k)
+
+    def call():
+        ran.append(False)
+        return B.backend_problem(ctx.group)
+
+    def corrupt(out, inp, *a, **k):
+        work = orig_gather(out, inp, *a, **k)
+        out.view(-1)[0] += 1
+        return work
+
+    B.check_backend, problems = counting, []
+    B._passed.clear()
+    try:
+        problems += [call(), call()]                      # checked, then the same functions: skipped
+        if ctx.rank == 1:
+            dist.all_reduce = lambda *a, **k: orig_reduce(*a, **k)  # a wrapper on one rank only
+        problems.append(call())                            # every rank checks again
+        problems.append(call())                            # skipped: that wrapper passed
+        dist.all_reduce = orig_reduce
+        if ctx.rank == 0:
+            dist.all_gather_into_tensor = corrupt
+        problems += [call(), call()]                       # broken: checked, and again
+        dist.all_gather_into_tensor = orig_gather
+        problems += [call(), call()]                       # fixed: checked once more, then skipped
+    finally:
+        B.check_backend, dist.all_reduce, dist.all_gather_into_tensor = orig_check, orig_reduce, orig_gather
+    return ran, [p is not None for p in problems]
+
+
+def test_backend_check_reruns_whenever_a_collective_changes_on_any_rank(rank_pool):
+    res = rank_pool.run(2, backend_cache_probe, None)
+    assert res.ok, res.error
+    for ran, failed in res.values:
+        assert ran == [True, False, True, False, True, True, True, False]
+    assert [f for _, fs in res.values for f in fs[4:6]] == [True, True, False, False]  # rank 0 saw it
+    assert not any(f for _, fs in res.values for f in fs[:4] + fs[6:])
+
+
 def test_backend_check_names_the_broken_collective(rank_pool):
     case = run_one(rank_pool, FAST4, plant="dist_reduce_one_ulp")
     assert "torch.distributed.reduce_scatter_tensor is broken" in case.reason, case.reason

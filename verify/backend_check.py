@@ -7,6 +7,14 @@ in; any difference (one
 ulp after a gather, a scaled reduction, a swapped chunk, a dropped rank) is a broken backend,
 reported by name before the case's own checks run. It costs six tiny collectives per dtype the
 case communicates in (fp32 always, bf16 for bf16 cases).
+
+[Note: when the check runs again]
+``backend_problem`` remembers, per process group and dtype, the exact ``torch.distributed``
+functions that last passed. A later case on the same group runs the check again if, on any rank,
+one of those functions is no longer the same object (a planted bug, a wrapper, any monkeypatch
+installed since) or the last check on that group failed; the ranks agree on that with one
+all-gather of a flag. Otherwise the same functions on the same backend would only repeat the
+same answer, at about a sixth of a small case's collectives.
 """
 from __future__ import annotations
 
@@ -40,15 +48,53 @@ def _expect(name: str, got: torch.Tensor, want: torch.Tensor, rank: int) -> None
             f"expected {want[i].item()!r}); the case's results cannot be trusted")
 
 
-def backend_problem(group, device=None, *, dtypes=(torch.float32, torch.bfloat16)) -> "str | None":
+KINDS = ("all_gather_into_tensor", "reduce_scatter_tensor", "all_to_all_single", "all_reduce",
+         "broadcast", "all_gather")
+# (group, dtype) -> the torch.distributed functions that passed; see [Note: when the check runs
+# again]. The functions are held (not their ids), so a new wrapper can never look like an old one.
+_passed: dict = {}
+
+
+def _functions() -> tuple:
+    return tuple(getattr(dist, name) for name in KINDS)
+
+
+def backend_problem(group, device=None, *, dtypes=(torch.float32, torch.bfloat16),
+                    cache: bool = True) -> "str | None":
     """``check_backend`` that never raises: the first problem as text, or None.
 
     Every rank runs the same sequence of collectives whatever it finds (raising on one rank
     would leave the others waiting in the next collective); each rank reports what it saw with
     its results, and the parent fails the case if any rank saw a problem."""
+    funcs = _functions()
+    stale = any(not cache or not _same(_passed.get((group, dt)), funcs) for dt in dtypes)
+    # The ranks must agree (a wrapper may be installed on one rank only): one tiny gather of
+    # the flags, through distributed_c10d's own function, which patches of the
+    # torch.distributed namespace do not replace.
+    if not _any_rank(stale, group, device):
+        return None
     problems: list[str] = []
     check_backend(group, device, dtypes=dtypes, on_error=problems.append)
+    failed = _any_rank(bool(problems), group, device)
+    for dt in dtypes:
+        if failed:
+            _passed.pop((group, dt), None)
+        else:
+            _passed[(group, dt)] = funcs
     return problems[0] if problems else None
+
+
+def _any_rank(flag: bool, group, device) -> bool:
+    from torch.distributed import distributed_c10d
+    world = dist.get_world_size(group)
+    mine = torch.tensor([int(flag)], dtype=torch.int32, device=device or torch.device("cpu"))
+    every = torch.empty(world, dtype=torch.int32, device=mine.device)
+    distributed_c10d.all_gather_into_tensor(every, mine, group=group)
+    return bool(every.any())
+
+
+def _same(a, b) -> bool:
+    return a is not None and len(a) == len(b) and all(x is y for x, y in zip(a, b))
 
 
 @torch.no_grad()
