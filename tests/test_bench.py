@@ -25,6 +25,7 @@ def test_bench_writes_the_tables_and_structural_targets_hold(tmp_path):
     two = rows[2]
     assert two["collectives"]["all_gather_into_tensor"][0] == 2 * 3   # 3 units, re-gathered in backward
     assert two["peak_unsharded"]["fsdp_core"] > two["peak_unsharded"]["fsdp_core_noprefetch"] > 0
+    assert two["peak_unsharded"]["fsdp2"] > 0 and two["peak_allocated"]["fsdp2"] > 0
     ov = report["overhead"]
     assert ov["spawn_cases"] == 1 and ov["spawn_case_s"] > ov["pool_same_cases_s"] > 0
 

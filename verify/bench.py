@@ -73,6 +73,45 @@ def _stderr_quiet():
         os.close(devnull)
 
 
+class _FSDP2Unsharded:
+    """Peak bytes of FSDP2's unsharded parameters alive at once: its param groups' transitions
+    to and from the unsharded state, wrapped for one step (the all-gather output buffers FSDP2
+    copies out of are not counted; the profiler's peak step memory sees those)."""
+
+    def __init__(self) -> None:
+        from torch.distributed.fsdp._fully_shard._fsdp_param_group import FSDPParamGroup
+        self.cls, self.now, self.peak = FSDPParamGroup, 0, 0
+        self.orig = {n: getattr(FSDPParamGroup, n) for n in ("_to_unsharded", "_to_sharded",
+                                                              "_to_sharded_post_forward")}
+        tracker = self
+
+        def nbytes(group) -> int:
+            return sum(t.numel() * t.element_size() for fp in group.fsdp_params
+                       for t in fp.all_gather_outputs)
+
+        def to_unsharded(group):
+            was = group.is_unsharded
+            tracker.orig["_to_unsharded"](group)
+            if not was:
+                tracker.now += nbytes(group)
+                tracker.peak = max(tracker.peak, tracker.now)
+
+        def leaving(name):
+            def fn(group):
+                if group.is_unsharded:
+                    tracker.now -= nbytes(group)
+                tracker.orig[name](group)
+            return fn
+
+        FSDPParamGroup._to_unsharded = to_unsharded
+        FSDPParamGroup._to_sharded = leaving("_to_sharded")
+        FSDPParamGroup._to_sharded_post_forward = leaving("_to_sharded_post_forward")
+
+    def close(self) -> None:
+        for name, fn in self.orig.items():
+            setattr(self.cls, name, fn)
+
+
 def peak_allocated(step) -> int:
     """Peak bytes of tensor memory allocated during ``step()`` above what was allocated before
     it, from the profiler's allocation events: the same yardstick for every sharder
@@ -129,9 +168,15 @@ def bench_case(payload: dict, ctx) -> dict:
                 calls, in_bw, handles = _watch_units(models[v]) if v != "fsdp2" else ({}, set(), [])
                 UNSHARDED_BYTES.reset_peak()
                 base = UNSHARDED_BYTES.now  # other variants' buffers: all resharded between steps
+                fsdp2 = _FSDP2Unsharded() if v == "fsdp2" else None
                 result: dict = {}
-                with rec.recording():
-                    entry["peak_allocated"] = peak_allocated(lambda: result.update(state=train(v, batch)))
+                try:
+                    with rec.recording():
+                        entry["peak_allocated"] = peak_allocated(lambda: result.update(state=train(v, batch)))
+                finally:
+                    if fsdp2 is not None:
+                        fsdp2.close()
+                        entry["peak_unsharded"] = fsdp2.peak
                 for h in handles:
                     h.remove()
                 entry["state_bytes"] = result["state"]
@@ -168,8 +213,7 @@ def _row(w: int, values: list[dict]) -> dict:
     ms = {k: 1e3 * v[k]["step_s"] for k in v}
     state = {k: max(rv["variants"][k]["state_bytes"] for rv in values) for k in v}
     peak_alloc = {k: max(rv["variants"][k]["peak_allocated"] for rv in values) for k in v}
-    peak_unsharded = {k: max(rv["variants"][k]["peak_unsharded"] for rv in values)
-                      for k in v if k != "fsdp2"}
+    peak_unsharded = {k: max(rv["variants"][k]["peak_unsharded"] for rv in values) for k in v}
     zero3_state = 16 * n / w  # fp32 parameters + gradients + AdamW's two moments, divided by W
     ours = v["fsdp_core"]
     return dict(
@@ -183,6 +227,8 @@ def _row(w: int, values: list[dict]) -> dict:
         zero3_model=zero3_state + r0["largest_unit_bytes"],
         total_over_model=(state["fsdp_core"] + peak_unsharded["fsdp_core"]) / (zero3_state + r0["largest_unit_bytes"]),
         peak_allocated=peak_alloc, peak_alloc_over_fsdp2=peak_alloc["fsdp_core"] / peak_alloc["fsdp2"],
+        unsharded_over_fsdp2=(peak_unsharded["fsdp_core"] / peak_unsharded["fsdp2"]
+                              if peak_unsharded["fsdp2"] else None),
         collectives=ours["collectives"], expected=ours["expected"],
         collectives_ok=all(_same_traffic(v[k]) for k in v if k != "fsdp2"),
         det_collectives=v["fsdp_core_det"]["collectives"], det_expected=v["fsdp_core_det"]["expected"],
@@ -307,20 +353,21 @@ def _write(report: dict, out: Path) -> None:
         "",
         "State is parameters + gradients + optimizer state; the ZeRO-3 model of it is 16N/W (fp32 "
         "parameters, gradients and AdamW's two moments). Unsharded is the peak of unsharded parameter "
-        "buffers allocated at once (counted where fsdp_core allocates them); the ZeRO-3 model of it is "
-        "the largest unit. Peak step memory is the peak of all tensor memory allocated during a step "
+        "buffers allocated at once (counted where fsdp_core allocates them; for FSDP2, its param groups' "
+        "unsharded parameters, without the all-gather buffers it copies them out of); the ZeRO-3 model "
+        "of it is the largest unit. Peak step memory is the peak of all tensor memory allocated during a step "
         "above what was allocated before it (profiler allocation events; the same yardstick for both "
         "sharders).",
         "",
-        "| W | state ours | state FSDP2 | ours/FSDP2 | 16N/W | ours/(16N/W) | unsharded peak | without prefetch | largest unit | (state+unsharded)/(16N/W+largest) | peak step memory ours | FSDP2 | ours/FSDP2 |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| W | state ours | state FSDP2 | ours/FSDP2 | 16N/W | ours/(16N/W) | unsharded peak | without prefetch | FSDP2 | largest unit | (state+unsharded)/(16N/W+largest) | peak step memory ours | FSDP2 | ours/FSDP2 |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         st, pu, pa = r["state"], r["peak_unsharded"], r["peak_allocated"]
         lines.append(
             f"| {r['world_size']} | {_fmt_bytes(st['fsdp_core'])} | {_fmt_bytes(st['fsdp2'])} | "
             f"{r['state_over_fsdp2']:.3f} | {_fmt_bytes(r['zero3_state'])} | {r['state_over_zero3']:.3f} | "
-            f"{_fmt_bytes(pu['fsdp_core'])} | {_fmt_bytes(pu['fsdp_core_noprefetch'])} | "
+            f"{_fmt_bytes(pu['fsdp_core'])} | {_fmt_bytes(pu['fsdp_core_noprefetch'])} | {_fmt_bytes(pu['fsdp2'])} | "
             f"{_fmt_bytes(r['largest_unit'])} | {r['total_over_model']:.3f} | "
             f"{_fmt_bytes(pa['fsdp_core'])} | {_fmt_bytes(pa['fsdp2'])} | {r['peak_alloc_over_fsdp2']:.2f} |")
     lines += ["", "## Collectives of one step",
