@@ -19,6 +19,8 @@ FP32 = dict(atol=1e-5, rtol=1.3e-6)
 
 
 def run(pool, world_size, fn, payload):
+    if world_size not in pool.world_sizes:  # under torchrun with fewer processes
+        pytest.skip(f"world size {world_size} needs more ranks than {max(pool.world_sizes)}")
     res = pool.run(world_size, fn, payload, timeout_s=TIMEOUT)
     assert res.ok, res.error
     return res.values
