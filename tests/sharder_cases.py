@@ -6,7 +6,6 @@ from __future__ import annotations
 import copy
 
 import torch
-import torch.distributed as dist
 
 import fsdp_core
 from fsdp_core import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
