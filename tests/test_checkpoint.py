@@ -12,18 +12,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import checkpoint_cases as cases
+from pool_run import run
 from fsdp_core._ckpt_layout import flat_range_chunks
 
-TIMEOUT = 240.0
 FP32 = dict(atol=1e-5, rtol=1.3e-6)
-
-
-def run(pool, world_size, fn, payload):
-    if world_size not in pool.world_sizes:  # under torchrun with fewer processes
-        pytest.skip(f"world size {world_size} needs more ranks than {max(pool.world_sizes)}")
-    res = pool.run(world_size, fn, payload, timeout_s=TIMEOUT)
-    assert res.ok, res.error
-    return res.values
 
 
 def assert_state_equal(got: dict, want: dict, what: str, *, bitwise: bool = True):

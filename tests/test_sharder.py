@@ -5,18 +5,9 @@ import pytest
 import torch
 
 import sharder_cases as cases
+from pool_run import run
 
 pytestmark = pytest.mark.multigpu
-
-TIMEOUT = 240.0
-
-
-def run(pool, world_size, fn, payload):
-    if world_size not in pool.world_sizes:  # under torchrun with fewer processes
-        pytest.skip(f"world size {world_size} needs more ranks than {max(pool.world_sizes)}")
-    res = pool.run(world_size, fn, payload, timeout_s=TIMEOUT)
-    assert res.ok, res.error
-    return res.values
 
 
 def check_parity(values, *, bitwise: bool, atol=None, rtol=None):
