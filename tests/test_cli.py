@@ -54,7 +54,7 @@ def test_help_works_without_the_campaign():
     (["run", "--seed", "-1"], "--seed: must be >= 0"),
     (["run", "--timeout", "0"], "--timeout: must be a positive number"),
     (["run", "--mode", "slow"], "invalid choice: 'slow'"),
-    (["run", "--sharder", "megatron"], "unknown sharder megatron"),
+    (["run", "--sharder", "megatron"], "unknown sharder 'megatron'"),
     (["run", "--profile", "huge"], "invalid choice: 'huge'"),
     (["replay", "{not json"], "not valid JSON"),
     (["replay", "[1, 2]"], "must be a JSON object"),
@@ -84,7 +84,7 @@ def test_run_passes_validated_arguments(tmp_path, fake_campaign):
     (kind, kwargs), = fake_campaign.calls
     assert kind == "run"
     assert kwargs == dict(world_sizes=[1, 2, 4], examples=3, seed=7,
-                          sharders=["fsdp_core", "fsdp2"], modes=("deterministic",),
+                          sharders=["fsdp_core", "torch_fsdp2"], modes=("deterministic",),
                           profile="ci", out_dir=tmp_path, timeout_s=30.0)
 
 
@@ -103,7 +103,8 @@ def test_exit_code_follows_the_verdicts(outcome, code, fake_campaign):
     fake_campaign.outcome = outcome
     assert main(["run"]) == code
     assert main(["replay", '{"family": "mlp", "model": {}, "world_size": 2}']) == code
-    assert fake_campaign.calls[-1] == ("replay", '{"family": "mlp", "model": {}, "world_size": 2}', {"timeout_s": 120.0})
+    assert fake_campaign.calls[-1] == ("replay", '{"family": "mlp", "model": {}, "world_size": 2}',
+                                       {"timeout_s": 120.0, "sharder": "fsdp_core"})
 
 
 def _case(verdict):

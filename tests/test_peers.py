@@ -1,15 +1,26 @@
-"""The peers (verify/peers.py): FSDP2 and DDP run the same cases as fsdp_core, a case a peer
-cannot run is "unsupported" (never a failure), and each peer is held to the tier it owes."""
+"""The built-in peers (verify/sharders/): FSDP2 and DDP run the same cases as fsdp_core through
+the adapter protocol, a case a peer does not run is "skipped" (never a failure), and each peer
+is held to the tier it owes."""
 from __future__ import annotations
 
 import dataclasses
 
 import pytest
 
-from verify.campaign import expand_sharders, run_one
-from verify.peers import canonical, peer_tier, shared_unit_inputs, unsupported_reason
+from verify.campaign import expand_sharders, run_one, skip_reason
+from verify.case.judge import case_tier
 from verify.report import write_peers_report
 from verify.scenarios import Scenario
+from verify.sharders import SharderSpecError, load, resolve
+from verify.sharders.torch_fsdp2 import shared_unit_inputs
+
+
+def unsupported_reason(s, sharder):
+    return skip_reason(s, load(sharder))
+
+
+def peer_tier(s, sharder):
+    return case_tier(s, load(sharder))
 
 GPT = Scenario("gpt", (("n_embd", 8), ("n_head", 2), ("n_layer", 2), ("vocab_size", 13)), 2,
                optimizer="sgd", lr=0.05, micro_batches=4, steps=2)
@@ -18,17 +29,17 @@ GPT = Scenario("gpt", (("n_embd", 8), ("n_head", 2), ("n_layer", 2), ("vocab_siz
 # -- names and up-front decisions (one process) --------------------------------------------------
 
 def test_names_and_all():
-    assert canonical("fsdp2") == canonical("torch_fsdp2") == "torch_fsdp2"
+    assert resolve("fsdp2") == resolve("torch_fsdp2") == "torch_fsdp2"
     assert expand_sharders(["all"]) == ["fsdp_core", "torch_fsdp2", "ddp"]
     assert expand_sharders(["ddp", "fsdp2", "torch_fsdp2"]) == ["ddp", "torch_fsdp2"]
-    with pytest.raises(ValueError, match="unknown sharder 'megatron'"):
-        canonical("megatron")
+    with pytest.raises(SharderSpecError, match="unknown sharder 'megatron'"):
+        resolve("megatron")
 
 
 @pytest.mark.parametrize("sharder", ["torch_fsdp2", "ddp"])
 def test_no_peer_has_deterministic_mode(sharder):
     s = dataclasses.replace(GPT, mode="deterministic")
-    assert unsupported_reason(s, sharder).startswith(f"unsupported: {sharder} has no deterministic")
+    assert unsupported_reason(s, sharder).startswith(f"{sharder} declares modes ('fast',)")
     assert unsupported_reason(s, "fsdp_core") is None
 
 
@@ -36,7 +47,7 @@ def test_fsdp2_refuses_0d_parameters_and_ddp_bf16():
     special = Scenario("special", (), 2)
     assert "0-d parameters (logit_scale)" in unsupported_reason(special, "torch_fsdp2")
     assert unsupported_reason(special, "ddp") is None
-    assert "no public mixed-precision" in unsupported_reason(
+    assert "declares dtypes ('fp32',)" in unsupported_reason(
         dataclasses.replace(GPT, dtype="bf16"), "ddp")
     assert unsupported_reason(dataclasses.replace(GPT, dtype="bf16"), "torch_fsdp2") is None
 
@@ -68,21 +79,24 @@ def test_peer_trains_like_the_reference(rank_pool, sharder, world_size):
     case = run_one(rank_pool, s, sharder=sharder, timeout_s=120.0)
     assert case.verdict == "pass", f"{case.reason}\nreplay: {case.replay}"
     assert case.sharder == sharder and len(case.steps) == s.steps
-    for st in case.steps:
-        assert st.padding_ok is None and st.reassembly_ok is None and st.collectives_ok is None
+    for st in case.steps:  # the probes the adapters have run; the others are n/a
+        assert st.padding_ok is None and st.collectives_ok is None and st.resharded_ok is None
+        assert st.reassembly_ok is (True if sharder == "torch_fsdp2" else None)
         assert st.state_bytes and st.step_time_s > 0
+    statuses = {(c["check"], c["status"]) for c in case.checks}
+    assert ("padding", "n/a") in statuses and ("collectives", "n/a") in statuses
     if world_size <= 2:  # bitwise against the data-parallel reference, gradients included
         assert case.tier == "bitwise"
         assert all(st.bitwise and st.grads_ok for st in case.steps), case.first_divergence
 
 
 @pytestmark_multi
-def test_unsupported_is_decided_before_anything_runs(rank_pool):
+def test_skipped_is_decided_before_anything_runs(rank_pool):
     s = Scenario("special", (), 2)
     before = rank_pool.spawned_count if hasattr(rank_pool, "spawned_count") else None
     case = run_one(rank_pool, s, sharder="fsdp2")
-    assert case.verdict == "unsupported" and case.passed and not case.steps
-    assert case.reason.startswith("unsupported: FSDP2") and "--sharder torch_fsdp2" in case.replay
+    assert case.verdict == "skipped" and case.passed and not case.steps
+    assert case.reason.startswith("FSDP2 shards every parameter") and "--sharder torch_fsdp2" in case.replay
     if before is not None:
         assert rank_pool.spawned_count == before
 
@@ -90,16 +104,16 @@ def test_unsupported_is_decided_before_anything_runs(rank_pool):
 def test_peers_report_has_one_column_group_per_sharder(tmp_path):
     from verify.results import CaseResult, StepRecord
     rows = []
-    for sharder, verdict in (("fsdp_core", "pass"), ("torch_fsdp2", "pass"), ("ddp", "unsupported")):
-        steps = [] if verdict == "unsupported" else [StepRecord(
+    for sharder, verdict in (("fsdp_core", "pass"), ("torch_fsdp2", "pass"), ("ddp", "skipped")):
+        steps = [] if verdict == "skipped" else [StepRecord(
             step=0, loss=1.0, loss_ref=1.0, bitwise=True, state_bytes=[100, 100],
             step_time_s=0.01, padding_ok=None if sharder != "fsdp_core" else True)]
         rows.append(CaseResult(scenario_json=GPT.to_json(), sharder=sharder, family="gpt",
                                world_size=2, mode="fast", dtype="fp32", optimizer="sgd",
                                tier="bitwise", verdict=verdict, steps=steps,
-                               reason="unsupported: because" if verdict != "pass" else ""))
+                               reason="skipped: because" if verdict != "pass" else ""))
     text = write_peers_report(rows, tmp_path, title="t").read_text()
     header = next(line for line in text.splitlines() if line.startswith("| #"))
     for sharder in ("fsdp_core", "torch_fsdp2", "ddp"):
         assert f"{sharder}: verdict" in header
-    assert "unsupported: because" in text and "**PASS**" in text
+    assert "skipped: because" in text and "**PASS**" in text

@@ -60,7 +60,7 @@ def results():
         case("gpt", 8, "fast", verdict="error", steps=[],
              reason="Traceback (most recent call last):\n ...\nRuntimeError: rank 3 died")
         .to_dict(),
-        case("conv", 2, "fast", verdict="unsupported", steps=[], reason="0-d parameter").to_dict(),
+        case("conv", 2, "fast", verdict="skipped", steps=[], reason="0-d parameter").to_dict(),
     ]
 
 
@@ -162,7 +162,7 @@ def test_write_reports_and_rerender(tmp_path, results):
     assert {"equivalence.md", "results.csv", "results.json"} <= names
     md = (tmp_path / "equivalence.md").read_text()
     assert md.startswith("# Synthetic")
-    assert "**FAIL**: 6 cases, 4 passed, 2 failed, 1 unsupported" in md
+    assert "**FAIL**: 6 cases, 4 passed, 2 failed, 1 skipped" in md
     assert "## Summary" in md and "## Failing cases" in md and "## Per-step detail" in md
     csv = pd.read_csv(tmp_path / "results.csv")
     assert len(csv) == 6 and "max_abs" in csv

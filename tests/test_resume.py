@@ -13,7 +13,7 @@ import torch
 import resume_cases
 from verify.reference import run_reference
 from verify.resume import ResumeCase, draw_resume_cases, resume_reference, run_resume
-from verify.runner import run_case
+from verify.case.train import run_case
 from verify.scenarios import Scenario
 
 TIMEOUT = 240.0
@@ -306,4 +306,4 @@ def test_the_printed_replay_line_reruns_the_case(capsys):
     assert argv[:3] == ["python", "-m", "verify"]
     assert main(argv[3:]) == 0
     out = capsys.readouterr().out
-    assert out.startswith("PASS: resume W=2 -> 1 after 1/2 steps") and "step 1:" in out
+    assert out.startswith("PASS: fsdp_core resume W=2 -> 1 after 1/2 steps") and "step 1:" in out

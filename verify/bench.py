@@ -26,14 +26,22 @@ from typing import Optional, Sequence
 import torch
 import torch.distributed as dist
 
-from verify.peers import state_bytes as _state_bytes
-from verify.scenarios import Scenario, build_model, cat_batches, loss_fn, make_batch, wrap_units
+from verify.scenarios import Scenario
 
 __all__ = ["bench_case", "run_bench"]
 
-# fsdp_core fast, fsdp_core fast with prefetch off (what prefetch buys), fsdp_core deterministic,
-# FSDP2: every variant trains the same model on the same data, interleaved step by step.
-VARIANTS = ("fsdp_core", "fsdp_core_noprefetch", "fsdp_core_det", "fsdp2")
+# label -> (sharder spec, mode): every variant trains the same model on the same data through
+# the one training protocol (verify/case/train.py), interleaved step by step. `--sharder` adds
+# more (labelled by their adapter's name), timed against the same FSDP2.
+VARIANTS = {
+    "fsdp_core": ("fsdp_core", "fast"),
+    "fsdp_core_noprefetch": ("verify.sharders.fsdp_core:FsdpCoreNoPrefetch", "fast"),
+    "fsdp_core_det": ("fsdp_core", "deterministic"),
+    "fsdp2": ("torch_fsdp2", "fast"),
+}
+# One optimizer implementation for every variant: PyTorch picks the per-tensor loop for DTensor
+# (FSDP2) parameters and foreach for plain tensors unless told.
+BENCH_OPTIMIZER = {"foreach": True}
 
 
 def bench_scenario(world_size: int, *, width: int, layers: int, vocab: int, seq: int, batch: int) -> Scenario:
@@ -41,21 +49,6 @@ def bench_scenario(world_size: int, *, width: int, layers: int, vocab: int, seq:
                     model=tuple(sorted(dict(vocab_size=vocab, n_embd=width, n_head=max(1, width // 64),
                                             n_layer=layers, block_size=seq, tied=True, bias=True).items())),
                     micro_batches=world_size, micro_batch_size=batch, lr=1e-3, steps=1)
-
-
-def _shard(variant: str, s: Scenario, model, group):
-    if variant == "fsdp2":
-        from torch.distributed.device_mesh import DeviceMesh
-        from torch.distributed.fsdp import fully_shard
-        mesh = DeviceMesh.from_group(group, "cuda" if dist.get_backend(group) == "nccl" else "cpu")
-        for unit in wrap_units(s, model):
-            fully_shard(unit, mesh=mesh)
-        return model
-    import fsdp_core
-    for unit in wrap_units(s, model):
-        fsdp_core.fully_shard(unit, mesh=group, deterministic=(variant == "fsdp_core_det"))
-    model.set_prefetch(variant != "fsdp_core_noprefetch")
-    return model
 
 
 @contextlib.contextmanager
@@ -112,6 +105,13 @@ class _FSDP2Unsharded:
             setattr(self.cls, name, fn)
 
 
+def _uses_fsdp2(model) -> bool:
+    """Whether PyTorch's FSDP2 shards ``model`` (its unsharded bytes are measured through its
+    param groups; fsdp_core's are counted where it allocates them)."""
+    from torch.distributed.fsdp import FSDPModule
+    return any(isinstance(m, FSDPModule) for m in model.modules())
+
+
 def peak_allocated(step) -> int:
     """Peak bytes of tensor memory allocated during ``step()`` above what was allocated before
     it, from the profiler's allocation events: the same yardstick for every sharder
@@ -130,49 +130,49 @@ def peak_allocated(step) -> int:
 
 def bench_case(payload: dict, ctx) -> dict:
     """Rank side: build every variant, time interleaved steps, measure memory and traffic."""
+    import dataclasses
     from fsdp_core._unit import UNSHARDED_BYTES
-    from verify.runner import CollectiveRecorder, expected_collectives, _watch_units
+    from verify.case.probes import CollectiveRecorder, state_bytes, watch_units
+    from verify.case.train import Trainer
+    from verify.sharders import StepTrace
     torch.set_num_threads(1)
     s = Scenario.from_json(payload["scenario"])
-    variants = payload.get("variants", VARIANTS)
-    models, opts = {}, {}
-    for v in variants:
-        models[v] = _shard(v, s, build_model(s), ctx.group)
-        # One optimizer implementation for every variant: PyTorch picks the per-tensor loop for
-        # DTensor (FSDP2) parameters and foreach for plain tensors unless told.
-        opts[v] = torch.optim.AdamW(models[v].parameters(), lr=s.lr, foreach=True)
+    variants = payload.get("variants") or VARIANTS
+    trainers = {}
+    for v, (spec, mode) in variants.items():
+        trainers[v] = Trainer(spec, dataclasses.replace(s, mode=mode), ctx,
+                              optimizer_kwargs=BENCH_OPTIMIZER)
     times: dict[str, list[float]] = {v: [] for v in variants}
     out: dict = {"rank": ctx.rank, "variants": {v: {} for v in variants}}
     steps, warmup = payload.get("steps", 5), payload.get("warmup", 2)
 
-    def train(v, batch):
-        loss_fn(s, models[v], batch).backward()
-        state = _state_bytes(models[v], opts[v])
-        opts[v].step()
+    def train(tr, step) -> Optional[int]:
+        tr.forward_backward(step)
+        state = state_bytes(tr.optimizer)
+        tr.optimizer.step()
         return state
 
     for step in range(warmup + steps + 1):  # the last step measures memory and traffic, untimed
-        batch = cat_batches([make_batch(s, step, ctx.rank)])
         measure = step == warmup + steps
-        for v in variants:
+        for v, tr in trainers.items():
             entry = out["variants"][v]
             dist.barrier(group=ctx.group)
             if not measure:
                 t0 = time.perf_counter()
-                train(v, batch)
+                train(tr, step)
                 dist.barrier(group=ctx.group)
                 if step >= warmup:
                     times[v].append(time.perf_counter() - t0)
             else:
                 rec = CollectiveRecorder()
-                calls, in_bw, handles = _watch_units(models[v]) if v != "fsdp2" else ({}, set(), [])
+                calls, in_bw, handles = watch_units(tr.plan.units)
                 UNSHARDED_BYTES.reset_peak()
                 base = UNSHARDED_BYTES.now  # other variants' buffers: all resharded between steps
-                fsdp2 = _FSDP2Unsharded() if v == "fsdp2" else None
+                fsdp2 = _FSDP2Unsharded() if _uses_fsdp2(tr.model) else None
                 result: dict = {}
                 try:
                     with rec.recording():
-                        entry["peak_allocated"] = peak_allocated(lambda: result.update(state=train(v, batch)))
+                        entry["peak_allocated"] = peak_allocated(lambda: result.update(state=train(tr, step)))
                 finally:
                     if fsdp2 is not None:
                         fsdp2.close()
@@ -181,16 +181,17 @@ def bench_case(payload: dict, ctx) -> dict:
                     h.remove()
                 entry["state_bytes"] = result["state"]
                 entry["collectives"] = rec.take()
-                if v != "fsdp2":
+                if fsdp2 is None:
                     entry["peak_unsharded"] = UNSHARDED_BYTES.peak - base
-                    det = s.__class__(**{**s.__dict__, "mode": "deterministic" if v.endswith("det") else "fast"})
-                    entry["expected"] = expected_collectives(det, models[v], calls, in_bw)
-            opts[v].zero_grad(set_to_none=True)
+                trace = StepTrace(mode=tr.s.mode, micro_batches=1, forward_calls=dict(calls),
+                                  backward_units=set(in_bw), recorded=entry["collectives"])
+                entry["expected"] = tr.sharder.expected_collectives(tr.model, trace)
+            tr.zero_grad()
     for v in variants:
         out["variants"][v]["step_s"] = statistics.median(times[v])
-    if "fsdp_core" in models:
+    if "fsdp_core" in trainers:
         import fsdp_core
-        units = fsdp_core.units_of(models["fsdp_core"])
+        units = fsdp_core.units_of(trainers["fsdp_core"].model)
         out["n_params"] = sum(sum(u.layout.numels) for u in units)
         out["largest_unit_bytes"] = max(u.layout.used_numel for u in units) * 4
     return out
@@ -230,10 +231,21 @@ def _row(w: int, values: list[dict]) -> dict:
         unsharded_over_fsdp2=(peak_unsharded["fsdp_core"] / peak_unsharded["fsdp2"]
                               if peak_unsharded["fsdp2"] else None),
         collectives=ours["collectives"], expected=ours["expected"],
-        collectives_ok=all(_same_traffic(v[k]) for k in v if k != "fsdp2"),
+        collectives_ok=all(_same_traffic(v[k]) for k in v if v[k].get("expected") is not None),
         det_collectives=v["fsdp_core_det"]["collectives"], det_expected=v["fsdp_core_det"]["expected"],
         fsdp2_collectives=v["fsdp2"]["collectives"],
     )
+
+
+def _extra_row(w: int, label: str, values: list[dict]) -> dict:
+    v = values[0]["variants"]
+    state = [rv["variants"][label]["state_bytes"] for rv in values]
+    return dict(world_size=w, sharder=label, ms=1e3 * v[label]["step_s"],
+                fsdp2_ms=1e3 * v["fsdp2"]["step_s"],
+                over_fsdp2=v[label]["step_s"] / v["fsdp2"]["step_s"],
+                state=None if None in state else max(state),
+                fsdp2_state=max(rv["variants"]["fsdp2"]["state_bytes"] for rv in values),
+                collectives=v[label]["collectives"], expected=v[label]["expected"])
 
 
 def _same_traffic(entry: dict) -> bool:
@@ -243,12 +255,41 @@ def _same_traffic(entry: dict) -> bool:
 def run_bench(*, world_sizes: Sequence[int] = (1, 2, 4, 8), steps: int = 10, warmup: int = 2,
               width: int = 256, layers: int = 6, vocab: int = 1024, seq: int = 64, batch: int = 8,
               out_dir: str | Path = "reports", harness_cases: int = 20, spawn_cases: Optional[int] = None,
-              timeout_s: float = 600.0) -> dict:
+              timeout_s: float = 600.0, sharders: Sequence[str] = ()) -> dict:
+    """``sharders``: more sharder specs (a user's ``pkg.module:Name``), each timed at every
+    world size against FSDP2 in the same run, on its own ranks (interleaved with FSDP2 step by
+    step), reported in a table of their own."""
     from verify.pool import RankPool
+    from verify.poolset import PoolSet
+    from verify.sharders import display_name, load_class, resolve
     torch.set_num_threads(1)
-    rows = []
-    with RankPool(max(world_sizes), timeout_s=timeout_s) as pool:
+    rows, extra_rows = [], []
+    extra = {}
+    for spec in sharders:
+        spec = resolve(spec)
+        if spec not in [sp for sp, _ in VARIANTS.values()] or spec == "torch_fsdp2":
+            extra[display_name(spec)] = spec
+    with PoolSet(RankPool(max(world_sizes), timeout_s=timeout_s), timeout_s=timeout_s) as pool:
         for w in world_sizes:
+            s = bench_scenario(w, width=width, layers=layers, vocab=vocab, seq=seq, batch=batch)
+            for label, spec in extra.items():
+                if label == "torch_fsdp2":
+                    continue
+                ranks, why = pool.for_world(load_class(spec).world, w)
+                if ranks is None:
+                    print(f"bench: {label} at W={w} skipped: {why}", flush=True)
+                    continue
+                variants = {label: (spec, "fast"), "fsdp2": VARIANTS["fsdp2"]}
+                res = ranks.run(w, bench_case, {"scenario": s.to_json(), "steps": steps,
+                                                "warmup": warmup, "variants": variants},
+                                timeout_s=timeout_s)
+                if not res.ok:
+                    raise RuntimeError(f"bench of {label} at W={w} failed:\n{res.error}")
+                extra_rows.append(_extra_row(w, label, res.values))
+                r = extra_rows[-1]
+                print(f"  {label} {r['ms']:.1f} ms, FSDP2 {r['fsdp2_ms']:.1f} ms, {label}/FSDP2 "
+                      f"{r['over_fsdp2']:.2f}; state {_fmt_bytes(r['state'])} vs FSDP2 "
+                      f"{_fmt_bytes(r['fsdp2_state'])}", flush=True)
             s = bench_scenario(w, width=width, layers=layers, vocab=vocab, seq=seq, batch=batch)
             print(f"bench: W={w} ({', '.join(VARIANTS)}), {warmup} warm-up + {steps} timed steps", flush=True)
             res = pool.run(w, bench_case, {"scenario": s.to_json(), "steps": steps, "warmup": warmup},
@@ -267,7 +308,7 @@ def run_bench(*, world_sizes: Sequence[int] = (1, 2, 4, 8), steps: int = 10, war
               f"through the pool vs {overhead['spawn_case_s']:.2f} s on freshly spawned ranks: "
               f"{overhead['case_ratio']:.1f}x ({overhead['spawn_cases']} of {overhead['cases']} cases run both ways)",
               flush=True)
-    report = {"rows": rows, "overhead": overhead,
+    report = {"rows": rows, "overhead": overhead, "extra_rows": extra_rows,
               "config": dict(width=width, layers=layers, vocab=vocab, seq=seq, batch=batch,
                              steps=steps, warmup=warmup)}
     _write(report, Path(out_dir))
@@ -279,11 +320,13 @@ def _harness_cost(pool, world_size: int, n: int, n_spawn: Optional[int] = None) 
     harness without a pool pays: spawn, import, group init, a cold case, teardown), both with
     the reference and the comparison, measured now. The pool first runs one other case, so
     its ranks have imported the harness (a campaign pays that once)."""
-    from verify.campaign import draw_scenarios, evaluate, run_one
+    from verify.campaign import draw_scenarios, replay_command, run_one
+    from verify.case.judge import evaluate
+    from verify.case.train import run_case
     from verify.pool import measure_overhead, spawn_run
     from verify.rank import PoolResult
     from verify.reference import run_reference
-    from verify.runner import run_case
+    from verify.sharders import load
     cases = draw_scenarios(world_size=world_size, mode="deterministic", n=n + 1, seed=0)
     run_one(pool, cases[0])
     pool_times = []
@@ -305,7 +348,8 @@ def _harness_cost(pool, world_size: int, n: int, n_spawn: Optional[int] = None) 
         ref = run_reference(s)
         ranks.join()
         wall, values = box["out"]
-        case = evaluate(s, "fsdp_core", PoolResult(True, values, None, wall), ref, wall)
+        case = evaluate(s, load("fsdp_core"), "fsdp_core", PoolResult(True, values, None, wall), ref,
+                        wall, replay=replay_command(s))
         spawn_times.append(time.perf_counter() - t0)
         if case.verdict != "pass":
             raise RuntimeError(f"harness cost: a drawn case did not pass on spawned ranks: {case.replay}")
@@ -377,6 +421,16 @@ def _write(report: dict, out: Path) -> None:
         lines.append(f"- W={r['world_size']} ({'= formula' if r['collectives_ok'] else 'NOT the formula'}): "
                      f"fast {r['collectives']} (formula {r['expected']}); deterministic {r['det_collectives']} "
                      f"(formula {r['det_expected']}); FSDP2 {r['fsdp2_collectives']}")
+    if report.get("extra_rows"):
+        lines += ["", "## Other sharders against FSDP2", "",
+                  "Each named with `--sharder`, timed against FSDP2 interleaved step by step on the "
+                  "same ranks, the same GPT, data and optimizer options.", "",
+                  "| sharder | W | ms | FSDP2 ms | sharder/FSDP2 | state/rank | FSDP2 state/rank |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in report["extra_rows"]:
+            lines.append(f"| {r['sharder']} | {r['world_size']} | {r['ms']:.1f} | {r['fsdp2_ms']:.1f} | "
+                         f"{r['over_fsdp2']:.2f} | {_fmt_bytes(r['state'])} | "
+                         f"{_fmt_bytes(r['fsdp2_state'])} |")
     every = ov["spawn_cases"] == ov["cases"]
     lines += ["", "## Harness", "",
               f"At W={ov['world_size']}, drawn deterministic cases, each with its reference and comparison: "

@@ -7,7 +7,7 @@ capped), a byte-level vocabulary of 256. The last tenth is held out.
 The model is the nanoGPT-style family (verify/scenarios/gpt.py), AdamW. For each mode, the same
 model, data and optimizer train twice for the same steps:
 - sharded: fsdp_core at W ranks of a rank pool (per-block units), the harness's protocol
-  ([Note: the training protocol] in verify/runner.py);
+  ([Note: the training protocol] in verify/case/train.py);
 - unsharded: plain single-process PyTorch. fast: one forward/backward on the whole global
   batch (what a user runs without a sharder); deterministic: the M micro-batch gradients summed
   by the balanced tree, which deterministic mode promises to equal bit for bit.
@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 from verify.scenarios import (Scenario, _derive_seed, build_model, loss_fn, make_optimizer,
@@ -95,41 +94,22 @@ def _train_data(corpus: bytes) -> tuple[torch.Tensor, torch.Tensor]:
 # -- rank side ----------------------------------------------------------------------------------
 
 def converge_case(payload: dict, ctx) -> dict:
-    """Train ``payload["scenario"]`` sharded by fsdp_core on the corpus; return the step losses
-    and (rank 0) the final full state dict."""
-    import fsdp_core
-    from verify.runner import shard_fsdp_core
-    torch.set_num_threads(1)
+    """Train ``payload["scenario"]`` sharded by ``payload["sharder"]`` (default fsdp_core) on
+    the corpus through the one training protocol (`verify.case.train.Trainer`); return the step
+    losses and (rank 0) the final full parameters."""
+    from verify.case.train import Trainer
     s = Scenario.from_json(payload["scenario"])
     train, _ = _train_data(payload["corpus"])
-    W, r, k = ctx.world_size, ctx.rank, s.k
-    model = shard_fsdp_core(s, build_model(s), ctx.group)
-    opt = make_optimizer(s, model.named_parameters())
+    trainer = Trainer(payload.get("sharder", "fsdp_core"), s, ctx,
+                      batch_fn=lambda step, m: corpus_batch(train, s, step, m))
     losses, times = [], []
     for step in range(s.steps):
-        mine = [corpus_batch(train, s, step, m) for m in range(r * k, (r + 1) * k)]
         t0 = time.perf_counter()
-        if s.mode == "deterministic":
-            local = []
-            for i, batch in enumerate(mine):
-                model.set_requires_gradient_sync(i == k - 1)
-                loss = loss_fn(s, model, batch)
-                (loss / k).backward()
-                local.append(loss.detach().float())
-        else:
-            loss = loss_fn(s, model, _cat(mine))
-            loss.backward()
-            local = [loss.detach().float()]
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        loss = trainer.train_step(step)
         times.append(time.perf_counter() - t0)
-        local_t = torch.stack(local)
-        gathered = torch.empty(W * local_t.numel(), dtype=local_t.dtype)
-        dist.all_gather_into_tensor(gathered, local_t, group=ctx.group)
-        parts = list(gathered)
-        losses.append(float(step_loss(parts) if s.mode == "deterministic" else tree(parts) / W))
-    full = fsdp_core.full_state_dict(model)
-    return dict(losses=losses, step_s=times, params=full if r == 0 else None)
+        losses.append(float(loss))
+    full = trainer.sharder.full_parameters(trainer.model, trainer.optimizer)
+    return dict(losses=losses, step_s=times, params=full if ctx.rank == 0 else None)
 
 
 # -- parent side --------------------------------------------------------------------------------

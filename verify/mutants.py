@@ -34,32 +34,7 @@ def failed_checks(case: CaseResult) -> tuple[str, ...]:
     torch.distributed collective failed verify/backend_check.py)."""
     if case.verdict == "error":
         return ("error",)
-    found = set()
-    for line in case.reason.splitlines():
-        if "reduced gradients not bitwise equal" in line:
-            found.add("gradients")
-        elif "not bitwise equal" in line:
-            found.add("bitwise")
-        for tier in ("tolerance", "reported"):
-            if f"not within the {tier} bounds" in line:
-                found.add(tier)
-        if "missing parameters" in line or "unexpected parameters" in line:
-            found.add("structure")
-        if "padding not zero" in line:
-            found.add("padding")
-        if "backend check failed" in line:
-            found.add("backend")
-        if "still unsharded after backward" in line:
-            found.add("resharded")
-    for st in case.steps:
-        if not st.padding_ok:
-            found.add("padding")
-        if not st.reassembly_ok:
-            found.add("reassembly")
-        if not st.collectives_ok:
-            found.add("collectives")
-        if st.grads_ok is False:
-            found.add("gradients")
+    found = {c["check"] for c in case.checks if c["status"] == "fail"}
     return tuple(c for c in CHECKS if c in found)
 
 

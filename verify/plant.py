@@ -4,7 +4,7 @@ inside a rank process so that the harness can prove it catches them.
 A plant is a function ``install(ctx) -> undo``: it monkeypatches ``torch.distributed`` (below the
 sharder, where an unseen bug would be injected) or fsdp_core internals (``_collectives``,
 ``_unit.FlatUnit``, ``_module``), and returns a callable that restores every patched attribute.
-``verify.runner.run_case`` installs ``payload["plant"]`` before it builds the model and undoes
+``verify.case.train.run_case`` installs ``payload["plant"]`` before it builds the model and undoes
 it when the case ends (ranks are reused across cases, so an undo must be exact).
 
 `BUGS` are silent numerical or bookkeeping bugs: each names the fixed small scenarios it must

@@ -134,7 +134,9 @@ def serve(rank: int, max_world_size: int, backend: str, store_port: int, prefix:
                                 world_size=max_world_size, timeout=_PG_TIMEOUT)
         contexts: dict[int, RankContext] = {}
         for w in pool_world_sizes(max_world_size):     # same order on every rank
-            group = dist.new_group(list(range(w)))
+            # the whole pool is the default group itself: a sharder that uses the default
+            # group (world = "default") runs there at W = max_world_size
+            group = dist.group.WORLD if w == max_world_size else dist.new_group(list(range(w)))
             if rank < w:
                 contexts[w] = RankContext(rank=rank, world_size=w, group=group, device=device)
     except BaseException:

@@ -43,7 +43,7 @@ def _as_dict(result: Any) -> dict[str, Any]:
 
 
 def _passed(r: dict[str, Any]) -> bool:
-    return bool(r["passed"]) if "passed" in r else r.get("verdict") in ("pass", "unsupported")
+    return bool(r["passed"]) if "passed" in r else r.get("verdict") in ("pass", "skipped")
 
 
 def _scalar(v: Any) -> bool:
@@ -323,11 +323,11 @@ def write_reports(results: Iterable[Any], out_dir: str | Path, *,
     n = len(df)
     passed = int(df["passed"].sum()) if n else 0
     failed = int(df["verdict"].isin(_FAILED).sum()) if n else 0
-    unsupported = int((df["verdict"] == "unsupported").sum()) if n else 0
+    skipped = int((df["verdict"] == "skipped").sum()) if n else 0
     status = "PASS" if passed == n else "FAIL"
     lines = [f"# {title}", "",
              f"**{status}**: {n} cases, {passed} passed, {failed} failed"
-             + (f", {unsupported} unsupported" if unsupported else "") + f". Generated {now}.",
+             + (f", {skipped} skipped" if skipped else "") + f". Generated {now}.",
              ""]
     if n:
         lines += [_describe_run(df), ""]
@@ -620,14 +620,14 @@ def peers_table(df: pd.DataFrame, sharders: list[str]) -> str:
 
 
 def _peers_summary(df: pd.DataFrame, sharders: list[str]) -> str:
-    """Markdown: per sharder, world size and tier: cases, passed, unsupported, bitwise, worst
+    """Markdown: per sharder, world size and tier: cases, passed, skipped, bitwise, worst
     |Δ param| and |Δ loss|, median step time and state per rank."""
     rows = []
     for (sh, w, tier), g in df.groupby(["sharder", "world_size", "tier"], sort=False):
         ran = g[g["n_steps"] > 0]
         step = ran["step_time_s"].median() if not ran.empty else None
         rows.append([sh, str(w), tier, str(len(g)), str(int(g["verdict"].eq("pass").sum())),
-                     str(int(g["verdict"].eq("unsupported").sum())),
+                     str(int(g["verdict"].eq("skipped").sum())),
                      str(int(g["verdict"].isin(_FAILED).sum())),
                      f"{int(ran['bitwise'].sum())}/{len(ran)}", _num(ran["max_abs"].max()),
                      _num(ran["max_loss_diff"].max()),
@@ -635,19 +635,20 @@ def _peers_summary(df: pd.DataFrame, sharders: list[str]) -> str:
                      _bytes(ran["state_bytes"].median())])
     order = {sh: i for i, sh in enumerate(sharders)}
     rows.sort(key=lambda r: (order.get(r[0], 99), int(r[1]), r[2]))
-    return _md(rows, ["sharder", "W", "tier", "cases", "passed", "unsupported", "failed",
+    return _md(rows, ["sharder", "W", "tier", "cases", "passed", "skipped", "failed",
                       "bitwise (of run)", "max \\|Δ param\\|", "max \\|Δ loss\\|",
                       "median step ms", "median state/rank"])
 
 
 _PEERS_LEGEND = """\
 Every sharder runs the same drawn cases (the same scenario JSON: model, data, optimizer, wrap
-plan, world size) against the same reference. A peer is held to the tier fsdp_core is held to
-(see `verify/peers.py`, [Note: peer tiers]): bitwise at W <= 2 in fast mode, the dtype's
-`torch.testing` tolerance with SGD at W >= 4, reported bounds with Adam at W >= 4.
-*unsupported* cases are those a peer cannot run (below, why); they do not fail the run. The
-fsdp_core-only checks (padding, shard reassembly, reduced-gradient pieces, the collective
-formula) are in `equivalence.md`; here every sharder gets the numerical comparison only.
+plan, world size) against the same reference, held to the tier of DESIGN section 3 (an adapter
+may only loosen it where it provably cannot owe it, e.g. `verify/sharders/torch_fsdp2.py`,
+[Note: peer tiers]): bitwise at W <= 2 in fast mode, the dtype's `torch.testing` tolerance with
+SGD at W >= 4, reported bounds with Adam at W >= 4. *skipped* cases are those a sharder does
+not run (below, why); they do not fail the run. The invariant checks (padding, resharded, shard
+reassembly, reduced gradients, the collective formula) run for every sharder whose adapter has
+the probe, n/a otherwise; they are in `equivalence.md`.
 *step ms* is rank 0's forward + backward + optimizer step, median over the steps (tiny models
 on CPU/gloo, so mostly per-call overhead: compare within a row, not across machines); *state/rank*
 is the largest per-rank bytes of parameters + gradients + optimizer state (DDP holds a full
@@ -672,7 +673,7 @@ def write_peers_report(results: Iterable[Any], out_dir: str | Path, *,
     for sh in sharders:
         g = df[df["sharder"] == sh]
         counts.append(f"{sh}: {int(g['verdict'].eq('pass').sum())} passed, "
-                      f"{int(g['verdict'].eq('unsupported').sum())} unsupported, "
+                      f"{int(g['verdict'].eq('skipped').sum())} skipped, "
                       f"{int(g['verdict'].isin(_FAILED).sum())} failed")
     status = "PASS" if bool(df["passed"].all()) else "FAIL"
     lines = [f"# Peers: {title}", "",
@@ -680,10 +681,10 @@ def write_peers_report(results: Iterable[Any], out_dir: str | Path, *,
              f"sharder(s). " + "; ".join(counts) + f". Generated {now}.", "",
              "## By sharder and world size", "", _peers_summary(df, sharders), "",
              "## Case by case", "", peers_table(df, sharders), "", _PEERS_LEGEND, ""]
-    unsupported = df[df["verdict"] == "unsupported"]
-    if not unsupported.empty:
-        lines += ["## Unsupported: why", ""]
-        reasons = unsupported.groupby(["sharder", "reason"], sort=False).size()
+    skipped = df[df["verdict"] == "skipped"]
+    if not skipped.empty:
+        lines += ["## Skipped: why", ""]
+        reasons = skipped.groupby(["sharder", "reason"], sort=False).size()
         lines += [_md([[sh, _cell(reason), str(n)] for (sh, reason), n in reasons.items()],
                       ["sharder", "reason", "cases"]), ""]
     bad = df[df["verdict"].isin(_FAILED)]

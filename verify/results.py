@@ -14,8 +14,9 @@ __all__ = ["StepRecord", "CaseResult", "VERDICTS"]
 
 # pass: every check of the case's tier held. fail: a check failed (a numerical divergence,
 # padding written, a shard that does not reassemble). error: the case did not complete (a rank
-# raised, died or hung). unsupported: the sharder cannot run this case (reason says why).
-VERDICTS = ("pass", "fail", "error", "unsupported")
+# raised, died or hung). skipped: the sharder does not run this case (reason says why: outside
+# its declared modes or dtypes, or its unsupported()).
+VERDICTS = ("pass", "fail", "error", "skipped")
 
 
 @dataclass
@@ -37,6 +38,7 @@ class StepRecord:
     reassembly_ok: Optional[bool] = True  # local shards concatenate to the full parameters
     grads_ok: Optional[bool] = None   # bitwise tier: reduced gradients bitwise equal to the
                                       # reference's step gradient (None: not compared)
+    resharded_ok: Optional[bool] = None  # no unit holds a gathered copy once backward is done
     collectives: dict[str, list[int]] = field(default_factory=dict)  # kind -> [count, bytes] (rank 0)
     collectives_expected: dict[str, list[int]] = field(default_factory=dict)  # the formula
     collectives_ok: Optional[bool] = True  # recorded == formula for every kind the formula names
@@ -68,10 +70,14 @@ class CaseResult:
     # `save_after` steps and saved; world_size is the one that loaded and finished.
     save_world_size: Optional[int] = None
     save_after: Optional[int] = None
+    sharder_spec: str = ""             # how --sharder names it (a built-in name or pkg.module:Name)
+    # Structured check records (verify/case/judge.py `Check`): check, status (pass | fail |
+    # n/a), step, rank, detail. The reason is their failures' details, for people.
+    checks: list[dict] = field(default_factory=list)
 
     @property
     def passed(self) -> bool:
-        return self.verdict in ("pass", "unsupported")
+        return self.verdict in ("pass", "skipped")
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

@@ -3,13 +3,13 @@ W_b into a freshly built (differently initialised) model and optimizer, train th
 steps, and compare every step with the reference of the uninterrupted run.
 
 A `ResumeCase` is a `Scenario` (as it finishes: ``world_size`` = W_b, ``steps`` the total) plus
-W_a and ``s``. Two pool runs make a case: `save_phase` on ranks 0..W_a-1 (the first ``s`` steps,
-then `fsdp_core.checkpoint.save` into a directory the parent chose), then `load_phase` on ranks
-0..W_b-1 (`fsdp_core.checkpoint.load`, steps ``s..steps-1``). Both train through
-`verify.runner.train_steps`, so a resumed step records exactly what a `run_case` step records,
-and `verify.campaign.evaluate` judges each phase; `evaluate_resume` joins the two into one
-`CaseResult` (family ``resume:<family>``, ``world_size`` W_b, ``save_world_size`` W_a,
-``save_after`` s).
+W_a and ``s``, run for any sharder whose adapter has ``save`` and ``load`` (DESIGN section 6).
+Two pool runs make a case: `save_phase` on ranks 0..W_a-1 (the first ``s`` steps, then the
+adapter's ``save`` into a directory the parent chose), then `load_phase` on ranks 0..W_b-1 (the
+adapter's ``load``, steps ``s..steps-1``). Both train through `verify.case.train.Trainer`, so a
+resumed step records exactly what any case's step records, and `verify.case.judge.evaluate`
+judges each phase; `evaluate_resume` joins the two into one `CaseResult` (family
+``resume:<family>``, ``world_size`` W_b, ``save_world_size`` W_a, ``save_after`` s).
 
 [Note: the reference of a resumed run]
 deterministic: the step gradient is tree(grad(loss_m / k)) / W with k = M / W. W and k are
@@ -24,15 +24,14 @@ fast: the data-parallel reference depends on W (each rank's mean loss, averaged)
     world_size_at=...)`). A resumed run inherits the differences of the steps before the
     checkpoint, so the steps after it are held to the looser tier of the two world sizes; the
     steps before it to W_a's own.
-Between the phases the loaded state (parameters and persistent buffers, through
-`full_state_dict`) must equal, bit for bit, the state saved after step s - 1.
+Between the phases the loaded state (the adapter's ``full_parameters``) must equal, bit for
+bit, the state saved after step s - 1 (check ``loaded``).
 """
 from __future__ import annotations
 
 import dataclasses
 import os
 import random
-import re
 import tempfile
 import time
 from collections import defaultdict
@@ -43,13 +42,11 @@ import torch
 import torch.distributed as dist
 
 from verify.results import CaseResult
-from verify.scenarios import Scenario, build_model, make_optimizer
+from verify.scenarios import Scenario, build_model
+from verify.sharders import DEFAULT_SHARDER
 
 __all__ = ["ResumeCase", "save_phase", "load_phase", "resume_reference", "run_resume",
            "evaluate_resume", "draw_resume_cases", "resume_replay_command", "replay_resume"]
-
-SHARDER = "fsdp_core"        # fsdp_core.checkpoint is this sharder's API
-
 
 @dataclass(frozen=True)
 class ResumeCase:
@@ -89,46 +86,36 @@ def _shared_path(payload: dict, ctx) -> str:
     return paths[0]
 
 
-def _setup(s: Scenario, ctx, model: torch.nn.Module):
-    from verify.runner import SHARDERS
-    if s.world_size != ctx.world_size:
-        raise ValueError(f"scenario world_size {s.world_size} sent to a group of {ctx.world_size} ranks")
-    torch.set_num_threads(1)
-    model = SHARDERS[SHARDER](s, model, ctx.group)
-    return model, make_optimizer(s, model.named_parameters())
-
-
 def save_phase(payload: dict, ctx) -> dict:
-    """Ranks 0..W_a-1: train steps [0, s), then save model and optimizer to payload["path"]."""
-    import fsdp_core.checkpoint
-    from verify.runner import _padding_bad, train_steps
+    """Ranks 0..W_a-1: train steps [0, s), then save model and optimizer to payload["path"]
+    through the adapter's ``save``."""
+    from verify.case.train import Trainer
     path = _shared_path(payload, ctx)
     s = Scenario.from_json(payload["scenario_a"])
-    model, opt = _setup(s, ctx, build_model(s))
-    pad_init = _padding_bad(model, opt)
-    records = train_steps(s, ctx, model, opt, range(payload["save_after"]))
-    fsdp_core.checkpoint.save(path, model, opt)
+    trainer = Trainer(payload["sharder"], s, ctx)
+    pad_init = trainer.padding()
+    records = trainer.steps(range(payload["save_after"]))
+    trainer.sharder.save(path, trainer.model, trainer.optimizer)
     return dict(rank=ctx.rank, pad_init=pad_init, records=records)
 
 
 def load_phase(payload: dict, ctx) -> dict:
     """Ranks 0..W_b-1: a model and optimizer built afresh, their parameters and persistent
     buffers overwritten with another seed's (so that whatever the load misses shows), then
-    loaded from payload["path"] and trained on steps [s, steps). ``pad_init`` is the padding
-    checked right after the load; ``loaded`` (rank 0) the full state as loaded."""
-    import fsdp_core
-    import fsdp_core.checkpoint
-    from verify.runner import _padding_bad, train_steps
+    loaded from payload["path"] through the adapter's ``load`` and trained on steps
+    [s, steps). ``pad_init`` is the padding checked right after the load; ``loaded`` (rank 0)
+    the full parameters as loaded."""
+    from verify.case.train import Trainer
     path = _shared_path(payload, ctx)
     s = Scenario.from_json(payload["scenario_b"])
     model = build_model(s)
     decoy = build_model(dataclasses.replace(s, seed=(s.seed + 0x5EED) % 2**63))
     model.load_state_dict(decoy.state_dict())   # non-persistent buffers keep the real init
-    model, opt = _setup(s, ctx, model)
-    fsdp_core.checkpoint.load(path, model, opt)
-    pad_init = _padding_bad(model, opt)
-    loaded = fsdp_core.full_state_dict(model)   # collective
-    records = train_steps(s, ctx, model, opt, range(payload["save_after"], s.steps))
+    trainer = Trainer(payload["sharder"], s, ctx, model=model)
+    trainer.sharder.load(path, trainer.model, trainer.optimizer)
+    pad_init = trainer.padding()
+    loaded = trainer.sharder.full_parameters(trainer.model, trainer.optimizer)   # collective
+    records = trainer.steps(range(payload["save_after"], s.steps))
     return dict(rank=ctx.rank, pad_init=pad_init, records=records,
                 loaded=loaded if ctx.rank == 0 else None)
 
@@ -145,28 +132,45 @@ def resume_reference(case: ResumeCase):
     return run_reference(s, world_size_at=lambda step: w_a if step < cut else w_b)
 
 
-def resume_replay_command(case: ResumeCase) -> str:
-    return (f"python -m verify replay --resume-from {case.save_world_size} "
+def resume_replay_command(case: ResumeCase, sharder: str = DEFAULT_SHARDER) -> str:
+    extra = "" if sharder == DEFAULT_SHARDER else f" --sharder {sharder}"
+    return (f"python -m verify replay{extra} --resume-from {case.save_world_size} "
             f"--save-after {case.save_after} '{case.scenario.to_json()}'")
 
 
-def run_resume(pool, case: ResumeCase, *, timeout_s: Optional[float] = None,
-               ckpt_dir: Optional[str] = None, keep_values: bool = False, load_fn=None):
-    """One resume case through the pool (two runs), compared with its reference. The checkpoint
-    lives in a temporary directory under ``ckpt_dir`` (default: the system's), removed after.
-    With ``keep_values`` returns (CaseResult, save-phase PoolResult, load-phase PoolResult).
-    ``load_fn``: a rank function standing in for `load_phase` (tests plant broken loads)."""
+def run_resume(pool, case: ResumeCase, *, sharder: str = DEFAULT_SHARDER,
+               timeout_s: Optional[float] = None, ckpt_dir: Optional[str] = None,
+               keep_values: bool = False, load_fn=None):
+    """One resume case through the pool (two runs) with ``sharder``'s save and load, compared
+    with its reference. The checkpoint lives in a temporary directory under ``ckpt_dir``
+    (default: the system's), removed after. With ``keep_values`` returns (CaseResult,
+    save-phase PoolResult, load-phase PoolResult). ``load_fn``: a rank function standing in
+    for `load_phase` (tests plant broken loads)."""
+    from verify.poolset import as_pool_set
+    from verify.sharders import has_checkpointing, load, resolve
     torch.set_num_threads(1)
+    spec = resolve(sharder)
+    adapter = load(spec)
+    if not has_checkpointing(adapter):
+        raise ValueError(f"{adapter.name} has no save/load: no resume cases for it")
     s = case.scenario
+    pools = as_pool_set(pool)
+    pool_a, why_a = pools.for_world(adapter.world, case.save_world_size)
+    pool_b, why_b = pools.for_world(adapter.world, s.world_size)
+    if pool_a is None or pool_b is None:
+        out = _resume_result(case, spec, adapter)
+        out.verdict, out.reason = "skipped", why_a or why_b
+        return (out, None, None) if keep_values else out
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="verify-resume-", dir=ckpt_dir) as tmp:
         payload = {"scenario_a": case.scenario_a.to_json(), "scenario_b": s.to_json(),
-                   "save_after": case.save_after, "path": os.path.join(tmp, "ckpt")}
-        res_a = pool.run(case.save_world_size, save_phase, payload, timeout_s=timeout_s)
-        res_b = pool.run(s.world_size, load_fn or load_phase, payload,
-                         timeout_s=timeout_s) if res_a.ok else None
+                   "save_after": case.save_after, "path": os.path.join(tmp, "ckpt"),
+                   "sharder": spec}
+        res_a = pool_a.run(case.save_world_size, save_phase, payload, timeout_s=timeout_s)
+        res_b = pool_b.run(s.world_size, load_fn or load_phase, payload,
+                           timeout_s=timeout_s) if res_a.ok else None
     ref = resume_reference(case) if res_a.ok and res_b.ok else None
-    result = evaluate_resume(case, res_a, res_b, ref, time.perf_counter() - t0)
+    result = evaluate_resume(case, res_a, res_b, ref, time.perf_counter() - t0, sharder=spec)
     return (result, res_a, res_b) if keep_values else result
 
 
@@ -175,13 +179,6 @@ def _looser(case: ResumeCase) -> Scenario:
     only loosen as W grows) and its M suffices for both."""
     s = case.scenario
     return dataclasses.replace(s, world_size=max(s.world_size, case.save_world_size))
-
-
-_STEP = re.compile(r"(?m)^step (\d+)")
-
-
-def _shift(text: str, by: int) -> str:
-    return _STEP.sub(lambda m: f"step {int(m.group(1)) + by}", text)
 
 
 def _loaded_problems(saved: dict, loaded: dict, cut: int) -> list[str]:
@@ -197,40 +194,58 @@ def _loaded_problems(saved: dict, loaded: dict, cut: int) -> list[str]:
     return out
 
 
-def evaluate_resume(case: ResumeCase, res_a, res_b, ref, wall: float) -> CaseResult:
-    """Both phases judged by `verify.campaign.evaluate` (steps before the checkpoint at W_a's
+def _resume_result(case: ResumeCase, spec: str, adapter) -> CaseResult:
+    from verify.case.judge import case_tier
+    s = case.scenario
+    return CaseResult(scenario_json=s.to_json(), sharder=adapter.name, family=f"resume:{s.family}",
+                      world_size=s.world_size, mode=s.mode, dtype=s.dtype, optimizer=s.optimizer,
+                      tier=case_tier(_looser(case), adapter), verdict="pass",
+                      replay=resume_replay_command(case, spec), save_world_size=case.save_world_size,
+                      save_after=case.save_after, sharder_spec=spec)
+
+
+def evaluate_resume(case: ResumeCase, res_a, res_b, ref, wall: float, *,
+                    sharder: str = DEFAULT_SHARDER) -> CaseResult:
+    """Both phases judged by `verify.case.judge.evaluate` (steps before the checkpoint at W_a's
     tier, steps after at the looser tier) and joined into one `CaseResult`."""
-    from verify.campaign import _state_model_bytes, evaluate
-    from verify.compare import tier_for
+    from verify.case.judge import Check, case_tier, evaluate, state_model_bytes
+    from verify.sharders import load
+    adapter = load(sharder)
     s, cut, w_a = case.scenario, case.save_after, case.save_world_size
     loose = _looser(case)
-    out = CaseResult(scenario_json=s.to_json(), sharder=SHARDER, family=f"resume:{s.family}",
-                     world_size=s.world_size, mode=s.mode, dtype=s.dtype, optimizer=s.optimizer,
-                     tier=tier_for(loose), verdict="pass", replay=resume_replay_command(case),
-                     wall_time_s=wall, save_world_size=w_a, save_after=cut)
+    out = _resume_result(case, sharder, adapter)
+    out.wall_time_s = wall
     if not res_a.ok or res_b is None or not res_b.ok:
         failed, what = (res_a, f"the save phase (W={w_a}, steps 0..{cut - 1})") if not res_a.ok \
             else (res_b, f"the load phase (W={s.world_size}, steps {cut}..{s.steps - 1})")
         out.verdict = "error"
         out.reason = f"{case.label}: {what} did not complete:\n{failed.error or ''}"
+        out.checks = [Check("error", "fail", detail=out.reason).to_dict()]
         return out
-    before = evaluate(case.scenario_a, SHARDER, res_a, ref[:cut], wall)
-    after = evaluate(loose, SHARDER, res_b, ref[cut:], wall)
-    after.reason = after.reason.replace("padding not zero after init", "padding not zero after the load")
+    before = evaluate(case.scenario_a, adapter, sharder, res_a, ref[:cut], wall,
+                      tier=case_tier(case.scenario_a, adapter))
+    after = evaluate(loose, adapter, sharder, res_b, ref[cut:], wall, step_offset=cut,
+                     tier=out.tier)
     for st in after.steps:
-        st.step += cut
-        st.state_bytes_model = _state_model_bytes(s, ref[st.step].params)
-    problems = []
-    if before.reason:
-        problems.append(f"before the checkpoint (W={w_a}):\n{before.reason}")
+        st.state_bytes_model = state_model_bytes(s, ref[st.step].params)
+    checks = [dict(c, phase="save") for c in before.checks]
+    for c in after.checks:
+        c = dict(c, phase="load")
+        if c["check"] == "padding" and c["step"] is None and c["status"] == "fail":
+            c["detail"] = c["detail"].replace("after init", "after the load")
+        checks.append(c)
     loaded = _loaded_problems(res_a.values[0]["records"][-1]["params"], res_b.values[0]["loaded"], cut)
-    if loaded or after.reason:
-        problems.append(f"after resuming at W={s.world_size}:\n"
-                        + "\n".join(loaded + ([_shift(after.reason, cut)] if after.reason else [])))
+    checks.append(Check("loaded", "fail" if loaded else "pass", cut, 0, "\n".join(loaded)).to_dict()
+                  | {"phase": "load"})
+    out.checks = checks
     out.steps = before.steps + after.steps
-    out.first_divergence = before.first_divergence or (
-        None if after.first_divergence is None
-        else (after.first_divergence[0] + cut, after.first_divergence[1]))
+    out.first_divergence = before.first_divergence or after.first_divergence
+    problems = []
+    if before.verdict == "fail":
+        problems.append(f"before the checkpoint (W={w_a}):\n{before.reason}")
+    after_fails = [c["detail"] for c in checks if c["phase"] == "load" and c["status"] == "fail"]
+    if after_fails:
+        problems.append(f"after resuming at W={s.world_size}:\n" + "\n".join(after_fails))
     if problems:
         out.verdict = "fail"
         out.reason = f"{case.label}\n" + "\n".join(problems)
@@ -271,11 +286,13 @@ def draw_resume_cases(*, n: int, seed: int, world_sizes: Sequence[int],
 
 
 def replay_resume(scenario_json: str, save_world_size: int, save_after: int, *,
-                  timeout_s: float = 120.0) -> int:
-    """`python -m verify replay --resume-from W_A --save-after S '<scenario json>'`."""
+                  timeout_s: float = 120.0, sharder: str = DEFAULT_SHARDER) -> int:
+    """`python -m verify replay [--sharder X] --resume-from W_A --save-after S '<json>'`."""
     from verify.pool import RankPool
+    from verify.poolset import PoolSet
     case = ResumeCase(Scenario.from_json(scenario_json), save_world_size, save_after)
-    with RankPool(max(case.scenario.world_size, save_world_size), timeout_s=timeout_s) as pool:
-        result = run_resume(pool, case, timeout_s=timeout_s)
+    main = RankPool(max(case.scenario.world_size, save_world_size), timeout_s=timeout_s)
+    with PoolSet(main, timeout_s=timeout_s) as pool:
+        result = run_resume(pool, case, sharder=sharder, timeout_s=timeout_s)
     from verify.campaign import print_case
     return print_case(result, f"resume {case.label}, {case.scenario.mode} {case.scenario.family}")

@@ -12,7 +12,7 @@ from typing import Any, Optional, Sequence
 from hypothesis import strategies as st
 
 from verify.scenarios import (CORE_FAMILIES, DTYPES, FAMILIES, MODES, OPTIMIZERS, WORLD_SIZES,
-                              WRAPS, Scenario)
+                              WRAPS, Scenario, family_module, is_family_path)
 
 __all__ = [
     "EDGE_SIZES", "sizes", "mlp_models", "gpt_models", "cs336_models", "convnet_models",
@@ -146,7 +146,16 @@ _MODEL_STRATEGIES = {
 
 
 def model_shapes(family: str) -> st.SearchStrategy[Model]:
-    """The default shape strategy of one family."""
+    """The default shape strategy of one family. A family named by import path supplies its
+    own as ``strategy()`` (a strategy of keyword-argument dicts, drawn values overriding
+    DEFAULTS); without one it is drawn at its DEFAULTS."""
+    if is_family_path(family):
+        fam = family_module(family)
+        make = getattr(fam, "strategy", None)
+        if make is None:
+            return st.just(())
+        drawn = make() if callable(make) and not isinstance(make, st.SearchStrategy) else make
+        return drawn.map(lambda kw: _pairs(dict(kw)))
     if family not in _MODEL_STRATEGIES:
         raise ValueError(f"family={family!r}: allowed values are {sorted(_MODEL_STRATEGIES)}")
     return _MODEL_STRATEGIES[family]()
@@ -176,8 +185,12 @@ def scenarios(*, world_sizes: Sequence[int] = WORLD_SIZES, modes: Sequence[str] 
     named, so a seed draws the same cases with or without transformers installed."""
     world_sizes = _subset("world_sizes", world_sizes, WORLD_SIZES)
     modes = _subset("modes", modes, MODES)
-    families = _subset("families", tuple(CORE_FAMILIES) if families is None else families,
-                       tuple(FAMILIES))
+    families = tuple(CORE_FAMILIES) if families is None else tuple(families)
+    for name in families:
+        if is_family_path(name):
+            family_module(name)  # ValueError now, not at draw time
+    families = _subset("families", families,
+                       tuple(FAMILIES) + tuple(f for f in families if is_family_path(f)))
     optimizers = _subset("optimizers", optimizers, OPTIMIZERS)
     dtypes = _subset("dtypes", dtypes, DTYPES)
     wraps = _subset("wraps", wraps, WRAPS)

@@ -23,7 +23,8 @@ from verify.scenarios import _hf, cs336, convnet, gpt, hf_gpt2, hf_llama, mlp, s
 __all__ = [
     "Scenario", "FAMILIES", "CORE_FAMILIES", "HF_FAMILIES", "MODES", "OPTIMIZERS", "DTYPES", "WRAPS", "WORLD_SIZES",
     "build_model", "init_weights", "make_batch", "cat_batches", "loss_fn", "wrap_units",
-    "make_optimizer", "param_names", "tree", "step_loss",
+    "make_optimizer", "optimizer_spec", "grouped_optimizer", "no_decay", "param_names", "tree",
+    "step_loss", "family_module", "is_family_path",
 ]
 
 # The families every install has; the default Hypothesis draws take only these, so a seed draws
@@ -146,12 +147,46 @@ def _one_of(name: str, value, allowed: tuple) -> None:
         raise ValueError(f"{name}={value!r}: allowed values are {list(allowed)}")
 
 
-def _family(name: str):
-    if name in ("hf_gpt2", "hf_llama") and name not in FAMILIES:
+FAMILY_INTERFACE = ("DEFAULTS", "check", "build", "blocks", "make_batch", "loss")
+_PATH_FAMILIES: dict[str, Any] = {}
+
+
+def is_family_path(name: str) -> bool:
+    """A user's family named by import path (``pkg.module`` or ``pkg.module:obj``)."""
+    return "." in name or ":" in name
+
+
+def family_module(name: str):
+    """The module (or object) of a family: a built-in name, or an import path whose object has
+    the family interface (`FAMILY_INTERFACE`; optionally ``strategy()``, a Hypothesis strategy
+    of keyword-argument dicts). ValueError naming what is wrong."""
+    if name in FAMILIES:
+        return FAMILIES[name]
+    if name in ("hf_gpt2", "hf_llama"):
         raise ValueError(f"family={name!r} needs transformers, which is not installed: "
                          "pip install -e '.[hf]'")
-    _one_of("family", name, tuple(FAMILIES))
-    return FAMILIES[name]
+    if not is_family_path(name):
+        _one_of("family", name, tuple(FAMILIES))
+    if name not in _PATH_FAMILIES:
+        import importlib
+        module_name, _, attr = name.partition(":")
+        try:
+            obj = importlib.import_module(module_name)
+            for part in attr.split(".") if attr else ():
+                obj = getattr(obj, part)
+        except Exception as exc:
+            raise ValueError(f"family {name!r}: cannot import it ({type(exc).__name__}: {exc})")
+        missing = [a for a in FAMILY_INTERFACE if not hasattr(obj, a)]
+        if missing:
+            raise ValueError(f"family {name!r} lacks {', '.join(missing)} of the family interface "
+                             f"({', '.join(FAMILY_INTERFACE)}; see the README)")
+        if not isinstance(obj.DEFAULTS, dict):
+            raise ValueError(f"family {name!r}: DEFAULTS must be a dict of keyword arguments")
+        _PATH_FAMILIES[name] = obj
+    return _PATH_FAMILIES[name]
+
+
+_family = family_module
 
 
 def _derive_seed(*parts) -> int:
@@ -319,32 +354,45 @@ def _post_order(module: nn.Module, seen: set[int] | None = None):
 
 # -- optimizer ----------------------------------------------------------------------------------
 
-def _no_decay(name: str) -> bool:
+def no_decay(name: str) -> bool:
+    """Parameters that get no weight decay, chosen by name: biases and norms."""
     parts = name.split(".")
     return name.endswith("bias") or any("norm" in p or p.startswith("ln") for p in parts)
 
 
-def make_optimizer(s: Scenario, named_params: Iterable[tuple[str, nn.Parameter]]) -> torch.optim.Optimizer:
-    """The scenario's optimizer, with parameter groups chosen BY NAME (a sharded parameter is a
-    flat shard, so its shape cannot tell a norm from a weight): no weight decay for names ending
-    in "bias" or with a component containing "norm" or starting with "ln"; empty groups omitted.
+def optimizer_spec(s: Scenario) -> tuple[type, dict]:
+    """The scenario's optimizer class and keyword arguments (``weight_decay`` is the decay
+    group's; `grouped_optimizer` gives biases and norms none).
 
     foreach=False and fused=False: the for-loop implementation does the same elementwise math on a
     shard as on the full tensor, on every device. The foreach/fused defaults depend on the device
     and may order or fuse the arithmetic differently, which would break bitwise equality.
     """
-    decay, no_decay = [], []
-    for name, p in named_params:
-        (no_decay if _no_decay(name) else decay).append(p)
-    groups = [{"params": ps, "weight_decay": wd}
-              for ps, wd in ((decay, s.weight_decay), (no_decay, 0.0)) if ps]
-    common = dict(lr=s.lr, foreach=False, fused=False)
+    common = dict(lr=s.lr, weight_decay=s.weight_decay, foreach=False, fused=False)
     if s.optimizer == "sgd":
-        return torch.optim.SGD(groups, momentum=0.0, **common)
+        return torch.optim.SGD, dict(common, momentum=0.0)
     if s.optimizer == "sgd_momentum":
-        return torch.optim.SGD(groups, momentum=0.9, **common)
+        return torch.optim.SGD, dict(common, momentum=0.9)
     if s.optimizer == "adam":
-        return torch.optim.Adam(groups, **common)
+        return torch.optim.Adam, common
     if s.optimizer == "adamw":
-        return torch.optim.AdamW(groups, **common)
+        return torch.optim.AdamW, common
     raise ValueError(f"optimizer={s.optimizer!r}: allowed values are {list(OPTIMIZERS)}")
+
+
+def grouped_optimizer(cls: type, kwargs: dict, named_params: Iterable[tuple[str, nn.Parameter]]):
+    """``cls`` over ``named_params`` with parameter groups chosen BY NAME (a sharded parameter
+    is a flat shard, so its shape cannot tell a norm from a weight): `no_decay` names get no
+    weight decay, the others ``kwargs["weight_decay"]``; empty groups omitted."""
+    decay, nodecay = [], []
+    for name, p in named_params:
+        (nodecay if no_decay(name) else decay).append(p)
+    wd = kwargs.get("weight_decay", 0.0)
+    groups = [{"params": ps, "weight_decay": w} for ps, w in ((decay, wd), (nodecay, 0.0)) if ps]
+    return cls(groups, **kwargs)
+
+
+def make_optimizer(s: Scenario, named_params: Iterable[tuple[str, nn.Parameter]]) -> torch.optim.Optimizer:
+    """The scenario's optimizer (`optimizer_spec`) with its parameter groups (`grouped_optimizer`)."""
+    cls, kwargs = optimizer_spec(s)
+    return grouped_optimizer(cls, kwargs, named_params)

@@ -1,0 +1,1 @@
+"""A textbook flat-parameter FSDP and its adapter for `verify` (see README.md here)."""

@@ -1,0 +1,72 @@
+"""The adapter that runs the textbook FSDP (fsdp.py) through `verify`:
+
+    python -m verify run --sharder examples.textbook_fsdp.adapter:Textbook --world-sizes 1,2,4,8
+
+One subclass per classic mistake (NoDivide, StalePadding, FrozenHookCount, StaleGather) names
+the same sharder with that mistake switched on.
+"""
+import torch
+
+from examples.textbook_fsdp import fsdp
+from verify import Sharder
+
+
+class Textbook(Sharder):
+    name = "textbook_fsdp"
+    world = "default"          # it calls dist.get_rank() / dist.get_world_size()
+    modes = ("fast",)
+    dtypes = ("fp32",)
+    mistakes = ()
+
+    def shard(self, model, plan, group):
+        fsdp.reset_globals()   # process-wide state: rank processes are reused across cases
+        self.fsdp = fsdp.TextbookFSDP(model, plan.units, mistakes=self.mistakes)
+        return model
+
+    def optimizer(self, model, plan):
+        from verify.scenarios import no_decay
+        return fsdp.FlatOptimizer(self.fsdp, plan.optimizer_cls, plan.optimizer_kwargs,
+                                  decays=lambda fqn: not no_decay(fqn),
+                                  decoupled=issubclass(plan.optimizer_cls, torch.optim.AdamW))
+
+    def full_parameters(self, model, optimizer):
+        full = {}
+        for unit in self.fsdp.units:
+            full.update(unit.gather_full())
+        return full
+
+    def padding_views(self, model, optimizer):
+        views = []
+        for u in self.fsdp.units:
+            views.append((f"{u.name or '<root>'}:data", u.padding(u.shard.detach())))
+            if u.shard.grad is not None:
+                views.append((f"{u.name or '<root>'}:grad", u.padding(u.shard.grad)))
+            for key, t in optimizer.inner.state.get(u.shard, {}).items():
+                if torch.is_tensor(t) and t.shape == u.shard.shape:
+                    views.append((f"{u.name or '<root>'}:optim.{key}", u.padding(t)))
+        return views
+
+    def local_pieces(self, model):
+        out = {}
+        for u in self.fsdp.units:
+            lo = u.rank * u.shard_numel
+            for fqn, _, _, i in u.refs:
+                a, b = max(lo, u.offsets[i]), min(lo + u.shard_numel, u.offsets[i] + u.numels[i])
+                out[fqn] = (max(0, a - u.offsets[i]), u.shard.detach()[a - lo: max(a, b) - lo].clone())
+        return out
+
+
+class NoDivide(Textbook):
+    mistakes = ("no_divide",)
+
+
+class StalePadding(Textbook):
+    mistakes = ("stale_padding",)
+
+
+class FrozenHookCount(Textbook):
+    mistakes = ("frozen_hook_count",)
+
+
+class StaleGather(Textbook):
+    mistakes = ("stale_gather",)

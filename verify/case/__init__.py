@@ -1,0 +1,3 @@
+"""A case, end to end: `train` is the one training protocol every sharder runs (rank side),
+`probes` what the harness measures of any sharder itself, `judge` the records against the
+reference as structured check results (parent side)."""

@@ -1,0 +1,273 @@
+"""The parent side of a case: the ranks' records against the reference, step by step, as
+structured check records (`Check`) and one `CaseResult`.
+
+Every check runs for every sharder whose adapter gave the probe it needs, and is ``n/a``
+otherwise; nothing here knows a sharder's name. Checks: ``backend`` (the collectives on known
+inputs), the numerical comparison named by the tier (``bitwise`` / ``tolerance`` /
+``reported``: loss and every parameter after the step), ``padding`` (after init, the reduction
+and the step), ``resharded``, ``reassembly`` (local pieces vs the gathered parameters),
+``gradients`` (the reduced gradient, bitwise tier only), ``collectives`` (vs the adapter's
+formula).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any, Optional
+
+import torch
+
+from verify.compare import TIERS, compare_step, diff_stats, int_view, tier_for, verdict
+from verify.results import CaseResult, StepRecord
+from verify.scenarios import Scenario, build_model
+
+__all__ = ["Check", "evaluate", "case_tier", "state_model_bytes", "reassemble"]
+
+
+@dataclass(frozen=True)
+class Check:
+    check: str                  # which invariant
+    status: str                 # "pass" | "fail" | "n/a"
+    step: Optional[int] = None  # None: the whole case (backend, padding after init)
+    rank: Optional[int] = None  # the first rank it failed on, where one rank is to blame
+    detail: str = ""            # for a failure: what and where, torch.testing style
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(check=self.check, status=self.status, step=self.step, rank=self.rank,
+                    detail=self.detail)
+
+
+def case_tier(s: Scenario, sharder) -> str:
+    """Section 3's tier for the scenario, or the adapter's looser one (`Sharder.tier`; a
+    tighter one is ignored: an adapter cannot make the harness stricter than the contract)."""
+    tier = tier_for(s)
+    own = sharder.tier(s) if sharder is not None else None
+    if own is not None:
+        if own not in TIERS:
+            raise ValueError(f"{type(sharder).__name__}.tier() returned {own!r}; allowed {TIERS}")
+        if TIERS.index(own) > TIERS.index(tier):
+            tier = own
+    return tier
+
+
+def state_model_bytes(s: Scenario, ref_params: dict) -> int:
+    """ZeRO-3 model per rank: (parameters + gradients + optimizer state) / W, fp32."""
+    seen, n = set(), 0
+    for t in ref_params.values():
+        if id(t) not in seen:
+            seen.add(id(t))
+            n += t.numel() * 4
+    opt_copies = {"sgd": 0, "sgd_momentum": 1, "adam": 2, "adamw": 2}[s.optimizer]
+    return (n * (2 + opt_copies)) // s.world_size
+
+
+@lru_cache(maxsize=256)
+def _names(scenario_json: str) -> tuple[tuple[tuple[str, ...], ...], frozenset]:
+    """(groups of parameter names that alias one tensor, buffer names) of the unsharded model."""
+    model = build_model(Scenario.from_json(scenario_json), device="meta")
+    groups: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(p), []).append(name)
+    buffers = frozenset(n for n, _ in model.named_buffers(remove_duplicate=False))
+    return tuple(tuple(g) for g in groups.values()), buffers
+
+
+def _align(s: Scenario, params: dict, ref: dict) -> tuple[dict, dict, list[str]]:
+    """The sharded result's parameters and the reference's, restricted to the names both
+    compare: a tied parameter may come back under one of its names; buffers are not compared.
+    Returns (params, reference, unexpected names)."""
+    groups, buffers = _names(s.to_json())
+    want = {}
+    for group in groups:
+        present = [n for n in group if n in params]
+        for n in present or group[:1]:
+            if n in ref:
+                want[n] = ref[n]
+    known = {n for g in groups for n in g} | set(buffers)
+    unexpected = [n for n in params if n not in known]
+    return {n: params[n] for n in want if n in params}, want, unexpected
+
+
+def reassemble(pieces: list[Optional[dict]], name: str, numel: int, dtype) -> tuple[torch.Tensor, str]:
+    """The flat tensor the ranks' (start, values) pieces of ``name`` make, NaN where no rank
+    gave an element, and what is wrong with the pieces ("" if nothing): a piece outside the
+    tensor, or two ranks giving different values for one element."""
+    flat = torch.full((numel,), float("nan"), dtype=dtype)
+    seen = torch.zeros(numel, dtype=torch.bool)
+    for rank, mine in enumerate(pieces):
+        if not mine or name not in mine:
+            continue
+        start, vals = mine[name]
+        vals = vals.detach().reshape(-1).to(dtype)
+        if vals.numel() == 0:   # this rank holds only padding of this parameter
+            continue
+        if start < 0 or start + vals.numel() > numel:
+            return flat, f"rank {rank}'s piece [{start}, {start + vals.numel()}) is outside {numel}"
+        sl = slice(start, start + vals.numel())
+        overlap = seen[sl]
+        if overlap.any() and not torch.equal(int_view(flat[sl][overlap]), int_view(vals[overlap])):
+            return flat, f"ranks disagree on the elements of rank {rank}'s piece at {start}"
+        flat[sl] = vals
+        seen[sl] = True
+    return flat, ""
+
+
+def _reassembly(values: list[dict], step: int, full: dict) -> Optional[list[str]]:
+    pieces = [v["records"][step].get("pieces") for v in values]
+    if any(p is None for p in pieces):
+        return None
+    bad = []
+    for name in sorted({n for p in pieces for n in p}):
+        want = full.get(name)
+        if want is None:
+            bad.append(f"{name} (not among the full parameters)")
+            continue
+        flat, problem = reassemble(pieces, name, want.numel(), torch.float32)
+        if problem or not torch.equal(flat, want.reshape(-1).float()):
+            bad.append(f"{name} ({problem or 'pieces differ from the gathered tensor or leave gaps'})")
+    return bad
+
+
+def _gradients(values: list[dict], step: int, ref_grads: Optional[dict]) -> Optional[list[str]]:
+    """Parameters whose reduced gradient, reassembled from the ranks' pieces, is not bitwise
+    equal to the reference's step gradient; None when there is nothing to compare.
+
+    Parameters are compared after the update too, but a last-bit gradient error (a summation
+    order, one ulp) is mostly absorbed by ``p - lr * g``: only this check sees it reliably."""
+    recs = [v["records"][step].get("grads") for v in values]
+    if ref_grads is None or any(r is None for r in recs):
+        return None
+    given = {n for r in recs for n in r}
+    bad = []
+    for name in list(ref_grads) + sorted(given - set(ref_grads)):
+        want = ref_grads.get(name)
+        if want is None or name not in given:
+            bad.append(f"{name} (a gradient on one side only)")
+            continue
+        flat, problem = reassemble(recs, name, want.numel(), want.dtype)
+        d = diff_stats(flat, want.reshape(-1))
+        if problem or not d.bitwise:
+            bad.append(f"{name} ({problem or f'{d.n_diff}/{d.numel} elements differ, max ULP {d.max_ulp}'})")
+    return bad
+
+
+def _ranked(values: list[dict], get) -> tuple[list[str], Optional[int]]:
+    """Every rank's labels from ``get(value)`` (None: not checked), and the first rank with any."""
+    out, first = [], None
+    for v in values:
+        labels = get(v)
+        if labels:
+            out += [f"rank {v['rank']}: {label}" for label in labels]
+            first = v["rank"] if first is None else first
+    return out, first
+
+
+def _checked(values: list[dict], get) -> bool:
+    return all(get(v) is not None for v in values)
+
+
+def evaluate(s: Scenario, sharder, spec: str, result, ref, wall: float, *,
+             step_offset: int = 0, replay: str = "", tier: Optional[str] = None) -> CaseResult:
+    """A pool result against the reference, step by step. ``sharder``: the adapter (for its
+    tier); ``spec``: how the replay line names it; ``step_offset``: the global step of the
+    first record (a resumed run's second phase)."""
+    from verify.sharders import display_name
+    tier = tier or case_tier(s, sharder)
+    case = CaseResult(scenario_json=s.to_json(), sharder=display_name(spec), family=s.family,
+                      world_size=s.world_size, mode=s.mode, dtype=s.dtype, optimizer=s.optimizer,
+                      tier=tier, verdict="pass", replay=replay, wall_time_s=wall, sharder_spec=spec)
+    if not result.ok:
+        case.verdict, case.reason = "error", result.error or "the case did not complete"
+        case.checks.append(Check("error", "fail", detail=case.reason).to_dict())
+        return case
+    values = result.values
+    checks: list[Check] = []
+    broken = [(v["rank"], v["backend_error"]) for v in values if v.get("backend_error")]
+    checks.append(Check("backend", "fail", rank=broken[0][0], detail=f"backend check failed: {broken[0][1]}")
+                  if broken else Check("backend", "pass"))
+    if _checked(values, lambda v: v.get("pad_init")):
+        bad, rank = _ranked(values, lambda v: v.get("pad_init"))
+        checks.append(Check("padding", "fail" if bad else "pass", rank=rank,
+                            detail=f"padding not zero after init: {bad[:5]}" if bad else ""))
+    else:
+        checks.append(Check("padding", "n/a"))
+    for i, rec0 in enumerate(values[0]["records"]):
+        step = i + step_offset
+        where = f"step {step}"
+        ref_step = ref[i]
+        params, params_ref, unexpected = _align(s, rec0["params"] or {}, ref_step.params)
+        diff = compare_step(s, loss=rec0["loss"], loss_ref=ref_step.loss, params=params,
+                            params_ref=params_ref, where=where, tier=tier)
+        pdiff = diff.params
+        numeric = verdict(tier, loss=diff.loss, where=where, params=dataclasses.replace(
+            pdiff, missing=(), unexpected=(), mismatched=())).reason
+        structural = [f"{where}: missing parameters (in the unsharded model, not in the "
+                      f"result): {list(pdiff.missing)[:5]}"] if pdiff.missing else []
+        structural += [f"{where}: parameter {n!r}: {what}" for n, what in pdiff.mismatched]
+        if unexpected:
+            structural.append(f"{where}: unexpected parameters (not in the unsharded model): "
+                              f"{unexpected[:5]}")
+        checks.append(Check(tier, "fail" if numeric else "pass", step, detail=numeric))
+        checks.append(Check("structure", "fail" if structural else "pass", step,
+                            detail="\n".join(structural)))
+        pad_ok = None
+        if _checked(values, lambda v: v["records"][i].get("pad_reduce")) and \
+                _checked(values, lambda v: v["records"][i].get("pad_step")):
+            bad, rank = _ranked(values, lambda v: [f"{label} ({when})" for when in ("pad_reduce", "pad_step")
+                                                   for label in v["records"][i][when]])
+            pad_ok = not bad
+            checks.append(Check("padding", "pass" if pad_ok else "fail", step, rank,
+                                f"{where}: padding not zero: {bad[:5]}" if bad else ""))
+        else:
+            bad = []
+            checks.append(Check("padding", "n/a", step))
+        held_ok = None
+        if _checked(values, lambda v: v["records"][i].get("unsharded")):
+            held, rank = _ranked(values, lambda v: v["records"][i]["unsharded"])
+            held_ok = not held
+            checks.append(Check("resharded", "pass" if held_ok else "fail", step, rank,
+                                f"{where}: units still unsharded after backward: {held[:5]}" if held else ""))
+        else:
+            checks.append(Check("resharded", "n/a", step))
+        not_reassembled = _reassembly(values, i, rec0["params"] or {})
+        checks.append(Check("reassembly", "n/a" if not_reassembled is None else
+                            "fail" if not_reassembled else "pass", step,
+                            detail=f"{where}: shards do not reassemble for {not_reassembled[:5]}"
+                            if not_reassembled else ""))
+        grads_bad = _gradients(values, i, ref_step.grads) if tier == "bitwise" else None
+        checks.append(Check("gradients", "n/a" if grads_bad is None else "fail" if grads_bad else "pass",
+                            step, detail=f"{where}: reduced gradients not bitwise equal to the "
+                                         f"reference's: {grads_bad[:5]}" if grads_bad else ""))
+        coll, expected = rec0["collectives"], rec0.get("expected_collectives")
+        coll_ok = None
+        if expected is not None:
+            expected = {k: list(v) for k, v in expected.items()}
+            coll_ok = all(coll.get(kind) == want for kind, want in expected.items()) and \
+                all(kind in expected for kind, (count, _) in coll.items() if count)
+            checks.append(Check("collectives", "pass" if coll_ok else "fail", step, 0,
+                                "" if coll_ok else f"{where}: collectives {coll} differ from the "
+                                                   f"formula {expected}"))
+        else:
+            checks.append(Check("collectives", "n/a", step))
+        pd_ = diff.params
+        if case.first_divergence is None and not (diff.loss.bitwise and pd_.bitwise):
+            case.first_divergence = (step, pd_.first_differing or "loss")
+        state = [v["records"][i].get("state_bytes") for v in values]
+        case.steps.append(StepRecord(
+            step=step, loss=float(rec0["loss"]), loss_ref=float(ref_step.loss),
+            loss_bitwise=diff.loss.bitwise, loss_abs_diff=diff.loss.max_abs,
+            max_abs=pd_.max_abs, max_rel=pd_.max_rel, max_ulp=pd_.max_ulp,
+            bitwise=diff.loss.bitwise and pd_.bitwise, n_params_differ=pd_.n_params_differ,
+            worst_param=pd_.worst_param, padding_ok=pad_ok, padding_bad=bad[:10],
+            reassembly_ok=None if not_reassembled is None else not not_reassembled,
+            grads_ok=None if grads_bad is None else not grads_bad, resharded_ok=held_ok,
+            collectives=coll, collectives_expected=expected or {}, collectives_ok=coll_ok,
+            state_bytes=state if all(b is not None for b in state) else [],
+            state_bytes_model=state_model_bytes(s, ref_step.params),
+            step_time_s=rec0["step_time_s"]))
+    case.checks = [c.to_dict() for c in checks]
+    failed = [c for c in checks if c.status == "fail"]
+    if failed:
+        case.verdict, case.reason = "fail", "\n".join(c.detail for c in failed)
+    return case

@@ -1,0 +1,180 @@
+"""The one training protocol: every sharder, every case, the bench and the convergence run train
+through `Trainer`, and a case's rank side is `run_case`.
+
+[Note: the training protocol]
+fast: rank r concatenates its k = M/W micro-batches [r*k, (r+1)*k) into one local batch; one
+forward/backward with gradient sync. deterministic: k forward/backwards, loss_m / k each,
+``set_gradient_sync(i == k - 1)`` before the i-th. Then ``optimizer.step()`` and
+``optimizer.zero_grad(set_to_none=True)``. Both are what the reference (verify/reference.py)
+mirrors. The step loss is gathered over the ranks: deterministic = step_loss over all M
+micro-batch losses in global order; fast = tree over the ranks' local mean losses / W.
+
+`Trainer.step(..., probes=True)` also records, per step, what the adapter's optional probes
+return (None where it has none: the check is n/a): padding after the reduction and after the
+step, units still unsharded after backward, the reduced gradient pieces, the local pieces; and
+what the harness measures itself: collectives by kind, state bytes, step time (the probes'
+time left out).
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+from verify.case.probes import CollectiveRecorder, nonzero_padding, state_bytes, watch_units
+from verify.sharders import StepTrace, load, plan_for
+from verify.scenarios import Scenario, build_model, cat_batches, loss_fn, make_batch, step_loss, tree
+
+__all__ = ["Trainer", "run_case", "case_group"]
+
+
+def case_group(sharder, ctx):
+    """The process group a case's sharder gets: the case's group, or for a sharder that uses
+    the default group (``world = "default"``) the default group, which must then be exactly
+    the case's ranks (the harness runs such cases on a pool of W processes)."""
+    if sharder.world == "group":
+        return ctx.group
+    if dist.get_world_size() != ctx.world_size:
+        raise RuntimeError(
+            f"{sharder.name} uses the default process group (world = 'default'), which has "
+            f"{dist.get_world_size()} ranks, but the case runs on {ctx.world_size}: the harness "
+            "must run it on a pool of exactly the case's world size")
+    return dist.group.WORLD
+
+
+def _zero_grad(optimizer) -> None:
+    try:
+        optimizer.zero_grad(set_to_none=True)
+    except TypeError:   # a wrapper whose zero_grad takes no arguments
+        optimizer.zero_grad()
+
+
+class Trainer:
+    """One sharder training one scenario on this rank (see [Note: the training protocol]).
+
+    ``batch_fn(step, micro) -> batch`` replaces the scenario's data (the convergence run trains
+    on real text); ``spec`` is the sharder's import path or built-in name, or an adapter."""
+
+    def __init__(self, spec: Any, s: Scenario, ctx, *, model: Optional[torch.nn.Module] = None,
+                 batch_fn: Optional[Callable[[int, int], Any]] = None,
+                 optimizer_kwargs: Optional[dict] = None):
+        if s.world_size != ctx.world_size:
+            raise ValueError(f"scenario world_size {s.world_size} sent to a group of "
+                             f"{ctx.world_size} ranks")
+        torch.set_num_threads(1)
+        self.s, self.ctx = s, ctx
+        self.sharder = load(spec) if isinstance(spec, str) else spec
+        self.group = case_group(self.sharder, ctx)
+        model = build_model(s) if model is None else model
+        self.plan = plan_for(s, model)
+        if optimizer_kwargs:  # the bench gives every sharder one optimizer implementation
+            self.plan = dataclasses.replace(
+                self.plan, optimizer_kwargs={**self.plan.optimizer_kwargs, **optimizer_kwargs})
+        sharded = self.sharder.shard(model, self.plan, self.group)
+        self.model = model if sharded is None else sharded
+        self.optimizer = self.sharder.optimizer(self.model, self.plan)
+        self.batch_fn = batch_fn or (lambda step, m: make_batch(s, step, m))
+        self.recorder = CollectiveRecorder()
+
+    def padding(self) -> Optional[list[str]]:
+        return nonzero_padding(self.sharder.padding_views(self.model, self.optimizer))
+
+    def _batches(self, step: int) -> list:
+        r, k = self.ctx.rank, self.s.k
+        mine = [self.batch_fn(step, m) for m in range(r * k, (r + 1) * k)]
+        if self.ctx.device.type != "cpu":
+            mine = [tuple(t.to(self.ctx.device) for t in b) for b in mine]
+        return mine
+
+    def _forward_backward(self, mine: Sequence) -> list[torch.Tensor]:
+        s, k = self.s, self.s.k
+        if s.mode == "deterministic":
+            losses = []
+            for i, batch in enumerate(mine):
+                self.sharder.set_gradient_sync(self.model, i == k - 1)
+                loss = loss_fn(s, self.model, batch)
+                (loss / k).backward()
+                losses.append(loss.detach().float())
+            return losses
+        loss = loss_fn(s, self.model, cat_batches(mine))
+        loss.backward()
+        return [loss.detach().float()]
+
+    def step_loss(self, losses: list[torch.Tensor]) -> torch.Tensor:
+        """The step's loss over every rank (collective on the case's group)."""
+        W = self.ctx.world_size
+        local = torch.stack(losses).to(self.ctx.device)
+        gathered = torch.empty(W * local.numel(), dtype=local.dtype, device=local.device)
+        dist.all_gather_into_tensor(gathered, local, group=self.ctx.group)
+        parts = list(gathered.cpu())
+        return step_loss(parts) if self.s.mode == "deterministic" else tree(parts) / W
+
+    def forward_backward(self, step: int) -> list[torch.Tensor]:
+        """The step's forward and backward passes on this rank's batches; its local losses."""
+        return self._forward_backward(self._batches(step))
+
+    def zero_grad(self) -> None:
+        _zero_grad(self.optimizer)
+
+    def train_step(self, step: int) -> torch.Tensor:
+        """One step, nothing measured; returns the step loss (collective)."""
+        losses = self.forward_backward(step)
+        self.optimizer.step()
+        self.zero_grad()
+        return self.step_loss(losses)
+
+    def step(self, step: int) -> dict:
+        """One step with every probe; the record of verify/case/judge.py."""
+        sh, model, opt = self.sharder, self.model, self.optimizer
+        mine = self._batches(step)
+        calls, in_backward, handles = watch_units(self.plan.units)
+        t0 = time.perf_counter()
+        try:
+            with self.recorder.recording():
+                losses = self._forward_backward(mine)
+                t_probe = time.perf_counter()
+                pad_reduce = self.padding()
+                unsharded = sh.unsharded_units(model)
+                grads = sh.reduced_gradients(model)
+                nbytes = state_bytes(opt)
+                t_probe = time.perf_counter() - t_probe  # not the sharder's time: left out
+                opt.step()
+            step_time = time.perf_counter() - t0 - t_probe
+        finally:
+            for h in handles:
+                h.remove()
+        pad_step = self.padding()
+        _zero_grad(opt)
+        collectives = self.recorder.take()
+        passes = len(mine) if self.s.mode == "deterministic" else 1
+        trace = StepTrace(mode=self.s.mode, micro_batches=passes, forward_calls=dict(calls),
+                          backward_units=set(in_backward), recorded=collectives)
+        expected = sh.expected_collectives(model, trace)
+        loss = self.step_loss(losses)
+        full = sh.full_parameters(model, opt)   # collective: every rank gathers
+        return dict(step=step, loss=loss, params=full if self.ctx.rank == 0 else None,
+                    pieces=sh.local_pieces(model), grads=grads, pad_reduce=pad_reduce,
+                    pad_step=pad_step, unsharded=unsharded, collectives=collectives,
+                    expected_collectives=expected, state_bytes=nbytes, step_time_s=step_time)
+
+    def steps(self, steps) -> list[dict]:
+        return [self.step(i) for i in steps]
+
+
+def run_case(payload: dict, ctx) -> dict:
+    """Rank side of one case: payload {"scenario": json, "sharder": spec, "plant": name or
+    absent, "backend_check": bool}. The backend is checked first (verify/backend_check.py)."""
+    from verify.backend_check import backend_problem
+    from verify.plant import planted
+    with planted(payload.get("plant"), ctx):
+        s = Scenario.from_json(payload["scenario"])
+        dtypes = (torch.float32, torch.bfloat16) if s.dtype == "bf16" else (torch.float32,)
+        problem = (backend_problem(ctx.group, ctx.device, dtypes=dtypes)
+                   if payload.get("backend_check", True) else None)
+        trainer = Trainer(payload.get("sharder", "fsdp_core"), s, ctx)
+        pad_init = trainer.padding()
+        records = trainer.steps(range(s.steps))
+        return dict(rank=ctx.rank, pad_init=pad_init, records=records, backend_error=problem)

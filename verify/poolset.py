@@ -1,0 +1,102 @@
+"""The ranks a campaign or a test session runs its cases on: one `RankPool` (or, under torchrun,
+the launched processes) with a sub-group per world size, plus, for sharders that use the
+default process group (``world = "default"``), one pool per world size whose default group is
+exactly that many ranks: spawned on first use, kept for the rest of the run, its startup time
+recorded (`default_pool_startups`) so the report can say what it cost.
+
+`PoolSet` offers `run`/`submit`/`world_sizes` of the main pool, so code and tests that take a
+pool take a `PoolSet` too.
+"""
+from __future__ import annotations
+
+import time
+import weakref
+from typing import Any, Optional
+
+__all__ = ["PoolSet", "as_pool_set"]
+
+
+class PoolSet:
+    def __init__(self, main: Any, *, timeout_s: Optional[float] = None):
+        self.main = main
+        self.timeout_s = timeout_s
+        self._default: dict[int, Any] = {}
+        self.default_pool_startups: dict[int, float] = {}   # W -> seconds to spawn and serve
+
+    # -- the main pool's surface ------------------------------------------------------------------
+    @property
+    def world_sizes(self):
+        return self.main.world_sizes
+
+    @property
+    def max_world_size(self) -> int:
+        return self.main.max_world_size
+
+    @property
+    def pids(self) -> list[int]:
+        return list(getattr(self.main, "pids", []))
+
+    @property
+    def spawned_count(self) -> int:
+        return getattr(self.main, "spawned_count", 0) + sum(
+            getattr(p, "spawned_count", 0) for p in self._default.values())
+
+    @property
+    def restarts(self) -> int:
+        return getattr(self.main, "restarts", 0)
+
+    def run(self, *a, **kw):
+        return self.main.run(*a, **kw)
+
+    def submit(self, *a, **kw):
+        return self.main.submit(*a, **kw)
+
+    # -- per sharder ------------------------------------------------------------------------------
+    def for_world(self, world: str, world_size: int) -> tuple[Optional[Any], str]:
+        """(the pool to run a case of ``world_size`` on for a sharder whose ``world`` is
+        given, or None, and why not)."""
+        if world == "group" or world_size == self.main.max_world_size:
+            return self.main, ""
+        from verify.rank import is_torchrun
+        if is_torchrun() or not hasattr(self.main, "timeout_s"):
+            return None, (f"the sharder uses the default process group, which here has "
+                          f"{self.main.max_world_size} ranks; launch {world_size} processes for "
+                          f"W={world_size}")
+        if world_size not in self._default:
+            from verify.pool import RankPool
+            from verify.rank import probe
+            t0 = time.perf_counter()
+            pool = RankPool(world_size, timeout_s=self.timeout_s or self.main.timeout_s)
+            res = pool.run(world_size, probe, None)   # pays the startup now, measured
+            if not res.ok:
+                pool.close()
+                raise RuntimeError(f"a pool of {world_size} ranks for a default-group sharder "
+                                   f"failed to start:\n{res.error}")
+            self._default[world_size] = pool
+            self.default_pool_startups[world_size] = time.perf_counter() - t0
+        return self._default[world_size], ""
+
+    def close(self) -> None:
+        for pool in self._default.values():
+            pool.close()
+        self._default.clear()
+        self.main.close()
+
+    def __enter__(self) -> "PoolSet":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+_WRAPPED: "weakref.WeakKeyDictionary[Any, PoolSet]" = weakref.WeakKeyDictionary()
+
+
+def as_pool_set(pool: Any) -> PoolSet:
+    """A `PoolSet` around ``pool`` (itself if it is one; the same one for the same pool, so the
+    default-group pools it spawns are spawned once)."""
+    if isinstance(pool, PoolSet):
+        return pool
+    if pool not in _WRAPPED:
+        _WRAPPED[pool] = PoolSet(pool)
+    return _WRAPPED[pool]

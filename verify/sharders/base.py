@@ -1,0 +1,119 @@
+"""The adapter protocol (DESIGN section 6): `Sharder`, the base class every sharder the harness
+runs derives from, and `WrapPlan`, what a scenario asks the sharder to do.
+
+A sharder is named by import path (``pkg.module:Name``) or by a built-in name; the harness
+imports it in the parent (to decide what it skips, before any rank starts) and again in every
+rank (to shard and train). One training protocol (`verify.case.train`) drives it; each invariant
+check runs where the adapter provides its probe and is reported as ``n/a`` where it does not.
+
+Beyond section 6, two optional methods with defaults that change nothing (a user's adapter may
+ignore them): `unsharded_units` (the ``resharded`` check: which units still hold a gathered copy
+once backward is done) and `tier` (a tier looser than section 3's for cases where the sharder
+provably cannot owe it, with the reason in a [Note]; it can never tighten a tier).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Iterable, Optional
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["Sharder", "WrapPlan", "StepTrace"]
+
+
+@dataclass(frozen=True, eq=False)
+class WrapPlan:
+    """What the scenario asks the sharder to do (DESIGN section 6)."""
+    units: tuple[tuple[str, Any], ...]   # (name, module), inner first, the root "" last
+    reshard_after_forward: bool
+    param_dtype: Optional["torch.dtype"]  # None: fp32 throughout
+    reduce_dtype: Optional["torch.dtype"]
+    deterministic: bool
+    offload: bool                        # keep shards and optimizer state on CPU
+    optimizer_cls: type                  # the scenario's optimizer class ...
+    optimizer_kwargs: dict = field(default_factory=dict)  # ... and its keyword arguments
+
+    def make_optimizer(self, named_params: Iterable[tuple[str, Any]]):
+        """The scenario's optimizer over ``named_params``, with parameter groups chosen by name:
+        no weight decay for biases and norms (`verify.scenarios.no_decay`), the scenario's
+        weight decay for the rest; empty groups omitted."""
+        from verify.scenarios import grouped_optimizer
+        return grouped_optimizer(self.optimizer_cls, self.optimizer_kwargs, named_params)
+
+    @property
+    def modules(self) -> dict[str, Any]:
+        return dict(self.units)
+
+
+@dataclass
+class StepTrace:
+    """What the harness saw of one step, handed to `Sharder.expected_collectives`."""
+    mode: str                            # "fast" | "deterministic"
+    micro_batches: int                   # forward/backward passes on this rank this step
+    forward_calls: dict[str, int]        # unit name -> forward calls in the step
+    backward_units: set[str]             # units whose output joined autograd (reached by backward)
+    recorded: dict[str, list[int]]       # kind -> [calls, bytes] as the recorder counted them
+
+
+class Sharder:
+    """Subclass and override what applies; see DESIGN section 6 for each method's contract."""
+
+    name = "sharder"          # shown in reports
+    world = "group"           # "group": shard() gets the case's process group; "default": the
+                              #   sharder uses the default group, which is exactly the case's ranks
+    modes: tuple[str, ...] = ("fast",)
+    dtypes: tuple[str, ...] = ("fp32",)
+    offload = False
+
+    # -- parent side ----------------------------------------------------------------------------
+    def unsupported(self, scenario) -> Optional[str]:
+        """The reason this case is skipped, or None. Decided before anything runs."""
+        return None
+
+    def tier(self, scenario) -> Optional[str]:
+        """A looser tier for this case than section 3 gives, or None for section 3's."""
+        return None
+
+    # -- rank side ------------------------------------------------------------------------------
+    def shard(self, model, plan: WrapPlan, group):
+        """Shard ``model`` in place (return None or the model) or return a new module."""
+        raise NotImplementedError(f"{type(self).__name__}.shard() is required")
+
+    def optimizer(self, model, plan: WrapPlan):
+        return plan.make_optimizer(model.named_parameters())
+
+    def set_gradient_sync(self, model, flag: bool) -> None:
+        model.set_requires_gradient_sync(flag)
+
+    def full_parameters(self, model, optimizer) -> dict[str, "torch.Tensor"]:
+        """Collective: the full parameters by the unsharded model's names. Default: each of
+        ``model.named_parameters()``, gathered where it is a DTensor."""
+        out = {}
+        for name, p in model.named_parameters():
+            full = p.full_tensor() if hasattr(p, "full_tensor") else p
+            out[name] = full.detach().cpu().clone()
+        return out
+
+    # Optional probes: None means "not provided" and the check is reported as n/a.
+    def padding_views(self, model, optimizer):
+        return None
+
+    def local_pieces(self, model):
+        return None
+
+    def reduced_gradients(self, model):
+        return None
+
+    def expected_collectives(self, model, trace: StepTrace):
+        return None
+
+    def unsharded_units(self, model):
+        return None
+
+    # Optional checkpointing: define both `save(path, model, optimizer)` and
+    # `load(path, model, optimizer)` (collective) for resume cases to run for this sharder.
+
+
+def has_checkpointing(sharder: Sharder) -> bool:
+    return callable(getattr(sharder, "save", None)) and callable(getattr(sharder, "load", None))

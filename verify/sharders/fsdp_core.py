@@ -1,0 +1,106 @@
+"""fsdp_core through the adapter protocol: every probe, both modes, bf16, CPU offload and
+checkpoints (`fsdp_core.checkpoint`)."""
+from __future__ import annotations
+
+
+import fsdp_core
+from verify.sharders.base import Sharder, StepTrace, WrapPlan
+
+__all__ = ["FsdpCore", "FsdpCoreNoPrefetch"]
+
+
+class FsdpCore(Sharder):
+    name = "fsdp_core"
+    world = "group"
+    modes = ("fast", "deterministic")
+    dtypes = ("fp32", "bf16")
+    offload = True
+
+    def shard(self, model, plan: WrapPlan, group):
+        mp = None
+        if plan.param_dtype is not None:
+            mp = fsdp_core.MixedPrecisionPolicy(param_dtype=plan.param_dtype,
+                                                reduce_dtype=plan.reduce_dtype)
+        offload = fsdp_core.CPUOffloadPolicy() if plan.offload else None
+        for _, unit in plan.units:
+            fsdp_core.fully_shard(unit, mesh=group, reshard_after_forward=plan.reshard_after_forward,
+                                  mp_policy=mp, offload_policy=offload,
+                                  deterministic=plan.deterministic)
+        return model
+
+    def full_parameters(self, model, optimizer):
+        return fsdp_core.full_state_dict(model)
+
+    def padding_views(self, model, optimizer):
+        return list(fsdp_core.padding_views(model, optimizer))
+
+    def local_pieces(self, model):
+        """name -> (start in the flattened parameter, this rank's real elements)."""
+        out = {}
+        for name, p in model.named_parameters():
+            unit = getattr(p, "_fsdp_unit", None)
+            if unit is None:
+                out[name] = (0, p.detach().reshape(-1).clone())
+                continue
+            piece = unit.pieces[p._fsdp_index]
+            out[name] = (piece.param_start, p.detach()[: piece.real_numel].float().clone())
+        return out
+
+    def reduced_gradients(self, model):
+        out = {}
+        for name, p in model.named_parameters():
+            unit = getattr(p, "_fsdp_unit", None)
+            if unit is not None and p.grad is not None:
+                piece = unit.pieces[p._fsdp_index]
+                out[name] = (piece.param_start, p.grad.detach()[: piece.real_numel].clone())
+        return out
+
+    def unsharded_units(self, model):
+        return [f"{u.module_name}[{u.names[0]}...]" for u in fsdp_core.units_of(model)
+                if u.state.value != "sharded" or u.prefetched]
+
+    def expected_collectives(self, model, trace: StepTrace):
+        """Per unit and micro-batch: one all-gather per forward call plus one in backward when
+        resharding after forward (one in all without; none in backward for a unit autograd
+        never reaches), and one reduction per unit with trainable parameters per step
+        (reduce-scatter in fast mode, all-to-all in deterministic mode). Nothing on one rank."""
+        micro = trace.micro_batches
+        gathers, reduce = [0, 0], [0, 0]
+        names = {id(m): n for n, m in model.named_modules()}
+        for m in model.modules():
+            unit = getattr(m, "_fsdp_unit", None) if isinstance(m, fsdp_core.FSDPModule) else None
+            if unit is None or unit.world_size == 1:
+                continue
+            name = names[id(m)]
+            item = unit.param_dtype.itemsize
+            n_calls = trace.forward_calls.get(name, 0) // micro
+            regather = 1 if name in trace.backward_units else 0
+            per_micro = (n_calls + regather) if unit.reshard_after_forward else 1
+            gathers[0] += per_micro * micro
+            gathers[1] += per_micro * micro * unit.layout.padded_numel * item
+            if any(unit.requires_grad):
+                reduce[0] += 1
+                reduce[1] += unit.layout.padded_numel * unit.reduce_dtype.itemsize
+        kind = "all_to_all_single" if trace.mode == "deterministic" else "reduce_scatter_tensor"
+        out = {"all_gather_into_tensor": gathers} if gathers[0] else {}
+        if reduce[0]:
+            out[kind] = reduce
+        return out
+
+    def save(self, path, model, optimizer):
+        import fsdp_core.checkpoint
+        fsdp_core.checkpoint.save(path, model, optimizer)
+
+    def load(self, path, model, optimizer):
+        import fsdp_core.checkpoint
+        fsdp_core.checkpoint.load(path, model, optimizer)
+
+
+class FsdpCoreNoPrefetch(FsdpCore):
+    """fsdp_core with prefetch off (`model.set_prefetch(False)`): what prefetch buys (bench)."""
+    name = "fsdp_core_noprefetch"
+
+    def shard(self, model, plan: WrapPlan, group):
+        model = super().shard(model, plan, group)
+        model.set_prefetch(False)
+        return model

@@ -1,0 +1,123 @@
+"""PyTorch's FSDP2 (`torch.distributed.fsdp.fully_shard`) through the adapter protocol: on a 1-D
+`DeviceMesh` made from the case's group, with the scenario's wrap plan, and
+`MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)` for bf16. Fast mode only.
+
+Probes: the local pieces and the reduced gradient of every DTensor (Shard(0): a contiguous run
+of the flattened parameter starting at the rank's dim-0 offset), so the reassembly and the
+bitwise gradient checks run for FSDP2 as for ours; no padding views (FSDP2 pads internally and
+exposes only unpadded local tensors) and no collective formula.
+
+[Note: peer tiers]
+At W <= 2 our fast tier is bitwise against the data-parallel reference (tree of the per-rank
+local-batch gradients, / W). FSDP2 meets it (fp32 reduce-scatter with ReduceOp.AVG, the sum
+divided by W on gloo) except where one tensor that needs a gradient feeds two or more FSDP2
+units (e.g. q/k/v projections wrapped as units by `every_leaf`): FSDP2 puts an autograd function
+on every unit's inputs, which changes the order in which autograd sums the three or more
+gradient contributions into that tensor, so the gradients differ in the last bits even at W = 1
+(measured on cs336 with every_leaf: up to 148 ULP in a gradient element, 1 ULP in parameters
+after an SGD step, up to 292 ULP after Adam steps; fsdp_core avoids exactly this, see the
+regressions in tests/test_equivalence.py). Two consumers alone cannot reorder a sum
+(a + b == b + a), so the test is conservative. `tier` detects that case up front with one
+forward of the reference model and holds FSDP2 there to the tier fsdp_core has at W >= 4
+(tolerance with SGD, reported with Adam).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from torch.utils._pytree import tree_leaves
+
+from verify.sharders.base import Sharder, WrapPlan
+
+__all__ = ["TorchFSDP2", "shared_unit_inputs"]
+
+
+class TorchFSDP2(Sharder):
+    name = "torch_fsdp2"
+    world = "group"
+    modes = ("fast",)
+    dtypes = ("fp32", "bf16")
+    offload = False
+
+    def unsupported(self, scenario) -> Optional[str]:
+        from verify.scenarios import build_model
+        zero_d = [n for n, p in build_model(scenario, device="meta").named_parameters()
+                  if p.dim() == 0]
+        if zero_d:
+            return (f"FSDP2 shards every parameter on dim 0 and refuses 0-d parameters "
+                    f"({', '.join(zero_d[:3])})")
+        return None
+
+    def tier(self, scenario) -> Optional[str]:
+        from verify.compare import tier_for
+        if tier_for(scenario) != "bitwise" or scenario.mode != "fast":
+            return None
+        if not shared_unit_inputs(scenario):
+            return None
+        return "tolerance" if scenario.optimizer in ("sgd", "sgd_momentum") else "reported"
+
+    def shard(self, model, plan: WrapPlan, group):
+        from torch.distributed.device_mesh import DeviceMesh
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        device_type = "cuda" if dist.get_backend(group) == "nccl" else "cpu"
+        if device_type == "cuda":
+            model = model.cuda()
+        mesh = DeviceMesh.from_group(group, device_type)
+        mp = MixedPrecisionPolicy(param_dtype=plan.param_dtype, reduce_dtype=plan.reduce_dtype)
+        for _, unit in plan.units:
+            fully_shard(unit, mesh=mesh, reshard_after_forward=plan.reshard_after_forward,
+                        mp_policy=mp)
+        return model
+
+    def full_parameters(self, model, optimizer):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+        return {k: v.detach().cpu().clone() for k, v in sd.items()}
+
+    def local_pieces(self, model):
+        return {name: _piece(p) for name, p in model.named_parameters()}
+
+    def reduced_gradients(self, model):
+        return {name: _piece(p.grad) for name, p in model.named_parameters() if p.grad is not None}
+
+
+def _piece(t: torch.Tensor) -> tuple[int, torch.Tensor]:
+    """(start in the flattened global tensor, this rank's elements) of a Shard(0) DTensor."""
+    if not hasattr(t, "to_local"):
+        return 0, t.detach().reshape(-1).cpu().clone()
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+    _, offset = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
+    local = t.to_local().detach()
+    row = math.prod(t.shape[1:]) if t.dim() > 1 else 1
+    start = offset[0] * row if t.dim() else 0
+    return int(start), local.reshape(-1).cpu().clone()
+
+
+def shared_unit_inputs(s) -> list[str]:
+    """Units (by module name) that receive one and the same gradient-requiring tensor in the
+    first micro-batch's forward of the reference model: where FSDP2's per-unit autograd
+    function on the inputs can reorder the gradient accumulation into that tensor."""
+    from verify.scenarios import build_model, loss_fn, make_batch, wrap_units
+    model = build_model(s)
+    names = {id(m): n or "<root>" for n, m in model.named_modules()}
+    consumers: dict[int, list[str]] = {}
+    alive: list[torch.Tensor] = []   # keeps every seen tensor alive, so no id is reused
+
+    def pre_hook(module, args, kwargs):
+        for t in tree_leaves((args, kwargs)):
+            if isinstance(t, torch.Tensor) and t.requires_grad:
+                alive.append(t)
+                consumers.setdefault(id(t), []).append(names[id(module)])
+
+    handles = [u.register_forward_pre_hook(pre_hook, with_kwargs=True) for u in wrap_units(s, model)]
+    try:
+        with torch.random.fork_rng(devices=[]):
+            loss_fn(s, model, make_batch(s, 0, 0))
+    finally:
+        for h in handles:
+            h.remove()
+    shared = [units for units in consumers.values() if len(units) >= 2]
+    return sorted({u for units in shared for u in units})
