@@ -2,6 +2,9 @@
 
 - Every listening TCP socket of a campaign (the parent and every rank of the pool, and the
   freshly spawned ranks of the spawn-per-case measurement) is bound to a loopback address.
+- A checkpoint's ``.metadata`` is unpickled with an allowlist: a crafted one (a pickle whose
+  ``__reduce__`` would create a file) is refused, with or without our manifest, and the file is
+  never created.
 """
 from __future__ import annotations
 
@@ -109,6 +112,103 @@ def test_spawned_ranks_listen_on_loopback_only():
     by_rank = {f"spawned rank {r}": socks for r, socks in enumerate(values)}
     assert all(by_rank.values()), by_rank
     assert not _not_loopback(by_rank), _not_loopback(by_rank)
+
+
+# -- checkpoints are data, not code -----------------------------------------------------------
+
+class CreatesFile:
+    """Unpickling this creates the file ``path`` (what a crafted checkpoint could do)."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def _trained():
+    import sharder_cases as sc
+    import sharder_models as zm
+    m = zm.build_zoo(0)
+    opt = sc._opt("adamw", list(m.named_parameters()))
+    zm.loss_of(m, zm.batch(0, 0)).backward()
+    opt.step()
+    opt.zero_grad()
+    return m, opt
+
+
+def _fresh():
+    import sharder_cases as sc
+    import sharder_models as zm
+    m = zm.build_zoo(9)
+    return m, sc._opt("adamw", list(m.named_parameters()))
+
+
+def _forge_metadata(ckpt_dir, marker: str, *, keep_manifest: bool) -> None:
+    """Replace ``.metadata`` by a pickle of the real metadata with a file-creating object inside;
+    with the manifest kept, its size and CRC-32 are updated, as a forger would."""
+    import json
+    import pickle
+
+    from fsdp_core import _ckpt_files as F
+    meta_path = os.path.join(ckpt_dir, F.METADATA)
+    with open(meta_path, "rb") as f:
+        metadata = pickle.load(f)                  # our own, trusted file
+    metadata.planner_data = {"x": CreatesFile(marker)}
+    with open(meta_path, "wb") as f:
+        pickle.dump(metadata, f)
+    manifest_path = os.path.join(ckpt_dir, F.MANIFEST)
+    if keep_manifest:
+        with open(manifest_path) as f:
+            manifest = json.load(f)
+        manifest["files"][F.METADATA] = F.file_record(meta_path)
+        F.write_json(manifest_path, manifest)
+    else:
+        os.remove(manifest_path)
+
+
+@pytest.mark.parametrize("keep_manifest", [True, False], ids=["with_manifest", "plain_dcp"])
+def test_crafted_metadata_is_refused_and_never_runs(tmp_path, keep_manifest):
+    import pickle
+    import shutil
+
+    import fsdp_core.checkpoint as ckpt
+    good = tmp_path / "good"
+    ckpt.save(good, *_trained())
+    forged = tmp_path / "forged"
+    shutil.copytree(good, forged)
+    marker = str(tmp_path / "pwned")
+    _forge_metadata(forged, marker, keep_manifest=keep_manifest)
+
+    # the forged file is live: a plain unpickler would create the marker
+    probe = str(tmp_path / "probe")
+    with open(forged / ".metadata", "rb") as f:
+        pickle.loads(f.read().replace(marker.encode(), probe.encode()))
+    assert os.path.exists(probe)
+
+    with pytest.raises(ckpt.CheckpointError, match=r"(io|builtins)\.open.*refusing to unpickle"):
+        ckpt.load(forged, *_fresh())
+    assert not os.path.exists(marker)
+    ckpt.load(good, *_fresh())                        # the genuine one still loads
+
+
+def test_crafted_non_tensor_value_is_refused_and_never_runs(tmp_path):
+    """A plain DCP checkpoint whose optimizer hyperparameter (a non-tensor value, stored with
+    torch.save) would create a file: read with weights_only=True, so refused."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    import fsdp_core.checkpoint as ckpt
+    m, opt = _trained()
+    msd, osd = get_state_dict(m, opt)
+    marker = str(tmp_path / "pwned")
+    osd["param_groups"][0]["lr"] = CreatesFile(marker)
+    path = str(tmp_path / "plain")
+    dcp.save({"model": msd, "optim": osd}, checkpoint_id=path, no_dist=True)
+    assert not os.path.exists(marker)
+    with pytest.raises(ckpt.CheckpointError, match=r"(io|builtins)\.open"):
+        ckpt.load(path, *_fresh())
+    assert not os.path.exists(marker)
 
 
 def test_a_killed_process_store_dir_is_removed_by_the_next_one():
