@@ -11,17 +11,21 @@ chunks straight out of and into our storage; nothing here allocates a full tenso
 """
 from __future__ import annotations
 
+import io
 import math
 from typing import Any, Sequence
 
 import torch
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint._nested_dict import flatten_state_dict
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, DefaultSavePlanner
-from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorProperties
-from torch.distributed.checkpoint.planner import TensorWriteData, WriteItem, WriteItemType
+from torch.distributed.checkpoint.metadata import (
+    ChunkStorageMetadata, Metadata, MetadataIndex, StorageMeta, TensorProperties)
+from torch.distributed.checkpoint.planner import ReadItem, TensorWriteData, WriteItem, WriteItemType
 
 from ._ckpt_layout import Chunk, flat_range_chunks
+from ._ckpt_unpickle import load_metadata
 
 __all__ = ["FlatSlices", "SavePlanner", "LoadPlanner", "Writer", "Reader"]
 
@@ -114,6 +118,12 @@ class LoadPlanner(DefaultLoadPlanner):
             return obj.chunk_view(index.offset)
         return super().lookup_tensor(index)
 
+    def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
+        # DCP's default unpickles non-tensor values with weights_only=False (any object: code);
+        # ours are hyperparameters and plain values, which weights_only=True reads.
+        obj = torch.load(value, weights_only=True)
+        set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
+
 
 class Writer(FileSystemWriter):
     """One file per rank (``__<rank>_0.distcp``), fsynced. A class of our own so that tests can
@@ -124,7 +134,20 @@ class Writer(FileSystemWriter):
 
 
 class Reader(FileSystemReader):
-    """Names the files being read when reading fails (DCP's own error does not)."""
+    """Unpickles ``.metadata`` with an allowlist (``_ckpt_unpickle``: a checkpoint is data, not
+    code); names the files being read when reading fails (DCP's own error does not)."""
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        # FileSystemReader.read_metadata, with load_metadata in place of pickle.load
+        path = self._get_metadata_path(kwargs.get("rank"))
+        with self.fs.create_stream(path, "rb") as f:
+            metadata = load_metadata(f, str(path))
+        if not isinstance(metadata, Metadata):
+            raise TypeError(f"{path} holds a {type(metadata).__name__}, not DCP Metadata")
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
 
     def read_data(self, plan, planner):
         try:

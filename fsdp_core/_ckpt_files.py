@@ -157,6 +157,8 @@ def read_metadata(ckpt: str):
         raise CheckpointError(f"checkpoint {ckpt} is incomplete: {path} is missing")
     try:
         return Reader(ckpt).read_metadata()
+    except CheckpointError:
+        raise
     except Exception as e:
         raise CheckpointError(f"checkpoint metadata {path} is corrupt or truncated: {type(e).__name__}: {e}") from e
 

@@ -18,6 +18,9 @@ Every rank must see the same ``path`` (one machine, or a shared file system).
 Writing is one collective ``dcp.save`` (rank 0 merges the plans into ``.metadata``). Reading needs
 no collectives at all: each rank reads the chunks that overlap its own shards with DCP in
 single-process mode, which is what makes any world size (and any wrapping) load any checkpoint.
+A checkpoint is data, never code: ``.metadata`` is unpickled with an allowlist of DCP's own
+types (``_ckpt_unpickle``) and every value with ``torch.load(weights_only=True)``, with or
+without our manifest (a checksum, not a signature).
 
 [Note: atomic publish]
 ``save`` writes into a fresh sibling ``.<name>.tmp-<token>``; when every rank has written and

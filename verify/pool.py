@@ -34,8 +34,13 @@ killed by a fatal signal leaves its Python stack there, and a rank that hangs is
 before it is killed, which makes it write the stacks of its threads: the failed result says
 where each rank was stuck.
 
-The rendezvous store lives in the parent (a `TCPStore` on port 0, so the OS picks a free port
-and concurrent pools, e.g. pytest-xdist workers, never clash).
+[Note: nothing on the network]
+The rendezvous store is a `FileStore` in a private directory (`private_store_dir`: mode 0700,
+a fresh one per generation, so a restart never meets a previous generation's keys; removed when
+the generation stops, or by a later pool if this process was killed), not a `TCPStore`, whose
+server listens on every interface. Ranks call
+`keep_on_loopback()` before their first process group, so gloo's pairs listen on loopback too.
+Concurrent pools (pytest-xdist workers) never clash: each has its own directory.
 
 This module is the parent side; what runs inside a rank (and the torchrun variant, where the
 process is already a rank) is in verify/rank.py.
@@ -46,20 +51,22 @@ import multiprocessing as mp
 import os
 import pickle
 import selectors
+import shutil
 import signal
 import sys
 import threading
 import time
 import traceback
 import weakref
-from datetime import timedelta
 from multiprocessing.connection import wait
 from typing import Any, Callable, Iterable, NamedTuple, Optional
 
 from verify.rank import (
-    HOST,
     PoolResult,
     RankContext,
+    keep_on_loopback,
+    open_store,
+    private_store_dir,
     pool_world_sizes,
     probe,
     qualified_name,
@@ -81,12 +88,12 @@ _TAIL_BYTES = 16384       # per rank: what a failed run reports of the rank's st
 
 
 class _Generation:
-    """One set of spawned rank processes, their pipes and their rendezvous store."""
+    """One set of spawned rank processes, their pipes and their rendezvous store (a file in a
+    private directory of this generation's own; see [Note: nothing on the network])."""
 
     def __init__(self, ctx: Any, max_world_size: int, backend: str, number: int):
-        import torch.distributed as dist
-        self.store = dist.TCPStore(HOST, 0, is_master=True, wait_for_workers=False,
-                                   timeout=timedelta(seconds=300))
+        self.store_dir: Optional[str] = private_store_dir("pool")
+        store_path = os.path.join(self.store_dir, "store")
         self.conns: list[Any] = []
         self.procs: list[Any] = []
         self.ready = [False] * max_world_size
@@ -96,7 +103,7 @@ class _Generation:
             parent_conn, child_conn = ctx.Pipe(duplex=True)
             err_r, err_w = ctx.Pipe(duplex=False)
             proc = ctx.Process(target=serve, name=f"rank-pool-{rank}", daemon=True,
-                               args=(rank, max_world_size, backend, self.store.port, prefix,
+                               args=(rank, max_world_size, backend, store_path, prefix,
                                      child_conn, err_w))
             proc.start()
             child_conn.close()
@@ -134,7 +141,9 @@ class _Generation:
             p.join(5.0)
         for conn in self.conns:
             conn.close()
-        self.store = None
+        if self.store_dir is not None:
+            shutil.rmtree(self.store_dir, ignore_errors=True)
+            self.store_dir = None
 
 
 class _StderrPump:
@@ -566,14 +575,15 @@ def _trivial_collective(payload: Any, ctx: RankContext) -> float:
     return t.item()
 
 
-def _fresh_rank(rank: int, world_size: int, store_port: int, prefix: str,
+def _fresh_rank(rank: int, world_size: int, store_path: str, prefix: str,
                 blob: Optional[bytes] = None, conn: Any = None) -> None:
     """A rank spawned for one task: init a gloo group, run the task (``blob``: a pickled
     ``(fn, payload)``, sent back through ``conn``; none: a trivial all-reduce), tear down."""
     import torch
     torch.set_num_threads(1)
     import torch.distributed as dist
-    store = dist.TCPStore(HOST, store_port, is_master=False, timeout=timedelta(seconds=300))
+    keep_on_loopback()
+    store = open_store(store_path)
     dist.init_process_group("gloo", store=dist.PrefixStore(prefix, store), rank=rank,
                             world_size=world_size)
     if blob is not None:
@@ -593,14 +603,21 @@ def _fresh_rank(rank: int, world_size: int, store_port: int, prefix: str,
 def _spawn_once(world_size: int, number: int, task: Optional[tuple[Callable, Any]] = None
                 ) -> tuple[float, Optional[list]]:
     """Spawn ``world_size`` fresh ranks for one task; (seconds until all exited, their values)."""
-    import torch.distributed as dist
     ctx = mp.get_context("spawn")
     start = time.perf_counter()
-    store = dist.TCPStore(HOST, 0, is_master=True, wait_for_workers=False)
+    store_dir = private_store_dir("spawn")      # mode 0700, removed below
+    try:
+        return _run_fresh(ctx, world_size, number, task, os.path.join(store_dir, "store"), start)
+    finally:
+        shutil.rmtree(store_dir, ignore_errors=True)
+
+
+def _run_fresh(ctx: Any, world_size: int, number: int, task: Optional[tuple[Callable, Any]],
+               store_path: str, start: float) -> tuple[float, Optional[list]]:
     blob = None if task is None else pickle.dumps(task, protocol=pickle.HIGHEST_PROTOCOL)
     pipes = [ctx.Pipe(duplex=False) for _ in range(world_size)] if task is not None else []
     procs = [ctx.Process(target=_fresh_rank, daemon=True,
-                         args=(r, world_size, store.port, f"fresh/{os.getpid()}/{number}", blob,
+                         args=(r, world_size, store_path, f"fresh/{os.getpid()}/{number}", blob,
                                pipes[r][1] if pipes else None))
              for r in range(world_size)]
     for p in procs:

@@ -74,6 +74,77 @@ def qualified_name(fn: Callable) -> str:
 
 
 # --------------------------------------------------------------------------------------------
+# Rendezvous and transport without a network listener
+# --------------------------------------------------------------------------------------------
+
+def loopback_interface() -> str:
+    """The name of this machine's loopback network interface ("lo" on Linux)."""
+    import socket
+    for _, name in socket.if_nameindex():
+        try:
+            with open(f"/sys/class/net/{name}/flags") as f:
+                if int(f.read().strip(), 16) & 0x8:     # IFF_LOOPBACK
+                    return name
+        except (OSError, ValueError):
+            continue
+    return "lo0" if sys.platform == "darwin" else "lo"
+
+
+def keep_on_loopback() -> None:
+    """Make every process group this process creates from now on listen on loopback only.
+
+    Called in a rank before its first process group. gloo otherwise binds to the address the
+    machine's hostname resolves to (reachable from the network wherever that is not a
+    loopback address); NCCL's bootstrap picks an interface of its own."""
+    lo = loopback_interface()
+    os.environ["GLOO_SOCKET_IFNAME"] = lo
+    os.environ["NCCL_SOCKET_IFNAME"] = lo
+
+
+_STORE_DIR_KINDS = ("pool", "spawn", "timing")
+
+
+def private_store_dir(kind: str) -> str:
+    """A fresh private directory (mode 0700) for one set of ranks' store file, named
+    ``verify-<kind>-<pid>-<random>`` in the temp directory. The caller removes it when the set
+    stops; what a killed process left behind (its pid gone) is removed here, on the next call."""
+    import glob
+    import shutil
+    import tempfile
+    assert kind in _STORE_DIR_KINDS, kind
+    root = tempfile.gettempdir()
+    for d in glob.glob(os.path.join(glob.escape(root), "verify-*-*-*")):
+        parts = os.path.basename(d).split("-")
+        try:
+            owner, pid = os.lstat(d).st_uid, int(parts[2])
+        except (OSError, ValueError):
+            continue
+        if parts[1] in _STORE_DIR_KINDS and owner == os.getuid() and not _alive(pid):
+            shutil.rmtree(d, ignore_errors=True)
+    return tempfile.mkdtemp(prefix=f"verify-{kind}-{os.getpid()}-", dir=root)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
+def open_store(path: str, timeout: timedelta = timedelta(seconds=300)) -> Any:
+    """The rendezvous store of one set of ranks: a `FileStore` at `path`, inside a private
+    directory (mode 0700) that the spawning process made for this set only and removes when
+    the set stops. No network listener; world_size -1: the store never deletes its own file."""
+    import torch.distributed as dist
+    store = dist.FileStore(path, -1)
+    store.set_timeout(timeout)
+    return store
+
+
+# --------------------------------------------------------------------------------------------
 # A pool rank (spawned by RankPool)
 # --------------------------------------------------------------------------------------------
 
@@ -103,7 +174,7 @@ def _reset_global_state(torch_mod: Any) -> None:
         torch_mod.set_num_threads(1)
 
 
-def serve(rank: int, max_world_size: int, backend: str, store_port: int, prefix: str,
+def serve(rank: int, max_world_size: int, backend: str, store_path: str, prefix: str,
                conn: Any, stderr_conn: Any) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl-C is the parent's to handle
     # stderr goes through the parent (which forwards it and keeps a tail for failure reports);
@@ -129,7 +200,8 @@ def serve(rank: int, max_world_size: int, backend: str, store_port: int, prefix:
             device = torch.device("cuda", rank)
         else:
             device = torch.device("cpu")
-        store = dist.TCPStore(HOST, store_port, is_master=False, timeout=timedelta(seconds=300))
+        keep_on_loopback()
+        store = open_store(store_path)
         dist.init_process_group(backend, store=dist.PrefixStore(prefix, store), rank=rank,
                                 world_size=max_world_size, timeout=_PG_TIMEOUT)
         contexts: dict[int, RankContext] = {}

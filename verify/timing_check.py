@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import statistics
 import time
 
@@ -75,10 +76,12 @@ def _build(kind: str, args, seed: int = 0):
     return model, torch.optim.AdamW(model.parameters(), lr=1e-3, foreach=foreach)
 
 
-def _rank(rank: int, args, port: int, out) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+def _rank(rank: int, args, store_path: str, out) -> None:
+    from verify.rank import keep_on_loopback, open_store
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=args.world_size)
+    keep_on_loopback()          # no listener on the network: a file store, gloo on loopback
+    dist.init_process_group("gloo", store=open_store(store_path), rank=rank,
+                            world_size=args.world_size)
     g = torch.Generator().manual_seed(rank)
     data = [torch.randint(0, args.vocab, (args.batch, args.seq + 1), generator=g) for _ in range(4)]
     sharders = {k: _build(k, args) for k in ("fsdp_core", "fsdp2")}
@@ -123,18 +126,21 @@ def main(argv=None) -> int:
                          "tensors and the per-tensor loop for FSDP2's DTensors; true/false give "
                          "both sharders the same implementation")
     args = ap.parse_args(argv)
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
-    procs = [ctx.Process(target=_rank, args=(r, args, port, out)) for r in range(args.world_size)]
-    for p in procs:
-        p.start()
-    res = out.get()
-    for p in procs:
-        p.join()
+    from verify.rank import private_store_dir
+    store_dir = private_store_dir("timing")      # mode 0700
+    try:
+        store_path = os.path.join(store_dir, "store")
+        procs = [ctx.Process(target=_rank, args=(r, args, store_path, out))
+                 for r in range(args.world_size)]
+        for p in procs:
+            p.start()
+        res = out.get()
+        for p in procs:
+            p.join()
+    finally:
+        shutil.rmtree(store_dir, ignore_errors=True)
     ratio = round(res["fsdp_core"] / res["fsdp2"], 2)  # judged as printed
     print(f"W={args.world_size}: fsdp_core {1e3 * res['fsdp_core']:.1f} ms/step, FSDP2 "
           f"{1e3 * res['fsdp2']:.1f} ms/step, ours/FSDP2 {ratio:.2f} (median of {args.rounds} "
