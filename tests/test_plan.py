@@ -121,6 +121,13 @@ def test_cli_plan_scenario_family_and_bad_model(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "none (one rank)" in out
     assert main(["plan", "--model", "nope", "--world-sizes", "8"]) == 2
+    cfg = tmp_path / "config.json"  # a HuggingFace config.json, Llama-shaped
+    cfg.write_text(json.dumps(dict(model_type="llama", vocab_size=1000, hidden_size=64,
+                                   intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2)))
+    assert main(["plan", "--model", str(cfg), "--world-sizes", "16", "--offload", "--out", str(tmp_path)]) == 0
+    row = json.loads((tmp_path / "plan.json").read_text())["rows"][0]
+    assert row["state"] == 0 and row["offloaded"] == row["params"] + row["grads"] + row["optim"] > 0
 
 
 def test_plan_scale_matches_plan_scenario_on_the_same_model():
