@@ -343,6 +343,10 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("dir", type=Path, metavar="DIR",
                         help="a directory written by `run` (holds results.json)")
     report.add_argument("--title", default=None, help="title for the markdown (default: saved)")
+
+    from verify.plan_cli import add_plan_arguments  # torch-free: --help stays instant
+    add_plan_arguments(sub.add_parser(
+        "plan", formatter_class=fmt, help="per-rank memory and per-step traffic at scale, without running"))
     return parser
 
 
@@ -458,6 +462,11 @@ def _cmd_replay(args: argparse.Namespace) -> int:
                                          sharder=sharder, **_planted(args)))
 
 
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from verify.plan_cli import run_plan
+    return run_plan(args)
+
+
 def _cmd_mutants(args: argparse.Namespace) -> int:
     from verify.mutants import main as mutants_main
     return mutants_main(args.only, blind=args.blind, faults=args.faults,
@@ -486,7 +495,8 @@ class _Usage(Exception):
 
 
 _COMMANDS = {"run": _cmd_run, "replay": _cmd_replay, "report": _cmd_report,
-             "mutants": _cmd_mutants, "converge": _cmd_converge, "bench": _cmd_bench}
+             "mutants": _cmd_mutants, "converge": _cmd_converge, "bench": _cmd_bench,
+             "plan": _cmd_plan}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
