@@ -285,10 +285,10 @@ def plan_scenario(s) -> PlanFigures:
         + the sharded gradients of the parameters that received one (their local pieces, padding
         included) + the optimizer-state tensors with dim > 0 (none at step 0: measured before the
         first optimizer step; from step 1 one momentum buffer / Adam's two moments per parameter
-        that had a gradient; none for plain SGD), as `verify.runner._state_bytes` measures them
+        that had a gradient; none for plain SGD), as `verify.case.probes.state_bytes` measures them
         after backward and before ``opt.step()``;
       - ``collectives == case.steps[i].collectives`` for every step (rank 0's recording; the same
-        as `verify.runner.expected_collectives`): per unit and micro-batch, one all-gather per
+        as `verify.sharders.fsdp_core.FsdpCore.expected_collectives`): per unit and micro-batch, one all-gather per
         forward call plus one in backward when resharding after forward and the unit's output
         joins autograd (one in all without), ``padded_numel`` x param-dtype bytes each; one
         reduction per unit with a trainable parameter per step, ``padded_numel`` x reduce-dtype

@@ -223,9 +223,9 @@ def evaluate_resume(case: ResumeCase, res_a, res_b, ref, wall: float, *,
         out.checks = [Check("error", "fail", detail=out.reason).to_dict()]
         return out
     before = evaluate(case.scenario_a, adapter, sharder, res_a, ref[:cut], wall,
-                      tier=case_tier(case.scenario_a, adapter))
+                      tier=case_tier(case.scenario_a, adapter), plan=False)
     after = evaluate(loose, adapter, sharder, res_b, ref[cut:], wall, step_offset=cut,
-                     tier=out.tier)
+                     tier=out.tier, plan=False)
     for st in after.steps:
         st.state_bytes_model = state_model_bytes(s, ref[st.step].params)
     checks = [dict(c, phase="save") for c in before.checks]

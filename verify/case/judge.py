@@ -163,15 +163,33 @@ def _ranked(values: list[dict], get) -> tuple[list[str], Optional[int]]:
     return out, first
 
 
+def _plan_check(s: Scenario, sharder, case: CaseResult) -> Check:
+    """``plan = measured``: the adapter's planned per-rank state bytes and collectives, exactly
+    (bytes, not ratios), against what every step measured."""
+    import traceback
+    try:
+        figures = sharder.planned(s) if sharder is not None else None
+        if figures is None:
+            return Check("plan", "n/a")
+        from verify.plan import plan_problems
+        problems = plan_problems(s, case, figures)
+    except Exception:
+        return Check("plan", "fail", detail="the planner raised:\n" + traceback.format_exc())
+    return Check("plan", "fail" if problems else "pass",
+                 detail="plan != measured: " + "; ".join(problems[:5]) if problems else "")
+
+
 def _checked(values: list[dict], get) -> bool:
     return all(get(v) is not None for v in values)
 
 
 def evaluate(s: Scenario, sharder, spec: str, result, ref, wall: float, *,
-             step_offset: int = 0, replay: str = "", tier: Optional[str] = None) -> CaseResult:
+             step_offset: int = 0, replay: str = "", tier: Optional[str] = None,
+             plan: bool = True) -> CaseResult:
     """A pool result against the reference, step by step. ``sharder``: the adapter (for its
-    tier); ``spec``: how the replay line names it; ``step_offset``: the global step of the
-    first record (a resumed run's second phase)."""
+    tier and its planner); ``spec``: how the replay line names it; ``step_offset``: the global
+    step of the first record (a resumed run's second phase); ``plan``: run the ``plan`` check
+    (not for a resumed phase: the planner models a run from step 0)."""
     from verify.sharders import display_name
     tier = tier or case_tier(s, sharder)
     case = CaseResult(scenario_json=s.to_json(), sharder=display_name(spec), family=s.family,
@@ -266,6 +284,7 @@ def evaluate(s: Scenario, sharder, spec: str, result, ref, wall: float, *,
             state_bytes=state if all(b is not None for b in state) else [],
             state_bytes_model=state_model_bytes(s, ref_step.params),
             step_time_s=rec0["step_time_s"]))
+    checks.append(_plan_check(s, sharder, case) if plan else Check("plan", "n/a"))
     case.checks = [c.to_dict() for c in checks]
     failed = [c for c in checks if c.status == "fail"]
     if failed:

@@ -6,10 +6,12 @@ imports it in the parent (to decide what it skips, before any rank starts) and a
 rank (to shard and train). One training protocol (`verify.case.train`) drives it; each invariant
 check runs where the adapter provides its probe and is reported as ``n/a`` where it does not.
 
-Beyond section 6, two optional methods with defaults that change nothing (a user's adapter may
+Beyond section 6, three optional methods with defaults that change nothing (a user's adapter may
 ignore them): `unsharded_units` (the ``resharded`` check: which units still hold a gathered copy
-once backward is done) and `tier` (a tier looser than section 3's for cases where the sharder
-provably cannot owe it, with the reason in a [Note]; it can never tighten a tier).
+once backward is done), `planned` (the ``plan`` check: a planner's exact per-rank bytes and
+collectives against the measured ones) and `tier` (a tier looser than section 3's for cases
+where the sharder provably cannot owe it, with the reason in a [Note]; it can never tighten a
+tier).
 """
 from __future__ import annotations
 
@@ -109,6 +111,12 @@ class Sharder:
         return None
 
     def unsharded_units(self, model):
+        return None
+
+    def planned(self, scenario):
+        """Parent side: the `verify.plan.PlanFigures` a layout planner predicts for this case
+        (per-rank state bytes per step, collectives per step), compared exactly with what
+        the case measured (check ``plan``); None: n/a."""
         return None
 
     # Optional checkpointing: define both `save(path, model, optimizer)` and

@@ -87,6 +87,10 @@ class FsdpCore(Sharder):
             out[kind] = reduce
         return out
 
+    def planned(self, scenario):
+        from verify.plan import plan_scenario
+        return plan_scenario(scenario)
+
     def save(self, path, model, optimizer):
         import fsdp_core.checkpoint
         fsdp_core.checkpoint.save(path, model, optimizer)
