@@ -320,13 +320,12 @@ def fsdp2_peer_smoke(payload: dict, ctx) -> dict:
     """FSDP2's own fully_shard accepts the mesh hsdp_mesh builds (the harness's HSDP peer)."""
     from torch.distributed.fsdp import fully_shard as fsdp2_shard
     mesh = mesh_of(payload, ctx)
-    model = Mlp()
     torch.manual_seed(0)
-    model = Mlp()
-    for m in (model.inp, model.mid, model):
-        fsdp2_shard(m, mesh=mesh)
+    model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3))  # FSDP2 refuses 0-d params
+    fsdp2_shard(model[0], mesh=mesh)
+    fsdp2_shard(model, mesh=mesh)
     x, y = batch("mlp", 0, ctx.rank)
     F.mse_loss(model(x), y).backward()
-    w = model.inp.weight
+    w = model[0].weight
     return dict(placements=str(w.placements), local=tuple(w.to_local().shape),
                 grad=w.grad is not None)
