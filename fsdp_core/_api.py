@@ -59,7 +59,9 @@ def fully_shard(
     smesh = resolve_mesh(mesh)
     world = smesh.world
     if deterministic and world & (world - 1):
-        raise ValueError(f"deterministic=True needs a power-of-two world size, got {world}")
+        shape = f" (a {smesh.R} x {smesh.S} mesh)" if smesh.is_hsdp else ""
+        raise ValueError(f"fully_shard({type(module).__name__}, deterministic=True) needs a power-of-two "
+                         f"world size, got {world}{shape}: use 1, 2, 4, 8, ... ranks")
     _check_same_mesh(module, smesh)
     group = smesh.shard_group
 
