@@ -36,7 +36,11 @@ def fully_shard(
 ) -> nn.Module:
     """Shard ``module``'s parameters (those not already owned by an inner call) across the
     ranks of ``mesh`` as one flat unit. Call it on inner modules first and the root last.
-    Modifies ``module`` in place (its class becomes ``FSDP<Class>``) and returns it."""
+    Modifies ``module`` in place (its class becomes ``FSDP<Class>``) and returns it.
+
+    ``mesh``: None (every rank), a ProcessGroup, a 1-D DeviceMesh, or a 2-D DeviceMesh with dims
+    (replicate, shard) for HSDP: sharded over the shard dim, replicated over the other,
+    gradients reduced over both and divided by R*S (see [Note: HSDP reduction order])."""
     if not isinstance(module, nn.Module):
         raise TypeError(f"fully_shard expects an nn.Module, got {type(module).__name__}")
     if isinstance(module, FSDPModule):
