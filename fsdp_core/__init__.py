@@ -8,6 +8,7 @@ checkpoints in ``checkpoint`` (imported on first use: it pulls in torch.distribu
 """
 from ._api import fully_shard
 from ._layout import FlatLayout, LocalPiece, make_layout
+from ._mesh import hsdp_mesh, prepare_hsdp_groups
 from ._meta import materialize_meta
 from ._module import FSDPModule
 from ._policies import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy
@@ -15,6 +16,8 @@ from ._state import clip_grad_norm_, full_state_dict, load_full_state_dict, padd
 
 __all__ = [
     "fully_shard",
+    "hsdp_mesh",
+    "prepare_hsdp_groups",
     "FSDPModule",
     "MixedPrecisionPolicy",
     "CPUOffloadPolicy",

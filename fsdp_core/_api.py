@@ -7,30 +7,13 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from ._mesh import ShardMesh, resolve_mesh
 from ._module import FSDPModule, install_hooks, swap_class
 from ._policies import MixedPrecisionPolicy, OffloadPolicy
 from ._unit import FlatUnit, Registration
 
 __all__ = ["fully_shard"]
 
-
-
-def _resolve_group(mesh):
-    if not dist.is_available() or not dist.is_initialized():
-        raise RuntimeError(
-            "fully_shard needs an initialized default process group: call "
-            "torch.distributed.init_process_group('gloo' or 'nccl') on every rank first"
-        )
-    if mesh is None:
-        return dist.group.WORLD
-    if isinstance(mesh, dist.ProcessGroup):
-        return mesh
-    get_group = getattr(mesh, "get_group", None)
-    if get_group is not None:
-        if getattr(mesh, "ndim", 1) != 1:
-            raise ValueError(f"fully_shard supports a 1-D DeviceMesh only, got a {mesh.ndim}-D mesh")
-        return get_group()
-    raise TypeError(f"mesh must be None, a 1-D DeviceMesh or a ProcessGroup, got {type(mesh).__name__}")
 
 
 def _compute_device(group, params: list[nn.Parameter]) -> torch.device:
@@ -53,28 +36,45 @@ def fully_shard(
 ) -> nn.Module:
     """Shard ``module``'s parameters (those not already owned by an inner call) across the
     ranks of ``mesh`` as one flat unit. Call it on inner modules first and the root last.
-    Modifies ``module`` in place (its class becomes ``FSDP<Class>``) and returns it."""
+    Modifies ``module`` in place (its class becomes ``FSDP<Class>``) and returns it.
+
+    ``mesh``: None (every rank), a ProcessGroup, a 1-D DeviceMesh, or a 2-D DeviceMesh with dims
+    (replicate, shard) for HSDP: sharded over the shard dim, replicated over the other,
+    gradients reduced over both and divided by R*S (see [Note: HSDP reduction order])."""
     if not isinstance(module, nn.Module):
         raise TypeError(f"fully_shard expects an nn.Module, got {type(module).__name__}")
     if isinstance(module, FSDPModule):
-        raise ValueError(f"{type(module).__name__} is already sharded: call fully_shard once per module")
+        extra = ""
+        prior = module.__dict__.get("_fsdp_mesh")
+        if prior is not None and mesh is not None:
+            try:
+                other = resolve_mesh(mesh)
+                if other.key != prior.key:
+                    extra = f" (on {prior.describe()}; now asked for {other.describe()})"
+            except Exception:  # noqa: BLE001 - the first problem is the double call
+                pass
+        raise ValueError(f"{type(module).__name__} is already sharded{extra}: call fully_shard once per module")
     mp_policy = MixedPrecisionPolicy() if mp_policy is None else mp_policy
     offload_policy = OffloadPolicy() if offload_policy is None else offload_policy
     if not isinstance(mp_policy, MixedPrecisionPolicy):
         raise TypeError(f"mp_policy must be a MixedPrecisionPolicy, got {type(mp_policy).__name__}")
     if not isinstance(offload_policy, OffloadPolicy):
         raise TypeError(f"offload_policy must be an OffloadPolicy, got {type(offload_policy).__name__}")
-    group = _resolve_group(mesh)
-    world = dist.get_world_size(group)
+    smesh = resolve_mesh(mesh)
+    world = smesh.world
     if deterministic and world & (world - 1):
-        raise ValueError(f"deterministic=True needs a power-of-two world size, got {world}")
+        shape = f" (a {smesh.R} x {smesh.S} mesh)" if smesh.is_hsdp else ""
+        raise ValueError(f"fully_shard({type(module).__name__}, deterministic=True) needs a power-of-two "
+                         f"world size, got {world}{shape}: use 1, 2, 4, 8, ... ranks")
+    _check_same_mesh(module, smesh)
+    group = smesh.shard_group
 
     params, regs = _collect(module)
     unit = None
     if params:
         _check_params(module, params, regs)
         unit = FlatUnit(
-            module=module, params=params, registrations=regs, group=group, mp_policy=mp_policy,
+            module=module, params=params, registrations=regs, mesh=smesh, mp_policy=mp_policy,
             offload_policy=offload_policy, reshard_after_forward=reshard_after_forward,
             deterministic=deterministic, compute_device=_compute_device(group, params),
         )
@@ -83,9 +83,23 @@ def fully_shard(
             # units), an outer fully_shard call finds the mark and refuses.
             p._fsdp_sharded_by = (unit, unit.names[i])
     module._fsdp_unit = unit
+    module.__dict__["_fsdp_mesh"] = smesh
     swap_class(module)
     install_hooks(module)
     return module
+
+
+def _check_same_mesh(module: nn.Module, mesh: ShardMesh) -> None:
+    """Every unit under ``module`` must shard over the same mesh (same shard and replicate
+    groups): one backward, one optimizer step and one checkpoint span them all."""
+    for name, inner in module.named_modules():
+        other = inner.__dict__.get("_fsdp_mesh") if isinstance(inner, FSDPModule) else None
+        if other is not None and other.key != mesh.key:
+            raise ValueError(
+                f"fully_shard({type(module).__name__}): its submodule {name!r} "
+                f"({type(inner).__name__}) is already sharded on {other.describe()}, but this call "
+                f"uses {mesh.describe()}: shard every module of one model on the same mesh (pass "
+                "the same mesh to every fully_shard call)")
 
 
 def _collect(module: nn.Module) -> tuple[list[nn.Parameter], list[Registration]]:

@@ -28,30 +28,39 @@ import torch.nn as nn
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata
 
 from ._ckpt_dcp import FlatSlices
+from ._mesh import ShardMesh, resolve_mesh
 from ._state import _sharded_param_of, _walk, units_of
 from ._unit import FlatUnit
 
-__all__ = ["model_group", "check_materialized", "ParamInfo", "param_infos", "model_leaves", "optim_save_state", "CheckpointView",
+__all__ = ["model_mesh", "model_group", "check_materialized", "ParamInfo", "param_infos", "model_leaves", "optim_save_state", "CheckpointView",
            "optim_dest_state", "optim_native_state"]
 
 # Scalar optimizer-state keys of the built-in optimizers, for checkpoints without a manifest.
 _SCALAR_STATE_KEYS = frozenset({"step", "mu_product"})
 
 
-def model_group(model: nn.Module):
-    """The one process group all of ``model``'s units shard over (the default group, or None
-    without torch.distributed, for a model with no units)."""
+def model_mesh(model: nn.Module) -> Optional[ShardMesh]:
+    """The one mesh all of ``model``'s units shard over (the default group as a 1-D mesh for a
+    model with no units, or None without torch.distributed)."""
     units = units_of(model)
     if not units:
-        return dist.group.WORLD if dist.is_available() and dist.is_initialized() else None
-    group = units[0].group
-    ranks = dist.get_process_group_ranks(group)
+        if dist.is_available() and dist.is_initialized():
+            return resolve_mesh(None)
+        return None
+    mesh = units[0].mesh
     for u in units[1:]:
-        if u.group is not group and dist.get_process_group_ranks(u.group) != ranks:
+        if u.mesh is not mesh and u.mesh.key != mesh.key:
             raise ValueError(
                 f"fully_shard units {units[0].module_name!r} and {u.module_name!r} are sharded over "
-                "different process groups: a whole-model checkpoint or load needs one group")
-    return group
+                f"different meshes ({mesh.describe()} and {u.mesh.describe()}): a whole-model "
+                "checkpoint or load needs one mesh")
+    return mesh
+
+
+def model_group(model: nn.Module):
+    """The shard group of ``model_mesh`` (the whole group on a 1-D mesh), or None."""
+    mesh = model_mesh(model)
+    return None if mesh is None else mesh.shard_group
 
 
 def check_materialized(model: nn.Module, what: str) -> None:

@@ -99,13 +99,15 @@ def _check_initialised(model: nn.Module, units) -> None:
 
 def _check_ranks_agree(units, checksums) -> None:
     for unit in units:
-        if unit.world_size == 1:
-            continue
-        s = checksums[id(unit)].to(unit.compute_device)
-        out = torch.empty(unit.world_size, dtype=s.dtype, device=s.device)
-        dist.all_gather_into_tensor(out, s, group=unit.group)
-        if not torch.all(out == out[0]):
-            raise RuntimeError(
-                f"materialize_meta: ranks initialised unit {unit.module_name!r} differently "
-                f"(checksums {out.tolist()}): seed the RNG identically on every rank before init"
-            )
+        # The shard group, then (HSDP) the replicate group: every rank of the mesh must agree.
+        for group in (unit.group, unit.replicate_group):
+            if group is None or dist.get_world_size(group) == 1:
+                continue
+            s = checksums[id(unit)].to(unit.compute_device)
+            out = torch.empty(dist.get_world_size(group), dtype=s.dtype, device=s.device)
+            dist.all_gather_into_tensor(out, s, group=group)
+            if not torch.all(out == out[0]):
+                raise RuntimeError(
+                    f"materialize_meta: ranks initialised unit {unit.module_name!r} differently "
+                    f"(checksums {out.tolist()}): seed the RNG identically on every rank before init"
+                )

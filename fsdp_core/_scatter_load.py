@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from ._ckpt_state import check_materialized, model_group
+from ._ckpt_state import check_materialized, model_mesh
 from ._state import _sharded_param_of, _walk, check_full_state_dict, units_of
 
 __all__ = ["load_from_rank"]
@@ -28,11 +28,11 @@ __all__ = ["load_from_rank"]
 
 @torch.no_grad()
 def load_from_rank(model: nn.Module, state_dict: Optional[dict], *, src_rank: int, strict: bool = True) -> None:
-    group = model_group(model)
-    world = 1 if group is None else dist.get_world_size(group)
-    rank = 0 if group is None else dist.get_rank(group)
+    mesh = model_mesh(model)
+    world = 1 if mesh is None else mesh.world
+    rank = 0 if mesh is None else mesh.rank
     if not isinstance(src_rank, int) or not 0 <= src_rank < world:
-        raise ValueError(f"load_full_state_dict: src_rank must be a rank of the model's group (0..{world - 1}), got {src_rank!r}")
+        raise ValueError(f"load_full_state_dict: src_rank must be a rank of the model's mesh (0..{world - 1}), got {src_rank!r}")
     entries = list(_walk(model))
     err, present = None, None
     try:
@@ -41,18 +41,24 @@ def load_from_rank(model: nn.Module, state_dict: Optional[dict], *, src_rank: in
             present = check_full_state_dict(entries, state_dict, strict)
     except Exception as e:  # noqa: BLE001 - shared with every rank below
         err = e
-    verdicts = [(None if err is None else f"{type(err).__name__}: {err}", present)]
-    if group is not None:
-        verdicts = [None] * world
-        dist.all_gather_object(verdicts, (None if err is None else f"{type(err).__name__}: {err}", present), group=group)
+    mine = (None if err is None else f"{type(err).__name__}: {err}", present)
+    verdicts = [mine] if mesh is None else mesh.all_gather_object(mine)
     failed = [(r, msg) for r, (msg, _) in enumerate(verdicts) if msg is not None]
     if failed:
         if err is not None:
             raise err
         raise RuntimeError(f"load_full_state_dict failed on rank {failed[0][0]}: {failed[0][1]}")
     present = verdicts[src_rank][1]
-    src = src_rank if group is None else dist.get_global_rank(group, src_rank)
-    device = _comm_device(group)
+    # [Note: one unit at a time] on a 2-D mesh: the source's replica row receives by a scatter
+    # in its shard group; every shard is then broadcast from that row over its replicate group.
+    S = 1 if mesh is None else mesh.S
+    src_r, src_s = divmod(src_rank, S)
+    shard_group = None if mesh is None or S == 1 else mesh.shard_group
+    rep_group = None if mesh is None else mesh.replicate_group
+    in_src_row = mesh is None or mesh.r == src_r
+    src = None if shard_group is None else dist.get_global_rank(shard_group, src_s)
+    rep_src = None if rep_group is None else dist.get_global_rank(rep_group, src_r)
+    device = _comm_device(None if mesh is None else mesh.shard_group)
     is_src = rank == src_rank
 
     keys_of: dict[tuple[int, int], list[str]] = {}   # (unit, index) -> every key naming that parameter
@@ -74,11 +80,14 @@ def load_from_rank(model: nn.Module, state_dict: Optional[dict], *, src_rank: in
             for off, n, key in zip(unit.layout.offsets, unit.layout.numels, sources):
                 if key is not None:
                     flat[off: off + n].copy_(state_dict[key].reshape(-1))
-            scatter_list = list(flat.chunk(world))
-        if group is None:
-            recv.copy_(scatter_list[0])
-        else:
-            dist.scatter(recv, scatter_list, src=src, group=group)
+            scatter_list = list(flat.chunk(S))
+        if in_src_row:
+            if shard_group is None:
+                recv.copy_(scatter_list[0])
+            else:
+                dist.scatter(recv, scatter_list, src=src, group=shard_group)
+        if rep_group is not None:
+            dist.broadcast(recv, src=rep_src, group=rep_group)
         scatter_list = flat = None
         for piece, key in zip(unit.pieces, sources):
             if key is not None:  # absent (strict=False): keep the current values
@@ -97,8 +106,10 @@ def load_from_rank(model: nn.Module, state_dict: Optional[dict], *, src_rank: in
                 continue  # scattered above
         buf = (state_dict[key].to(device=device, dtype=target.dtype) if is_src
                else torch.empty(target.shape, dtype=target.dtype, device=device))
-        if group is not None:
-            dist.broadcast(buf, src=src, group=group)
+        if shard_group is not None and in_src_row:
+            dist.broadcast(buf, src=src, group=shard_group)
+        if rep_group is not None:
+            dist.broadcast(buf, src=rep_src, group=rep_group)
         target.copy_(buf)
 
 

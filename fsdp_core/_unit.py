@@ -4,7 +4,8 @@ Data path of a unit, in order:
   shard (1-D, master dtype, the only persistent copy)  --all_gather-->  unsharded_flat
   (1-D, param dtype)  -->  unsharded params (original shapes, views)  -->  forward/backward
   -->  unsharded grads  --flatten, cast to reduce dtype-->  reduce (fast: reduce-scatter;
-  deterministic: local pairwise tree, all-to-all, tree in rank order)  -->  / W  -->  shard grad.
+  deterministic: local pairwise tree, all-to-all, tree in rank order; on a 2-D mesh then over
+  the replicate group, see [Note: HSDP reduction order])  -->  / W  -->  shard grad.
 
 [Note: views and version counters]
 The unsharded parameters are views of ``unsharded_flat``. Resharding frees the storage
@@ -31,6 +32,7 @@ import torch.nn as nn
 
 from . import _collectives as C
 from ._layout import FlatLayout, make_layout
+from ._mesh import ShardMesh
 from ._policies import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy
 
 
@@ -78,7 +80,7 @@ class FlatUnit:
         module: nn.Module,
         params: list[nn.Parameter],
         registrations: list[Registration],
-        group,
+        mesh: ShardMesh,
         mp_policy: MixedPrecisionPolicy,
         offload_policy: OffloadPolicy,
         reshard_after_forward: bool,
@@ -86,9 +88,15 @@ class FlatUnit:
         compute_device: torch.device,
     ):
         self.module_name = type(module).__name__
-        self.group = group
-        self.rank = dist.get_rank(group)
-        self.world_size = dist.get_world_size(group)
+        # The flat buffer is sharded over the shard group (S ranks; ``rank`` and ``world_size``
+        # are this rank's place in it); on a 2-D mesh the R ranks of the replicate group hold the
+        # same shard, and gradients are divided by ``dp_world`` = R * S.
+        self.mesh = mesh
+        self.group = mesh.shard_group
+        self.replicate_group = mesh.replicate_group
+        self.rank = dist.get_rank(self.group)
+        self.world_size = dist.get_world_size(self.group)
+        self.dp_world = mesh.world
         self.mp_policy = mp_policy
         self.offload = isinstance(offload_policy, CPUOffloadPolicy)
         self.reshard_after_forward = reshard_after_forward
@@ -329,14 +337,20 @@ class FlatUnit:
             if not self.requires_gradient_sync:
                 return
             local = self._pop_local_tree()
-            reduced = local if self.world_size == 1 else C.tree_reduce_mean(local, self.group)
+            if self.replicate_group is not None:  # HSDP: see [Note: HSDP reduction order]
+                reduced = C.hsdp_tree_reduce_mean(local, self.group, self.replicate_group, self.dp_world)
+            else:
+                reduced = local if self.world_size == 1 else C.tree_reduce_mean(local, self.group)
         else:
             if not self.requires_gradient_sync:
                 return  # grads stay on the unsharded params; autograd keeps accumulating
             flat = self._flatten_grads(grads)
             self._clear_unsharded_grads()
-            # One rank: the sum over ranks is the gradient itself and / 1 is exact.
-            reduced = flat if self.world_size == 1 else C.reduce_scatter_mean(flat, self.group)
+            if self.replicate_group is not None:  # HSDP: reduce-scatter, all-reduce, / W
+                reduced = C.hsdp_reduce_scatter_mean(flat, self.group, self.replicate_group, self.dp_world)
+            else:
+                # One rank: the sum over ranks is the gradient itself and / 1 is exact.
+                reduced = flat if self.world_size == 1 else C.reduce_scatter_mean(flat, self.group)
         self._assign_sharded_grads(reduced, had_grad)
 
     def _clear_unsharded_grads(self) -> None:

@@ -1,5 +1,6 @@
 """Sharded checkpoints that load at any world size: ``save(path, model, optimizer)`` and
-``load(path, model, optimizer)``. Both are collective over the model's process group.
+``load(path, model, optimizer)``. Both are collective over the model's mesh (its process group,
+or every rank of a 2-D HSDP mesh).
 
 On disk a checkpoint is a ``torch.distributed.checkpoint`` (DCP) directory, so standard tools
 read it (``dcp.load`` into an unsharded model, ``format_utils.dcp_to_torch_save``)::
@@ -8,8 +9,13 @@ read it (``dcp.load`` into an unsharded model, ``format_utils.dcp_to_torch_save`
                               the chunks each file holds; written by rank 0
     <path>/__<r>_0.distcp     rank r's own chunks: its real elements of every sharded tensor,
                               plus the replicated tensors DCP assigned to it
-    <path>/fsdp_core.json     our manifest: format version, world size, size and CRC-32 of
-                              every file, which optimizer-state keys are sharded
+    <path>/fsdp_core.json     our manifest: format version, world size (ranks that wrote),
+                              mesh shape, size and CRC-32 of every file, which optimizer-state
+                              keys are sharded
+
+On a 2-D (replicate, shard) mesh only replica row 0 writes (over its shard group): the other
+rows hold the same shards, so a checkpoint saved at (R, S) is the one saved at 1-D W = S, and
+it loads at any mesh shape or 1-D world size like any other.
 
 Keys and the chunk layout are described in [Note: checkpoint keys] (``_ckpt_state``) and
 [Note: flat slices as chunks] (``_ckpt_layout``); the directory handling in ``_ckpt_files``.
@@ -66,8 +72,11 @@ __all__ = ["save", "load", "CheckpointError", "CheckpointNotFoundError", "MANIFE
 def save(path: str | os.PathLike, model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None) -> None:
     """Collective. Write ``model``'s (and ``optimizer``'s) state to the directory ``path``,
     replacing any checkpoint there atomically. Every rank writes only its own shards."""
-    group = S.model_group(model)
-    rank = _rank(group)
+    mesh = S.model_mesh(model)
+    rank = _rank(mesh)
+    # On a 2-D mesh the R replica rows hold the same shards: only row 0 writes (a checkpoint
+    # saved at (R, S) is the one saved at 1-D W = S), and every rank of the mesh agrees.
+    writes = mesh is None or mesh.r == 0
     target = os.path.abspath(os.fspath(path))
     parent = os.path.dirname(target)
 
@@ -88,30 +97,35 @@ def save(path: str | os.PathLike, model: nn.Module, optimizer: Optional[torch.op
 
     made: list[str] = []   # the temp dir rank 0 created, for cleanup if another rank failed
     (state, sharded_optim), tmps = _agree(
-        group, f"checkpoint.save({target})", stage,
+        mesh, f"checkpoint.save({target})", stage,
         on_failure=lambda: [shutil.rmtree(d, ignore_errors=True) for d in made])
     tmp = tmps[0]
     cleanup = (lambda: shutil.rmtree(tmp, ignore_errors=True)) if rank == 0 else None
 
     def write():
+        if not writes:
+            return None, {}
         try:
             with _quiet_no_dist():
                 dcp.save(state, storage_writer=Writer(tmp), planner=SavePlanner(),
-                         process_group=group, no_dist=group is None)
+                         process_group=None if mesh is None else mesh.shard_group, no_dist=mesh is None)
         except CheckpointException as e:  # raised on every rank (DCP shares failures)
             raise CheckpointError(
                 f"checkpoint.save({target}): writing failed on {_ranks(e)}: {_first_failure(e)}; "
                 f"the previous checkpoint at {target}, if any, is unchanged") from None
-        own = [f for f in os.listdir(tmp) if f.startswith(f"__{rank}_") and f.endswith(".distcp")]
+        dcp_rank = 0 if mesh is None else mesh.s  # DCP names files by rank in its group
+        own = [f for f in os.listdir(tmp) if f.startswith(f"__{dcp_rank}_") and f.endswith(".distcp")]
         if rank == 0:
             own.append(F.METADATA)
         return None, {f: F.file_record(os.path.join(tmp, f)) for f in own}
 
-    _, file_records = _agree(group, f"checkpoint.save({target}): writing", write, on_failure=cleanup)
+    _, file_records = _agree(mesh, f"checkpoint.save({target}): writing", write, on_failure=cleanup)
 
     def publish():
         if rank == 0:
-            manifest = dict(format=FORMAT, version=FORMAT_VERSION, world_size=_world(group),
+            manifest = dict(format=FORMAT, version=FORMAT_VERSION,
+                            world_size=1 if mesh is None else mesh.S,  # ranks that wrote files
+                            mesh=[1, 1] if mesh is None else [mesh.R, mesh.S],
                             torch=torch.__version__, has_optimizer=optimizer is not None,
                             sharded_optim_state=sharded_optim,
                             files={k: v for rec in file_records for k, v in sorted(rec.items())})
@@ -121,7 +135,7 @@ def save(path: str | os.PathLike, model: nn.Module, optimizer: Optional[torch.op
             F.fsync_dir(parent)
         return None, None
 
-    _agree(group, f"checkpoint.save({target}): publishing", publish, on_failure=cleanup)
+    _agree(mesh, f"checkpoint.save({target}): publishing", publish, on_failure=cleanup)
 
 
 # ---------------------------------------------------------------------------------------- load
@@ -131,8 +145,8 @@ def load(path: str | os.PathLike, model: nn.Module, optimizer: Optional[torch.op
     ``model``'s shards and, if given, ``optimizer``'s state and hyperparameters.
 
     ``strict=False`` skips model keys missing on either side; shapes must always match."""
-    group = S.model_group(model)
-    rank, world = _rank(group), _world(group)
+    mesh = S.model_mesh(model)
+    rank, world = _rank(mesh), _world(mesh)
     where = os.path.abspath(os.fspath(path))
 
     def prepare():
@@ -155,7 +169,7 @@ def load(path: str | os.PathLike, model: nn.Module, optimizer: Optional[torch.op
             plan = (groups, local)
         return (ckpt, dest, plan), None
 
-    (ckpt, dest, plan), _ = _agree(group, f"checkpoint.load({where})", prepare)
+    (ckpt, dest, plan), _ = _agree(mesh, f"checkpoint.load({where})", prepare)
 
     def read():
         for unit in units_of(model):
@@ -169,7 +183,7 @@ def load(path: str | os.PathLike, model: nn.Module, optimizer: Optional[torch.op
             unit.zero_padding()
         return None, None
 
-    _agree(group, f"checkpoint.load({ckpt})", read)
+    _agree(mesh, f"checkpoint.load({ckpt})", read)
 
 
 def _local_load(dest: dict, ckpt: str) -> None:
@@ -237,7 +251,7 @@ def _check_groups(model: nn.Module, optimizer: torch.optim.Optimizer, view: S.Ch
 
 
 # ------------------------------------------------------------------------------------ plumbing
-def _agree(group, what: str, fn: Callable[[], tuple[Any, Any]], *,
+def _agree(mesh, what: str, fn: Callable[[], tuple[Any, Any]], *,
            on_failure: Optional[Callable[[], Any]] = None) -> tuple[Any, list]:
     """Run ``fn`` (returning (local value, shared value)) on every rank; see [Note: agreeing on
     failure]. Returns the local value and every rank's shared value."""
@@ -246,11 +260,8 @@ def _agree(group, what: str, fn: Callable[[], tuple[Any, Any]], *,
         err: Optional[BaseException] = None
     except Exception as e:  # noqa: BLE001 - reported to every rank, then re-raised
         local, shared, err = None, None, e
-    if group is None:
-        statuses = [(None if err is None else _describe(err), shared)]
-    else:
-        statuses = [None] * dist.get_world_size(group)
-        dist.all_gather_object(statuses, (None if err is None else _describe(err), shared), group=group)
+    mine = (None if err is None else _describe(err), shared)
+    statuses = [mine] if mesh is None else mesh.all_gather_object(mine)  # data-parallel order
     failed = [(r, msg) for r, (msg, _) in enumerate(statuses) if msg is not None]
     if failed:
         if on_failure is not None:
@@ -284,12 +295,13 @@ def _describe(e: BaseException) -> str:
     return f"{type(e).__name__}: {e}"
 
 
-def _rank(group) -> int:
-    return 0 if group is None else dist.get_rank(group)
+def _rank(mesh) -> int:
+    """The data-parallel index on the model's mesh (0 is the coordinator)."""
+    return 0 if mesh is None else mesh.rank
 
 
-def _world(group) -> int:
-    return 1 if group is None else dist.get_world_size(group)
+def _world(mesh) -> int:
+    return 1 if mesh is None else mesh.world
 
 
 def _short(names: list[str], n: int = 10) -> str:
