@@ -22,10 +22,18 @@ from verify.sharders import DEFAULT_SHARDER
 from verify import strategies
 
 __all__ = ["expand_sharders", "draw_scenarios", "skip_reason", "run_one", "run_campaign", "replay",
-           "replay_command", "print_case"]
+           "replay_command", "print_case", "auto_timeout"]
 
 # How large drawn cases get, per profile (steps per case).
 PROFILE_MAX_STEPS = {"dev": 2, "ci": 3, "nightly": 4}
+# A case run without an explicit timeout may take max(floor, factor x its reference's measured
+# time + slack) (never more than the pool's own timeout), so a hang costs seconds, not 120 s.
+AUTO_TIMEOUT_FLOOR_S, AUTO_TIMEOUT_FACTOR, AUTO_TIMEOUT_SLACK_S = 30.0, 20.0, 10.0
+
+
+def auto_timeout(reference_s: float) -> float:
+    """The default timeout of a case whose reference took ``reference_s`` seconds."""
+    return max(AUTO_TIMEOUT_FLOOR_S, AUTO_TIMEOUT_FACTOR * reference_s + AUTO_TIMEOUT_SLACK_S)
 
 
 def replay_command(s: Scenario, sharder: str = DEFAULT_SHARDER, plant: Optional[str] = None) -> str:
@@ -93,7 +101,8 @@ def run_one(pool, s: Scenario, *, sharder: str = DEFAULT_SHARDER, timeout_s: Opt
             plant: Optional[str] = None, backend_check: bool = True) -> CaseResult:
     """One case through the pool, compared with its reference. ``sharder``: a built-in name
     or ``pkg.module:Name``; ``plant``: the name of a planted bug (verify/plant.py) the ranks
-    install for this case; None for the real run."""
+    install for this case; None for the real run. ``timeout_s`` None: `auto_timeout` of the
+    reference's time, at most the pool's timeout."""
     import traceback
     from verify.case.judge import case_tier, evaluate
     from verify.case.train import run_case
@@ -124,10 +133,16 @@ def run_one(pool, s: Scenario, *, sharder: str = DEFAULT_SHARDER, timeout_s: Opt
     pending = ranks.submit(s.world_size, run_case, payload, timeout_s=timeout_s)
     try:  # the reference is computed here while the ranks run the case
         ref = run_reference(s)
+        if timeout_s is None and hasattr(pending, "shorten"):
+            pending.shorten(auto_timeout(time.perf_counter() - t0))
     finally:
         result = pending.result()
-    return evaluate(s, adapter, spec, result, ref if result.ok else None,
+    case = evaluate(s, adapter, spec, result, ref if result.ok else None,
                     time.perf_counter() - t0, replay=replay, tier=tier)
+    if not result.ok:
+        from verify.hangs import hang_summary
+        case.hang = hang_summary(result.error or "")
+    return case
 
 
 def _progress(i: int, n: int, case: CaseResult, started: float, show_sharder: bool) -> None:
@@ -152,17 +167,22 @@ def _runnable(sharders: list[str], modes: Sequence[str], dtypes: Sequence[str]):
 
 
 def run_campaign(*, world_sizes: Sequence[int], examples: int, seed: int, sharders: Iterable[str],
-                 modes: Sequence[str], profile: Optional[str], out_dir, timeout_s: float = 120.0,
+                 modes: Sequence[str], profile: Optional[str], out_dir,
+                 timeout_s: Optional[float] = None,
                  plant: Optional[str] = None, dtypes: Sequence[str] = ("fp32", "bf16"),
                  resume_cases: int = 0, families: Optional[Sequence[str]] = None,
-                 interleave: bool = False
+                 interleave: bool = False, shrink_budget_s: Optional[float] = None
                  ) -> list[CaseResult]:
     """``resume_cases``: checkpoint-resume cases (verify/resume.py) drawn and run after the
     plan, for every sharder whose adapter has save and load (none with a planted bug). After
     every case the RSS of the pool's ranks is sampled (verify/soak.py) and saved as
     ``pool_memory`` in results.json. ``interleave``: run the plan round-robin over (world
     size, mode) instead of one world size after the other, so that every rank is warm early
-    (the soak's leak check measures from case 50; see verify/soak.py)."""
+    (the soak's leak check measures from case 50; see verify/soak.py). ``timeout_s``: per
+    case; None: `auto_timeout`, at most 120 s. ``shrink_budget_s``: seconds for diagnosing the
+    failing cases after the plan (verify/diagnose.py: replay, shrink, locate; default 300, 0:
+    off); a clean campaign spends none."""
+    from verify.diagnose import DEFAULT_SHRINK_BUDGET_S, console_lines, diagnose_failures
     from verify import soak
     from verify.pool import RankPool
     from verify.poolset import PoolSet
@@ -202,7 +222,8 @@ def run_campaign(*, world_sizes: Sequence[int], examples: int, seed: int, sharde
     jobs = [(sh, rc, True) for sh, rc in resumes] + [(sh, s, False) for sh, s in plan]
     if not interleave:
         jobs = jobs[len(resumes):] + jobs[:len(resumes)]
-    with PoolSet(RankPool(max(world_sizes), timeout_s=timeout_s), timeout_s=timeout_s) as pool:
+    cap = 120.0 if timeout_s is None else timeout_s
+    with PoolSet(RankPool(max(world_sizes), timeout_s=cap), timeout_s=cap) as pool:
         for i, (sharder, s, is_resume) in enumerate(jobs, 1):
             if is_resume:
                 case = run_resume(pool, s, sharder=sharder, timeout_s=timeout_s)
@@ -211,6 +232,9 @@ def run_campaign(*, world_sizes: Sequence[int], examples: int, seed: int, sharde
             results.append(case)
             memory.append(soak.sample(pool, len(results)))
             _progress(i, len(jobs), case, started, len(sharders) > 1)
+        groups = diagnose_failures(
+            pool, results, plant=plant, timeout_s=timeout_s,
+            budget_s=DEFAULT_SHRINK_BUDGET_S if shrink_budget_s is None else shrink_budget_s)
         startups = dict(pool.default_pool_startups)
     elapsed = time.perf_counter() - started
     failed = [c for c in results if not c.passed]
@@ -230,12 +254,15 @@ def run_campaign(*, world_sizes: Sequence[int], examples: int, seed: int, sharde
               + ", ".join(f"W={w} {sec:.1f}s" for w, sec in sorted(startups.items())))
     for c in failed:
         print(f"\nFAILED ({c.verdict}) {c.sharder} W={c.world_size} {c.mode} {c.family}: "
-              f"{_first_line(c.reason)}\n  replay: {c.replay}")
+              f"{first_line(c.reason)}\n  replay: {c.replay}")
+    for line in console_lines(groups):
+        print(line)
     return results
 
 
-def _first_line(reason: str) -> str:
-    return next((line for line in (reason or "").splitlines() if line.strip()), "")
+def first_line(reason: str) -> str:
+    from verify.diagnose import first_line as first
+    return first(reason)
 
 
 def replay(scenario_json: str, *, timeout_s: float = 120.0, sharder: str = DEFAULT_SHARDER,

@@ -153,6 +153,16 @@ def _seconds(text: str) -> float:
     return s
 
 
+def _budget(text: str) -> float:
+    try:
+        s = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds")
+    if not (0 <= s < float("inf")):
+        raise argparse.ArgumentTypeError(f"must be a number of seconds >= 0, got {text}")
+    return s
+
+
 def _plant(text: str) -> str:
     from verify.plant import PLANTS
     if text not in PLANTS:
@@ -219,9 +229,14 @@ def build_parser() -> argparse.ArgumentParser:
                      help="Hypothesis settings profile for drawing (default: the campaign's)")
     run.add_argument("--out", type=Path, default=Path("reports"), metavar="DIR",
                      help="directory for the tables, data and plots (default: reports)")
-    run.add_argument("--timeout", type=_seconds, default=120.0, metavar="S",
+    run.add_argument("--timeout", type=_seconds, default=None, metavar="S",
                      help="seconds a case may run before its ranks are killed and it is "
-                          "reported as an error (default: 120)")
+                          "reported as an error (default: from the case's size, max(30, 20 x "
+                          "its reference's time + 10), at most 120)")
+    run.add_argument("--shrink-budget", type=_budget, default=None, metavar="SECONDS",
+                     help="seconds, for the whole campaign, to diagnose failing cases: replay "
+                          "each failure signature once (flaky?), shrink it to a minimal failing "
+                          "scenario, locate its first divergence (default: 300; 0: off)")
     run.add_argument("--resume-cases", type=_count, default=0, metavar="N",
                      help="also draw N checkpoint-resume cases (train at one world size, save, "
                           "load at another, finish), run after the others (default: 0)")
@@ -387,6 +402,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         extra["interleave"] = True
     if args.families is not None:
         extra["families"] = args.families
+    if args.shrink_budget is not None:
+        extra["shrink_budget_s"] = args.shrink_budget
     sharders = _load_sharders(args.sharder)
     code = _exit_code(_campaign().run_campaign(
         world_sizes=args.world_sizes, examples=args.examples, seed=args.seed,

@@ -326,6 +326,27 @@ def padding_negative_zero(ctx) -> Undo:
     return _padding_hook(-0.0)
 
 
+def update_one_ulp(ctx) -> Undo:
+    """On rank 0, after every optimizer step, the first element of its first non-empty local
+    shard is moved one ulp up (as when an optimizer kernel rounds one lane differently): the
+    reduced gradients are right, the update is not."""
+    if ctx.rank != 0:
+        return lambda: None
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    def hook(optimizer, args, kwargs):
+        with torch.no_grad():
+            for group in optimizer.param_groups:
+                for p in group["params"]:
+                    unit = getattr(p, "_fsdp_unit", None)
+                    if unit is not None and unit.pieces[p._fsdp_index].real_numel > 0:
+                        x = p.view(-1)[:1]
+                        x.copy_(torch.nextafter(x, torch.full_like(x, float("inf"))))
+                        return
+
+    return register_optimizer_step_post_hook(hook).remove
+
+
 def _padding_hook(value: float) -> Undo:
     from torch.optim.optimizer import register_optimizer_step_post_hook
 
@@ -481,6 +502,8 @@ BUGS: dict[str, Plant] = {p.name: p for p in [
          [FAST2_BF16, DET4_BF16], blind=[FAST2]),
     _bug(master_grad_rounded_to_bf16, "bf16 cases: the master's gradient rounded to bf16",
          [FAST2_BF16, DET2_BF16], blind=[FAST2]),
+    _bug(update_one_ulp, "one parameter element one ulp off after every optimizer step",
+         [FAST2, DET2], blind=[FAST4]),
     _bug(padding_written_after_step, "non-zero padding after every step",
          [FAST2, FAST4, DET2]),
     _bug(padding_negative_zero, "-0.0 in the padding after every step",

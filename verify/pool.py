@@ -258,6 +258,13 @@ class PendingRun:
     def __init__(self, pool: "RankPool", sent: _Sent):
         self._pool, self._sent, self._result = pool, sent, None
 
+    def shorten(self, timeout_s: float) -> None:
+        """Lower the task's timeout (counted from the send) to ``timeout_s`` if that is
+        sooner; after ``result()`` it changes nothing."""
+        sent = self._sent
+        if self._result is None and sent.start + timeout_s < sent.deadline:
+            self._sent = sent._replace(deadline=sent.start + timeout_s, timeout=timeout_s)
+
     def result(self) -> "PoolResult":
         if self._result is None:
             self._result = self._pool._finish(self._sent)
@@ -509,8 +516,9 @@ class RankPool:
             parts.append(f"timed out after {timeout:g} s running {name} at world size "
                          f"{world_size}: ranks {sorted(pending)} did not finish "
                          f"(ranks {sorted(values)} did); the pool restarts")
-        if pending and not died:
-            parts += _stacks(gen, sorted(pending))
+        if pending:  # a hang, or peers left waiting by a rank that raised or died
+            parts += _collective_sequences(gen, world_size)
+            parts += _stacks(gen, sorted(r for r in pending if r not in died))
         if healthy and not errors:
             return PoolResult(True, [values[r] for r in range(world_size)], None, wall), True
         return PoolResult(False, None, "\n\n".join(parts), wall), healthy
@@ -537,6 +545,16 @@ def _stacks(gen: _Generation, ranks: list[int]) -> list[str]:
         if any(b.strip() for b in blocks):
             out.append(f"rank {r} was stuck here:\n" + "\n\n".join(blocks).strip())
     return out
+
+
+def _collective_sequences(gen: _Generation, world_size: int) -> list[str]:
+    """What the ranks' collective logs (verify/hangs.py) say about a run that did not finish."""
+    try:
+        from verify.hangs import explain
+        text = explain(gen.store_dir, world_size) if gen.store_dir else ""
+    except Exception:
+        text = "the ranks' collective sequences could not be read:\n" + traceback.format_exc()
+    return [text] if text else []
 
 
 def _check_timeout(name: str, value: Any) -> None:

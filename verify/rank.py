@@ -185,6 +185,10 @@ def serve(rank: int, max_world_size: int, backend: str, store_path: str, prefix:
     stderr_conn.close()
     faulthandler.enable(all_threads=True)
     faulthandler.register(signal.SIGUSR1, all_threads=True)
+    # Each case logs the collectives it issues here, as they happen, so that the parent can
+    # read the sequence of a rank stuck in one (verify/hangs.py).
+    os.environ["VERIFY_COLLECTIVE_LOG"] = os.path.join(os.path.dirname(store_path),
+                                                      f"collectives.{rank}")
     _watch_parent()
     try:
         import torch

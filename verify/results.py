@@ -74,6 +74,15 @@ class CaseResult:
     # Structured check records (verify/case/judge.py `Check`): check, status (pass | fail |
     # n/a), step, rank, detail. The reason is their failures' details, for people.
     checks: list[dict] = field(default_factory=list)
+    # Diagnosis of a failing case (verify/diagnose.py; empty / None for a passing one):
+    signature: str = ""                # the failure's signature: failures sharing it shrink once
+    flaky: Optional[bool] = None       # True: the failure did not reproduce on replay
+    minimal_scenario_json: str = ""    # the smallest scenario found that fails the same way
+    minimal_replay: str = ""           # the replay command of the minimal scenario
+    minimal_reason: str = ""           # how the minimal scenario fails
+    shrink_note: str = ""              # how the shrinking went (runs, seconds, budget)
+    divergence: str = ""               # one line: the first divergence's step, phase and unit
+    hang: str = ""                     # a hung case: the first divergent collective of the ranks
 
     @property
     def passed(self) -> bool:

@@ -168,13 +168,20 @@ def run_case(payload: dict, ctx) -> dict:
     """Rank side of one case: payload {"scenario": json, "sharder": spec, "plant": name or
     absent, "backend_check": bool}. The backend is checked first (verify/backend_check.py)."""
     from verify.backend_check import backend_problem
+    from verify.hangs import CollectiveLog
     from verify.plant import planted
-    with planted(payload.get("plant"), ctx):
+    with planted(payload.get("plant"), ctx), CollectiveLog() as log:  # log: verify/hangs.py
         s = Scenario.from_json(payload["scenario"])
         dtypes = (torch.float32, torch.bfloat16) if s.dtype == "bf16" else (torch.float32,)
         problem = (backend_problem(ctx.group, ctx.device, dtypes=dtypes)
                    if payload.get("backend_check", True) else None)
+        log.install()
         trainer = Trainer(payload.get("sharder", "fsdp_core"), s, ctx)
+        log.watch(trainer.plan.units, trainer.optimizer)
         pad_init = trainer.padding()
-        records = trainer.steps(range(s.steps))
+        records = []
+        for i in range(s.steps):
+            log.step = i
+            records.append(trainer.step(i))
+            log.end_step()
         return dict(rank=ctx.rank, pad_init=pad_init, records=records, backend_error=problem)

@@ -1,0 +1,68 @@
+"""Test-only sharders that hang on purpose (tests/test_diagnose.py): a toy replicated data-parallel
+sharder whose gradient all-reduces one rank skips (`SkipOnRank1`) or replaces by another
+collective (`Mismatch`), so that the hang diagnosis (verify/hangs.py) has something to find."""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from verify import Sharder
+
+
+class Replicated(Sharder):
+    """The model replicated on every rank; before the optimizer step each gradient is
+    all-reduced and divided by W, parameter by parameter, in ``named_parameters`` order."""
+    name = "toy_replicated"
+    modes = ("fast",)
+
+    def shard(self, model, plan, group):
+        self.group = group
+        self.steps = 0
+        return model
+
+    def set_gradient_sync(self, model, flag):
+        pass
+
+    def optimizer(self, model, plan):
+        opt = plan.make_optimizer(model.named_parameters())
+        step = opt.step
+
+        def synced_step(*a, **kw):
+            self.sync(model)
+            self.steps += 1
+            return step(*a, **kw)
+
+        opt.step = synced_step
+        return opt
+
+    def sync(self, model):
+        world = dist.get_world_size(self.group)
+        for i, (name, p) in enumerate(model.named_parameters()):
+            if p.grad is not None:
+                self.reduce(i, p.grad, world)
+
+    def reduce(self, i, grad, world):
+        dist.all_reduce(grad, group=self.group)
+        grad /= world
+
+
+class SkipOnRank1(Replicated):
+    """Rank 1 skips its second gradient all-reduce of the first step."""
+    name = "skip_on_rank_1"
+
+    def reduce(self, i, grad, world):
+        if self.steps == 0 and i == 1 and dist.get_rank(self.group) == 1:
+            return
+        super().reduce(i, grad, world)
+
+
+class Mismatch(Replicated):
+    """In the first step, rank 1 all-gathers its second gradient where rank 0 all-reduces it."""
+    name = "mismatch"
+
+    def reduce(self, i, grad, world):
+        if self.steps == 0 and i == 1 and dist.get_rank(self.group) == 1:
+            out = torch.empty(world * grad.numel(), dtype=grad.dtype)
+            dist.all_gather_into_tensor(out, grad.reshape(-1).contiguous(), group=self.group)
+            return
+        super().reduce(i, grad, world)

@@ -1,0 +1,284 @@
+"""The first divergence located: the step, the phase and the unit where a failing case first
+went wrong.
+
+The case is run again up to its first failing step d (steps < d exactly as `run_case` runs
+them) and step d is run with probes, on every rank (`probe_case`) and on the reference
+(`reference_probe`), which then are compared in the order the step computes them:
+
+forward    the output of every wrap unit (`WrapPlan.units`), in execution order (a forward
+           hook fires when a unit's output is ready, inner units first), for each forward pass
+           of each rank: rank r's pass i is the reference's pass r (fast: rank r's k
+           micro-batches concatenated) or r*k + i (deterministic: one micro-batch each). The
+           first output that is not bitwise equal names the unit.
+backward   the reduced gradient of every parameter (the adapter's ``reduced_gradients``
+           probe, reassembled from the ranks' pieces) against the reference's step gradient;
+           "n/a" where the adapter has no probe.
+optimizer  the parameters after the step (``full_parameters``), given equal gradients.
+
+The result is one line (`locate_divergence`), e.g. ``first divergence: step 1, blocks.0
+backward: reduced gradient of blocks.0.fc.weight differs in 3 of 96 elements, worst 1 ulp at
+[2, 5]``. A failure that is not numerical (padding, resharded, collectives, reassembly) is
+located from its check record instead, without a re-run.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+
+from verify.scenarios import Scenario
+
+__all__ = ["probe_case", "reference_probe", "locate_divergence", "first_step", "describe_diff"]
+
+_NUMERIC = ("bitwise", "tolerance", "reported", "gradients")
+
+
+def _leaves(out: Any) -> list[torch.Tensor]:
+    from torch.utils._pytree import tree_leaves
+    try:
+        leaves = tree_leaves(out)
+    except Exception:
+        leaves = [out]
+    return [t.detach().clone() for t in leaves if isinstance(t, torch.Tensor)]
+
+
+class _Outputs:
+    """Forward hooks on the wrap units: per forward pass (a pass begins with the root unit's
+    forward), the (unit name, output tensors) in the order the outputs were ready."""
+
+    def __init__(self, units):
+        self.passes: list[list[tuple[str, list[torch.Tensor]]]] = []
+        self.handles = []
+        root = units[-1][1] if units else None
+        for name, m in units:
+            if m is root:
+                self.handles.append(m.register_forward_pre_hook(lambda *_a: self.passes.append([])))
+            self.handles.append(m.register_forward_hook(
+                lambda _m, _i, out, name=name: self._record(name, out)))
+
+    def _record(self, name: str, out: Any) -> None:
+        if not self.passes:
+            self.passes.append([])
+        self.passes[-1].append((name, _leaves(out)))
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+
+
+def probe_case(payload: dict, ctx) -> dict:
+    """Rank side: payload {"scenario", "sharder", "plant", "step"}: train steps < step as
+    `run_case` does, then step ``step`` with the unit-output hooks and the gradient probe."""
+    from verify.case.train import Trainer, _zero_grad
+    from verify.plant import planted
+    with planted(payload.get("plant"), ctx):
+        s = Scenario.from_json(payload["scenario"])
+        d = payload["step"]
+        trainer = Trainer(payload.get("sharder", "fsdp_core"), s, ctx)
+        trainer.padding()
+        for i in range(d):
+            trainer.step(i)
+        sh, model, opt = trainer.sharder, trainer.model, trainer.optimizer
+        hooks = _Outputs(trainer.plan.units)
+        try:
+            losses = trainer.forward_backward(d)
+        finally:
+            hooks.remove()
+        grads = sh.reduced_gradients(model)
+        opt.step()
+        _zero_grad(opt)
+        trainer.step_loss(losses)
+        full = sh.full_parameters(model, opt)
+        return dict(rank=ctx.rank, outputs=hooks.passes, grads=grads,
+                    params=full if ctx.rank == 0 else None)
+
+
+def reference_probe(s: Scenario, d: int) -> dict:
+    """The reference (verify/reference.py) to step ``d``, with the same hooks at step d:
+    {"outputs": per pass, "grads": step d's gradient, "params": after step d}."""
+    from verify.reference import _bf16_copy, _deterministic_step, _fast_step
+    from verify.scenarios import build_model, make_batch, make_optimizer, wrap_units
+    master = build_model(s)
+    opt = make_optimizer(s, master.named_parameters())
+    out: dict = {}
+    for step in range(d + 1):
+        compute = master if s.dtype == "fp32" else _bf16_copy(s, master)
+        batches = [make_batch(s, step, m) for m in range(s.micro_batches)]
+        hooks = None
+        if step == d:
+            names = {id(m): n for n, m in compute.named_modules()}
+            hooks = _Outputs([(names[id(m)], m) for m in wrap_units(s, compute)])
+        try:
+            _, grads = (_fast_step if s.mode == "fast" else _deterministic_step)(s, compute, batches)
+        finally:
+            if hooks is not None:
+                hooks.remove()
+        for name, p in master.named_parameters():
+            p.grad = grads[name]
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if step == d:
+            out = dict(outputs=hooks.passes,
+                       grads={n: g.detach().clone() for n, g in grads.items() if g is not None},
+                       params={n: p.detach().clone()
+                               for n, p in master.named_parameters(remove_duplicate=False)})
+    return out
+
+
+def describe_diff(actual: torch.Tensor, expected: torch.Tensor) -> Optional[str]:
+    """"differs in n of N elements, worst k ulp at [i, j]", or None when bitwise equal."""
+    from verify.compare import int_view, ulp_distance
+    if actual.shape != expected.shape:
+        return f"has shape {tuple(actual.shape)}, the reference's {tuple(expected.shape)}"
+    if actual.dtype != expected.dtype:
+        actual = actual.to(expected.dtype)
+    a, e = actual.detach().cpu(), expected.detach().cpu()
+    differs = int_view(a).ne(int_view(e))
+    n = int(differs.sum())
+    if n == 0:
+        return None
+    ulps = ulp_distance(a, e).reshape(-1)
+    flat = int(torch.argmax(ulps))
+    index = list(torch.unravel_index(torch.tensor(flat), a.shape)) if a.dim() else []
+    at = "[" + ", ".join(str(int(i)) for i in index) + "]"
+    worst = int(ulps[flat])
+    size = f"{worst} ulp" if worst < 2**31 else f"|d| {float((a.double() - e.double()).abs().max()):.3g}"
+    return f"differs in {n} of {a.numel()} elements, worst {size} at {at}"
+
+
+def first_step(case) -> Optional[int]:
+    """The first step any numerical check (or, failing that, any check) failed at."""
+    fails = [c for c in case.checks or [] if c.get("status") == "fail"]
+    numeric = [c["step"] for c in fails if c.get("check") in _NUMERIC and c.get("step") is not None]
+    if numeric:
+        return min(numeric)
+    steps = [c["step"] for c in fails if c.get("step") is not None]
+    return min(steps) if steps else None
+
+
+def _unit_of(name: str, units: list[str]) -> str:
+    best = ""
+    for u in units:
+        if u and (name == u or name.startswith(u + ".")) and len(u) > len(best):
+            best = u
+    return best or "<root>"
+
+
+def _from_check(case) -> Optional[str]:
+    """A non-numerical failure, located from its check record."""
+    fails = [c for c in case.checks or [] if c.get("status") == "fail"]
+    if not fails or any(c.get("check") in _NUMERIC for c in fails):
+        return None
+    c = fails[0]
+    step = "at init" if c.get("step") is None else f"step {c['step']}"
+    detail = (c.get("detail") or "").splitlines()[0] if c.get("detail") else ""
+    kind = c["check"]
+    if kind == "padding":
+        phase = ("init" if c.get("step") is None else
+                 "backward (padding after the reduction)" if "(pad_reduce)" in detail else
+                 "optimizer (padding after the step)")
+    elif kind == "resharded":
+        phase = "backward (a unit still unsharded after backward)"
+    elif kind == "collectives":
+        phase = "collectives (count or bytes vs the formula)"
+    else:
+        phase = kind
+    return f"first divergence: {step}, {phase}: {detail}"
+
+
+def locate_divergence(pool, s: Scenario, case, *, sharder: str, plant: Optional[str] = None,
+                      timeout_s: Optional[float] = None) -> str:
+    """One line naming where ``case`` (the failing run of ``s``) first went wrong."""
+    from verify.poolset import as_pool_set
+    from verify.sharders import load
+    line = _from_check(case)
+    if line is not None:
+        return line
+    d = first_step(case)
+    if d is None:
+        return "first divergence: n/a (no failing step to re-run)"
+    payload = {"scenario": s.to_json(), "sharder": sharder, "step": d}
+    if plant is not None:
+        payload["plant"] = plant
+    adapter = load(sharder)
+    ranks, why = as_pool_set(pool).for_world(adapter.world, s.world_size)
+    if ranks is None:
+        return f"first divergence: n/a ({why})"
+    pending = ranks.submit(s.world_size, probe_case, payload,
+                           timeout_s=timeout_s or max(30.0, 3 * (case.wall_time_s or 1.0)))
+    try:
+        ref = reference_probe(s, d)
+    finally:
+        result = pending.result()
+    if not result.ok:
+        return "first divergence: n/a (the probe run failed: " + \
+            ((result.error or "").strip().splitlines() or ["?"])[0] + ")"
+    return _compare(s, d, result.values, ref)
+
+
+def _first_output_diff(passes, ref_passes, r: int, k: int, mode: str):
+    """((pass, position, rank), unit, what) of rank r's first unit output that differs."""
+    for i, outputs in enumerate(passes):
+        index = r * k + i if mode == "deterministic" else r
+        if index >= len(ref_passes):
+            return None
+        for j, ((name, tensors), (_, ref_tensors)) in enumerate(zip(outputs, ref_passes[index])):
+            for t, u in zip(tensors, ref_tensors):
+                what = describe_diff(t, u)
+                if what is not None:
+                    return (i, j, r), name, what
+    return None
+
+
+def _compare(s: Scenario, d: int, values: list[dict], ref: dict) -> str:
+    from verify.case.judge import reassemble
+    where = f"first divergence: step {d}"
+    # forward: the first unit output that differs, in execution order
+    found = None
+    k = s.k if s.mode == "deterministic" else 1
+    for v in values:
+        mine = _first_output_diff(v["outputs"], ref["outputs"], v["rank"], k, s.mode)
+        if mine is not None and (found is None or mine[0] < found[0]):
+            found = mine
+    units = [n for n, _ in ref["outputs"][0]] if ref["outputs"] else []
+    if found is not None:
+        (i, _, r), name, what = found
+        unit = name or "<root>"
+        micro = f" (micro-batch {r * k + i})" if s.mode == "deterministic" else ""
+        return f"{where}, {unit} forward: output of {unit} on rank {r}{micro} {what}"
+    # backward: the reduced gradients
+    recs = [v.get("grads") for v in values]
+    grads_ok = None
+    if all(rec is not None for rec in recs):
+        given = {n for rec in recs for n in rec}
+        for name, want in ref["grads"].items():
+            if name not in given:
+                return (f"{where}, {_unit_of(name, units)} backward: reduced gradient of {name} "
+                        f"is missing (no rank gave it)")
+            flat, problem = reassemble(recs, name, want.numel(), want.dtype)
+            what = problem or describe_diff(flat.reshape(want.shape), want)
+            if what is not None:
+                return (f"{where}, {_unit_of(name, units)} backward: reduced gradient of {name} "
+                        f"{what}")
+        extra = sorted(given - set(ref["grads"]))
+        if extra:
+            return (f"{where}, {_unit_of(extra[0], units)} backward: a reduced gradient of "
+                    f"{extra[0]}, which the reference has none of (frozen)")
+        grads_ok = True
+    # optimizer: the parameters after the step
+    params = values[0].get("params") or {}
+    for name, want in ref["params"].items():
+        if name not in params:
+            continue
+        what = describe_diff(params[name].reshape(want.shape).to(want.dtype), want)
+        if what is not None:
+            unit = _unit_of(name, units)
+            if grads_ok:
+                return (f"{where}, {unit} optimizer: the reduced gradients are equal, parameter "
+                        f"{name} after the step {what}")
+            return (f"{where}, {unit} backward or optimizer (reduced gradients n/a: the adapter "
+                    f"has no reduced_gradients probe): parameter {name} after the step {what}")
+    return (f"{where}: n/a (re-run with probes: unit outputs, "
+            f"{'reduced gradients, ' if grads_ok else ''}parameters after the step all equal "
+            f"the reference's; the failure is in the loss or did not reproduce)")

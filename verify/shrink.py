@@ -1,0 +1,214 @@
+"""Shrinking a failing case: the smallest scenario that still fails the same way.
+
+A greedy reducer over the scenario's fields, not Hypothesis' shrinker: every candidate costs a
+run through the pool, so the order is chosen to take the largest steps first and to stay
+predictable. Candidates, in order (each one field changed, invalid ones skipped):
+
+  fewer steps (1, then one fewer) -> smaller world size (2, 4, ... below the current; never
+  1 from W >= 2, since at W=1 nothing is sharded and a failure there is another code path) ->
+  root_only / per_block wrapping -> each int model kwarg toward 1 (1, 2, half, one less; the
+  family's depth / n_layer / n_blocks and its widths alike, so families named by import path
+  shrink too) -> bool model kwargs to False -> micro_batches down to W -> micro_batch_size 1 ->
+  optimizer sgd -> weight_decay 0 -> fp32
+
+A candidate is accepted when it fails the same way (`same_failure`: the same verdict and the
+original's first failing check among its failing checks; the three numerical tiers count as one
+check, so a W=4 tolerance failure may shrink to a W=2 bitwise one, but a gradients-only failure
+never shrinks to a W=4 case whose tier has no gradients check). After an acceptance the
+candidates are generated afresh from the smaller scenario; the reducer stops at a fixpoint
+(no candidate is accepted) or when the deadline passes.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Optional
+
+from verify.results import CaseResult
+from verify.scenarios import WORLD_SIZES, Scenario
+
+__all__ = ["NUMERIC", "failing_checks", "primary_check", "error_kind", "signature",
+           "same_failure", "candidates", "shrink", "ShrinkResult", "n_units", "size_line"]
+
+NUMERIC = ("bitwise", "tolerance", "reported")
+
+
+def _norm(check: str) -> str:
+    return "numerics" if check in NUMERIC else check
+
+
+def failing_checks(case: CaseResult) -> list[str]:
+    """The names of the case's failing checks, in check order, once each (the numerical
+    tiers as "numerics")."""
+    out: list[str] = []
+    for c in case.checks or []:
+        if c.get("status") == "fail":
+            name = _norm(c.get("check", ""))
+            if name not in out:
+                out.append(name)
+    return out
+
+
+def primary_check(case: CaseResult) -> str:
+    names = failing_checks(case)
+    return names[0] if names else case.verdict
+
+
+def error_kind(case: CaseResult) -> str:
+    """For an error case: timeout | died | raised (what the pool saw)."""
+    reason = case.reason or ""
+    if "timed out after" in reason:
+        return "timeout"
+    if " exited with code " in reason or " was killed by " in reason:
+        return "died"
+    return "raised"
+
+
+def signature(case: CaseResult, plant: Optional[str] = None) -> str:
+    """The check that failed and where: the sharder, the plant, the verdict, the failing checks
+    (the error kind for an error). Failures with one signature are shrunk once."""
+    what = error_kind(case) if case.verdict == "error" else "+".join(failing_checks(case))
+    return " ".join(x for x in (case.sharder_spec or case.sharder,
+                                f"plant={plant}" if plant else "", case.verdict, what) if x)
+
+
+def same_failure(original: CaseResult, candidate: CaseResult) -> bool:
+    if candidate.passed or candidate.verdict != original.verdict:
+        return False
+    if original.verdict == "error":
+        return error_kind(candidate) == error_kind(original)
+    return primary_check(original) in failing_checks(candidate)
+
+
+def _replace(s: Scenario, **kw) -> Optional[Scenario]:
+    try:
+        c = dataclasses.replace(s, **kw)
+        c.validate()
+    except (ValueError, TypeError, KeyError, ZeroDivisionError):
+        return None
+    return c if c != s else None
+
+
+def _with_model(s: Scenario, key: str, value) -> Optional[Scenario]:
+    model = dict(s.model)
+    model[key] = value
+    return _replace(s, model=tuple(sorted(model.items())))
+
+
+def _smaller_ints(v: int) -> list[int]:
+    out = []
+    for c in (1, 2, v // 2, v - 1):
+        if 1 <= c < v and c not in out:
+            out.append(c)
+    return out
+
+
+def candidates(s: Scenario) -> Iterator[Scenario]:
+    """Valid scenarios one field simpler than ``s``, the largest reductions first."""
+    seen = {s}
+
+    def fresh(c: Optional[Scenario]):
+        if c is not None and c not in seen:
+            seen.add(c)
+            return c
+        return None
+
+    gen: list[Callable[[], Optional[Scenario]]] = []
+    if s.steps > 1:
+        gen += [lambda: _replace(s, steps=1), lambda: _replace(s, steps=s.steps - 1)]
+    for w in WORLD_SIZES:  # never below 2 from W >= 2: at W=1 nothing is sharded (another path)
+        if min(2, s.world_size) <= w < s.world_size:
+            gen.append(lambda w=w: _replace(s, world_size=w))
+    if s.wrap != "root_only":
+        gen.append(lambda: _replace(s, wrap="root_only"))
+    if s.wrap == "every_leaf":
+        gen.append(lambda: _replace(s, wrap="per_block"))
+    kw = s.model_kwargs
+    for key in sorted(kw):
+        v = kw[key]
+        if isinstance(v, bool):
+            if v:
+                gen.append(lambda key=key: _with_model(s, key, False))
+        elif isinstance(v, int):
+            for c in _smaller_ints(v):
+                gen.append(lambda key=key, c=c: _with_model(s, key, c))
+    m = s.micro_batches
+    for c in sorted({max(s.world_size, 1)} | {m // 2}):
+        if s.world_size <= c < m:
+            gen.append(lambda c=c: _replace(s, micro_batches=c))
+    if s.micro_batch_size > 1:
+        gen.append(lambda: _replace(s, micro_batch_size=1))
+    if s.optimizer != "sgd":
+        gen.append(lambda: _replace(s, optimizer="sgd"))
+    if s.weight_decay:
+        gen.append(lambda: _replace(s, weight_decay=0.0))
+    if s.dtype != "fp32":
+        gen.append(lambda: _replace(s, dtype="fp32"))
+    for make in gen:
+        c = fresh(make())
+        if c is not None:
+            yield c
+
+
+def n_units(s: Scenario) -> int:
+    """Wrap units of the scenario's model, the root included."""
+    from verify.scenarios import build_model, wrap_units
+    return len(wrap_units(s, build_model(s, device="meta")))
+
+
+def size_line(s: Scenario) -> str:
+    """A short description of a scenario's size, for the console."""
+    try:
+        units = n_units(s)
+    except Exception:
+        units = "?"
+    ints = [v for v in s.model_kwargs.values() if isinstance(v, int) and not isinstance(v, bool)]
+    return (f"W={s.world_size} {s.mode} {s.family} {units} unit{'s' * (units != 1)}, "
+            f"max int kwarg {max(ints, default=0)}, {s.steps} step{'s' * (s.steps != 1)}, "
+            f"M={s.micro_batches} x {s.micro_batch_size}, {s.optimizer}, {s.dtype}, {s.wrap}")
+
+
+@dataclass
+class ShrinkResult:
+    scenario: Scenario                 # the smallest failing scenario found
+    case: CaseResult                   # its failing case
+    runs: int = 0                      # candidates run
+    accepted: int = 0                  # candidates that still failed the same way
+    seconds: float = 0.0
+    complete: bool = False             # True: a fixpoint; False: the deadline stopped it
+    tried: list[str] = field(default_factory=list)
+
+    def note(self) -> str:
+        how = "a fixpoint" if self.complete else "stopped by the shrink budget"
+        return (f"{self.accepted} of {self.runs} candidate runs accepted in {self.seconds:.1f} s "
+                f"({how})")
+
+
+def shrink(run: Callable[[Scenario], CaseResult], s: Scenario, case: CaseResult, *,
+           deadline: float) -> ShrinkResult:
+    """Greedy reduction of ``s`` (whose run ``case`` failed) with ``run(candidate)`` as the
+    oracle, until a fixpoint or ``time.monotonic() >= deadline``."""
+    t0 = time.monotonic()
+    out = ShrinkResult(s, case)
+    tried: set[Scenario] = {s}
+    improved = True
+    while improved:
+        improved = False
+        for cand in candidates(out.scenario):
+            if cand in tried:
+                continue
+            if time.monotonic() >= deadline:
+                out.seconds = time.monotonic() - t0
+                return out
+            tried.add(cand)
+            got = run(cand)
+            out.runs += 1
+            if same_failure(case, got):
+                out.scenario, out.case = cand, got
+                out.accepted += 1
+                improved = True
+                break
+    out.complete = True
+    out.seconds = time.monotonic() - t0
+    return out
