@@ -5,8 +5,8 @@ each group, once, within the campaign's shrink budget:
 1. the representative (the group's first case) is replayed: a failure that does not
    reproduce the same way is reported as flaky (and not shrunk);
 2. it is shrunk to a minimal failing scenario (`verify.shrink`);
-3. the first divergence of the minimal scenario is located (`verify.locate`): the step, the
-   phase (forward / backward / optimizer) and the unit.
+3. the first divergence is located (`verify.locate`), in the original scenario and in the
+   minimal one: the step, the phase (forward / backward / optimizer) and the unit.
 
 A hung case's first divergent collective (`verify.hangs`) comes with the case itself, from the
 pool, and needs no re-run. Every case of a group gets the group's fields (`CaseResult`:
@@ -93,11 +93,15 @@ def diagnose_failures(pool, results: list[CaseResult], *, plant: Optional[str] =
         if got.case.hang:
             rep.hang = rep.hang or got.case.hang
         log(f"  {sig}: shrunk to {size_line(got.scenario)}; {got.note()}")
-        if locate and got.case.verdict == "fail":
+        if locate and rep.verdict == "fail":
             from verify.locate import locate_divergence
-            rep.divergence = locate_divergence(pool, got.scenario, got.case, sharder=spec,
-                                               plant=plant, timeout_s=timeout_s)
+            rep.divergence = locate_divergence(pool, s, again, sharder=spec, plant=plant,
+                                               timeout_s=timeout_s)
             log(f"  {sig}: {rep.divergence}")
+            if got.scenario != s:
+                rep.minimal_divergence = locate_divergence(
+                    pool, got.scenario, got.case, sharder=spec, plant=plant, timeout_s=timeout_s)
+                log(f"  {sig}: minimal scenario: {rep.minimal_divergence}")
         _share(cases)
     return list(groups.values())
 
@@ -107,7 +111,7 @@ def _share(cases: list[CaseResult]) -> None:
     for c in cases[1:]:
         c.flaky, c.minimal_scenario_json = rep.flaky, rep.minimal_scenario_json
         c.minimal_replay, c.minimal_reason = rep.minimal_replay, rep.minimal_reason
-        c.divergence = rep.divergence
+        c.divergence, c.minimal_divergence = rep.divergence, rep.minimal_divergence
         c.shrink_note = f"same signature as the {rep.family} W={rep.world_size} case: " + \
             (rep.shrink_note or "")
 
@@ -133,6 +137,8 @@ def console_lines(groups: list[list[CaseResult]]) -> list[str]:
             out.append(f"  shrinking: {rep.shrink_note}")
         if rep.divergence:
             out.append(f"  {rep.divergence}")
+        if rep.minimal_divergence:
+            out.append(f"  minimal scenario's {rep.minimal_divergence}")
         if rep.hang:
             out.append("  hang: " + rep.hang.replace("\n", "\n        "))
     return out

@@ -82,6 +82,7 @@ class CaseResult:
     minimal_reason: str = ""           # how the minimal scenario fails
     shrink_note: str = ""              # how the shrinking went (runs, seconds, budget)
     divergence: str = ""               # one line: the first divergence's step, phase and unit
+    minimal_divergence: str = ""       # the same for the minimal scenario
     hang: str = ""                     # a hung case: the first divergent collective of the ranks
 
     @property

@@ -6,10 +6,14 @@ predictable. Candidates, in order (each one field changed, invalid ones skipped)
 
   fewer steps (1, then one fewer) -> smaller world size (2, 4, ... below the current; never
   1 from W >= 2, since at W=1 nothing is sharded and a failure there is another code path) ->
-  root_only / per_block wrapping -> each int model kwarg toward 1 (1, 2, half, one less; the
+  the model's shape: root_only / per_block wrapping, each int model kwarg toward 1 (1, 2, 3,
+  half, half + 1, one less, two less: both parities, since padding needs odd sizes; the
   family's depth / n_layer / n_blocks and its widths alike, so families named by import path
-  shrink too) -> bool model kwargs to False -> micro_batches down to W -> micro_batch_size 1 ->
-  optimizer sgd -> weight_decay 0 -> fp32
+  shrink too; below 2 only where that removes wrap units: a width of 1 is degenerate), bool
+  model kwargs to False, all of these ordered by the size of the model they give (fewest
+  wrap units that own parameters, then fewest parameters, built on the meta device) ->
+  micro_batches down to W -> micro_batch_size 1 -> optimizer sgd -> weight_decay 0
+  -> fp32
 
 A candidate is accepted when it fails the same way (`same_failure`: the same verdict and the
 original's first failing check among its failing checks; the three numerical tiers count as one
@@ -98,7 +102,7 @@ def _with_model(s: Scenario, key: str, value) -> Optional[Scenario]:
 
 def _smaller_ints(v: int) -> list[int]:
     out = []
-    for c in (1, 2, v // 2, v - 1):
+    for c in (1, 2, 3, v // 2, v // 2 + 1, v - 1, v - 2):  # both parities: padding needs odd
         if 1 <= c < v and c not in out:
             out.append(c)
     return out
@@ -120,19 +124,26 @@ def candidates(s: Scenario) -> Iterator[Scenario]:
     for w in WORLD_SIZES:  # never below 2 from W >= 2: at W=1 nothing is sharded (another path)
         if min(2, s.world_size) <= w < s.world_size:
             gen.append(lambda w=w: _replace(s, world_size=w))
-    if s.wrap != "root_only":
-        gen.append(lambda: _replace(s, wrap="root_only"))
-    if s.wrap == "every_leaf":
-        gen.append(lambda: _replace(s, wrap="per_block"))
+    # The model's shape: wrapping and every model kwarg, the smallest resulting model first
+    # (fewest units, then fewest parameters), so that removing a block is tried before
+    # narrowing one (a narrow model can hide a bug a fewer-units one still shows).
+    shaped = [_replace(s, wrap="root_only") if s.wrap != "root_only" else None,
+              _replace(s, wrap="per_block") if s.wrap == "every_leaf" else None]
     kw = s.model_kwargs
     for key in sorted(kw):
         v = kw[key]
         if isinstance(v, bool):
             if v:
-                gen.append(lambda key=key: _with_model(s, key, False))
+                shaped.append(_with_model(s, key, False))
         elif isinstance(v, int):
-            for c in _smaller_ints(v):
-                gen.append(lambda key=key, c=c: _with_model(s, key, c))
+            shaped += [_with_model(s, key, c) for c in _smaller_ints(v)]
+    units = _size(s)[0]
+    # A width of 1 is degenerate (one ReLU unit, dead on most inputs, hides what a sharder did
+    # to the gradients), so a kwarg goes below 2 only where that removes wrap units.
+    keep = [(c, _size(c)) for c in shaped if c is not None]
+    keep = [(c, size) for c, size in keep if size[0] < units or _min_changed(s, c) >= 2]
+    for c, _ in sorted(keep, key=lambda item: item[1]):
+        gen.append(lambda c=c: c)
     m = s.micro_batches
     for c in sorted({max(s.world_size, 1)} | {m // 2}):
         if s.world_size <= c < m:
@@ -151,10 +162,41 @@ def candidates(s: Scenario) -> Iterator[Scenario]:
             yield c
 
 
+def _min_changed(s: Scenario, c: Scenario) -> int:
+    """The smallest new value among the int model kwargs ``c`` changed (2 if none did)."""
+    a, b = s.model_kwargs, c.model_kwargs
+    changed = [b[k] for k in b if b[k] != a.get(k) and isinstance(b[k], int)
+               and not isinstance(b[k], bool)]
+    return min(changed, default=2)
+
+
+def _size(s: Scenario) -> tuple[int, int]:
+    """(wrap units, parameter elements) of the scenario's model, built on the meta device."""
+    from verify.scenarios import build_model
+    try:
+        model = build_model(s, device="meta")
+        return _units(s, model), sum(p.numel() for p in model.parameters())
+    except Exception:
+        return (1 << 30, 1 << 62)
+
+
+def _units(s: Scenario, model) -> int:
+    from verify.scenarios import wrap_units
+    owned: set[int] = set()
+    n = 0
+    for unit in wrap_units(s, model):       # inner first: a unit owns what no inner one did
+        mine = {id(p) for p in unit.parameters()} - owned
+        n += bool(mine)
+        owned |= mine
+    return n
+
+
 def n_units(s: Scenario) -> int:
-    """Wrap units of the scenario's model, the root included."""
-    from verify.scenarios import build_model, wrap_units
-    return len(wrap_units(s, build_model(s, device="meta")))
+    """Wrap units of the scenario's model that own parameters (the root counts where it owns
+    some that no inner unit does: a model whose blocks hold every parameter has as many units
+    as blocks)."""
+    from verify.scenarios import build_model
+    return _units(s, build_model(s, device="meta"))
 
 
 def size_line(s: Scenario) -> str:
