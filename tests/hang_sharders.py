@@ -66,3 +66,29 @@ class Mismatch(Replicated):
             dist.all_gather_into_tensor(out, grad.reshape(-1).contiguous(), group=self.group)
             return
         super().reduce(i, grad, world)
+
+
+_FAILED_ONCE: set = set()   # per rank process: the first FlakyOnce case fails, the next pass
+
+
+class FlakyOnce(Replicated):
+    """Its first case in a rank process doubles rank 0's gradients; every later case is right
+    (a failure that does not reproduce on replay)."""
+    name = "flaky_once"
+
+    def reduce(self, i, grad, world):
+        super().reduce(i, grad, world)
+        if dist.get_rank(self.group) == 0 and "first" not in _FAILED_ONCE:
+            grad *= 2
+
+    def optimizer(self, model, plan):
+        opt = super().optimizer(model, plan)
+        step = opt.step
+
+        def once(*a, **kw):
+            out = step(*a, **kw)
+            _FAILED_ONCE.add("first")
+            return out
+
+        opt.step = once
+        return opt

@@ -85,3 +85,121 @@ def test_textbook_mistake_shrinks_and_names_its_phase(pool, mistake, start, phas
     s = _minimal_ok(case)
     assert sharder in case.minimal_replay and s.family == start.family
     assert phase in case.divergence, case.divergence
+
+
+# -- the shrinker's pieces, no ranks ------------------------------------------------------------
+
+def test_candidates_are_valid_and_simpler():
+    cands = list(candidates(BIG))
+    assert cands and len(set(cands)) == len(cands) and BIG not in cands
+    for c in cands:
+        c.validate()
+        assert c.world_size >= 2 and c.steps <= BIG.steps
+    assert dataclasses.replace(BIG, steps=1) == cands[0]      # fewer steps first
+    narrow = [c for c in cands if c.model != BIG.model]
+    assert all(min(v for v in c.model_kwargs.values() if isinstance(v, int)
+                   and not isinstance(v, bool)) >= 1 for c in narrow)
+    # a width goes below 2 only where that removes units; removing a block comes first
+    assert narrow[0].model_kwargs["depth"] < 3
+
+
+def test_first_line_of_a_hang_is_the_timeout_line():
+    reason = ("timed out after 8 s running verify.case.train.run_case at world size 2: ranks "
+              "[0, 1] did not finish\n\nrank 0 was stuck here:\n  File \"<string>\", line 1 in <module>")
+    assert first_line(reason).startswith("timed out after 8 s")
+    from verify.report import _reason_line
+    assert _reason_line(reason).startswith("timed out after 8 s")
+    assert _reason_line("Traceback\n  File x\nRuntimeError: boom") == "RuntimeError: boom"
+
+
+def test_explain_names_the_first_divergent_collective(tmp_path):
+    def log(rank, lines):
+        (tmp_path / f"collectives.{rank}").write_text("".join(lines))
+    a = "B\t1\tall_reduce\t0,1\t64\tfp32\tstep 0 <- x.py:1:f\nE\t1\n"
+    log(0, [a, "B\t2\treduce_scatter_tensor\t0,1\t2048\tfp32\tstep 0 backward blocks.0 <- x.py:2:g\n"])
+    log(1, [a, "B\t2\tall_gather_into_tensor\t0,1\t1024\tfp32\tstep 0 forward blocks.0 <- x.py:3:h\n"])
+    text = explain(str(tmp_path), 2)
+    assert ("rank 1's 2nd collective on group [0, 1] is all_gather_into_tensor 1.0 KiB fp32"
+            in text and "rank 0's is reduce_scatter_tensor 2.0 KiB" in text), text
+    log(1, [a])                                   # rank 1 never issued the 2nd
+    text = explain(str(tmp_path), 2)
+    assert "rank 1 issued only 1 collective on group [0, 1]; rank 0's 2nd is reduce_scatter" in text
+    log(1, [a, "B\t2\treduce_scatter_tensor\t0,1\t2048\tfp32\tsomewhere\nE\t2\n"])
+    text = explain(str(tmp_path), 2)              # same sequences: who is inside the last one
+    assert "entered by ranks [0] and not by rank 1" in text, text
+
+
+def test_collective_log_is_a_noop_without_a_path(monkeypatch):
+    import torch.distributed as dist
+    monkeypatch.delenv("VERIFY_COLLECTIVE_LOG", raising=False)
+    before = dist.all_reduce
+    with CollectiveLog() as log:
+        log.install()
+        assert dist.all_reduce is before
+    assert dist.all_reduce is before
+
+
+# -- flaky, the campaign -------------------------------------------------------------------------
+
+def test_a_failure_that_does_not_reproduce_is_flaky(pool):
+    case = run_one(pool, BIG, sharder="tests.hang_sharders:FlakyOnce")
+    assert case.verdict == "fail"
+    diagnose_failures(pool, [case], budget_s=BUDGET_S, log=lambda _: None)
+    assert case.flaky is True and "did not reproduce" in case.shrink_note
+    assert not case.minimal_scenario_json
+    assert "FLAKY" in "\n".join(console_lines([[case]]))
+
+
+def test_campaign_shrinks_each_signature_once_and_reports_it(tmp_path, capsys):
+    results = campaign.run_campaign(world_sizes=[2], examples=3, seed=7, sharders=["fsdp_core"],
+                                    modes=("fast",), profile="ci", out_dir=tmp_path,
+                                    plant="drop_rank_grad", dtypes=("fp32",),
+                                    shrink_budget_s=BUDGET_S)
+    out = capsys.readouterr().out
+    failed = [c for c in results if not c.passed]
+    sigs = {c.signature for c in failed}
+    assert failed and all(c.minimal_scenario_json for c in failed)
+    assert out.count("\nDIAGNOSIS ") == len(sigs)
+    assert "minimal:" in out and "first divergence: step " in out
+    report = (tmp_path / "equivalence.md").read_text()
+    assert "## Diagnosis" in report and "# minimal" in report
+
+
+def test_shrink_budget_zero_runs_no_diagnosis(pool):
+    case = run_one(pool, BIG, plant="drop_rank_grad")
+    t0 = time.monotonic()
+    groups = diagnose_failures(pool, [case], plant="drop_rank_grad", budget_s=0)
+    assert time.monotonic() - t0 < 1.0 and len(groups) == 1 and case.signature
+    assert not case.minimal_scenario_json and not case.divergence and case.flaky is None
+
+
+# -- hangs (they restart the pool: last) ----------------------------------------------------------
+
+@pytest.mark.parametrize("sharder, says", [
+    ("SkipOnRank1", "rank 1's 2nd collective on group [0, 1] is all_reduce"),
+    ("Mismatch", "rank 1's 2nd collective on group [0, 1] is all_gather_into_tensor"),
+])
+def test_a_rank_divergent_sharder_is_explained_and_the_campaign_goes_on(pool, sharder, says):
+    s = dataclasses.replace(BIG, steps=1, optimizer="sgd")
+    assert run_one(pool, s, sharder="tests.hang_sharders:Replicated").passed   # warm
+    t0 = time.monotonic()
+    case = run_one(pool, s, sharder=f"tests.hang_sharders:{sharder}", timeout_s=HANG_TIMEOUT_S)
+    assert time.monotonic() - t0 < HANG_TIMEOUT_S + 15
+    assert case.verdict == "error"
+    assert case.hang.startswith("collective sequences") and says in case.hang, case.hang
+    assert "rank 0's is all_reduce" in case.hang and "hang_sharders.py" in case.hang
+    # every rank's stack: the survivors' through SIGUSR1, a rank gloo aborted through its last words
+    assert "rank 0" in case.reason and "hang_sharders.py" in case.reason.split(case.hang)[-1]
+    assert run_one(pool, s, sharder="tests.hang_sharders:Replicated").passed   # goes on
+
+
+def test_a_hang_costs_the_automatic_timeout_not_120_s(pool, monkeypatch):
+    monkeypatch.setattr(campaign, "AUTO_TIMEOUT_FLOOR_S", 4.0)
+    monkeypatch.setattr(campaign, "AUTO_TIMEOUT_SLACK_S", 0.0)
+    s = dataclasses.replace(BIG, steps=1, optimizer="sgd")
+    assert run_one(pool, s, sharder="tests.hang_sharders:Replicated").passed   # warm
+    t0 = time.monotonic()
+    case = run_one(pool, s, sharder="tests.hang_sharders:Mismatch")         # pool: 60 s
+    assert time.monotonic() - t0 < 4.0 + 15
+    assert case.verdict == "error" and "timed out after 4 s" in case.reason, case.reason[:300]
+    assert "first divergent collective" in case.hang

@@ -230,8 +230,7 @@ def failures_table(df: pd.DataFrame, *, reason_chars: int = 160) -> str:
         return "No failing cases."
     rows, replays = [], []
     for n, (_, r) in enumerate(bad.iterrows(), 1):
-        reason = str(r.get("reason") or "").strip().splitlines()
-        reason = reason[-1] if reason else ""          # a traceback's last line says the most
+        reason = _reason_line(str(r.get("reason") or ""))
         if len(reason) > reason_chars:
             reason = reason[: reason_chars - 3] + "..."
         rows.append([str(n), _cell(r["sharder"]), _cell(r["family"]), str(r["world_size"]),
@@ -242,6 +241,52 @@ def failures_table(df: pd.DataFrame, *, reason_chars: int = 160) -> str:
     table = _md(rows, ["#", "sharder", "family", "W", "mode", "verdict", "first divergence",
                        "reason"])
     return table + "\n\nReplay commands:\n\n```sh\n" + "\n".join(replays) + "\n```"
+
+
+def _reason_line(reason: str) -> str:
+    """A traceback's last line says the most; a hang's first line ("timed out after ...")."""
+    lines = [ln for ln in reason.strip().splitlines() if ln.strip()]
+    if not lines:
+        return ""
+    hang = next((ln for ln in lines if ln.startswith("timed out after")
+                 or " did not finish within " in ln), None)
+    return hang or lines[-1]
+
+
+def diagnosis_section(results: list[dict]) -> str:
+    """Markdown: per failure signature (verify/diagnose.py), the original and the minimal
+    scenario, how each fails, a replay command for both, flakiness, the first divergence and,
+    for a hang, the first divergent collective. "" when no case was diagnosed."""
+    seen, parts = set(), []
+    for r in results:
+        sig = r.get("signature")
+        if not sig or sig in seen:
+            continue
+        seen.add(sig)
+        n = sum(1 for x in results if x.get("signature") == sig)
+        lines = [f"### {sig} ({n} case{'s' * (n != 1)})", ""]
+        lines.append(f"- original ({r['family']} W={r['world_size']} {r['mode']}): "
+                     f"{_cell(_reason_line(str(r.get('reason') or '')))}")
+        if r.get("minimal_scenario_json"):
+            lines.append(f"- minimal: {_cell(_reason_line(str(r.get('minimal_reason') or '')))}")
+        if r.get("flaky"):
+            lines.append(f"- **flaky**: {r.get('shrink_note', '')}")
+        elif r.get("shrink_note"):
+            lines.append(f"- shrinking: {r['shrink_note']}")
+        for key, label in (("divergence", "original"), ("minimal_divergence", "minimal")):
+            if r.get(key):
+                lines.append(f"- {label}: {r[key]}")
+        lines.append("")
+        cmds = [f"# original\n{r.get('replay') or '(no replay)'}"]
+        if r.get("minimal_replay"):
+            cmds.append(f"# minimal\n{r['minimal_replay']}")
+        lines += ["```sh", "\n".join(cmds), "```"]
+        if r.get("minimal_scenario_json"):
+            lines += ["", "Minimal scenario:", "", "```json", r["minimal_scenario_json"], "```"]
+        if r.get("hang"):
+            lines += ["", "Collectives of the hung ranks:", "", "```", r["hang"], "```"]
+        parts.append("\n".join(lines))
+    return "\n\n".join(parts)
 
 
 def steps_table(result: Any) -> str:
@@ -333,6 +378,9 @@ def write_reports(results: Iterable[Any], out_dir: str | Path, *,
         lines += [_describe_run(df), ""]
     lines += ["## Summary", "", summary_table(df), "", _LEGEND, "",
               "## Failing cases", "", failures_table(df) if n else "No cases.", ""]
+    diagnosis = diagnosis_section(results)
+    if diagnosis:
+        lines += ["## Diagnosis", "", diagnosis, ""]
     if n and "save_world_size" in df and df["save_world_size"].notna().any():
         lines += ["## Checkpoint-resume cases", "", resume_table(df), "", _RESUME_LEGEND, ""]
     if pool_memory is not None:
