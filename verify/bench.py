@@ -138,6 +138,8 @@ def bench_case(payload: dict, ctx) -> dict:
     torch.set_num_threads(1)
     s = Scenario.from_json(payload["scenario"])
     variants = payload.get("variants") or VARIANTS
+    if not isinstance(variants, dict):   # labels of VARIANTS
+        variants = {v: VARIANTS[v] for v in variants}
     trainers = {}
     for v, (spec, mode) in variants.items():
         trainers[v] = Trainer(spec, dataclasses.replace(s, mode=mode), ctx,
@@ -267,14 +269,12 @@ def run_bench(*, world_sizes: Sequence[int] = (1, 2, 4, 8), steps: int = 10, war
     extra = {}
     for spec in sharders:
         spec = resolve(spec)
-        if spec not in [sp for sp, _ in VARIANTS.values()] or spec == "torch_fsdp2":
+        if spec not in [sp for sp, _ in VARIANTS.values()]:
             extra[display_name(spec)] = spec
     with PoolSet(RankPool(max(world_sizes), timeout_s=timeout_s), timeout_s=timeout_s) as pool:
         for w in world_sizes:
             s = bench_scenario(w, width=width, layers=layers, vocab=vocab, seq=seq, batch=batch)
             for label, spec in extra.items():
-                if label == "torch_fsdp2":
-                    continue
                 ranks, why = pool.for_world(load_class(spec).world, w)
                 if ranks is None:
                     print(f"bench: {label} at W={w} skipped: {why}", flush=True)

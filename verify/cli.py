@@ -16,7 +16,8 @@ from typing import Any, Optional, Sequence
 __all__ = ["main", "build_parser", "EXIT_OK", "EXIT_FAILED", "EXIT_USAGE"]
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
-# "fsdp2" is an alias of "torch_fsdp2"; "all" is every sharder side by side (verify/peers.py).
+# Built-in sharders (verify/sharders/; "all" is every one of them, side by side); any other is
+# named by import path, pkg.module:Name.
 SHARDERS = ("fsdp_core", "torch_fsdp2", "fsdp2", "ddp", "all")
 MODES = {"fast": ("fast",), "deterministic": ("deterministic",),
          "both": ("fast", "deterministic")}

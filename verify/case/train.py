@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 from verify.case.probes import CollectiveRecorder, nonzero_padding, state_bytes, watch_units
-from verify.sharders import StepTrace, load, plan_for
+from verify.sharders import DEFAULT_SHARDER, StepTrace, load, plan_for
 from verify.scenarios import Scenario, build_model, cat_batches, loss_fn, make_batch, step_loss, tree
 
 __all__ = ["Trainer", "run_case", "case_group"]
@@ -174,7 +174,7 @@ def run_case(payload: dict, ctx) -> dict:
         dtypes = (torch.float32, torch.bfloat16) if s.dtype == "bf16" else (torch.float32,)
         problem = (backend_problem(ctx.group, ctx.device, dtypes=dtypes)
                    if payload.get("backend_check", True) else None)
-        trainer = Trainer(payload.get("sharder", "fsdp_core"), s, ctx)
+        trainer = Trainer(payload.get("sharder", DEFAULT_SHARDER), s, ctx)
         pad_init = trainer.padding()
         records = trainer.steps(range(s.steps))
         return dict(rank=ctx.rank, pad_init=pad_init, records=records, backend_error=problem)
