@@ -216,6 +216,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--dtype", choices=sorted(DTYPES), default="both",
                      help="dtype policy of the drawn cases: fp32, bf16 (bf16 compute, fp32 "
                           "reduce and master) or both (default: both)")
+    run.add_argument("--mesh", choices=("1d", "2d", "both"), default="1d",
+                     help="process meshes of the drawn cases: 1d (default), 2d (HSDP: "
+                          "replicate x shard meshes (R, S) with R * S = W, for sharders that "
+                          "declare hsdp) or both")
     run.add_argument("--profile", choices=PROFILES, default=None,
                      help="Hypothesis settings profile for drawing (default: the campaign's)")
     run.add_argument("--out", type=Path, default=Path("reports"), metavar="DIR",
@@ -388,6 +392,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         extra["interleave"] = True
     if args.families is not None:
         extra["families"] = args.families
+    if args.mesh != "1d":
+        extra["meshes"] = args.mesh
     sharders = _load_sharders(args.sharder)
     code = _exit_code(_campaign().run_campaign(
         world_sizes=args.world_sizes, examples=args.examples, seed=args.seed,

@@ -193,6 +193,9 @@ def summary_table(df: pd.DataFrame) -> str:
     if df.empty:
         return "No cases."
     keys = (["sharder"] if df["sharder"].nunique() > 1 else []) + _GROUP
+    if "mesh" in df and (df["mesh"].fillna("") != "").any():   # HSDP cases: by mesh shape too
+        df = df.assign(mesh=df["mesh"].fillna("").replace("", "1-D"))
+        keys = keys + ["mesh"]
     has = {col: col in df and df[col].notna().any()
            for col in ("coll_bytes_expected", "state_bytes_model")}
     headers = [{"world_size": "W"}.get(k, k) for k in keys]

@@ -7,6 +7,7 @@ that shrinking ends at the simplest failing case. Every strategy takes keyword-o
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Optional, Sequence
 
 from hypothesis import strategies as st
@@ -179,7 +180,7 @@ def _subset(name: str, given: Optional[Sequence], allowed: Sequence) -> tuple:
 def scenarios(*, world_sizes: Sequence[int] = WORLD_SIZES, modes: Sequence[str] = MODES,
               families: Optional[Sequence[str]] = None, optimizers: Optional[Sequence[str]] = None,
               dtypes: Sequence[str] = DTYPES, wraps: Sequence[str] = WRAPS,
-              max_steps: int = 3) -> st.SearchStrategy[Scenario]:
+              max_steps: int = 3, meshes: str = "1d") -> st.SearchStrategy[Scenario]:
     """Valid scenarios. Arguments are checked here, eagerly, not at draw time. ``families``
     defaults to the core families (`CORE_FAMILIES`): the HuggingFace ones are drawn only when
     named, so a seed draws the same cases with or without transformers installed."""
@@ -196,11 +197,24 @@ def scenarios(*, world_sizes: Sequence[int] = WORLD_SIZES, modes: Sequence[str] 
     wraps = _subset("wraps", wraps, WRAPS)
     if not (isinstance(max_steps, int) and max_steps >= 1):
         raise ValueError(f"max_steps={max_steps!r}: must be an int >= 1")
-    return _scenarios(world_sizes, modes, families, optimizers, dtypes, wraps, max_steps)
+    if meshes not in MESHES:
+        raise ValueError(f"meshes={meshes!r}: allowed values are {list(MESHES)}")
+    return _scenarios(world_sizes, modes, families, optimizers, dtypes, wraps, max_steps, meshes)
+
+
+MESHES = ("1d", "2d", "both")
+
+
+def mesh_shapes(world_size: int, meshes: str) -> list:
+    """The mesh shapes drawn at ``world_size``: None (1-D) for "1d"; every (R, S) with R, S
+    powers of two and R * S = W for "2d" ((1, 1) at W = 1); both for "both"."""
+    two_d = [(r, world_size // r) for r in (1, 2, 4, 8, 16) if r <= world_size]
+    return {"1d": [None], "2d": two_d, "both": [None] + two_d}[meshes]
 
 
 @st.composite
-def _scenarios(draw, world_sizes, modes, families, optimizers, dtypes, wraps, max_steps) -> Scenario:
+def _scenarios(draw, world_sizes, modes, families, optimizers, dtypes, wraps, max_steps,
+               meshes="1d") -> Scenario:
     family = draw(st.sampled_from(families))
     world_size = draw(st.sampled_from(world_sizes))
     s = Scenario(
@@ -219,5 +233,7 @@ def _scenarios(draw, world_sizes, modes, families, optimizers, dtypes, wraps, ma
         reshard_after_forward=draw(st.booleans()),
         seed=draw(st.integers(0, 2**16)),
     )
+    if meshes != "1d":   # drawn last, so a 1-D campaign draws exactly what it drew before
+        s = dataclasses.replace(s, mesh=draw(st.sampled_from(mesh_shapes(world_size, meshes))))
     s.validate()
     return s

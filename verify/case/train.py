@@ -45,11 +45,16 @@ def case_group(sharder, ctx):
     return dist.group.WORLD
 
 
-def _zero_grad(optimizer) -> None:
+def _zero_grad(optimizer, model) -> None:
+    zero = getattr(optimizer, "zero_grad", None)
+    if zero is None:    # a wrapper without one: what zero_grad(set_to_none=True) does
+        for p in model.parameters():
+            p.grad = None
+        return
     try:
-        optimizer.zero_grad(set_to_none=True)
+        zero(set_to_none=True)
     except TypeError:   # a wrapper whose zero_grad takes no arguments
-        optimizer.zero_grad()
+        zero()
 
 
 class Trainer:
@@ -117,7 +122,7 @@ class Trainer:
         return self._forward_backward(self._batches(step))
 
     def zero_grad(self) -> None:
-        _zero_grad(self.optimizer)
+        _zero_grad(self.optimizer, self.model)
 
     def train_step(self, step: int) -> torch.Tensor:
         """One step, nothing measured; returns the step loss (collective)."""
@@ -147,7 +152,7 @@ class Trainer:
             for h in handles:
                 h.remove()
         pad_step = self.padding()
-        _zero_grad(opt)
+        _zero_grad(opt, model)
         collectives = self.recorder.take()
         passes = len(mine) if self.s.mode == "deterministic" else 1
         trace = StepTrace(mode=self.s.mode, micro_batches=passes, forward_calls=dict(calls),

@@ -41,6 +41,7 @@ class TorchFSDP2(Sharder):
     modes = ("fast",)
     dtypes = ("fp32", "bf16")
     offload = False
+    hsdp = True
 
     def unsupported(self, scenario) -> Optional[str]:
         from verify.scenarios import build_model
@@ -65,7 +66,11 @@ class TorchFSDP2(Sharder):
         device_type = "cuda" if dist.get_backend(group) == "nccl" else "cpu"
         if device_type == "cuda":
             model = model.cuda()
-        mesh = DeviceMesh.from_group(group, device_type)
+        if plan.mesh is None:
+            mesh = DeviceMesh.from_group(group, device_type)
+        else:   # FSDP2's HSDP: the same 2-D (replicate, shard) mesh fsdp_core shards over
+            from fsdp_core import hsdp_mesh
+            mesh = hsdp_mesh(group, *plan.mesh, device_type=device_type)
         mp = MixedPrecisionPolicy(param_dtype=plan.param_dtype, reduce_dtype=plan.reduce_dtype)
         for _, unit in plan.units:
             fully_shard(unit, mesh=mesh, reshard_after_forward=plan.reshard_after_forward,
