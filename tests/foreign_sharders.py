@@ -50,3 +50,14 @@ class NotASharder:
 
 
 not_even_a_class = 42
+
+
+class RaisesOnRank1(FsdpCore):
+    """Rank 1 raises in shard(); rank 0 goes on into the case's collectives and waits there."""
+    name = "raises_on_rank1"
+
+    def shard(self, model, plan, group):
+        import torch.distributed as dist
+        if dist.get_rank(group) == 1:
+            raise RuntimeError("boom on rank 1 only")
+        return super().shard(model, plan, group)

@@ -173,7 +173,6 @@ def run_campaign(*, world_sizes: Sequence[int], examples: int, seed: int, sharde
     size, mode) instead of one world size after the other, so that every rank is warm early
     (the soak's leak check measures from case 50; see verify/soak.py)."""
     from verify import soak
-    from verify.pool import RankPool
     from verify.poolset import PoolSet
     from verify.report import write_reports
     from verify.resume import draw_resume_cases, run_resume
@@ -194,15 +193,17 @@ def run_campaign(*, world_sizes: Sequence[int], examples: int, seed: int, sharde
                               profile=profile, dtypes=dtypes, families=families
                               ) if resume_cases and plant is None and savers else []
     resumes = [(sh, rc) for rc in drawn for sh in savers]
-    print(f"drew {len(plan)} cases (sharder{'s' if len(sharders) > 1 else ''} "
+    pool = PoolSet(_ranks(max(world_sizes), timeout_s), timeout_s=timeout_s)
+    say = print if _is_main(pool) else (lambda *a, **k: None)   # under torchrun: rank 0 only
+    say(f"drew {len(plan)} cases (sharder{'s' if len(sharders) > 1 else ''} "
           f"{', '.join(sharders)}; world sizes {list(world_sizes)}, modes {list(modes)}, "
           f"seed {seed}, profile {profile})"
           + (f" and {len(resumes)} checkpoint-resume cases" if resumes else "")
           + (f"; not drawn, no chosen sharder runs them: {', '.join(dropped)}" if dropped else "")
           + "; starting the rank pool", flush=True)
     if plant is not None:
-        print(f"PLANTED BUG {plant!r} is installed in every case (a demo: failures are expected)",
-              flush=True)
+        say(f"PLANTED BUG {plant!r} is installed in every case (a demo: failures are expected)",
+            flush=True)
     results: list[CaseResult] = []
     memory: list[dict] = []
     started = time.perf_counter()
@@ -211,18 +212,29 @@ def run_campaign(*, world_sizes: Sequence[int], examples: int, seed: int, sharde
     jobs = [(sh, rc, True) for sh, rc in resumes] + [(sh, s, False) for sh, s in plan]
     if not interleave:
         jobs = jobs[len(resumes):] + jobs[:len(resumes)]
-    with PoolSet(RankPool(max(world_sizes), timeout_s=timeout_s), timeout_s=timeout_s) as pool:
+    from verify.rank import ProcessGroupLost
+    with pool:
         for i, (sharder, s, is_resume) in enumerate(jobs, 1):
-            if is_resume:
-                case = run_resume(pool, s, sharder=sharder, timeout_s=timeout_s)
-            else:
-                case = run_one(pool, s, sharder=sharder, timeout_s=timeout_s, plant=plant)
+            try:
+                if is_resume:
+                    case = run_resume(pool, s, sharder=sharder, timeout_s=timeout_s)
+                else:
+                    case = run_one(pool, s, sharder=sharder, timeout_s=timeout_s, plant=plant)
+            except ProcessGroupLost as exc:   # torchrun: the launched group is gone
+                results.append(_aborted(s, sharder, str(exc), len(jobs) - i + 1))
+                say(f"CAMPAIGN ENDED at case {i}/{len(jobs)}: {exc}; writing the reports of the "
+                    f"{i - 1} cases run", flush=True)
+                break
             results.append(case)
             memory.append(soak.sample(pool, len(results)))
-            _progress(i, len(jobs), case, started, len(sharders) > 1)
+            if _is_main(pool):
+                _progress(i, len(jobs), case, started, len(sharders) > 1)
         startups = dict(pool.default_pool_startups)
+        main = _is_main(pool)
     elapsed = time.perf_counter() - started
     failed = [c for c in results if not c.passed]
+    if not main:        # under torchrun only global rank 0 writes and prints; every rank returns
+        return results  # the same results (the verdicts were shared before anything printed)
     title = f"Equivalence campaign: seed {seed}, world sizes {','.join(map(str, world_sizes))}"
     paths = write_reports([c.to_dict() for c in results], Path(out_dir), title=title,
                           pool_memory={"samples": memory, "cache_env": soak.cache_env(),
@@ -243,17 +255,43 @@ def run_campaign(*, world_sizes: Sequence[int], examples: int, seed: int, sharde
     return results
 
 
+def _ranks(max_world_size: int, timeout_s: float):
+    """The main pool: under torchrun the launched processes (`TorchrunContext`: each is a rank,
+    world sizes up to the launched one), else a `RankPool` of ``max_world_size`` processes."""
+    from verify.pool import RankPool
+    from verify.rank import TorchrunContext, is_torchrun
+    if is_torchrun():
+        ctx = TorchrunContext(timeout_s=timeout_s)
+        if max_world_size > ctx.max_world_size:
+            ctx.close()
+            raise ValueError(f"world size {max_world_size} needs {max_world_size} processes; "
+                             f"torchrun launched {ctx.max_world_size}")
+        return ctx
+    return RankPool(max_world_size, timeout_s=timeout_s)
+
+
+def _is_main(pool) -> bool:
+    return getattr(pool.main, "rank", 0) == 0
+
+
+def _aborted(s: Scenario, spec: str, why: str, left: int) -> CaseResult:
+    case = _result(s, spec, "error", f"the campaign ended here, {left} case(s) not run: {why}",
+                   replay_command(s, spec), tier_for(s))
+    return case
+
+
 def _first_line(reason: str) -> str:
     return next((line for line in (reason or "").splitlines() if line.strip()), "")
 
 
 def replay(scenario_json: str, *, timeout_s: float = 120.0, sharder: str = DEFAULT_SHARDER,
            plant: Optional[str] = None) -> int:
-    from verify.pool import RankPool
     from verify.poolset import PoolSet
     s = Scenario.from_json(scenario_json)
-    with PoolSet(RankPool(s.world_size, timeout_s=timeout_s), timeout_s=timeout_s) as pool:
+    with PoolSet(_ranks(s.world_size, timeout_s), timeout_s=timeout_s) as pool:
         case = run_one(pool, s, sharder=sharder, timeout_s=timeout_s, plant=plant)
+        if not _is_main(pool):
+            return 0 if case.passed else 1
     planted = f" (planted bug {plant!r})" if plant else ""
     return print_case(case, f"W={s.world_size} {s.mode} {s.family}{planted}")
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -23,7 +24,19 @@ MODES = {"fast": ("fast",), "deterministic": ("deterministic",),
          "both": ("fast", "deterministic")}
 PROFILES = ("dev", "ci", "nightly")
 DTYPES = {"fp32": ("fp32",), "bf16": ("bf16",), "both": ("fp32", "bf16")}
-MAX_WORLD_SIZE = 8
+MAX_WORLD_SIZE = 8   # a rank pool's default; VERIFY_MAX_WORLD_SIZE raises it (e.g. 16)
+
+
+def max_world_size() -> int:
+    """The largest world size a run may ask for: VERIFY_MAX_WORLD_SIZE (default 8) for the rank
+    pool; under torchrun, the launched world size (any power of two: 16, 32, ...)."""
+    from verify.rank import is_torchrun
+    if is_torchrun():
+        return int(os.environ["WORLD_SIZE"])
+    try:
+        return max(1, int(os.environ.get("VERIFY_MAX_WORLD_SIZE") or MAX_WORLD_SIZE))
+    except ValueError:
+        return MAX_WORLD_SIZE
 
 _EXIT_CODES = """\
 exit codes:
@@ -34,7 +47,8 @@ exit codes:
 
 
 def _world_sizes(text: str) -> list[int]:
-    allowed = [1 << i for i in range(MAX_WORLD_SIZE.bit_length()) if 1 << i <= MAX_WORLD_SIZE]
+    top = max_world_size()
+    allowed = [1 << i for i in range(top.bit_length()) if 1 << i <= top]
     sizes = []
     for part in text.split(","):
         part = part.strip()
@@ -45,7 +59,8 @@ def _world_sizes(text: str) -> list[int]:
                 f"{part!r} is not an integer; give a comma-separated list such as 1,2,4,8")
         if w not in allowed:
             raise argparse.ArgumentTypeError(
-                f"world size {w} is not supported; allowed: {', '.join(map(str, allowed))}")
+                f"world size {w} is not supported; allowed: {', '.join(map(str, allowed))} "
+                f"(more with VERIFY_MAX_WORLD_SIZE, or under torchrun with more processes)")
         if w not in sizes:
             sizes.append(w)
     return sorted(sizes)
@@ -194,8 +209,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "and its reference, and write OUT/equivalence.md, OUT/results.csv and "
                     "OUT/results.json (plus plots).")
     run.add_argument("--world-sizes", type=_world_sizes, default=[1, 2, 4, 8], metavar="LIST",
-                     help="comma-separated world sizes, powers of two up to "
-                          f"{MAX_WORLD_SIZE} (default: 1,2,4,8)")
+                     help="comma-separated world sizes, powers of two up to VERIFY_MAX_WORLD_SIZE "
+                          f"(default {MAX_WORLD_SIZE}) or, under torchrun, the launched world "
+                          "(default: 1,2,4,8)")
     run.add_argument("--examples", type=_positive_int, default=6, metavar="N",
                      help="scenarios drawn per world size and mode (default: 6)")
     run.add_argument("--seed", type=_seed, default=0, metavar="S",

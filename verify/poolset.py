@@ -58,8 +58,8 @@ class PoolSet:
         given, or None, and why not)."""
         if world == "group" or world_size == self.main.max_world_size:
             return self.main, ""
-        from verify.rank import is_torchrun
-        if is_torchrun() or not hasattr(self.main, "timeout_s"):
+        from verify.pool import RankPool
+        if not isinstance(self.main, RankPool):   # under torchrun: the launched processes only
             return None, (f"the sharder uses the default process group, which here has "
                           f"{self.main.max_world_size} ranks; launch {world_size} processes for "
                           f"W={world_size}")

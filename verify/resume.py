@@ -56,8 +56,10 @@ class ResumeCase:
 
     def __post_init__(self) -> None:
         s = self.scenario
-        if self.save_world_size not in (1, 2, 4, 8):
-            raise ValueError(f"save_world_size={self.save_world_size!r}: allowed 1, 2, 4, 8")
+        from verify.scenarios import ALL_WORLD_SIZES
+        if self.save_world_size not in ALL_WORLD_SIZES:
+            raise ValueError(f"save_world_size={self.save_world_size!r}: must be a power of two "
+                             f"from 1 to {ALL_WORLD_SIZES[-1]}")
         if s.micro_batches < self.save_world_size:
             raise ValueError(f"micro_batches={s.micro_batches} is smaller than "
                              f"save_world_size={self.save_world_size}: the two phases would "

@@ -12,7 +12,7 @@ from typing import Any, Optional, Sequence
 
 from hypothesis import strategies as st
 
-from verify.scenarios import (CORE_FAMILIES, DTYPES, FAMILIES, MODES, OPTIMIZERS, WORLD_SIZES,
+from verify.scenarios import (ALL_WORLD_SIZES, CORE_FAMILIES, DTYPES, FAMILIES, MODES, OPTIMIZERS, WORLD_SIZES,
                               WRAPS, Scenario, family_module, is_family_path)
 
 __all__ = [
@@ -184,7 +184,7 @@ def scenarios(*, world_sizes: Sequence[int] = WORLD_SIZES, modes: Sequence[str] 
     """Valid scenarios. Arguments are checked here, eagerly, not at draw time. ``families``
     defaults to the core families (`CORE_FAMILIES`): the HuggingFace ones are drawn only when
     named, so a seed draws the same cases with or without transformers installed."""
-    world_sizes = _subset("world_sizes", world_sizes, WORLD_SIZES)
+    world_sizes = _subset("world_sizes", world_sizes, ALL_WORLD_SIZES)
     modes = _subset("modes", modes, MODES)
     families = tuple(CORE_FAMILIES) if families is None else tuple(families)
     for name in families:

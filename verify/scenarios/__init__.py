@@ -21,7 +21,7 @@ import torch.nn as nn
 from verify.scenarios import _hf, cs336, convnet, gpt, hf_gpt2, hf_llama, mlp, special
 
 __all__ = [
-    "Scenario", "FAMILIES", "CORE_FAMILIES", "HF_FAMILIES", "MODES", "OPTIMIZERS", "DTYPES", "WRAPS", "WORLD_SIZES",
+    "Scenario", "FAMILIES", "CORE_FAMILIES", "HF_FAMILIES", "MODES", "OPTIMIZERS", "DTYPES", "WRAPS", "WORLD_SIZES", "ALL_WORLD_SIZES",
     "build_model", "init_weights", "make_batch", "cat_batches", "loss_fn", "wrap_units",
     "make_optimizer", "optimizer_spec", "grouped_optimizer", "no_decay", "param_names", "tree",
     "step_loss", "family_module", "is_family_path",
@@ -38,7 +38,8 @@ MODES = ("fast", "deterministic")
 OPTIMIZERS = ("sgd", "sgd_momentum", "adam", "adamw")
 DTYPES = ("fp32", "bf16")
 WRAPS = ("per_block", "root_only", "every_leaf")
-WORLD_SIZES = (1, 2, 4, 8)
+WORLD_SIZES = (1, 2, 4, 8)            # what campaigns draw by default
+ALL_WORLD_SIZES = tuple(2**i for i in range(11))   # what a scenario may have (1 .. 1024)
 
 
 @dataclass(frozen=True)
@@ -125,7 +126,9 @@ class Scenario:
             if type(value) is not want:
                 raise ValueError(f"model.{key}={value!r}: must be a {want.__name__}")
         fam.check(self.model_kwargs)
-        _one_of("world_size", self.world_size, WORLD_SIZES)
+        if self.world_size not in ALL_WORLD_SIZES or isinstance(self.world_size, bool):
+            raise ValueError(f"world_size={self.world_size!r}: must be a power of two from 1 to "
+                             f"{ALL_WORLD_SIZES[-1]}")
         _one_of("mode", self.mode, MODES)
         _one_of("optimizer", self.optimizer, OPTIMIZERS)
         _one_of("dtype", self.dtype, DTYPES)
