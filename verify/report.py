@@ -427,6 +427,13 @@ def pool_memory_section(pool_memory: Any) -> str:
         text.append(f"oneDNN kernel caches: {caps}. At their defaults they fill with every new "
                     "shape for thousands of cases and look like a leak; `--soak` caps them "
                     "(verify/soak.py, [Note: oneDNN's kernel caches look like a leak]).")
+    pools = pool_memory.get("default_group_pools") if isinstance(pool_memory, dict) else None
+    if pools:
+        text.append("")
+        text.append("Sharders that use the default process group ran on pools of exactly W "
+                    "processes, each spawned once for the run: " + ", ".join(
+                        f"W={w}: {float(sec):.1f} s to start" for w, sec in sorted(
+                            pools.items(), key=lambda kv: int(kv[0]))) + ".")
     return "\n".join(text)
 
 
