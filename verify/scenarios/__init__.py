@@ -57,11 +57,17 @@ class Scenario:
     wrap: str = "per_block"     # "per_block" | "root_only" | "every_leaf"
     reshard_after_forward: bool = True
     seed: int = 0
+    offload: bool = False       # CPU offload (CPUOffloadPolicy): drawn only for adapters that
+                                #   declare `offload = True`; numerics are unchanged by it
 
     # -- serialisation ------------------------------------------------------------------------
     def to_json(self) -> str:
+        """Compact JSON. ``offload`` appears only when True, so a case without it prints the
+        same replay line as before the field existed (and old lines load: it defaults False)."""
         d = dataclasses.asdict(self)
         d["model"] = dict(self.model)
+        if not d["offload"]:
+            del d["offload"]
         return json.dumps(d, separators=(",", ":"))
 
     @classmethod
@@ -134,6 +140,8 @@ class Scenario:
             raise ValueError(f"micro_batches={m}: must be a power of two >= world_size={self.world_size}")
         if not isinstance(self.reshard_after_forward, bool):
             raise ValueError(f"reshard_after_forward={self.reshard_after_forward!r}: must be a bool")
+        if not isinstance(self.offload, bool):
+            raise ValueError(f"offload={self.offload!r}: must be a bool")
         if not (_is_int(self.seed) and 0 <= self.seed < 2**63):
             raise ValueError(f"seed={self.seed!r}: must be an int in [0, 2**63)")
 
