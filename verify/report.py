@@ -16,6 +16,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
+import numpy as np
 import pandas as pd
 from tabulate import tabulate
 
@@ -205,7 +206,7 @@ def summary_table(df: pd.DataFrame) -> str:
     rows = []
     for key, g in df.sort_values(keys).groupby(keys, sort=False):
         key = key if isinstance(key, tuple) else (key,)
-        row = [str(k) for k in key]
+        row = [_yes(k) if isinstance(k, (bool, np.bool_)) else str(k) for k in key]
         row += [str(len(g)), str(int(g["passed"].sum())),
                 str(int(g["verdict"].isin(_FAILED).sum())), str(int(g["bitwise"].sum())),
                 _num(g["max_loss_diff"].max()), _num(g["max_abs"].max()),
