@@ -138,7 +138,7 @@ def test_peer_resumes_across_world_sizes_within_its_tier(rank_pool, sharder, w_a
     loaded = [c for c in result.checks if c["check"] == "loaded"]
     assert [c["status"] for c in loaded] == ["pass"]
     if tier == "bitwise":
-        assert all(st.bitwise for st in result.steps), result.first_divergence
+        assert all(st.bitwise and st.grads_ok for st in result.steps), result.first_divergence
 
 
 @pytest.mark.multigpu
@@ -151,7 +151,7 @@ def test_offload_cases_pass_bitwise(rank_pool, sharder, dtype):
     case = run_one(rank_pool, s, sharder=sharder, timeout_s=TIMEOUT)
     assert case.verdict == "pass", f"{case.reason}\nreplay: {case.replay}"
     assert case.offload and case.tier == "bitwise" and '"offload":true' in case.replay
-    assert all(st.bitwise for st in case.steps), case.first_divergence
+    assert all(st.bitwise and st.grads_ok for st in case.steps), case.first_divergence
 
 
 @pytest.mark.multigpu

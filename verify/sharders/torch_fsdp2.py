@@ -97,6 +97,9 @@ class TorchFSDP2(Sharder):
     def local_pieces(self, model):
         return {name: _piece(p) for name, p in model.named_parameters()}
 
+    def reduced_gradients(self, model):
+        return {name: _piece(p.grad) for name, p in model.named_parameters() if p.grad is not None}
+
     # -- checkpoints: the guide's recipe --------------------------------------------------------
     options = None   # StateDictOptions(); None: the default (sharded DTensor state dicts)
 
@@ -128,9 +131,6 @@ def _group(model):
         if hasattr(p, "device_mesh"):
             return p.device_mesh.get_group()
     return None
-
-    def reduced_gradients(self, model):
-        return {name: _piece(p.grad) for name, p in model.named_parameters() if p.grad is not None}
 
 
 def _piece(t: torch.Tensor) -> tuple[int, torch.Tensor]:
