@@ -54,9 +54,8 @@ class FSDP2SkipOptimState(TorchFSDP2):
     def load(self, path, model, optimizer):
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
-        from verify.sharders.torch_fsdp2 import _group
         state = {"model": get_model_state_dict(model)}
-        dcp.load(state, checkpoint_id=path, process_group=_group(model))
+        dcp.load(state, checkpoint_id=path, process_group=self._group_of(model))
         set_model_state_dict(model, state["model"])
 
 
@@ -70,7 +69,7 @@ class FSDP2SwapShards(TorchFSDP2):
         for _, p in model.named_parameters():
             if not hasattr(p, "to_local"):
                 continue
-            group = p.device_mesh.get_group()
+            group = p.device_mesh.get_group(p.device_mesh.ndim - 1)   # the shard dim
             world = dist.get_world_size(group)
             if p.dim() and p.shape[0] % world == 0:
                 _swap_ranks_0_1(p.to_local(), group)

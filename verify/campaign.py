@@ -46,7 +46,7 @@ def expand_sharders(names: Iterable[str]) -> list[str]:
 
 def draw_scenarios(*, world_size: int, mode: str, n: int, seed: int, profile: str = "ci",
                    dtypes: Sequence[str] = ("fp32", "bf16"),
-                   families: Optional[Sequence[str]] = None,
+                   families: Optional[Sequence[str]] = None, meshes: str = "1d",
                    offloads: Sequence[bool] = (False,)) -> list[Scenario]:
     """``n`` distinct scenarios for one world size and mode, the same for the same seed
     (``offloads``: the CPU-offload values drawn; the default draws none, as before it existed).
@@ -56,7 +56,7 @@ def draw_scenarios(*, world_size: int, mode: str, n: int, seed: int, profile: st
     strategy = strategies.scenarios(world_sizes=(world_size,), modes=(mode,), dtypes=tuple(dtypes),
                                     max_steps=PROFILE_MAX_STEPS.get(profile, 3),
                                     families=None if families is None else tuple(families),
-                                    offloads=tuple(offloads))
+                                    meshes=meshes, offloads=tuple(offloads))
     drawn: list[Scenario] = []
 
     @hyp_seed(seed * 1_000 + world_size * 10 + (mode == "deterministic"))
@@ -81,16 +81,19 @@ def skip_reason(s: Scenario, sharder) -> Optional[str]:
         return f"{sharder.name} declares dtypes {tuple(sharder.dtypes)}, not {s.dtype!r}"
     if getattr(s, "offload", False) and not sharder.offload:
         return f"{sharder.name} does not declare offload = True"
+    if s.mesh is not None and not getattr(sharder, "hsdp", False):
+        return f"{sharder.name} does not declare hsdp = True (a {s.mesh[0]}x{s.mesh[1]} mesh)"
     reason = sharder.unsupported(s)
     return None if reason is None else str(reason)
 
 
 def _result(s: Scenario, spec: str, verdict: str, reason: str, replay: str, tier: str) -> CaseResult:
+    from verify.case.judge import mesh_label
     from verify.sharders import display_name
     return CaseResult(scenario_json=s.to_json(), sharder=display_name(spec), family=s.family,
                       world_size=s.world_size, mode=s.mode, dtype=s.dtype, optimizer=s.optimizer,
                       tier=tier, verdict=verdict, reason=reason, replay=replay, sharder_spec=spec,
-                      offload=s.offload)
+                      mesh=mesh_label(s), offload=s.offload)
 
 
 def run_one(pool, s: Scenario, *, sharder: str = DEFAULT_SHARDER, timeout_s: Optional[float] = None,
@@ -106,12 +109,12 @@ def run_one(pool, s: Scenario, *, sharder: str = DEFAULT_SHARDER, timeout_s: Opt
     torch.set_num_threads(1)
     spec = resolve(sharder)
     replay = replay_command(s, spec, plant)
-    adapter = load(spec)
     try:  # the adapter's parent side is foreign code too: an exception is an error case
+        adapter = load(spec)
         reason = skip_reason(s, adapter)
         tier = case_tier(s, adapter)
     except Exception:
-        return _result(s, spec, "error", f"{adapter.name}'s parent side raised:\n"
+        return _result(s, spec, "error", f"the adapter {spec}'s parent side raised:\n"
                        + traceback.format_exc(), replay, tier_for(s))
     if reason is not None:  # decided from the scenario: nothing runs
         return _result(s, spec, "skipped", reason, replay, tier)
@@ -121,9 +124,12 @@ def run_one(pool, s: Scenario, *, sharder: str = DEFAULT_SHARDER, timeout_s: Opt
     if plant is not None:
         from verify.plant import check_name
         payload["plant"] = check_name(plant)
-    ranks, why = as_pool_set(pool).for_world(adapter.world, s.world_size)
+    pools = as_pool_set(pool)
+    ranks, why = pools.for_world(adapter.world, s.world_size)
     if ranks is None:
         return _result(s, spec, "skipped", why, replay, tier)
+    if s.mesh is not None:
+        pools.prepare_hsdp(ranks)
     t0 = time.perf_counter()
     pending = ranks.submit(s.world_size, run_case, payload, timeout_s=timeout_s)
     try:  # the reference is computed here while the ranks run the case
@@ -162,12 +168,14 @@ def run_campaign(*, world_sizes: Sequence[int], examples: int, seed: int, sharde
                  modes: Sequence[str], profile: Optional[str], out_dir, timeout_s: float = 120.0,
                  plant: Optional[str] = None, dtypes: Sequence[str] = ("fp32", "bf16"),
                  resume_cases: int = 0, families: Optional[Sequence[str]] = None,
-                 interleave: bool = False, offloads: Sequence[bool] = (False,)
+                 interleave: bool = False, meshes: str = "1d",
+                 offloads: Sequence[bool] = (False,)
                  ) -> list[CaseResult]:
     """``resume_cases``: checkpoint-resume cases (verify/resume.py) drawn and run after the
     plan, for every sharder whose adapter has save and load (none with a planted bug). After
     every case the RSS of the pool's ranks is sampled (verify/soak.py) and saved as
-    ``pool_memory`` in results.json. ``interleave``: run the plan round-robin over (world
+    ``pool_memory`` in results.json. ``meshes``: "1d", "2d" (HSDP: (R, S) meshes) or "both"
+    (verify/strategies.py). ``interleave``: run the plan round-robin over (world
     size, mode) instead of one world size after the other, so that every rank is warm early
     (the soak's leak check measures from case 50; see verify/soak.py). ``offloads``: the CPU
     offload values drawn (`--offload`; the default draws none, so a seed's cases stay those
@@ -184,7 +192,8 @@ def run_campaign(*, world_sizes: Sequence[int], examples: int, seed: int, sharde
     modes, dtypes, offloads, dropped = _runnable(sharders, modes, dtypes, offloads)
     plan = [(sh, s) for w in world_sizes for mode in modes
             for s in draw_scenarios(world_size=w, mode=mode, n=examples, seed=seed, profile=profile,
-                                    dtypes=dtypes, families=families, offloads=offloads)
+                                    dtypes=dtypes, families=families, meshes=meshes,
+                                    offloads=offloads)
             for sh in sharders]
     if interleave:
         from verify.soak import round_robin

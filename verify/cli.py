@@ -16,7 +16,8 @@ from typing import Any, Optional, Sequence
 __all__ = ["main", "build_parser", "EXIT_OK", "EXIT_FAILED", "EXIT_USAGE"]
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
-# "fsdp2" is an alias of "torch_fsdp2"; "all" is every sharder side by side (verify/peers.py).
+# Built-in sharders (verify/sharders/; "all" is every one of them, side by side); any other is
+# named by import path, pkg.module:Name.
 SHARDERS = ("fsdp_core", "torch_fsdp2", "fsdp2", "ddp", "all")
 MODES = {"fast": ("fast",), "deterministic": ("deterministic",),
          "both": ("fast", "deterministic")}
@@ -229,6 +230,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--dtype", choices=sorted(DTYPES), default="both",
                      help="dtype policy of the drawn cases: fp32, bf16 (bf16 compute, fp32 "
                           "reduce and master) or both (default: both)")
+    run.add_argument("--mesh", choices=("1d", "2d", "both"), default="1d",
+                     help="process meshes of the drawn cases: 1d (default), 2d (HSDP: "
+                          "replicate x shard meshes (R, S) with R * S = W, for sharders that "
+                          "declare hsdp) or both")
     run.add_argument("--profile", choices=PROFILES, default=None,
                      help="Hypothesis settings profile for drawing (default: the campaign's)")
     run.add_argument("--out", type=Path, default=Path("reports"), metavar="DIR",
@@ -411,6 +416,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         extra["families"] = args.families
     if args.offload != "no":
         extra["offloads"] = OFFLOADS[args.offload]
+    if args.mesh != "1d":
+        extra["meshes"] = args.mesh
     sharders = _load_sharders(args.sharder)
     code = _exit_code(_campaign().run_campaign(
         world_sizes=args.world_sizes, examples=args.examples, seed=args.seed,

@@ -172,6 +172,14 @@ def _reset_global_state(torch_mod: Any) -> None:
     torch_mod.set_default_dtype(torch_mod.float32)
     if torch_mod.get_num_threads() != 1:
         torch_mod.set_num_threads(1)
+    # global module hooks a foreign sharder registered (register_module_forward_hook & co.)
+    # would run inside every later case's model
+    from torch.nn.modules import module as nn_module
+    for name in dir(nn_module):
+        table = getattr(nn_module, name)
+        if name.startswith("_global_") and name.endswith("hooks") and hasattr(table, "clear"):
+            table.clear()
+    nn_module._global_is_full_backward_hook = None
 
 
 def serve(rank: int, max_world_size: int, backend: str, store_path: str, prefix: str,

@@ -194,6 +194,9 @@ def summary_table(df: pd.DataFrame) -> str:
     if df.empty:
         return "No cases."
     keys = (["sharder"] if df["sharder"].nunique() > 1 else []) + _GROUP
+    if "mesh" in df and (df["mesh"].fillna("") != "").any():   # HSDP cases: by mesh shape too
+        df = df.assign(mesh=df["mesh"].fillna("").replace("", "1-D"))
+        keys = keys + ["mesh"]
     keys += ["offload"] if _has_offload(df) else []
     has = {col: col in df and df[col].notna().any()
            for col in ("coll_bytes_expected", "state_bytes_model")}

@@ -7,6 +7,7 @@ that shrinking ends at the simplest failing case. Every strategy takes keyword-o
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Optional, Sequence
 
 from hypothesis import strategies as st
@@ -179,7 +180,8 @@ def _subset(name: str, given: Optional[Sequence], allowed: Sequence) -> tuple:
 def scenarios(*, world_sizes: Sequence[int] = WORLD_SIZES, modes: Sequence[str] = MODES,
               families: Optional[Sequence[str]] = None, optimizers: Optional[Sequence[str]] = None,
               dtypes: Sequence[str] = DTYPES, wraps: Sequence[str] = WRAPS,
-              max_steps: int = 3, offloads: Sequence[bool] = (False,)) -> st.SearchStrategy[Scenario]:
+              max_steps: int = 3, meshes: str = "1d",
+              offloads: Sequence[bool] = (False,)) -> st.SearchStrategy[Scenario]:
     """Valid scenarios. Arguments are checked here, eagerly, not at draw time. ``families``
     defaults to the core families (`CORE_FAMILIES`): the HuggingFace ones are drawn only when
     named, so a seed draws the same cases with or without transformers installed.
@@ -198,15 +200,28 @@ def scenarios(*, world_sizes: Sequence[int] = WORLD_SIZES, modes: Sequence[str] 
     wraps = _subset("wraps", wraps, WRAPS)
     if not (isinstance(max_steps, int) and max_steps >= 1):
         raise ValueError(f"max_steps={max_steps!r}: must be an int >= 1")
+    if meshes not in MESHES:
+        raise ValueError(f"meshes={meshes!r}: allowed values are {list(MESHES)}")
     offloads = tuple(dict.fromkeys(offloads))
     if not offloads or not all(isinstance(o, bool) for o in offloads):
         raise ValueError(f"offloads={offloads!r}: must be a non-empty subset of [False, True]")
-    return _scenarios(world_sizes, modes, families, optimizers, dtypes, wraps, max_steps, offloads)
+    return _scenarios(world_sizes, modes, families, optimizers, dtypes, wraps, max_steps, meshes,
+                      offloads)
+
+
+MESHES = ("1d", "2d", "both")
+
+
+def mesh_shapes(world_size: int, meshes: str) -> list:
+    """The mesh shapes drawn at ``world_size``: None (1-D) for "1d"; every (R, S) with R, S
+    powers of two and R * S = W for "2d" ((1, 1) at W = 1); both for "both"."""
+    two_d = [(r, world_size // r) for r in (1, 2, 4, 8, 16) if r <= world_size]
+    return {"1d": [None], "2d": two_d, "both": [None] + two_d}[meshes]
 
 
 @st.composite
 def _scenarios(draw, world_sizes, modes, families, optimizers, dtypes, wraps, max_steps,
-               offloads=(False,)) -> Scenario:
+               meshes="1d", offloads=(False,)) -> Scenario:
     family = draw(st.sampled_from(families))
     world_size = draw(st.sampled_from(world_sizes))
     s = Scenario(
@@ -224,8 +239,10 @@ def _scenarios(draw, world_sizes, modes, families, optimizers, dtypes, wraps, ma
         wrap=draw(st.sampled_from(wraps)),
         reshard_after_forward=draw(st.booleans()),
         seed=draw(st.integers(0, 2**16)),
-        # drawn last and only when there is a choice: the other fields' draws stay as they were
+        # drawn after the fields above and only when there is a choice: their draws stay as they were
         offload=draw(st.sampled_from(offloads)) if len(offloads) > 1 else offloads[0],
     )
+    if meshes != "1d":   # drawn last, so a 1-D campaign draws exactly what it drew before
+        s = dataclasses.replace(s, mesh=draw(st.sampled_from(mesh_shapes(world_size, meshes))))
     s.validate()
     return s

@@ -57,6 +57,8 @@ class Scenario:
     wrap: str = "per_block"     # "per_block" | "root_only" | "every_leaf"
     reshard_after_forward: bool = True
     seed: int = 0
+    mesh: tuple[int, int] | None = None  # HSDP: (R, S), replicate x shard, R * S = world_size;
+                                          # None: the 1-D group (the JSON leaves it out)
     offload: bool = False       # CPU offload (CPUOffloadPolicy): drawn only for adapters that
                                 #   declare `offload = True`; numerics are unchanged by it
 
@@ -66,6 +68,10 @@ class Scenario:
         same replay line as before the field existed (and old lines load: it defaults False)."""
         d = dataclasses.asdict(self)
         d["model"] = dict(self.model)
+        if d["mesh"] is None:   # 1-D cases print and replay exactly as before HSDP existed
+            del d["mesh"]
+        else:
+            d["mesh"] = list(d["mesh"])
         if not d["offload"]:
             del d["offload"]
         return json.dumps(d, separators=(",", ":"))
@@ -80,6 +86,8 @@ class Scenario:
             raise ValueError(f"unknown scenario field(s) {unknown}")
         if isinstance(d.get("model"), dict):
             d["model"] = tuple(sorted(d["model"].items()))
+        if isinstance(d.get("mesh"), list):
+            d["mesh"] = tuple(d["mesh"])
         s = cls(**d)
         s.validate()
         return s
@@ -99,7 +107,8 @@ class Scenario:
         """The same case at another world size. M is raised to `world_size` only where it would
         be smaller; otherwise M is kept, so deterministic results stay comparable across W."""
         s = dataclasses.replace(self, world_size=world_size,
-                                micro_batches=max(self.micro_batches, world_size))
+                                micro_batches=max(self.micro_batches, world_size),
+                                mesh=None if self.mesh is None else _mesh_at(self.mesh, world_size))
         s.validate()
         return s
 
@@ -144,6 +153,18 @@ class Scenario:
             raise ValueError(f"offload={self.offload!r}: must be a bool")
         if not (_is_int(self.seed) and 0 <= self.seed < 2**63):
             raise ValueError(f"seed={self.seed!r}: must be an int in [0, 2**63)")
+        if self.mesh is not None:
+            if not (isinstance(self.mesh, tuple) and len(self.mesh) == 2
+                    and all(_is_int(x) and x >= 1 for x in self.mesh)
+                    and self.mesh[0] * self.mesh[1] == self.world_size):
+                raise ValueError(f"mesh={self.mesh!r}: must be (R, S), two ints >= 1 with "
+                                 f"R * S = world_size={self.world_size}, or null for 1-D")
+
+
+def _mesh_at(mesh: tuple[int, int], world_size: int) -> tuple[int, int]:
+    """The mesh shape at another world size: the same replicate dim where it divides, else 1-row."""
+    R = mesh[0] if world_size % mesh[0] == 0 else 1
+    return (R, world_size // R)
 
 
 def _is_int(x) -> bool:

@@ -55,6 +55,7 @@ class TorchFSDP2(Sharder):
     modes = ("fast",)
     dtypes = ("fp32", "bf16")
     offload = True
+    hsdp = True
 
     def unsupported(self, scenario) -> Optional[str]:
         from verify.scenarios import build_model
@@ -80,13 +81,18 @@ class TorchFSDP2(Sharder):
         device_type = "cuda" if dist.get_backend(group) == "nccl" else "cpu"
         if device_type == "cuda":  # FSDP2 moves offloaded shards back to the CPU itself
             model = model.cuda()
-        mesh = DeviceMesh.from_group(group, device_type)
+        if plan.mesh is None:
+            mesh = DeviceMesh.from_group(group, device_type)
+        else:   # FSDP2's HSDP: the same 2-D (replicate, shard) mesh fsdp_core shards over
+            from fsdp_core import hsdp_mesh
+            mesh = hsdp_mesh(group, *plan.mesh, device_type=device_type)
         mp = MixedPrecisionPolicy(param_dtype=plan.param_dtype, reduce_dtype=plan.reduce_dtype)
         offload = (CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if plan.offload
                    else OffloadPolicy())   # see [Note: FSDP2's CPU offload on a CPU-only machine]
         for _, unit in plan.units:
             fully_shard(unit, mesh=mesh, reshard_after_forward=plan.reshard_after_forward,
                         mp_policy=mp, offload_policy=offload)
+        self._group = group   # every rank of the case (an HSDP mesh's too): DCP's group
         return model
 
     def full_parameters(self, model, optimizer):
@@ -109,10 +115,14 @@ class TorchFSDP2(Sharder):
                                             options=self.options or StateDictOptions())
         return {"model": model_sd, "optim": optim_sd}
 
+    def _group_of(self, model):
+        return getattr(self, "_group", None) or _group(model)
+
     def save(self, path, model, optimizer):
         """Collective over the model's mesh: every rank writes its own shards (`dcp.save`)."""
         import torch.distributed.checkpoint as dcp
-        dcp.save(self._state(model, optimizer), checkpoint_id=path, process_group=_group(model))
+        dcp.save(self._state(model, optimizer), checkpoint_id=path,
+                 process_group=self._group_of(model))
 
     def load(self, path, model, optimizer):
         """Collective: the state dicts of this model and optimizer (their DTensors at this world
@@ -120,15 +130,15 @@ class TorchFSDP2(Sharder):
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
         state = self._state(model, optimizer)
-        dcp.load(state, checkpoint_id=path, process_group=_group(model))
+        dcp.load(state, checkpoint_id=path, process_group=self._group_of(model))
         set_state_dict(model, optimizer, model_state_dict=state["model"],
                        optim_state_dict=state["optim"], options=self.options or StateDictOptions())
 
 
 def _group(model):
-    """The process group of the model's FSDP2 mesh (the case's group)."""
+    """The process group of the model's 1-D FSDP2 mesh (the case's group)."""
     for p in model.parameters():
-        if hasattr(p, "device_mesh"):
+        if hasattr(p, "device_mesh") and p.device_mesh.ndim == 1:
             return p.device_mesh.get_group()
     return None
 
