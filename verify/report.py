@@ -666,7 +666,7 @@ def _peers_summary(df: pd.DataFrame, sharders: list[str]) -> str:
         kind, sh, w, tier = key if kinds else ("",) + tuple(key)
         ran = g[g["n_steps"] > 0]
         step = ran["step_time_s"].median() if not ran.empty else None
-        keys.append((kind, order.get(sh, 99), int(w), tier))
+        keys.append((kind, int(w), order.get(sh, 99), tier))   # the sharders next to each other
         rows.append(([kind] if kinds else []) + [
             sh, str(w), tier, str(len(g)), str(int(g["verdict"].eq("pass").sum())),
             str(int(g["verdict"].eq("skipped").sum())), str(int(g["verdict"].isin(_FAILED).sum())),
