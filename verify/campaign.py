@@ -46,15 +46,17 @@ def expand_sharders(names: Iterable[str]) -> list[str]:
 
 def draw_scenarios(*, world_size: int, mode: str, n: int, seed: int, profile: str = "ci",
                    dtypes: Sequence[str] = ("fp32", "bf16"),
-                   families: Optional[Sequence[str]] = None, meshes: str = "1d") -> list[Scenario]:
-    """``n`` distinct scenarios for one world size and mode, the same for the same seed.
+                   families: Optional[Sequence[str]] = None, meshes: str = "1d",
+                   offloads: Sequence[bool] = (False,)) -> list[Scenario]:
+    """``n`` distinct scenarios for one world size and mode, the same for the same seed
+    (``offloads``: the CPU-offload values drawn; the default draws none, as before it existed).
 
     Hypothesis generates small examples first; drawing 8n and sampling n of them (seeded)
     spreads the cases over the whole strategy instead of its simplest corner."""
     strategy = strategies.scenarios(world_sizes=(world_size,), modes=(mode,), dtypes=tuple(dtypes),
                                     max_steps=PROFILE_MAX_STEPS.get(profile, 3),
                                     families=None if families is None else tuple(families),
-                                    meshes=meshes)
+                                    meshes=meshes, offloads=tuple(offloads))
     drawn: list[Scenario] = []
 
     @hyp_seed(seed * 1_000 + world_size * 10 + (mode == "deterministic"))
@@ -91,7 +93,7 @@ def _result(s: Scenario, spec: str, verdict: str, reason: str, replay: str, tier
     return CaseResult(scenario_json=s.to_json(), sharder=display_name(spec), family=s.family,
                       world_size=s.world_size, mode=s.mode, dtype=s.dtype, optimizer=s.optimizer,
                       tier=tier, verdict=verdict, reason=reason, replay=replay, sharder_spec=spec,
-                      mesh=mesh_label(s))
+                      mesh=mesh_label(s), offload=s.offload)
 
 
 def run_one(pool, s: Scenario, *, sharder: str = DEFAULT_SHARDER, timeout_s: Optional[float] = None,
@@ -148,22 +150,26 @@ def _progress(i: int, n: int, case: CaseResult, started: float, show_sharder: bo
           f"({rate:.0f} cases/min)", flush=True)
 
 
-def _runnable(sharders: list[str], modes: Sequence[str], dtypes: Sequence[str]):
-    """The modes and dtypes some chosen sharder declares (the others would only draw cases
-    every sharder skips); what was dropped, for the console."""
+def _runnable(sharders: list[str], modes: Sequence[str], dtypes: Sequence[str],
+              offloads: Sequence[bool] = (False,)):
+    """The modes, dtypes and offload values some chosen sharder declares (the others would
+    only draw cases every sharder skips); what was dropped, for the console."""
     from verify.sharders import load_class
     classes = [load_class(sp) for sp in sharders]
     keep_m = [m for m in modes if any(m in c.modes for c in classes)] or list(modes)
     keep_d = [d for d in dtypes if any(d in c.dtypes for c in classes)] or list(dtypes)
+    keep_o = [o for o in offloads if not o or any(c.offload for c in classes)] or list(offloads)
     dropped = [x for x in list(modes) + list(dtypes) if x not in keep_m + keep_d]
-    return keep_m, keep_d, dropped
+    dropped += ["offload"] if True in offloads and True not in keep_o else []
+    return keep_m, keep_d, keep_o, dropped
 
 
 def run_campaign(*, world_sizes: Sequence[int], examples: int, seed: int, sharders: Iterable[str],
                  modes: Sequence[str], profile: Optional[str], out_dir, timeout_s: float = 120.0,
                  plant: Optional[str] = None, dtypes: Sequence[str] = ("fp32", "bf16"),
                  resume_cases: int = 0, families: Optional[Sequence[str]] = None,
-                 interleave: bool = False, meshes: str = "1d"
+                 interleave: bool = False, meshes: str = "1d",
+                 offloads: Sequence[bool] = (False,)
                  ) -> list[CaseResult]:
     """``resume_cases``: checkpoint-resume cases (verify/resume.py) drawn and run after the
     plan, for every sharder whose adapter has save and load (none with a planted bug). After
@@ -171,7 +177,9 @@ def run_campaign(*, world_sizes: Sequence[int], examples: int, seed: int, sharde
     ``pool_memory`` in results.json. ``meshes``: "1d", "2d" (HSDP: (R, S) meshes) or "both"
     (verify/strategies.py). ``interleave``: run the plan round-robin over (world
     size, mode) instead of one world size after the other, so that every rank is warm early
-    (the soak's leak check measures from case 50; see verify/soak.py)."""
+    (the soak's leak check measures from case 50; see verify/soak.py). ``offloads``: the CPU
+    offload values drawn (`--offload`; the default draws none, so a seed's cases stay those
+    drawn before offload existed); True only where some chosen sharder declares offload."""
     from verify import soak
     from verify.poolset import PoolSet
     from verify.report import write_reports
@@ -180,18 +188,19 @@ def run_campaign(*, world_sizes: Sequence[int], examples: int, seed: int, sharde
     torch.set_num_threads(1)
     profile = profile or "ci"
     sharders = expand_sharders(sharders)
-    modes, dtypes, dropped = _runnable(sharders, modes, dtypes)
+    modes, dtypes, offloads, dropped = _runnable(sharders, modes, dtypes, offloads)
     plan = [(sh, s) for w in world_sizes for mode in modes
             for s in draw_scenarios(world_size=w, mode=mode, n=examples, seed=seed, profile=profile,
-                                    dtypes=dtypes, families=families, meshes=meshes)
+                                    dtypes=dtypes, families=families, meshes=meshes,
+                                    offloads=offloads)
             for sh in sharders]
     if interleave:
         from verify.soak import round_robin
         plan = round_robin(plan, key=lambda item: (item[1].world_size, item[1].mode))
     savers = [sh for sh in sharders if has_checkpointing(load(sh))]
     drawn = draw_resume_cases(n=resume_cases, seed=seed, world_sizes=world_sizes, modes=modes,
-                              profile=profile, dtypes=dtypes, families=families
-                              ) if resume_cases and plant is None and savers else []
+                              profile=profile, dtypes=dtypes, families=families,
+                              offloads=offloads) if resume_cases and plant is None and savers else []
     resumes = [(sh, rc) for rc in drawn for sh in savers]
     pool = PoolSet(_ranks(max(world_sizes), timeout_s), timeout_s=timeout_s)
     say = print if _is_main(pool) else (lambda *a, **k: None)   # under torchrun: rank 0 only
@@ -239,10 +248,9 @@ def run_campaign(*, world_sizes: Sequence[int], examples: int, seed: int, sharde
     paths = write_reports([c.to_dict() for c in results], Path(out_dir), title=title,
                           pool_memory={"samples": memory, "cache_env": soak.cache_env(),
                                        "default_group_pools": startups})
-    if len(sharders) > 1:  # the sharders side by side on the same cases
+    if len(sharders) > 1:  # the sharders side by side on the same cases (resume cases too)
         from verify.report import write_peers_report
-        paths.append(write_peers_report([c.to_dict() for c in results if c.save_world_size is None],
-                                        Path(out_dir), title=title))
+        paths.append(write_peers_report([c.to_dict() for c in results], Path(out_dir), title=title))
     print(f"{len(results) - len(failed)}/{len(results)} cases passed in {elapsed:.1f}s "
           f"({len(results) / max(elapsed, 1e-9) * 60:.1f} cases/min); wrote "
           + ", ".join(str(p) for p in paths))

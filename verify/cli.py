@@ -24,6 +24,7 @@ MODES = {"fast": ("fast",), "deterministic": ("deterministic",),
          "both": ("fast", "deterministic")}
 PROFILES = ("dev", "ci", "nightly")
 DTYPES = {"fp32": ("fp32",), "bf16": ("bf16",), "both": ("fp32", "bf16")}
+OFFLOADS = {"no": (False,), "yes": (True,), "both": (False, True)}
 MAX_WORLD_SIZE = 8   # a rank pool's default; VERIFY_MAX_WORLD_SIZE raises it (e.g. 16)
 
 
@@ -37,6 +38,19 @@ def max_world_size() -> int:
         return max(1, int(os.environ.get("VERIFY_MAX_WORLD_SIZE") or MAX_WORLD_SIZE))
     except ValueError:
         return MAX_WORLD_SIZE
+
+# `run --preset NAME`: the flags a preset stands for. They go in front of the command line's
+# own, so a flag given with the preset overrides the preset's value of it.
+PRESETS = {
+    # The FSDP2 integration guide's recipe end to end: HF models wrapped per _no_split_modules,
+    # MixedPrecisionPolicy(bf16, fp32), CPUOffloadPolicy, DCP checkpoints (get_state_dict /
+    # set_state_dict, dcp.save / dcp.load) resumed at another world size, W = 1, 2, 4, 8.
+    "fsdp2-integration": ["--sharder", "torch_fsdp2", "--families", "hf_gpt2,hf_llama",
+                          "--mode", "fast", "--dtype", "bf16", "--offload", "yes",
+                          "--world-sizes", "1,2,4,8", "--examples", "2", "--resume-cases", "6",
+                          "--seed", "1", "--profile", "dev",
+                          "--out", "reports/fsdp2-integration"],
+}
 
 _EXIT_CODES = """\
 exit codes:
@@ -246,6 +260,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--resume-cases", type=_count, default=0, metavar="N",
                      help="also draw N checkpoint-resume cases (train at one world size, save, "
                           "load at another, finish), run after the others (default: 0)")
+    run.add_argument("--offload", choices=sorted(OFFLOADS), default="no",
+                     help="draw CPU-offload cases (WrapPlan.offload: shards and optimizer state "
+                          "on the CPU) for sharders that declare offload = True: no, yes (every "
+                          "case) or both (drawn; changes which cases a seed draws) (default: no)")
+    run.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                     help="a named campaign; flags given with it override its values. "
+                          "fsdp2-integration: "
+                          + " ".join(PRESETS["fsdp2-integration"]).replace("%", "%%"))
     run.add_argument("--soak", action="store_true",
                      help="leak check: exit 1 when the largest rank RSS grew by more than "
                           "10%% from case 50 to the end (RSS is recorded in every run)")
@@ -408,6 +430,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         extra["interleave"] = True
     if args.families is not None:
         extra["families"] = args.families
+    if args.offload != "no":
+        extra["offloads"] = OFFLOADS[args.offload]
     if args.mesh != "1d":
         extra["meshes"] = args.mesh
     sharders = _load_sharders(args.sharder)
@@ -517,6 +541,33 @@ class _Usage(Exception):
     pass
 
 
+def expand_preset(argv: Sequence[str], name: str) -> list[str]:
+    """``argv`` (a `run` command line with ``--preset name``) with the preset's flags inserted
+    right after ``run``: argparse keeps the last value of a flag, so the command line's own
+    flags override the preset's. Prints the command it stands for."""
+    argv = list(argv)
+    at = argv.index("run") + 1
+    flags = PRESETS[name]
+    given = argv[at:]
+    own = _without_preset(given)
+    print(f"preset {name}: python -m verify run {' '.join(flags)}"
+          + (f" (overridden by: {' '.join(own)})" if own else ""),
+          flush=True)
+    return argv[:at] + flags + given
+
+
+def _without_preset(args: list[str]) -> list[str]:
+    out, skip = [], False
+    for a in args:
+        if skip:
+            skip = False
+        elif a == "--preset":
+            skip = True
+        elif not a.startswith("--preset="):
+            out.append(a)
+    return out
+
+
 _COMMANDS = {"run": _cmd_run, "replay": _cmd_replay, "report": _cmd_report,
              "mutants": _cmd_mutants, "converge": _cmd_converge, "bench": _cmd_bench,
              "plan": _cmd_plan}
@@ -525,6 +576,9 @@ _COMMANDS = {"run": _cmd_run, "replay": _cmd_replay, "report": _cmd_report,
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)      # exits with 2 and a message on bad arguments
+    if args.command == "run" and args.preset is not None:
+        args = parser.parse_args(expand_preset(sys.argv[1:] if argv is None else list(argv),
+                                               args.preset))
     try:
         return _COMMANDS[args.command](args)
     except _Usage as exc:

@@ -180,10 +180,13 @@ def _subset(name: str, given: Optional[Sequence], allowed: Sequence) -> tuple:
 def scenarios(*, world_sizes: Sequence[int] = WORLD_SIZES, modes: Sequence[str] = MODES,
               families: Optional[Sequence[str]] = None, optimizers: Optional[Sequence[str]] = None,
               dtypes: Sequence[str] = DTYPES, wraps: Sequence[str] = WRAPS,
-              max_steps: int = 3, meshes: str = "1d") -> st.SearchStrategy[Scenario]:
+              max_steps: int = 3, meshes: str = "1d",
+              offloads: Sequence[bool] = (False,)) -> st.SearchStrategy[Scenario]:
     """Valid scenarios. Arguments are checked here, eagerly, not at draw time. ``families``
     defaults to the core families (`CORE_FAMILIES`): the HuggingFace ones are drawn only when
-    named, so a seed draws the same cases with or without transformers installed."""
+    named, so a seed draws the same cases with or without transformers installed.
+    ``offloads``: the CPU-offload values to draw; with one value nothing is drawn for it (the
+    default (False,) draws exactly the cases drawn before the field existed, seed for seed)."""
     world_sizes = _subset("world_sizes", world_sizes, ALL_WORLD_SIZES)
     modes = _subset("modes", modes, MODES)
     families = tuple(CORE_FAMILIES) if families is None else tuple(families)
@@ -199,7 +202,11 @@ def scenarios(*, world_sizes: Sequence[int] = WORLD_SIZES, modes: Sequence[str] 
         raise ValueError(f"max_steps={max_steps!r}: must be an int >= 1")
     if meshes not in MESHES:
         raise ValueError(f"meshes={meshes!r}: allowed values are {list(MESHES)}")
-    return _scenarios(world_sizes, modes, families, optimizers, dtypes, wraps, max_steps, meshes)
+    offloads = tuple(dict.fromkeys(offloads))
+    if not offloads or not all(isinstance(o, bool) for o in offloads):
+        raise ValueError(f"offloads={offloads!r}: must be a non-empty subset of [False, True]")
+    return _scenarios(world_sizes, modes, families, optimizers, dtypes, wraps, max_steps, meshes,
+                      offloads)
 
 
 MESHES = ("1d", "2d", "both")
@@ -214,7 +221,7 @@ def mesh_shapes(world_size: int, meshes: str) -> list:
 
 @st.composite
 def _scenarios(draw, world_sizes, modes, families, optimizers, dtypes, wraps, max_steps,
-               meshes="1d") -> Scenario:
+               meshes="1d", offloads=(False,)) -> Scenario:
     family = draw(st.sampled_from(families))
     world_size = draw(st.sampled_from(world_sizes))
     s = Scenario(
@@ -232,6 +239,8 @@ def _scenarios(draw, world_sizes, modes, families, optimizers, dtypes, wraps, ma
         wrap=draw(st.sampled_from(wraps)),
         reshard_after_forward=draw(st.booleans()),
         seed=draw(st.integers(0, 2**16)),
+        # drawn after the fields above and only when there is a choice: their draws stay as they were
+        offload=draw(st.sampled_from(offloads)) if len(offloads) > 1 else offloads[0],
     )
     if meshes != "1d":   # drawn last, so a 1-D campaign draws exactly what it drew before
         s = dataclasses.replace(s, mesh=draw(st.sampled_from(mesh_shapes(world_size, meshes))))

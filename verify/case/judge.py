@@ -201,7 +201,7 @@ def evaluate(s: Scenario, sharder, spec: str, result, ref, wall: float, *,
     case = CaseResult(scenario_json=s.to_json(), sharder=display_name(spec), family=s.family,
                       world_size=s.world_size, mode=s.mode, dtype=s.dtype, optimizer=s.optimizer,
                       tier=tier, verdict="pass", replay=replay, wall_time_s=wall, sharder_spec=spec,
-                      mesh=mesh_label(s))
+                      mesh=mesh_label(s), offload=s.offload)
     if not result.ok:
         case.verdict, case.reason = "error", result.error or "the case did not complete"
         case.checks.append(Check("error", "fail", detail=case.reason).to_dict())

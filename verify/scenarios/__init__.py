@@ -60,15 +60,21 @@ class Scenario:
     seed: int = 0
     mesh: tuple[int, int] | None = None  # HSDP: (R, S), replicate x shard, R * S = world_size;
                                           # None: the 1-D group (the JSON leaves it out)
+    offload: bool = False       # CPU offload (CPUOffloadPolicy): drawn only for adapters that
+                                #   declare `offload = True`; numerics are unchanged by it
 
     # -- serialisation ------------------------------------------------------------------------
     def to_json(self) -> str:
+        """Compact JSON. ``offload`` appears only when True, so a case without it prints the
+        same replay line as before the field existed (and old lines load: it defaults False)."""
         d = dataclasses.asdict(self)
         d["model"] = dict(self.model)
         if d["mesh"] is None:   # 1-D cases print and replay exactly as before HSDP existed
             del d["mesh"]
         else:
             d["mesh"] = list(d["mesh"])
+        if not d["offload"]:
+            del d["offload"]
         return json.dumps(d, separators=(",", ":"))
 
     @classmethod
@@ -146,6 +152,8 @@ class Scenario:
             raise ValueError(f"micro_batches={m}: must be a power of two >= world_size={self.world_size}")
         if not isinstance(self.reshard_after_forward, bool):
             raise ValueError(f"reshard_after_forward={self.reshard_after_forward!r}: must be a bool")
+        if not isinstance(self.offload, bool):
+            raise ValueError(f"offload={self.offload!r}: must be a bool")
         if not (_is_int(self.seed) and 0 <= self.seed < 2**63):
             raise ValueError(f"seed={self.seed!r}: must be an int in [0, 2**63)")
         if self.mesh is not None:
