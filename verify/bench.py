@@ -242,6 +242,18 @@ def _row(w: int, values: list[dict]) -> dict:
     )
 
 
+def _bench_run(ranks, s: Scenario, steps: int, warmup: int, variants, timeout_s: float,
+               what: str) -> list[dict]:
+    """`bench_case` of ``s`` on ``ranks``; its values per rank, or RuntimeError naming ``what``."""
+    payload = {"scenario": s.to_json(), "steps": steps, "warmup": warmup}
+    if variants is not None:
+        payload["variants"] = variants
+    res = ranks.run(s.world_size, bench_case, payload, timeout_s=timeout_s)
+    if not res.ok:
+        raise RuntimeError(f"bench of {what} failed:\n{res.error}")
+    return res.values
+
+
 def _extra_row(w: int, label: str, values: list[dict]) -> dict:
     v = values[0]["variants"]
     state = [rv["variants"][label]["state_bytes"] for rv in values]
@@ -295,23 +307,15 @@ def run_bench(*, world_sizes: Sequence[int] = (1, 2, 4, 8), steps: int = 10, war
                     print(f"bench: {label} at W={w} skipped: {why}", flush=True)
                     continue
                 variants = {label: (spec, "fast"), "fsdp2": VARIANTS["fsdp2"]}
-                res = ranks.run(w, bench_case, {"scenario": s.to_json(), "steps": steps,
-                                                "warmup": warmup, "variants": variants},
-                                timeout_s=timeout_s)
-                if not res.ok:
-                    raise RuntimeError(f"bench of {label} at W={w} failed:\n{res.error}")
-                extra_rows.append(_extra_row(w, label, res.values))
+                values = _bench_run(ranks, s, steps, warmup, variants, timeout_s, f"{label} at W={w}")
+                extra_rows.append(_extra_row(w, label, values))
                 r = extra_rows[-1]
                 print(f"  {label} {r['ms']:.1f} ms, FSDP2 {r['fsdp2_ms']:.1f} ms, {label}/FSDP2 "
                       f"{r['over_fsdp2']:.2f}; state {_fmt_bytes(r['state'])} vs FSDP2 "
                       f"{_fmt_bytes(r['fsdp2_state'])}", flush=True)
             s = bench_scenario(w, width=width, layers=layers, vocab=vocab, seq=seq, batch=batch)
             print(f"bench: W={w} ({', '.join(VARIANTS)}), {warmup} warm-up + {steps} timed steps", flush=True)
-            res = pool.run(w, bench_case, {"scenario": s.to_json(), "steps": steps, "warmup": warmup},
-                           timeout_s=timeout_s)
-            if not res.ok:
-                raise RuntimeError(f"bench at W={w} failed:\n{res.error}")
-            rows.append(_row(w, res.values))
+            rows.append(_row(w, _bench_run(pool, s, steps, warmup, None, timeout_s, f"W={w}")))
             row = rows[-1]
             print(f"  ours {row['ms']['fsdp_core']:.1f} ms, FSDP2 {row['ms']['fsdp2']:.1f} ms, ours/FSDP2 "
                   f"{row['ours_over_fsdp2']:.2f}; no-prefetch/prefetch {row['noprefetch_over_ours']:.2f}; "
@@ -324,11 +328,8 @@ def run_bench(*, world_sizes: Sequence[int] = (1, 2, 4, 8), steps: int = 10, war
             s = dataclasses.replace(bench_scenario(8, width=width, layers=layers, vocab=vocab,
                                                    seq=seq, batch=batch), mesh=mesh)
             pool.prepare_hsdp(pool.main)
-            res = pool.run(8, bench_case, {"scenario": s.to_json(), "steps": steps, "warmup": warmup,
-                                           "variants": HSDP_VARIANTS}, timeout_s=timeout_s)
-            if not res.ok:
-                raise RuntimeError(f"bench of HSDP {mesh} failed:\n{res.error}")
-            hsdp_rows.append(_hsdp_row(mesh, res.values))
+            hsdp_rows.append(_hsdp_row(mesh, _bench_run(pool, s, steps, warmup, HSDP_VARIANTS,
+                                                        timeout_s, f"HSDP {mesh}")))
             r = hsdp_rows[-1]
             print(f"bench: HSDP {mesh[0]}x{mesh[1]}: ours {r['ms']:.1f} ms, FSDP2 {r['fsdp2_ms']:.1f} ms, "
                   f"ours/FSDP2 {r['over_fsdp2']:.2f}; state ours/FSDP2 {r['state_over_fsdp2']:.3f}; "

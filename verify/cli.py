@@ -133,24 +133,22 @@ def _families(text: str) -> list[str]:
     return names
 
 
-def _positive_int(text: str) -> int:
+def _int_from(text: str, least: int, message: str) -> int:
     try:
         n = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer")
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
+    if n < least:
+        raise argparse.ArgumentTypeError(f"{message}, got {n}")
     return n
+
+
+def _positive_int(text: str) -> int:
+    return _int_from(text, 1, "must be at least 1")
 
 
 def _count(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer")
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {n}")
-    return n
+    return _int_from(text, 0, "must be >= 0")
 
 
 def _world_size(text: str) -> int:
