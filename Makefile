@@ -19,7 +19,7 @@ NIGHTLY_SEED     ?= 1
 SOAK_EXAMPLES    ?= 63
 SOAK_SEED        ?= 1
 
-.PHONY: setup test verify nightly soak bench peers converge mutants clean distclean
+.PHONY: setup test verify nightly soak fsdp2-integration bench peers converge mutants clean distclean
 
 setup: $(STAMP)
 
@@ -41,12 +41,13 @@ verify: setup
 	$(PY) -m verify run $(CAMPAIGN)
 
 # The nightly matrix, as .github/workflows/nightly.yml runs it: world size x mode x dtype, each
-# cell a campaign with the nightly Hypothesis profile, reports under reports/nightly/<cell>/.
+# cell a campaign with the nightly Hypothesis profile and CPU offload drawn (--offload both),
+# reports under reports/nightly/<cell>/.
 # Every cell runs; the target fails if any cell failed.
 nightly: setup
 	@rc=0; for w in 1 2 4 8; do for m in fast deterministic; do for d in fp32 bf16; do \
 	  echo "== nightly cell W=$$w $$m $$d"; \
-	  $(PY) -m verify run --world-sizes $$w --mode $$m --dtype $$d --profile nightly \
+	  $(PY) -m verify run --world-sizes $$w --mode $$m --dtype $$d --profile nightly --offload both \
 	    --examples $(NIGHTLY_EXAMPLES) --seed $(NIGHTLY_SEED) --out $(REPORTS)/nightly/W$$w-$$m-$$d || rc=1; \
 	done; done; done; exit $$rc
 
@@ -63,6 +64,11 @@ bench: setup
 
 # The peers (issue 7): the same drawn cases through fsdp_core, FSDP2 and DDP side by side ->
 # reports/peers.md (the run's other tables under reports/peers/).
+# The FSDP2 integration guide's recipe (README "Check your FSDP2 integration"): HF models through
+# torch_fsdp2 with bf16, CPU offload and DCP checkpoints resumed across W = 1, 2, 4, 8.
+fsdp2-integration: setup
+	$(PY) -m verify run --preset fsdp2-integration --out $(REPORTS)/fsdp2-integration
+
 peers: setup
 	@$(PY) -m verify run --sharder all --world-sizes 1,2,4,8 --examples 6 --seed 7 \
 	  --out $(REPORTS)/peers; rc=$$?; \

@@ -1,4 +1,4 @@
-"""pytest wiring: markers, Hypothesis profiles, the session's rank pool. No logic lives here."""
+"""pytest wiring: markers and Hypothesis profiles (the rank pool is the plugin's: verify/pytest_plugin.py)."""
 from __future__ import annotations
 
 import os
@@ -40,26 +40,8 @@ settings.load_profile(_profile)
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line(
-        "markers", "multigpu: runs on several ranks; under torchrun the pytest process is a rank "
-        "(torchrun --nproc_per_node=8 -m pytest -m multigpu)")
     config.addinivalue_line("markers", "slow: takes more than a few seconds; deselect with "
                             "-m 'not slow'")
 
-
-@pytest.fixture(scope="session")
-def rank_pool():
-    """The session's ranks: a RankPool of VERIFY_MAX_WORLD_SIZE (default 8) spawned processes,
-    or, when pytest itself runs under torchrun, a TorchrunContext on the launcher's group.
-    Both offer run(world_size, fn, payload) -> PoolResult."""
-    from verify.pool import RankPool
-    from verify.rank import TorchrunContext
-
-    if is_torchrun():
-        pool = TorchrunContext()
-    else:
-        pool = RankPool(int(os.environ.get("VERIFY_MAX_WORLD_SIZE", "8")))
-    try:
-        yield pool
-    finally:
-        pool.close()
+# The `rank_pool` and `equivalence` fixtures and the `multigpu` marker come from the pytest plugin
+# (verify/pytest_plugin.py, registered by `pip install` through the pytest11 entry point).

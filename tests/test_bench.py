@@ -39,3 +39,37 @@ def test_independent_timing_check_runs_and_its_exit_code_follows_the_ratio(capsy
     assert line.startswith("W=2: fsdp_core ") and "ours/FSDP2" in line and "foreach=true" in line
     ratio = float(line.split("ours/FSDP2 ")[1].split()[0])
     assert rc == (0 if ratio <= 1.0 else 1)
+
+
+@pytest.mark.multigpu
+@pytest.mark.parametrize("mesh", [(2, 4), (4, 2)])
+def test_bench_hsdp_variants_on_one_mesh_and_the_formula_holds(rank_pool, mesh):
+    """HSDP in the bench: fsdp_core and FSDP2 on the same 2-D mesh at W = 8; ours matches the
+    collective formula with the replicate-group all-reduce, and holds the same state as FSDP2."""
+    import dataclasses
+    from verify.bench import HSDP_VARIANTS, _hsdp_row, bench_case, bench_scenario
+    if 8 not in rank_pool.world_sizes:
+        pytest.skip("needs 8 ranks")
+    s = dataclasses.replace(bench_scenario(8, width=32, layers=2, vocab=64, seq=8, batch=2), mesh=mesh)
+    rank_pool.prepare_hsdp(rank_pool.main)
+    res = rank_pool.run(8, bench_case, {"scenario": s.to_json(), "steps": 1, "warmup": 1,
+                                        "variants": HSDP_VARIANTS}, timeout_s=300)
+    assert res.ok, res.error
+    row = _hsdp_row(mesh, res.values)
+    assert row["collectives_ok"], (row["collectives"], row["expected"])
+    assert row["collectives"]["all_reduce"][0] == 3          # one per unit with gradients
+    assert abs(row["state_over_fsdp2"] - 1) < 0.05 and row["ms"] > 0 and row["fsdp2_ms"] > 0
+
+
+@pytest.mark.multigpu
+def test_bench_times_a_named_sharder_against_fsdp2(rank_pool):
+    from verify.bench import VARIANTS, _extra_row, bench_case, bench_scenario
+    s = bench_scenario(2, width=32, layers=2, vocab=64, seq=8, batch=2)
+    label = "textbook_fsdp"
+    variants = {label: ("examples.textbook_fsdp.adapter:Textbook", "fast"), "fsdp2": VARIANTS["fsdp2"]}
+    ranks, _ = rank_pool.for_world("default", 2)
+    res = ranks.run(2, bench_case, {"scenario": s.to_json(), "steps": 1, "warmup": 1,
+                                    "variants": variants}, timeout_s=300)
+    assert res.ok, res.error
+    row = _extra_row(2, label, res.values)
+    assert row["ms"] > 0 and row["over_fsdp2"] > 0 and row["state"] is None   # its optimizer has no .state

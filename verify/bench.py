@@ -39,6 +39,9 @@ VARIANTS = {
     "fsdp_core_det": ("fsdp_core", "deterministic"),
     "fsdp2": ("torch_fsdp2", "fast"),
 }
+# HSDP at W = 8: fsdp_core and FSDP2 on the same (replicate, shard) mesh.
+HSDP_MESHES = ((2, 4), (4, 2))
+HSDP_VARIANTS = {"fsdp_core_hsdp": ("fsdp_core", "fast"), "fsdp2_hsdp": ("torch_fsdp2", "fast")}
 # One optimizer implementation for every variant: PyTorch picks the per-tensor loop for DTensor
 # (FSDP2) parameters and foreach for plain tensors unless told.
 BENCH_OPTIMIZER = {"foreach": True}
@@ -138,6 +141,8 @@ def bench_case(payload: dict, ctx) -> dict:
     torch.set_num_threads(1)
     s = Scenario.from_json(payload["scenario"])
     variants = payload.get("variants") or VARIANTS
+    if not isinstance(variants, dict):   # labels of VARIANTS
+        variants = {v: VARIANTS[v] for v in variants}
     trainers = {}
     for v, (spec, mode) in variants.items():
         trainers[v] = Trainer(spec, dataclasses.replace(s, mode=mode), ctx,
@@ -237,6 +242,18 @@ def _row(w: int, values: list[dict]) -> dict:
     )
 
 
+def _bench_run(ranks, s: Scenario, steps: int, warmup: int, variants, timeout_s: float,
+               what: str) -> list[dict]:
+    """`bench_case` of ``s`` on ``ranks``; its values per rank, or RuntimeError naming ``what``."""
+    payload = {"scenario": s.to_json(), "steps": steps, "warmup": warmup}
+    if variants is not None:
+        payload["variants"] = variants
+    res = ranks.run(s.world_size, bench_case, payload, timeout_s=timeout_s)
+    if not res.ok:
+        raise RuntimeError(f"bench of {what} failed:\n{res.error}")
+    return res.values
+
+
 def _extra_row(w: int, label: str, values: list[dict]) -> dict:
     v = values[0]["variants"]
     state = [rv["variants"][label]["state_bytes"] for rv in values]
@@ -246,6 +263,18 @@ def _extra_row(w: int, label: str, values: list[dict]) -> dict:
                 state=None if None in state else max(state),
                 fsdp2_state=max(rv["variants"]["fsdp2"]["state_bytes"] for rv in values),
                 collectives=v[label]["collectives"], expected=v[label]["expected"])
+
+
+def _hsdp_row(mesh, values: list[dict]) -> dict:
+    v = values[0]["variants"]
+    ours, theirs = v["fsdp_core_hsdp"], v["fsdp2_hsdp"]
+    state = {k: max(rv["variants"][k]["state_bytes"] for rv in values) for k in v}
+    return dict(mesh=f"{mesh[0]}x{mesh[1]}", ms=1e3 * ours["step_s"], fsdp2_ms=1e3 * theirs["step_s"],
+                over_fsdp2=ours["step_s"] / theirs["step_s"], state=state["fsdp_core_hsdp"],
+                fsdp2_state=state["fsdp2_hsdp"],
+                state_over_fsdp2=state["fsdp_core_hsdp"] / state["fsdp2_hsdp"],
+                collectives=ours["collectives"], expected=ours["expected"],
+                collectives_ok=_same_traffic(ours), fsdp2_collectives=theirs["collectives"])
 
 
 def _same_traffic(entry: dict) -> bool:
@@ -267,48 +296,50 @@ def run_bench(*, world_sizes: Sequence[int] = (1, 2, 4, 8), steps: int = 10, war
     extra = {}
     for spec in sharders:
         spec = resolve(spec)
-        if spec not in [sp for sp, _ in VARIANTS.values()] or spec == "torch_fsdp2":
+        if spec not in [sp for sp, _ in VARIANTS.values()]:
             extra[display_name(spec)] = spec
     with PoolSet(RankPool(max(world_sizes), timeout_s=timeout_s), timeout_s=timeout_s) as pool:
         for w in world_sizes:
             s = bench_scenario(w, width=width, layers=layers, vocab=vocab, seq=seq, batch=batch)
             for label, spec in extra.items():
-                if label == "torch_fsdp2":
-                    continue
                 ranks, why = pool.for_world(load_class(spec).world, w)
                 if ranks is None:
                     print(f"bench: {label} at W={w} skipped: {why}", flush=True)
                     continue
                 variants = {label: (spec, "fast"), "fsdp2": VARIANTS["fsdp2"]}
-                res = ranks.run(w, bench_case, {"scenario": s.to_json(), "steps": steps,
-                                                "warmup": warmup, "variants": variants},
-                                timeout_s=timeout_s)
-                if not res.ok:
-                    raise RuntimeError(f"bench of {label} at W={w} failed:\n{res.error}")
-                extra_rows.append(_extra_row(w, label, res.values))
+                values = _bench_run(ranks, s, steps, warmup, variants, timeout_s, f"{label} at W={w}")
+                extra_rows.append(_extra_row(w, label, values))
                 r = extra_rows[-1]
                 print(f"  {label} {r['ms']:.1f} ms, FSDP2 {r['fsdp2_ms']:.1f} ms, {label}/FSDP2 "
                       f"{r['over_fsdp2']:.2f}; state {_fmt_bytes(r['state'])} vs FSDP2 "
                       f"{_fmt_bytes(r['fsdp2_state'])}", flush=True)
             s = bench_scenario(w, width=width, layers=layers, vocab=vocab, seq=seq, batch=batch)
             print(f"bench: W={w} ({', '.join(VARIANTS)}), {warmup} warm-up + {steps} timed steps", flush=True)
-            res = pool.run(w, bench_case, {"scenario": s.to_json(), "steps": steps, "warmup": warmup},
-                           timeout_s=timeout_s)
-            if not res.ok:
-                raise RuntimeError(f"bench at W={w} failed:\n{res.error}")
-            rows.append(_row(w, res.values))
+            rows.append(_row(w, _bench_run(pool, s, steps, warmup, None, timeout_s, f"W={w}")))
             row = rows[-1]
             print(f"  ours {row['ms']['fsdp_core']:.1f} ms, FSDP2 {row['ms']['fsdp2']:.1f} ms, ours/FSDP2 "
                   f"{row['ours_over_fsdp2']:.2f}; no-prefetch/prefetch {row['noprefetch_over_ours']:.2f}; "
                   f"deterministic/fast {row['det_over_fast']:.2f}; state ours/FSDP2 {row['state_over_fsdp2']:.3f}, "
                   f"ours/(16N/W) {row['state_over_zero3']:.3f}; peak step memory ours/FSDP2 "
                   f"{row['peak_alloc_over_fsdp2']:.2f}; collectives = formula: {row['collectives_ok']}", flush=True)
+        hsdp_rows = []
+        for mesh in HSDP_MESHES if max(world_sizes) >= 8 else ():
+            import dataclasses
+            s = dataclasses.replace(bench_scenario(8, width=width, layers=layers, vocab=vocab,
+                                                   seq=seq, batch=batch), mesh=mesh)
+            pool.prepare_hsdp(pool.main)
+            hsdp_rows.append(_hsdp_row(mesh, _bench_run(pool, s, steps, warmup, HSDP_VARIANTS,
+                                                        timeout_s, f"HSDP {mesh}")))
+            r = hsdp_rows[-1]
+            print(f"bench: HSDP {mesh[0]}x{mesh[1]}: ours {r['ms']:.1f} ms, FSDP2 {r['fsdp2_ms']:.1f} ms, "
+                  f"ours/FSDP2 {r['over_fsdp2']:.2f}; state ours/FSDP2 {r['state_over_fsdp2']:.3f}; "
+                  f"collectives = formula: {r['collectives_ok']}", flush=True)
         overhead = _harness_cost(pool, min(4, max(world_sizes)), harness_cases, spawn_cases)
         print(f"  harness at W={overhead['world_size']}: {overhead['pool_same_cases_s']:.3f} s per drawn case "
               f"through the pool vs {overhead['spawn_case_s']:.2f} s on freshly spawned ranks: "
               f"{overhead['case_ratio']:.1f}x ({overhead['spawn_cases']} of {overhead['cases']} cases run both ways)",
               flush=True)
-    report = {"rows": rows, "overhead": overhead, "extra_rows": extra_rows,
+    report = {"rows": rows, "overhead": overhead, "extra_rows": extra_rows, "hsdp_rows": hsdp_rows,
               "config": dict(width=width, layers=layers, vocab=vocab, seq=seq, batch=batch,
                              steps=steps, warmup=warmup)}
     _write(report, Path(out_dir))
@@ -421,6 +452,20 @@ def _write(report: dict, out: Path) -> None:
         lines.append(f"- W={r['world_size']} ({'= formula' if r['collectives_ok'] else 'NOT the formula'}): "
                      f"fast {r['collectives']} (formula {r['expected']}); deterministic {r['det_collectives']} "
                      f"(formula {r['det_expected']}); FSDP2 {r['fsdp2_collectives']}")
+    if report.get("hsdp_rows"):
+        lines += ["", "## HSDP (W = 8)", "",
+                  "fsdp_core and FSDP2 on the same 2-D (replicate, shard) mesh: parameters sharded "
+                  "over S, replicated over R; gradients reduce-scattered in the shard group and "
+                  "all-reduced over the replicate group. Same GPT, data and optimizer.", "",
+                  "| mesh RxS | ours ms | FSDP2 ms | ours/FSDP2 | state ours | state FSDP2 | ours/FSDP2 | collectives = formula |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for r in report["hsdp_rows"]:
+            lines.append(f"| {r['mesh']} | {r['ms']:.1f} | {r['fsdp2_ms']:.1f} | {r['over_fsdp2']:.2f} | "
+                         f"{_fmt_bytes(r['state'])} | {_fmt_bytes(r['fsdp2_state'])} | "
+                         f"{r['state_over_fsdp2']:.3f} | {'yes' if r['collectives_ok'] else 'NO'} |")
+        for r in report["hsdp_rows"]:
+            lines.append(f"- {r['mesh']}: ours {r['collectives']} (formula {r['expected']}); FSDP2 "
+                         f"{r['fsdp2_collectives']}")
     if report.get("extra_rows"):
         lines += ["", "## Other sharders against FSDP2", "",
                   "Each named with `--sharder`, timed against FSDP2 interleaved step by step on the "

@@ -54,14 +54,17 @@ def expand_sharders(names: Iterable[str]) -> list[str]:
 
 def draw_scenarios(*, world_size: int, mode: str, n: int, seed: int, profile: str = "ci",
                    dtypes: Sequence[str] = ("fp32", "bf16"),
-                   families: Optional[Sequence[str]] = None) -> list[Scenario]:
-    """``n`` distinct scenarios for one world size and mode, the same for the same seed.
+                   families: Optional[Sequence[str]] = None, meshes: str = "1d",
+                   offloads: Sequence[bool] = (False,)) -> list[Scenario]:
+    """``n`` distinct scenarios for one world size and mode, the same for the same seed
+    (``offloads``: the CPU-offload values drawn; the default draws none, as before it existed).
 
     Hypothesis generates small examples first; drawing 8n and sampling n of them (seeded)
     spreads the cases over the whole strategy instead of its simplest corner."""
     strategy = strategies.scenarios(world_sizes=(world_size,), modes=(mode,), dtypes=tuple(dtypes),
                                     max_steps=PROFILE_MAX_STEPS.get(profile, 3),
-                                    families=None if families is None else tuple(families))
+                                    families=None if families is None else tuple(families),
+                                    meshes=meshes, offloads=tuple(offloads))
     drawn: list[Scenario] = []
 
     @hyp_seed(seed * 1_000 + world_size * 10 + (mode == "deterministic"))
@@ -86,15 +89,19 @@ def skip_reason(s: Scenario, sharder) -> Optional[str]:
         return f"{sharder.name} declares dtypes {tuple(sharder.dtypes)}, not {s.dtype!r}"
     if getattr(s, "offload", False) and not sharder.offload:
         return f"{sharder.name} does not declare offload = True"
+    if s.mesh is not None and not getattr(sharder, "hsdp", False):
+        return f"{sharder.name} does not declare hsdp = True (a {s.mesh[0]}x{s.mesh[1]} mesh)"
     reason = sharder.unsupported(s)
     return None if reason is None else str(reason)
 
 
 def _result(s: Scenario, spec: str, verdict: str, reason: str, replay: str, tier: str) -> CaseResult:
+    from verify.case.judge import mesh_label
     from verify.sharders import display_name
     return CaseResult(scenario_json=s.to_json(), sharder=display_name(spec), family=s.family,
                       world_size=s.world_size, mode=s.mode, dtype=s.dtype, optimizer=s.optimizer,
-                      tier=tier, verdict=verdict, reason=reason, replay=replay, sharder_spec=spec)
+                      tier=tier, verdict=verdict, reason=reason, replay=replay, sharder_spec=spec,
+                      mesh=mesh_label(s), offload=s.offload)
 
 
 def run_one(pool, s: Scenario, *, sharder: str = DEFAULT_SHARDER, timeout_s: Optional[float] = None,
@@ -111,12 +118,12 @@ def run_one(pool, s: Scenario, *, sharder: str = DEFAULT_SHARDER, timeout_s: Opt
     torch.set_num_threads(1)
     spec = resolve(sharder)
     replay = replay_command(s, spec, plant)
-    adapter = load(spec)
     try:  # the adapter's parent side is foreign code too: an exception is an error case
+        adapter = load(spec)
         reason = skip_reason(s, adapter)
         tier = case_tier(s, adapter)
     except Exception:
-        return _result(s, spec, "error", f"{adapter.name}'s parent side raised:\n"
+        return _result(s, spec, "error", f"the adapter {spec}'s parent side raised:\n"
                        + traceback.format_exc(), replay, tier_for(s))
     if reason is not None:  # decided from the scenario: nothing runs
         return _result(s, spec, "skipped", reason, replay, tier)
@@ -126,9 +133,12 @@ def run_one(pool, s: Scenario, *, sharder: str = DEFAULT_SHARDER, timeout_s: Opt
     if plant is not None:
         from verify.plant import check_name
         payload["plant"] = check_name(plant)
-    ranks, why = as_pool_set(pool).for_world(adapter.world, s.world_size)
+    pools = as_pool_set(pool)
+    ranks, why = pools.for_world(adapter.world, s.world_size)
     if ranks is None:
         return _result(s, spec, "skipped", why, replay, tier)
+    if s.mesh is not None:
+        pools.prepare_hsdp(ranks)
     t0 = time.perf_counter()
     pending = ranks.submit(s.world_size, run_case, payload, timeout_s=timeout_s)
     try:  # the reference is computed here while the ranks run the case
@@ -155,15 +165,18 @@ def _progress(i: int, n: int, case: CaseResult, started: float, show_sharder: bo
           f"({rate:.0f} cases/min)", flush=True)
 
 
-def _runnable(sharders: list[str], modes: Sequence[str], dtypes: Sequence[str]):
-    """The modes and dtypes some chosen sharder declares (the others would only draw cases
-    every sharder skips); what was dropped, for the console."""
+def _runnable(sharders: list[str], modes: Sequence[str], dtypes: Sequence[str],
+              offloads: Sequence[bool] = (False,)):
+    """The modes, dtypes and offload values some chosen sharder declares (the others would
+    only draw cases every sharder skips); what was dropped, for the console."""
     from verify.sharders import load_class
     classes = [load_class(sp) for sp in sharders]
     keep_m = [m for m in modes if any(m in c.modes for c in classes)] or list(modes)
     keep_d = [d for d in dtypes if any(d in c.dtypes for c in classes)] or list(dtypes)
+    keep_o = [o for o in offloads if not o or any(c.offload for c in classes)] or list(offloads)
     dropped = [x for x in list(modes) + list(dtypes) if x not in keep_m + keep_d]
-    return keep_m, keep_d, dropped
+    dropped += ["offload"] if True in offloads and True not in keep_o else []
+    return keep_m, keep_d, keep_o, dropped
 
 
 def run_campaign(*, world_sizes: Sequence[int], examples: int, seed: int, sharders: Iterable[str],
@@ -171,20 +184,23 @@ def run_campaign(*, world_sizes: Sequence[int], examples: int, seed: int, sharde
                  timeout_s: Optional[float] = None,
                  plant: Optional[str] = None, dtypes: Sequence[str] = ("fp32", "bf16"),
                  resume_cases: int = 0, families: Optional[Sequence[str]] = None,
-                 interleave: bool = False, shrink_budget_s: Optional[float] = None
+                 interleave: bool = False, meshes: str = "1d",
+                 offloads: Sequence[bool] = (False,), shrink_budget_s: Optional[float] = None
                  ) -> list[CaseResult]:
     """``resume_cases``: checkpoint-resume cases (verify/resume.py) drawn and run after the
     plan, for every sharder whose adapter has save and load (none with a planted bug). After
     every case the RSS of the pool's ranks is sampled (verify/soak.py) and saved as
-    ``pool_memory`` in results.json. ``interleave``: run the plan round-robin over (world
+    ``pool_memory`` in results.json. ``meshes``: "1d", "2d" (HSDP: (R, S) meshes) or "both"
+    (verify/strategies.py). ``interleave``: run the plan round-robin over (world
     size, mode) instead of one world size after the other, so that every rank is warm early
-    (the soak's leak check measures from case 50; see verify/soak.py). ``timeout_s``: per
-    case; None: `auto_timeout`, at most 120 s. ``shrink_budget_s``: seconds for diagnosing the
-    failing cases after the plan (verify/diagnose.py: replay, shrink, locate; default 300, 0:
-    off); a clean campaign spends none."""
+    (the soak's leak check measures from case 50; see verify/soak.py). ``offloads``: the CPU
+    offload values drawn (`--offload`; the default draws none, so a seed's cases stay those
+    drawn before offload existed); True only where some chosen sharder declares offload.
+    ``timeout_s``: per case; None: `auto_timeout`, at most 120 s. ``shrink_budget_s``: seconds
+    for diagnosing the failing cases after the plan (verify/diagnose.py: replay, shrink,
+    locate; default 300, 0: off; not under torchrun); a clean campaign spends none."""
     from verify.diagnose import DEFAULT_SHRINK_BUDGET_S, console_lines, diagnose_failures
     from verify import soak
-    from verify.pool import RankPool
     from verify.poolset import PoolSet
     from verify.report import write_reports
     from verify.resume import draw_resume_cases, run_resume
@@ -192,28 +208,32 @@ def run_campaign(*, world_sizes: Sequence[int], examples: int, seed: int, sharde
     torch.set_num_threads(1)
     profile = profile or "ci"
     sharders = expand_sharders(sharders)
-    modes, dtypes, dropped = _runnable(sharders, modes, dtypes)
+    modes, dtypes, offloads, dropped = _runnable(sharders, modes, dtypes, offloads)
     plan = [(sh, s) for w in world_sizes for mode in modes
             for s in draw_scenarios(world_size=w, mode=mode, n=examples, seed=seed, profile=profile,
-                                    dtypes=dtypes, families=families)
+                                    dtypes=dtypes, families=families, meshes=meshes,
+                                    offloads=offloads)
             for sh in sharders]
     if interleave:
         from verify.soak import round_robin
         plan = round_robin(plan, key=lambda item: (item[1].world_size, item[1].mode))
     savers = [sh for sh in sharders if has_checkpointing(load(sh))]
     drawn = draw_resume_cases(n=resume_cases, seed=seed, world_sizes=world_sizes, modes=modes,
-                              profile=profile, dtypes=dtypes, families=families
-                              ) if resume_cases and plant is None and savers else []
+                              profile=profile, dtypes=dtypes, families=families,
+                              offloads=offloads) if resume_cases and plant is None and savers else []
     resumes = [(sh, rc) for rc in drawn for sh in savers]
-    print(f"drew {len(plan)} cases (sharder{'s' if len(sharders) > 1 else ''} "
+    cap = 120.0 if timeout_s is None else timeout_s   # None: each case's `auto_timeout`
+    pool = PoolSet(_ranks(max(world_sizes), cap), timeout_s=cap)
+    say = print if _is_main(pool) else (lambda *a, **k: None)   # under torchrun: rank 0 only
+    say(f"drew {len(plan)} cases (sharder{'s' if len(sharders) > 1 else ''} "
           f"{', '.join(sharders)}; world sizes {list(world_sizes)}, modes {list(modes)}, "
           f"seed {seed}, profile {profile})"
           + (f" and {len(resumes)} checkpoint-resume cases" if resumes else "")
           + (f"; not drawn, no chosen sharder runs them: {', '.join(dropped)}" if dropped else "")
           + "; starting the rank pool", flush=True)
     if plant is not None:
-        print(f"PLANTED BUG {plant!r} is installed in every case (a demo: failures are expected)",
-              flush=True)
+        say(f"PLANTED BUG {plant!r} is installed in every case (a demo: failures are expected)",
+            flush=True)
     results: list[CaseResult] = []
     memory: list[dict] = []
     started = time.perf_counter()
@@ -222,30 +242,40 @@ def run_campaign(*, world_sizes: Sequence[int], examples: int, seed: int, sharde
     jobs = [(sh, rc, True) for sh, rc in resumes] + [(sh, s, False) for sh, s in plan]
     if not interleave:
         jobs = jobs[len(resumes):] + jobs[:len(resumes)]
-    cap = 120.0 if timeout_s is None else timeout_s
-    with PoolSet(RankPool(max(world_sizes), timeout_s=cap), timeout_s=cap) as pool:
+    from verify.rank import ProcessGroupLost, is_torchrun
+    with pool:
         for i, (sharder, s, is_resume) in enumerate(jobs, 1):
-            if is_resume:
-                case = run_resume(pool, s, sharder=sharder, timeout_s=timeout_s)
-            else:
-                case = run_one(pool, s, sharder=sharder, timeout_s=timeout_s, plant=plant)
+            try:
+                if is_resume:
+                    case = run_resume(pool, s, sharder=sharder, timeout_s=timeout_s)
+                else:
+                    case = run_one(pool, s, sharder=sharder, timeout_s=timeout_s, plant=plant)
+            except ProcessGroupLost as exc:   # torchrun: the launched group is gone
+                results.append(_aborted(s, sharder, str(exc), len(jobs) - i + 1))
+                say(f"CAMPAIGN ENDED at case {i}/{len(jobs)}: {exc}; writing the reports of the "
+                    f"{i - 1} cases run", flush=True)
+                break
             results.append(case)
             memory.append(soak.sample(pool, len(results)))
-            _progress(i, len(jobs), case, started, len(sharders) > 1)
+            if _is_main(pool):
+                _progress(i, len(jobs), case, started, len(sharders) > 1)
         groups = diagnose_failures(
             pool, results, plant=plant, timeout_s=timeout_s,
-            budget_s=DEFAULT_SHRINK_BUDGET_S if shrink_budget_s is None else shrink_budget_s)
+            budget_s=0.0 if is_torchrun() else   # ranks in lockstep: no time-based choices
+            DEFAULT_SHRINK_BUDGET_S if shrink_budget_s is None else shrink_budget_s)
         startups = dict(pool.default_pool_startups)
+        main = _is_main(pool)
     elapsed = time.perf_counter() - started
     failed = [c for c in results if not c.passed]
+    if not main:        # under torchrun only global rank 0 writes and prints; every rank returns
+        return results  # the same results (the verdicts were shared before anything printed)
     title = f"Equivalence campaign: seed {seed}, world sizes {','.join(map(str, world_sizes))}"
     paths = write_reports([c.to_dict() for c in results], Path(out_dir), title=title,
                           pool_memory={"samples": memory, "cache_env": soak.cache_env(),
                                        "default_group_pools": startups})
-    if len(sharders) > 1:  # the sharders side by side on the same cases
+    if len(sharders) > 1:  # the sharders side by side on the same cases (resume cases too)
         from verify.report import write_peers_report
-        paths.append(write_peers_report([c.to_dict() for c in results if c.save_world_size is None],
-                                        Path(out_dir), title=title))
+        paths.append(write_peers_report([c.to_dict() for c in results], Path(out_dir), title=title))
     print(f"{len(results) - len(failed)}/{len(results)} cases passed in {elapsed:.1f}s "
           f"({len(results) / max(elapsed, 1e-9) * 60:.1f} cases/min); wrote "
           + ", ".join(str(p) for p in paths))
@@ -265,13 +295,39 @@ def first_line(reason: str) -> str:
     return first(reason)
 
 
+def _ranks(max_world_size: int, timeout_s: float):
+    """The main pool: under torchrun the launched processes (`TorchrunContext`: each is a rank,
+    world sizes up to the launched one), else a `RankPool` of ``max_world_size`` processes."""
+    from verify.pool import RankPool
+    from verify.rank import TorchrunContext, is_torchrun
+    if is_torchrun():
+        ctx = TorchrunContext(timeout_s=timeout_s)
+        if max_world_size > ctx.max_world_size:
+            ctx.close()
+            raise ValueError(f"world size {max_world_size} needs {max_world_size} processes; "
+                             f"torchrun launched {ctx.max_world_size}")
+        return ctx
+    return RankPool(max_world_size, timeout_s=timeout_s)
+
+
+def _is_main(pool) -> bool:
+    return getattr(pool.main, "rank", 0) == 0
+
+
+def _aborted(s: Scenario, spec: str, why: str, left: int) -> CaseResult:
+    case = _result(s, spec, "error", f"the campaign ended here, {left} case(s) not run: {why}",
+                   replay_command(s, spec), tier_for(s))
+    return case
+
+
 def replay(scenario_json: str, *, timeout_s: float = 120.0, sharder: str = DEFAULT_SHARDER,
            plant: Optional[str] = None) -> int:
-    from verify.pool import RankPool
     from verify.poolset import PoolSet
     s = Scenario.from_json(scenario_json)
-    with PoolSet(RankPool(s.world_size, timeout_s=timeout_s), timeout_s=timeout_s) as pool:
+    with PoolSet(_ranks(s.world_size, timeout_s), timeout_s=timeout_s) as pool:
         case = run_one(pool, s, sharder=sharder, timeout_s=timeout_s, plant=plant)
+        if not _is_main(pool):
+            return 0 if case.passed else 1
     planted = f" (planted bug {plant!r})" if plant else ""
     return print_case(case, f"W={s.world_size} {s.mode} {s.family}{planted}")
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -16,13 +17,40 @@ from typing import Any, Optional, Sequence
 __all__ = ["main", "build_parser", "EXIT_OK", "EXIT_FAILED", "EXIT_USAGE"]
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
-# "fsdp2" is an alias of "torch_fsdp2"; "all" is every sharder side by side (verify/peers.py).
+# Built-in sharders (verify/sharders/; "all" is every one of them, side by side); any other is
+# named by import path, pkg.module:Name.
 SHARDERS = ("fsdp_core", "torch_fsdp2", "fsdp2", "ddp", "all")
 MODES = {"fast": ("fast",), "deterministic": ("deterministic",),
          "both": ("fast", "deterministic")}
 PROFILES = ("dev", "ci", "nightly")
 DTYPES = {"fp32": ("fp32",), "bf16": ("bf16",), "both": ("fp32", "bf16")}
-MAX_WORLD_SIZE = 8
+OFFLOADS = {"no": (False,), "yes": (True,), "both": (False, True)}
+MAX_WORLD_SIZE = 8   # a rank pool's default; VERIFY_MAX_WORLD_SIZE raises it (e.g. 16)
+
+
+def max_world_size() -> int:
+    """The largest world size a run may ask for: VERIFY_MAX_WORLD_SIZE (default 8) for the rank
+    pool; under torchrun, the launched world size (any power of two: 16, 32, ...)."""
+    from verify.rank import is_torchrun
+    if is_torchrun():
+        return int(os.environ["WORLD_SIZE"])
+    try:
+        return max(1, int(os.environ.get("VERIFY_MAX_WORLD_SIZE") or MAX_WORLD_SIZE))
+    except ValueError:
+        return MAX_WORLD_SIZE
+
+# `run --preset NAME`: the flags a preset stands for. They go in front of the command line's
+# own, so a flag given with the preset overrides the preset's value of it.
+PRESETS = {
+    # The FSDP2 integration guide's recipe end to end: HF models wrapped per _no_split_modules,
+    # MixedPrecisionPolicy(bf16, fp32), CPUOffloadPolicy, DCP checkpoints (get_state_dict /
+    # set_state_dict, dcp.save / dcp.load) resumed at another world size, W = 1, 2, 4, 8.
+    "fsdp2-integration": ["--sharder", "torch_fsdp2", "--families", "hf_gpt2,hf_llama",
+                          "--mode", "fast", "--dtype", "bf16", "--offload", "yes",
+                          "--world-sizes", "1,2,4,8", "--examples", "2", "--resume-cases", "6",
+                          "--seed", "1", "--profile", "dev",
+                          "--out", "reports/fsdp2-integration"],
+}
 
 _EXIT_CODES = """\
 exit codes:
@@ -33,7 +61,8 @@ exit codes:
 
 
 def _world_sizes(text: str) -> list[int]:
-    allowed = [1 << i for i in range(MAX_WORLD_SIZE.bit_length()) if 1 << i <= MAX_WORLD_SIZE]
+    top = max_world_size()
+    allowed = [1 << i for i in range(top.bit_length()) if 1 << i <= top]
     sizes = []
     for part in text.split(","):
         part = part.strip()
@@ -44,7 +73,8 @@ def _world_sizes(text: str) -> list[int]:
                 f"{part!r} is not an integer; give a comma-separated list such as 1,2,4,8")
         if w not in allowed:
             raise argparse.ArgumentTypeError(
-                f"world size {w} is not supported; allowed: {', '.join(map(str, allowed))}")
+                f"world size {w} is not supported; allowed: {', '.join(map(str, allowed))} "
+                f"(more with VERIFY_MAX_WORLD_SIZE, or under torchrun with more processes)")
         if w not in sizes:
             sizes.append(w)
     return sorted(sizes)
@@ -103,24 +133,22 @@ def _families(text: str) -> list[str]:
     return names
 
 
-def _positive_int(text: str) -> int:
+def _int_from(text: str, least: int, message: str) -> int:
     try:
         n = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer")
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
+    if n < least:
+        raise argparse.ArgumentTypeError(f"{message}, got {n}")
     return n
+
+
+def _positive_int(text: str) -> int:
+    return _int_from(text, 1, "must be at least 1")
 
 
 def _count(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer")
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {n}")
-    return n
+    return _int_from(text, 0, "must be >= 0")
 
 
 def _world_size(text: str) -> int:
@@ -203,8 +231,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "and its reference, and write OUT/equivalence.md, OUT/results.csv and "
                     "OUT/results.json (plus plots).")
     run.add_argument("--world-sizes", type=_world_sizes, default=[1, 2, 4, 8], metavar="LIST",
-                     help="comma-separated world sizes, powers of two up to "
-                          f"{MAX_WORLD_SIZE} (default: 1,2,4,8)")
+                     help="comma-separated world sizes, powers of two up to VERIFY_MAX_WORLD_SIZE "
+                          f"(default {MAX_WORLD_SIZE}) or, under torchrun, the launched world "
+                          "(default: 1,2,4,8)")
     run.add_argument("--examples", type=_positive_int, default=6, metavar="N",
                      help="scenarios drawn per world size and mode (default: 6)")
     run.add_argument("--seed", type=_seed, default=0, metavar="S",
@@ -225,6 +254,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--dtype", choices=sorted(DTYPES), default="both",
                      help="dtype policy of the drawn cases: fp32, bf16 (bf16 compute, fp32 "
                           "reduce and master) or both (default: both)")
+    run.add_argument("--mesh", choices=("1d", "2d", "both"), default="1d",
+                     help="process meshes of the drawn cases: 1d (default), 2d (HSDP: "
+                          "replicate x shard meshes (R, S) with R * S = W, for sharders that "
+                          "declare hsdp) or both")
     run.add_argument("--profile", choices=PROFILES, default=None,
                      help="Hypothesis settings profile for drawing (default: the campaign's)")
     run.add_argument("--out", type=Path, default=Path("reports"), metavar="DIR",
@@ -240,6 +273,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--resume-cases", type=_count, default=0, metavar="N",
                      help="also draw N checkpoint-resume cases (train at one world size, save, "
                           "load at another, finish), run after the others (default: 0)")
+    run.add_argument("--offload", choices=sorted(OFFLOADS), default="no",
+                     help="draw CPU-offload cases (WrapPlan.offload: shards and optimizer state "
+                          "on the CPU) for sharders that declare offload = True: no, yes (every "
+                          "case) or both (drawn; changes which cases a seed draws) (default: no)")
+    run.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                     help="a named campaign; flags given with it override its values. "
+                          "fsdp2-integration: "
+                          + " ".join(PRESETS["fsdp2-integration"]).replace("%", "%%"))
     run.add_argument("--soak", action="store_true",
                      help="leak check: exit 1 when the largest rank RSS grew by more than "
                           "10%% from case 50 to the end (RSS is recorded in every run)")
@@ -402,6 +443,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
         extra["interleave"] = True
     if args.families is not None:
         extra["families"] = args.families
+    if args.offload != "no":
+        extra["offloads"] = OFFLOADS[args.offload]
+    if args.mesh != "1d":
+        extra["meshes"] = args.mesh
     if args.shrink_budget is not None:
         extra["shrink_budget_s"] = args.shrink_budget
     sharders = _load_sharders(args.sharder)
@@ -511,6 +556,33 @@ class _Usage(Exception):
     pass
 
 
+def expand_preset(argv: Sequence[str], name: str) -> list[str]:
+    """``argv`` (a `run` command line with ``--preset name``) with the preset's flags inserted
+    right after ``run``: argparse keeps the last value of a flag, so the command line's own
+    flags override the preset's. Prints the command it stands for."""
+    argv = list(argv)
+    at = argv.index("run") + 1
+    flags = PRESETS[name]
+    given = argv[at:]
+    own = _without_preset(given)
+    print(f"preset {name}: python -m verify run {' '.join(flags)}"
+          + (f" (overridden by: {' '.join(own)})" if own else ""),
+          flush=True)
+    return argv[:at] + flags + given
+
+
+def _without_preset(args: list[str]) -> list[str]:
+    out, skip = [], False
+    for a in args:
+        if skip:
+            skip = False
+        elif a == "--preset":
+            skip = True
+        elif not a.startswith("--preset="):
+            out.append(a)
+    return out
+
+
 _COMMANDS = {"run": _cmd_run, "replay": _cmd_replay, "report": _cmd_report,
              "mutants": _cmd_mutants, "converge": _cmd_converge, "bench": _cmd_bench,
              "plan": _cmd_plan}
@@ -519,6 +591,9 @@ _COMMANDS = {"run": _cmd_run, "replay": _cmd_replay, "report": _cmd_report,
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)      # exits with 2 and a message on bad arguments
+    if args.command == "run" and args.preset is not None:
+        args = parser.parse_args(expand_preset(sys.argv[1:] if argv is None else list(argv),
+                                               args.preset))
     try:
         return _COMMANDS[args.command](args)
     except _Usage as exc:

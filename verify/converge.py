@@ -98,9 +98,10 @@ def converge_case(payload: dict, ctx) -> dict:
     the corpus through the one training protocol (`verify.case.train.Trainer`); return the step
     losses and (rank 0) the final full parameters."""
     from verify.case.train import Trainer
+    from verify.sharders import DEFAULT_SHARDER
     s = Scenario.from_json(payload["scenario"])
     train, _ = _train_data(payload["corpus"])
-    trainer = Trainer(payload.get("sharder", "fsdp_core"), s, ctx,
+    trainer = Trainer(payload.get("sharder", DEFAULT_SHARDER), s, ctx,
                       batch_fn=lambda step, m: corpus_batch(train, s, step, m))
     losses, times = [], []
     for step in range(s.steps):

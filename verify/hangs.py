@@ -89,7 +89,6 @@ class CollectiveLog:
     def __enter__(self) -> "CollectiveLog":
         if not self.path:
             return self
-        import torch.distributed as dist
         try:
             self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o600)
         except OSError:

@@ -70,7 +70,7 @@ class _Outputs:
 def probe_case(payload: dict, ctx) -> dict:
     """Rank side: payload {"scenario", "sharder", "plant", "step"}: train steps < step as
     `run_case` does, then step ``step`` with the unit-output hooks and the gradient probe."""
-    from verify.case.train import Trainer, _zero_grad
+    from verify.case.train import Trainer
     from verify.plant import planted
     with planted(payload.get("plant"), ctx):
         s = Scenario.from_json(payload["scenario"])
@@ -87,7 +87,7 @@ def probe_case(payload: dict, ctx) -> dict:
             hooks.remove()
         grads = sh.reduced_gradients(model)
         opt.step()
-        _zero_grad(opt)
+        trainer.zero_grad()
         trainer.step_loss(losses)
         full = sh.full_parameters(model, opt)
         return dict(rank=ctx.rank, outputs=hooks.passes, grads=grads,
@@ -202,9 +202,12 @@ def locate_divergence(pool, s: Scenario, case, *, sharder: str, plant: Optional[
     if plant is not None:
         payload["plant"] = plant
     adapter = load(sharder)
-    ranks, why = as_pool_set(pool).for_world(adapter.world, s.world_size)
+    pools = as_pool_set(pool)
+    ranks, why = pools.for_world(adapter.world, s.world_size)
     if ranks is None:
         return f"first divergence: n/a ({why})"
+    if getattr(s, "mesh", None) is not None:
+        pools.prepare_hsdp(ranks)
     pending = ranks.submit(s.world_size, probe_case, payload,
                            timeout_s=timeout_s or max(30.0, 3 * (case.wall_time_s or 1.0)))
     try:
@@ -212,8 +215,8 @@ def locate_divergence(pool, s: Scenario, case, *, sharder: str, plant: Optional[
     finally:
         result = pending.result()
     if not result.ok:
-        return "first divergence: n/a (the probe run failed: " + \
-            ((result.error or "").strip().splitlines() or ["?"])[0] + ")"
+        from verify.diagnose import first_line
+        return f"first divergence: n/a (the probe run failed: {first_line(result.error or '?')})"
     return _compare(s, d, result.values, ref)
 
 

@@ -22,6 +22,7 @@ class PoolSet:
         self.timeout_s = timeout_s
         self._default: dict[int, Any] = {}
         self.default_pool_startups: dict[int, float] = {}   # W -> seconds to spawn and serve
+        self._hsdp_ready: set = set()
 
     # -- the main pool's surface ------------------------------------------------------------------
     @property
@@ -57,8 +58,8 @@ class PoolSet:
         given, or None, and why not)."""
         if world == "group" or world_size == self.main.max_world_size:
             return self.main, ""
-        from verify.rank import is_torchrun
-        if is_torchrun() or not hasattr(self.main, "timeout_s"):
+        from verify.pool import RankPool
+        if not isinstance(self.main, RankPool):   # under torchrun: the launched processes only
             return None, (f"the sharder uses the default process group, which here has "
                           f"{self.main.max_world_size} ranks; launch {world_size} processes for "
                           f"W={world_size}")
@@ -76,6 +77,18 @@ class PoolSet:
             self.default_pool_startups[world_size] = time.perf_counter() - t0
         return self._default[world_size], ""
 
+    def prepare_hsdp(self, pool: Any) -> None:
+        """Create, on every rank of ``pool``, the sub-groups of every 2-D mesh shape that fits
+        it (`fsdp_core.prepare_hsdp_groups`: a sub-mesh of a case's ranks can only be built
+        from groups every rank of the default group created); once per set of processes."""
+        key = (id(pool), getattr(pool, "restarts", 0))
+        if key in self._hsdp_ready:
+            return
+        res = pool.run(pool.max_world_size, prepare_hsdp_groups, None)
+        if not res.ok:
+            raise RuntimeError(f"preparing the HSDP sub-groups failed:\n{res.error}")
+        self._hsdp_ready.add(key)
+
     def close(self) -> None:
         for pool in self._default.values():
             pool.close()
@@ -87,6 +100,25 @@ class PoolSet:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def mesh_shapes(world_size: int) -> list[tuple[int, int]]:
+    """Every (R, S) with R * S a power of two up to ``world_size``, R and S powers of two."""
+    out, w = [], 2
+    while w <= world_size:
+        r = 1
+        while r <= w:
+            out.append((r, w // r))
+            r *= 2
+        w *= 2
+    return out
+
+
+def prepare_hsdp_groups(payload: Any, ctx) -> bool:
+    """Rank side of `PoolSet.prepare_hsdp` (every rank of the pool, at its full world size)."""
+    import fsdp_core
+    fsdp_core.prepare_hsdp_groups(mesh_shapes(ctx.world_size))
+    return True
 
 
 _WRAPPED: "weakref.WeakKeyDictionary[Any, PoolSet]" = weakref.WeakKeyDictionary()

@@ -29,6 +29,7 @@ __all__ = [
     "RankContext",
     "PoolResult",
     "TorchrunContext",
+    "ProcessGroupLost",
     "current_rank_context",
     "is_torchrun",
     "pool_world_sizes",
@@ -172,6 +173,14 @@ def _reset_global_state(torch_mod: Any) -> None:
     torch_mod.set_default_dtype(torch_mod.float32)
     if torch_mod.get_num_threads() != 1:
         torch_mod.set_num_threads(1)
+    # global module hooks a foreign sharder registered (register_module_forward_hook & co.)
+    # would run inside every later case's model
+    from torch.nn.modules import module as nn_module
+    for name in dir(nn_module):
+        table = getattr(nn_module, name)
+        if name.startswith("_global_") and name.endswith("hooks") and hasattr(table, "clear"):
+            table.clear()
+    nn_module._global_is_full_backward_hook = None
 
 
 def serve(rank: int, max_world_size: int, backend: str, store_path: str, prefix: str,
@@ -270,8 +279,10 @@ def is_torchrun() -> bool:
     return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR"))
 
 
-def _init_default_group(backend: Optional[str]) -> bool:
-    """Initialise the default group from the launcher's env unless it is; True if we did."""
+def _init_default_group(backend: Optional[str], timeout_s: Optional[float] = None) -> bool:
+    """Initialise the default group from the launcher's env unless it is; True if we did.
+    ``timeout_s``: the group's collective timeout (a rank stuck past it makes the others
+    raise instead of waiting forever)."""
     import torch
     import torch.distributed as dist
     torch.set_num_threads(1)
@@ -283,7 +294,8 @@ def _init_default_group(backend: Optional[str]) -> bool:
             else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    dist.init_process_group(backend)
+    extra = {} if timeout_s is None else {"timeout": timedelta(seconds=timeout_s)}
+    dist.init_process_group(backend, **extra)
     return True
 
 
@@ -304,27 +316,46 @@ def current_rank_context(*, backend: Optional[str] = None) -> RankContext:
 
 
 class TorchrunContext:
-    """`RankPool.run` for a process that is itself a rank (pytest under torchrun).
+    """`RankPool.run` for a process that is itself a rank (pytest or `python -m verify` under
+    torchrun).
 
     Every rank must call `run` with the same arguments in the same order. Ranks below the world
     size run `fn` in-process on their sub-group; then every rank gathers every rank's outcome,
     so all ranks return the same `PoolResult` (the same verdict, so Hypothesis shrinks in step
-    and no rank asserts alone). In-process runs cannot be bounded in time: `timeout_s` is
-    accepted for API compatibility and ignored; the process group's timeout applies.
+    and no rank asserts alone). In-process runs cannot be interrupted: ``timeout_s`` is the
+    process groups' collective timeout instead (a rank waiting on a peer that raised or hangs
+    raises after it). After a failed run the sub-groups are built anew on every rank (a
+    collective that timed out can leave a group unusable); if the default group itself does not
+    survive, `run` raises `ProcessGroupLost` and the campaign ends with what it has.
     """
 
-    def __init__(self, *, backend: Optional[str] = None):
-        import torch.distributed as dist
-        self._owns_default_group = _init_default_group(backend)
+    def __init__(self, *, backend: Optional[str] = None, timeout_s: Optional[float] = None):
+        self._owns_default_group = _init_default_group(backend, timeout_s)
         base = current_rank_context()
         self.rank, self.max_world_size, self.device = base.rank, base.world_size, base.device
         self.world_sizes = pool_world_sizes(self.max_world_size)
+        self.timeout_s = None   # no per-run bound: see the class docstring
+        self._group_timeout = timeout_s
         self._contexts: dict[int, RankContext] = {}
+        self._build_groups(base.group)
+        self.spawned_count, self.restarts = 0, 0
+
+    def _build_groups(self, world) -> None:
+        """A fresh group per world size (the full size too: the default group stays for
+        sharders that use it, ``world = "default"``), and a control group for the outcomes,
+        whose timeout outlasts a case's (a rank that raised waits there while its peers time
+        out in the case's collectives)."""
+        import torch.distributed as dist
+        t = self._group_timeout
+        case = {} if t is None else {"timeout": timedelta(seconds=t)}
+        control = {} if t is None else {"timeout": timedelta(seconds=2 * t + 60)}
+        self._contexts.clear()
+        every = list(range(self.max_world_size))
+        self._control = dist.new_group(every, **control) if self.max_world_size > 1 else world
         for w in self.world_sizes:                     # same order on every rank
-            group = base.group if w == self.max_world_size else dist.new_group(list(range(w)))
+            group = dist.new_group(list(range(w)), **case)
             if self.rank < w:
                 self._contexts[w] = RankContext(self.rank, w, group, self.device)
-        self.spawned_count, self.restarts = 0, 0
 
     def context(self, world_size: int) -> Optional[RankContext]:
         """This rank's context at `world_size`, or None when it is idle at that size."""
@@ -346,11 +377,18 @@ class TorchrunContext:
                 mine = (False, f"rank {self.rank} raised in {qualified_name(fn)} at world size "
                                f"{world_size}:\n{traceback.format_exc()}")
         gathered: list = [None] * self.max_world_size
-        dist.all_gather_object(gathered, mine)
+        try:
+            dist.all_gather_object(gathered, mine, group=self._control)
+        except Exception as exc:
+            raise ProcessGroupLost(f"rank {self.rank}: the default process group did not survive "
+                                   f"a run of {qualified_name(fn)} at world size {world_size} "
+                                   f"({type(exc).__name__}: {exc})") from exc
         wall = time.perf_counter() - start
         outcomes = gathered[:world_size]
         errors = [v for ok, v in outcomes if not ok]
         if errors:
+            self.restarts += 1
+            self._build_groups(dist.group.WORLD)   # every rank saw the same errors
             return PoolResult(False, None, "\n\n".join(errors), wall)
         return PoolResult(True, [v for _, v in outcomes], None, wall)
 
@@ -364,8 +402,10 @@ class TorchrunContext:
         exits with live gloo groups can abort at interpreter teardown)."""
         import torch.distributed as dist
         if self._owns_default_group and dist.is_initialized():
-            dist.barrier()
-            dist.destroy_process_group()
+            try:
+                dist.barrier()
+            finally:
+                dist.destroy_process_group()
         self._owns_default_group = False
         self._contexts.clear()
 
@@ -380,6 +420,10 @@ class TorchrunContext:
             raise ValueError(f"world_size {world_size!r} cannot run under torchrun with "
                              f"{self.max_world_size} ranks; allowed: "
                              f"{', '.join(map(str, self.world_sizes))}")
+
+
+class ProcessGroupLost(RuntimeError):
+    """Under torchrun: a rank raised or hung and the default group did not survive it."""
 
 
 class _Done:

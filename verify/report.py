@@ -16,6 +16,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
+import numpy as np
 import pandas as pd
 from tabulate import tabulate
 
@@ -193,6 +194,10 @@ def summary_table(df: pd.DataFrame) -> str:
     if df.empty:
         return "No cases."
     keys = (["sharder"] if df["sharder"].nunique() > 1 else []) + _GROUP
+    if "mesh" in df and (df["mesh"].fillna("") != "").any():   # HSDP cases: by mesh shape too
+        df = df.assign(mesh=df["mesh"].fillna("").replace("", "1-D"))
+        keys = keys + ["mesh"]
+    keys += ["offload"] if _has_offload(df) else []
     has = {col: col in df and df[col].notna().any()
            for col in ("coll_bytes_expected", "state_bytes_model")}
     headers = [{"world_size": "W"}.get(k, k) for k in keys]
@@ -204,7 +209,7 @@ def summary_table(df: pd.DataFrame) -> str:
     rows = []
     for key, g in df.sort_values(keys).groupby(keys, sort=False):
         key = key if isinstance(key, tuple) else (key,)
-        row = [str(k) for k in key]
+        row = [_yes(k) if isinstance(k, (bool, np.bool_)) else str(k) for k in key]
         row += [str(len(g)), str(int(g["passed"].sum())),
                 str(int(g["verdict"].isin(_FAILED).sum())), str(int(g["bitwise"].sum())),
                 _num(g["max_loss_diff"].max()), _num(g["max_abs"].max()),
@@ -221,6 +226,16 @@ def summary_table(df: pd.DataFrame) -> str:
         row += ["-" if _missing(step) else f"{step * 1e3:.1f}"]
         rows.append(row)
     return _md(rows, headers)
+
+
+def _has_offload(df: pd.DataFrame) -> bool:
+    """Whether some case offloaded (the ``offload`` column is shown only then, so a run without
+    offload cases renders as before)."""
+    return "offload" in df and bool(df["offload"].fillna(False).astype(bool).any())
+
+
+def _yes(x: Any) -> str:
+    return "yes" if not _missing(x) and bool(x) else "no"
 
 
 def failures_table(df: pd.DataFrame, *, reason_chars: int = 160) -> str:
@@ -404,22 +419,30 @@ def resume_table(df: pd.DataFrame) -> str:
     """Markdown: one row per checkpoint-resume case (verify/resume.py): W_a -> W_b, when."""
     rows = []
     res = df[df["save_world_size"].notna()] if "save_world_size" in df else df[:0]
+    several = res["sharder"].nunique() > 1 if not res.empty else False
+    offload = _has_offload(res) if not res.empty else False
     for _, r in res.iterrows():
-        rows.append([_cell(r["family"]), f"{int(r['save_world_size'])} -> {r['world_size']}",
-                     f"{int(r['save_after'])}/{r['n_steps']}", _cell(r["mode"]), _cell(r["dtype"]),
-                     _cell(r["optimizer"]), _cell(r["tier"]), _cell(r["verdict"]),
-                     f"{r['bitwise_steps']}/{r['n_steps']}", _num(r["max_abs"]),
-                     _int(r["max_ulp"])])
+        rows.append(([_cell(r["sharder"])] if several else [])
+                    + [_cell(r["family"]), f"{int(r['save_world_size'])} -> {r['world_size']}",
+                       f"{int(r['save_after'])}/{r['n_steps']}", _cell(r["mode"]), _cell(r["dtype"])]
+                    + ([_yes(r.get("offload"))] if offload else [])
+                    + [_cell(r["optimizer"]), _cell(r["tier"]), _cell(r["verdict"]),
+                       f"{r['bitwise_steps']}/{r['n_steps']}", _num(r["max_abs"]),
+                       _int(r["max_ulp"])])
     if not rows:
         return "No checkpoint-resume cases."
-    return _md(rows, ["family", "W save -> load", "saved after", "mode", "dtype", "optimizer",
-                      "tier", "verdict", "bitwise steps", "max \\|Δ param\\|", "max ULP"])
+    return _md(rows, (["sharder"] if several else [])
+               + ["family", "W save -> load", "saved after", "mode", "dtype"]
+               + (["offload"] if offload else [])
+               + ["optimizer", "tier", "verdict", "bitwise steps", "max \\|Δ param\\|",
+                  "max ULP"])
 
 
 _RESUME_LEGEND = """\
-Each case trains the first steps at the saving world size, saves with
-`fsdp_core.checkpoint.save`, loads with `fsdp_core.checkpoint.load` at the other world size into
-a model initialised differently, and trains the remaining steps; every step is compared with the
+Each case trains the first steps at the saving world size, saves with the adapter's `save`
+(fsdp_core: `fsdp_core.checkpoint`; torch_fsdp2: `get_state_dict` + `dcp.save`; ddp: a full
+state dict), loads with its `load` at the other world size into a model initialised
+differently, and trains the remaining steps; every step is compared with the
 uninterrupted run's reference (deterministic: the plain reference, the same bits at every W;
 fast: the data-parallel reference that switches W at the checkpoint, steps after it held to the
 looser tier of the two world sizes). The loaded state must equal the saved one bit for bit."""
@@ -472,6 +495,13 @@ def pool_memory_section(pool_memory: Any) -> str:
         text.append(f"oneDNN kernel caches: {caps}. At their defaults they fill with every new "
                     "shape for thousands of cases and look like a leak; `--soak` caps them "
                     "(verify/soak.py, [Note: oneDNN's kernel caches look like a leak]).")
+    pools = pool_memory.get("default_group_pools") if isinstance(pool_memory, dict) else None
+    if pools:
+        text.append("")
+        text.append("Sharders that use the default process group ran on pools of exactly W "
+                    "processes, each spawned once for the run: " + ", ".join(
+                        f"W={w}: {float(sec):.1f} s to start" for w, sec in sorted(
+                            pools.items(), key=lambda kv: int(kv[0]))) + ".")
     return "\n".join(text)
 
 
@@ -635,8 +665,16 @@ def _case_columns(df: pd.DataFrame) -> pd.DataFrame:
     """The wrap plan of each case, from its scenario JSON (the other identity columns are
     top-level fields already)."""
     df = df.copy()
-    df["wrap"] = [json.loads(j).get("wrap", "") if isinstance(j, str) else ""
-                  for j in df["scenario_json"]]
+    specs = [json.loads(j) if isinstance(j, str) else {} for j in df["scenario_json"]]
+    df["wrap"] = [d.get("wrap", "") for d in specs]
+    df["offload"] = [bool(d.get("offload", False)) for d in specs]
+    resume = df["save_world_size"] if "save_world_size" in df else pd.Series([None] * len(df),
+                                                                             index=df.index)
+    after = df["save_after"] if "save_after" in df else resume
+    df["resume"] = [f"{int(a)} -> {w} after {int(s)}" if not _missing(a) else ""
+                    for a, w, s in zip(resume, df["world_size"], after)]
+    df["kind"] = [("resume" if r else "case") + (" + offload" if o else "")
+                  for r, o in zip(df["resume"], df["offload"])]
     return df
 
 
@@ -645,13 +683,16 @@ def peers_table(df: pd.DataFrame, sharders: list[str]) -> str:
     param| over the steps, bitwise at every step, median step time, largest per-rank state."""
     if df.empty:
         return "No cases."
-    headers = ["#", "family", "W", "mode", "dtype", "optimizer", "wrap"]
+    extra = [k for k in ("offload", "resume") if k in df and df[k].astype(bool).any()]
+    headers = ["#", "family", "W", "mode", "dtype", "optimizer", "wrap"] + extra
     for sh in sharders:
         headers += [f"{sh}: verdict", "max \\|Δ param\\|", "bitwise", "step ms", "state/rank"]
     rows = []
-    for n, (key, g) in enumerate(df.groupby("scenario_json", sort=False), 1):
+    keys = ["scenario_json"] + (["resume"] if "resume" in df else [])
+    for n, (key, g) in enumerate(df.groupby(keys, sort=False), 1):
         first = g.iloc[0]
         row = [str(n)] + [_cell(first[k]) for k in _CASE_KEYS]
+        row += [_yes(first[k]) if k == "offload" else _cell(first[k] or "-") for k in extra]
         for sh in sharders:
             mine = g[g["sharder"] == sh]
             if mine.empty:
@@ -669,23 +710,28 @@ def peers_table(df: pd.DataFrame, sharders: list[str]) -> str:
 
 def _peers_summary(df: pd.DataFrame, sharders: list[str]) -> str:
     """Markdown: per sharder, world size and tier: cases, passed, skipped, bitwise, worst
-    |Δ param| and |Δ loss|, median step time and state per rank."""
-    rows = []
-    for (sh, w, tier), g in df.groupby(["sharder", "world_size", "tier"], sort=False):
+    |Δ param| and |Δ loss|, median step time and state per rank. Where the run has more than
+    plain cases (offload, checkpoint-resume), a first column says which kind a row counts, and
+    the sharders' rows of one kind stand next to each other."""
+    kinds = "kind" in df and df["kind"].nunique() > 1
+    by = (["kind"] if kinds else []) + ["sharder", "world_size", "tier"]
+    order = {sh: i for i, sh in enumerate(sharders)}
+    rows, keys = [], []
+    for key, g in df.groupby(by, sort=False):
+        kind, sh, w, tier = key if kinds else ("",) + tuple(key)
         ran = g[g["n_steps"] > 0]
         step = ran["step_time_s"].median() if not ran.empty else None
-        rows.append([sh, str(w), tier, str(len(g)), str(int(g["verdict"].eq("pass").sum())),
-                     str(int(g["verdict"].eq("skipped").sum())),
-                     str(int(g["verdict"].isin(_FAILED).sum())),
-                     f"{int(ran['bitwise'].sum())}/{len(ran)}", _num(ran["max_abs"].max()),
-                     _num(ran["max_loss_diff"].max()),
-                     "-" if _missing(step) else f"{step * 1e3:.1f}",
-                     _bytes(ran["state_bytes"].median())])
-    order = {sh: i for i, sh in enumerate(sharders)}
-    rows.sort(key=lambda r: (order.get(r[0], 99), int(r[1]), r[2]))
-    return _md(rows, ["sharder", "W", "tier", "cases", "passed", "skipped", "failed",
-                      "bitwise (of run)", "max \\|Δ param\\|", "max \\|Δ loss\\|",
-                      "median step ms", "median state/rank"])
+        keys.append((kind, int(w), order.get(sh, 99), tier))   # the sharders next to each other
+        rows.append(([kind] if kinds else []) + [
+            sh, str(w), tier, str(len(g)), str(int(g["verdict"].eq("pass").sum())),
+            str(int(g["verdict"].eq("skipped").sum())), str(int(g["verdict"].isin(_FAILED).sum())),
+            f"{int(ran['bitwise'].sum())}/{len(ran)}", _num(ran["max_abs"].max()),
+            _num(ran["max_loss_diff"].max()), "-" if _missing(step) else f"{step * 1e3:.1f}",
+            _bytes(ran["state_bytes"].median())])
+    rows = [r for _, r in sorted(zip(keys, rows), key=lambda kr: kr[0])]
+    return _md(rows, (["kind"] if kinds else []) + [
+        "sharder", "W", "tier", "cases", "passed", "skipped", "failed", "bitwise (of run)",
+        "max \\|Δ param\\|", "max \\|Δ loss\\|", "median step ms", "median state/rank"])
 
 
 _PEERS_LEGEND = """\

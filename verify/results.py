@@ -71,6 +71,8 @@ class CaseResult:
     save_world_size: Optional[int] = None
     save_after: Optional[int] = None
     sharder_spec: str = ""             # how --sharder names it (a built-in name or pkg.module:Name)
+    mesh: str = ""                     # HSDP: "RxS" (replicate x shard); "" for a 1-D group
+    offload: bool = False              # the scenario's CPU offload (shards and optimizer state on CPU)
     # Structured check records (verify/case/judge.py `Check`): check, status (pass | fail |
     # n/a), step, rank, detail. The reason is their failures' details, for people.
     checks: list[dict] = field(default_factory=list)

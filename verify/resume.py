@@ -56,8 +56,10 @@ class ResumeCase:
 
     def __post_init__(self) -> None:
         s = self.scenario
-        if self.save_world_size not in (1, 2, 4, 8):
-            raise ValueError(f"save_world_size={self.save_world_size!r}: allowed 1, 2, 4, 8")
+        from verify.scenarios import ALL_WORLD_SIZES
+        if self.save_world_size not in ALL_WORLD_SIZES:
+            raise ValueError(f"save_world_size={self.save_world_size!r}: must be a power of two "
+                             f"from 1 to {ALL_WORLD_SIZES[-1]}")
         if s.micro_batches < self.save_world_size:
             raise ValueError(f"micro_batches={s.micro_batches} is smaller than "
                              f"save_world_size={self.save_world_size}: the two phases would "
@@ -201,7 +203,7 @@ def _resume_result(case: ResumeCase, spec: str, adapter) -> CaseResult:
                       world_size=s.world_size, mode=s.mode, dtype=s.dtype, optimizer=s.optimizer,
                       tier=case_tier(_looser(case), adapter), verdict="pass",
                       replay=resume_replay_command(case, spec), save_world_size=case.save_world_size,
-                      save_after=case.save_after, sharder_spec=spec)
+                      save_after=case.save_after, sharder_spec=spec, offload=s.offload)
 
 
 def evaluate_resume(case: ResumeCase, res_a, res_b, ref, wall: float, *,
@@ -255,7 +257,8 @@ def evaluate_resume(case: ResumeCase, res_a, res_b, ref, wall: float, *,
 def draw_resume_cases(*, n: int, seed: int, world_sizes: Sequence[int],
                       modes: Sequence[str] = ("fast", "deterministic"), profile: str = "ci",
                       dtypes: Sequence[str] = ("fp32", "bf16"),
-                      families: Optional[Sequence[str]] = None) -> list[ResumeCase]:
+                      families: Optional[Sequence[str]] = None,
+                      offloads: Sequence[bool] = (False,)) -> list[ResumeCase]:
     """``n`` resume cases, the same for the same arguments: modes in turn, (W_a, W_b) two
     different world sizes of ``world_sizes`` (equal only when there is one), scenarios drawn by
     the campaign's strategy at max(W_a, W_b) (so M serves both) with at least 2 steps, and the
@@ -275,7 +278,7 @@ def draw_resume_cases(*, n: int, seed: int, world_sizes: Sequence[int],
     cases: list[Optional[ResumeCase]] = [None] * n
     for (w, mode), idxs in sorted(groups.items()):
         drawn = draw_scenarios(world_size=w, mode=mode, n=len(idxs), seed=seed + 1009,
-                               profile=profile, dtypes=dtypes,
+                               profile=profile, dtypes=dtypes, offloads=offloads,
                                **({} if families is None else {"families": families}))
         for j, i in enumerate(idxs):
             s = drawn[j % len(drawn)]

@@ -4,7 +4,7 @@ A greedy reducer over the scenario's fields, not Hypothesis' shrinker: every can
 run through the pool, so the order is chosen to take the largest steps first and to stay
 predictable. Candidates, in order (each one field changed, invalid ones skipped):
 
-  fewer steps (1, then one fewer) -> smaller world size (2, 4, ... below the current; never
+  fewer steps (1, then one fewer) -> an HSDP mesh to 1-D -> smaller world size (2, 4, ... below the current; never
   1 from W >= 2, since at W=1 nothing is sharded and a failure there is another code path) ->
   the model's shape: root_only / per_block wrapping, each int model kwarg toward 1 (1, 2, 3,
   half, half + 1, one less, two less: both parities, since padding needs odd sizes; the
@@ -13,7 +13,7 @@ predictable. Candidates, in order (each one field changed, invalid ones skipped)
   model kwargs to False, all of these ordered by the size of the model they give (fewest
   wrap units that own parameters, then fewest parameters, built on the meta device) ->
   micro_batches down to W -> micro_batch_size 1 -> optimizer sgd -> weight_decay 0
-  -> fp32
+  -> fp32 -> no CPU offload
 
 A candidate is accepted when it fails the same way (`same_failure`: the same verdict and the
 original's first failing check among its failing checks; the three numerical tiers and the
@@ -130,6 +130,8 @@ def candidates(s: Scenario, *, wrap_last: bool = False) -> Iterator[Scenario]:
     gen: list[Callable[[], Optional[Scenario]]] = []
     if s.steps > 1:
         gen += [lambda: _replace(s, steps=1), lambda: _replace(s, steps=s.steps - 1)]
+    if getattr(s, "mesh", None) is not None:   # HSDP -> a 1-D mesh
+        gen.append(lambda: _replace(s, mesh=None))
     for w in WORLD_SIZES:  # never below 2 from W >= 2: at W=1 nothing is sharded (another path)
         if min(2, s.world_size) <= w < s.world_size:
             gen.append(lambda w=w: _replace(s, world_size=w))
@@ -165,6 +167,8 @@ def candidates(s: Scenario, *, wrap_last: bool = False) -> Iterator[Scenario]:
         gen.append(lambda: _replace(s, weight_decay=0.0))
     if s.dtype != "fp32":
         gen.append(lambda: _replace(s, dtype="fp32"))
+    if getattr(s, "offload", False):
+        gen.append(lambda: _replace(s, offload=False))
     for make in gen:
         c = fresh(make())
         if c is not None:

@@ -7,11 +7,12 @@ that shrinking ends at the simplest failing case. Every strategy takes keyword-o
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Optional, Sequence
 
 from hypothesis import strategies as st
 
-from verify.scenarios import (CORE_FAMILIES, DTYPES, FAMILIES, MODES, OPTIMIZERS, WORLD_SIZES,
+from verify.scenarios import (ALL_WORLD_SIZES, CORE_FAMILIES, DTYPES, FAMILIES, MODES, OPTIMIZERS, WORLD_SIZES,
                               WRAPS, Scenario, family_module, is_family_path)
 
 __all__ = [
@@ -179,11 +180,14 @@ def _subset(name: str, given: Optional[Sequence], allowed: Sequence) -> tuple:
 def scenarios(*, world_sizes: Sequence[int] = WORLD_SIZES, modes: Sequence[str] = MODES,
               families: Optional[Sequence[str]] = None, optimizers: Optional[Sequence[str]] = None,
               dtypes: Sequence[str] = DTYPES, wraps: Sequence[str] = WRAPS,
-              max_steps: int = 3) -> st.SearchStrategy[Scenario]:
+              max_steps: int = 3, meshes: str = "1d",
+              offloads: Sequence[bool] = (False,)) -> st.SearchStrategy[Scenario]:
     """Valid scenarios. Arguments are checked here, eagerly, not at draw time. ``families``
     defaults to the core families (`CORE_FAMILIES`): the HuggingFace ones are drawn only when
-    named, so a seed draws the same cases with or without transformers installed."""
-    world_sizes = _subset("world_sizes", world_sizes, WORLD_SIZES)
+    named, so a seed draws the same cases with or without transformers installed.
+    ``offloads``: the CPU-offload values to draw; with one value nothing is drawn for it (the
+    default (False,) draws exactly the cases drawn before the field existed, seed for seed)."""
+    world_sizes = _subset("world_sizes", world_sizes, ALL_WORLD_SIZES)
     modes = _subset("modes", modes, MODES)
     families = tuple(CORE_FAMILIES) if families is None else tuple(families)
     for name in families:
@@ -196,11 +200,28 @@ def scenarios(*, world_sizes: Sequence[int] = WORLD_SIZES, modes: Sequence[str] 
     wraps = _subset("wraps", wraps, WRAPS)
     if not (isinstance(max_steps, int) and max_steps >= 1):
         raise ValueError(f"max_steps={max_steps!r}: must be an int >= 1")
-    return _scenarios(world_sizes, modes, families, optimizers, dtypes, wraps, max_steps)
+    if meshes not in MESHES:
+        raise ValueError(f"meshes={meshes!r}: allowed values are {list(MESHES)}")
+    offloads = tuple(dict.fromkeys(offloads))
+    if not offloads or not all(isinstance(o, bool) for o in offloads):
+        raise ValueError(f"offloads={offloads!r}: must be a non-empty subset of [False, True]")
+    return _scenarios(world_sizes, modes, families, optimizers, dtypes, wraps, max_steps, meshes,
+                      offloads)
+
+
+MESHES = ("1d", "2d", "both")
+
+
+def mesh_shapes(world_size: int, meshes: str) -> list:
+    """The mesh shapes drawn at ``world_size``: None (1-D) for "1d"; every (R, S) with R, S
+    powers of two and R * S = W for "2d" ((1, 1) at W = 1); both for "both"."""
+    two_d = [(r, world_size // r) for r in (1, 2, 4, 8, 16) if r <= world_size]
+    return {"1d": [None], "2d": two_d, "both": [None] + two_d}[meshes]
 
 
 @st.composite
-def _scenarios(draw, world_sizes, modes, families, optimizers, dtypes, wraps, max_steps) -> Scenario:
+def _scenarios(draw, world_sizes, modes, families, optimizers, dtypes, wraps, max_steps,
+               meshes="1d", offloads=(False,)) -> Scenario:
     family = draw(st.sampled_from(families))
     world_size = draw(st.sampled_from(world_sizes))
     s = Scenario(
@@ -218,6 +239,10 @@ def _scenarios(draw, world_sizes, modes, families, optimizers, dtypes, wraps, ma
         wrap=draw(st.sampled_from(wraps)),
         reshard_after_forward=draw(st.booleans()),
         seed=draw(st.integers(0, 2**16)),
+        # drawn after the fields above and only when there is a choice: their draws stay as they were
+        offload=draw(st.sampled_from(offloads)) if len(offloads) > 1 else offloads[0],
     )
+    if meshes != "1d":   # drawn last, so a 1-D campaign draws exactly what it drew before
+        s = dataclasses.replace(s, mesh=draw(st.sampled_from(mesh_shapes(world_size, meshes))))
     s.validate()
     return s

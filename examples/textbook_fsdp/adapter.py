@@ -49,12 +49,25 @@ class Textbook(Sharder):
         return views
 
     def local_pieces(self, model):
+        return self._pieces(lambda u: u.shard.detach())
+
+    def reduced_gradients(self, model):   # trainable parameters, each under its first name
+        return self._pieces(lambda u: u.shard.grad, grads=True)
+
+    def _pieces(self, flat_of, grads=False):
+        """{fqn: (offset in the parameter, this rank's real elements of it)}."""
         out = {}
         for u in self.fsdp.units:
-            lo = u.rank * u.shard_numel
+            flat, lo, seen = flat_of(u), u.rank * u.shard_numel, set()
+            if flat is None:
+                continue
             for fqn, _, _, i in u.refs:
-                a, b = max(lo, u.offsets[i]), min(lo + u.shard_numel, u.offsets[i] + u.numels[i])
-                out[fqn] = (max(0, a - u.offsets[i]), u.shard.detach()[a - lo: max(a, b) - lo].clone())
+                if grads and (i in seen or not u.trainable[i]):
+                    continue
+                seen.add(i)
+                a = max(lo, u.offsets[i])
+                b = max(a, min(lo + u.shard_numel, u.offsets[i] + u.numels[i]))
+                out[fqn] = (a - u.offsets[i], flat[a - lo: b - lo].clone())
         return out
 
 
@@ -76,16 +89,20 @@ class Textbook(Sharder):
 
 
 class NoDivide(Textbook):
+    name = "textbook_fsdp[no_divide]"
     mistakes = ("no_divide",)
 
 
 class StalePadding(Textbook):
+    name = "textbook_fsdp[stale_padding]"
     mistakes = ("stale_padding",)
 
 
 class FrozenHookCount(Textbook):
+    name = "textbook_fsdp[frozen_hook_count]"
     mistakes = ("frozen_hook_count",)
 
 
 class StaleGather(Textbook):
+    name = "textbook_fsdp[stale_gather]"
     mistakes = ("stale_gather",)

@@ -22,7 +22,7 @@ from verify.compare import TIERS, compare_step, diff_stats, int_view, tier_for, 
 from verify.results import CaseResult, StepRecord
 from verify.scenarios import Scenario, build_model
 
-__all__ = ["Check", "evaluate", "case_tier", "state_model_bytes", "reassemble"]
+__all__ = ["Check", "evaluate", "case_tier", "mesh_label", "state_model_bytes", "reassemble"]
 
 
 @dataclass(frozen=True)
@@ -36,6 +36,10 @@ class Check:
     def to_dict(self) -> dict[str, Any]:
         return dict(check=self.check, status=self.status, step=self.step, rank=self.rank,
                     detail=self.detail)
+
+
+def mesh_label(s: Scenario) -> str:
+    return "" if s.mesh is None else f"{s.mesh[0]}x{s.mesh[1]}"
 
 
 def case_tier(s: Scenario, sharder) -> str:
@@ -172,6 +176,8 @@ def _plan_check(s: Scenario, sharder, case: CaseResult) -> Check:
         if figures is None:
             return Check("plan", "n/a")
         from verify.plan import plan_problems
+        if any(not st.state_bytes for st in case.steps):   # no state figure measured: n/a
+            figures = dataclasses.replace(figures, state_bytes=tuple(() for _ in case.steps))
         problems = plan_problems(s, case, figures)
     except Exception:
         return Check("plan", "fail", detail="the planner raised:\n" + traceback.format_exc())
@@ -194,7 +200,8 @@ def evaluate(s: Scenario, sharder, spec: str, result, ref, wall: float, *,
     tier = tier or case_tier(s, sharder)
     case = CaseResult(scenario_json=s.to_json(), sharder=display_name(spec), family=s.family,
                       world_size=s.world_size, mode=s.mode, dtype=s.dtype, optimizer=s.optimizer,
-                      tier=tier, verdict="pass", replay=replay, wall_time_s=wall, sharder_spec=spec)
+                      tier=tier, verdict="pass", replay=replay, wall_time_s=wall, sharder_spec=spec,
+                      mesh=mesh_label(s), offload=s.offload)
     if not result.ok:
         case.verdict, case.reason = "error", result.error or "the case did not complete"
         case.checks.append(Check("error", "fail", detail=case.reason).to_dict())

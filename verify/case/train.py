@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 from verify.case.probes import CollectiveRecorder, nonzero_padding, state_bytes, watch_units
-from verify.sharders import StepTrace, load, plan_for
+from verify.sharders import DEFAULT_SHARDER, StepTrace, load, plan_for
 from verify.scenarios import Scenario, build_model, cat_batches, loss_fn, make_batch, step_loss, tree
 
 __all__ = ["Trainer", "run_case", "case_group"]
@@ -45,11 +45,16 @@ def case_group(sharder, ctx):
     return dist.group.WORLD
 
 
-def _zero_grad(optimizer) -> None:
+def _zero_grad(optimizer, model) -> None:
+    zero = getattr(optimizer, "zero_grad", None)
+    if zero is None:    # a wrapper without one: what zero_grad(set_to_none=True) does
+        for p in model.parameters():
+            p.grad = None
+        return
     try:
-        optimizer.zero_grad(set_to_none=True)
+        zero(set_to_none=True)
     except TypeError:   # a wrapper whose zero_grad takes no arguments
-        optimizer.zero_grad()
+        zero()
 
 
 class Trainer:
@@ -117,7 +122,7 @@ class Trainer:
         return self._forward_backward(self._batches(step))
 
     def zero_grad(self) -> None:
-        _zero_grad(self.optimizer)
+        _zero_grad(self.optimizer, self.model)
 
     def train_step(self, step: int) -> torch.Tensor:
         """One step, nothing measured; returns the step loss (collective)."""
@@ -147,7 +152,7 @@ class Trainer:
             for h in handles:
                 h.remove()
         pad_step = self.padding()
-        _zero_grad(opt)
+        _zero_grad(opt, model)
         collectives = self.recorder.take()
         passes = len(mine) if self.s.mode == "deterministic" else 1
         trace = StepTrace(mode=self.s.mode, micro_batches=passes, forward_calls=dict(calls),
@@ -176,7 +181,7 @@ def run_case(payload: dict, ctx) -> dict:
         problem = (backend_problem(ctx.group, ctx.device, dtypes=dtypes)
                    if payload.get("backend_check", True) else None)
         log.install()
-        trainer = Trainer(payload.get("sharder", "fsdp_core"), s, ctx)
+        trainer = Trainer(payload.get("sharder", DEFAULT_SHARDER), s, ctx)
         log.watch(trainer.plan.units, trainer.optimizer)
         pad_init = trainer.padding()
         records = []

@@ -21,7 +21,7 @@ import torch.nn as nn
 from verify.scenarios import _hf, cs336, convnet, gpt, hf_gpt2, hf_llama, mlp, special
 
 __all__ = [
-    "Scenario", "FAMILIES", "CORE_FAMILIES", "HF_FAMILIES", "MODES", "OPTIMIZERS", "DTYPES", "WRAPS", "WORLD_SIZES",
+    "Scenario", "FAMILIES", "CORE_FAMILIES", "HF_FAMILIES", "MODES", "OPTIMIZERS", "DTYPES", "WRAPS", "WORLD_SIZES", "ALL_WORLD_SIZES",
     "build_model", "init_weights", "make_batch", "cat_batches", "loss_fn", "wrap_units",
     "make_optimizer", "optimizer_spec", "grouped_optimizer", "no_decay", "param_names", "tree",
     "step_loss", "family_module", "is_family_path",
@@ -38,7 +38,8 @@ MODES = ("fast", "deterministic")
 OPTIMIZERS = ("sgd", "sgd_momentum", "adam", "adamw")
 DTYPES = ("fp32", "bf16")
 WRAPS = ("per_block", "root_only", "every_leaf")
-WORLD_SIZES = (1, 2, 4, 8)
+WORLD_SIZES = (1, 2, 4, 8)            # what campaigns draw by default
+ALL_WORLD_SIZES = tuple(2**i for i in range(11))   # what a scenario may have (1 .. 1024)
 
 
 @dataclass(frozen=True)
@@ -57,11 +58,23 @@ class Scenario:
     wrap: str = "per_block"     # "per_block" | "root_only" | "every_leaf"
     reshard_after_forward: bool = True
     seed: int = 0
+    mesh: tuple[int, int] | None = None  # HSDP: (R, S), replicate x shard, R * S = world_size;
+                                          # None: the 1-D group (the JSON leaves it out)
+    offload: bool = False       # CPU offload (CPUOffloadPolicy): drawn only for adapters that
+                                #   declare `offload = True`; numerics are unchanged by it
 
     # -- serialisation ------------------------------------------------------------------------
     def to_json(self) -> str:
+        """Compact JSON. ``offload`` appears only when True, so a case without it prints the
+        same replay line as before the field existed (and old lines load: it defaults False)."""
         d = dataclasses.asdict(self)
         d["model"] = dict(self.model)
+        if d["mesh"] is None:   # 1-D cases print and replay exactly as before HSDP existed
+            del d["mesh"]
+        else:
+            d["mesh"] = list(d["mesh"])
+        if not d["offload"]:
+            del d["offload"]
         return json.dumps(d, separators=(",", ":"))
 
     @classmethod
@@ -74,6 +87,8 @@ class Scenario:
             raise ValueError(f"unknown scenario field(s) {unknown}")
         if isinstance(d.get("model"), dict):
             d["model"] = tuple(sorted(d["model"].items()))
+        if isinstance(d.get("mesh"), list):
+            d["mesh"] = tuple(d["mesh"])
         s = cls(**d)
         s.validate()
         return s
@@ -93,7 +108,8 @@ class Scenario:
         """The same case at another world size. M is raised to `world_size` only where it would
         be smaller; otherwise M is kept, so deterministic results stay comparable across W."""
         s = dataclasses.replace(self, world_size=world_size,
-                                micro_batches=max(self.micro_batches, world_size))
+                                micro_batches=max(self.micro_batches, world_size),
+                                mesh=None if self.mesh is None else _mesh_at(self.mesh, world_size))
         s.validate()
         return s
 
@@ -116,7 +132,9 @@ class Scenario:
             if type(value) is not want:
                 raise ValueError(f"model.{key}={value!r}: must be a {want.__name__}")
         fam.check(self.model_kwargs)
-        _one_of("world_size", self.world_size, WORLD_SIZES)
+        if self.world_size not in ALL_WORLD_SIZES or isinstance(self.world_size, bool):
+            raise ValueError(f"world_size={self.world_size!r}: must be a power of two from 1 to "
+                             f"{ALL_WORLD_SIZES[-1]}")
         _one_of("mode", self.mode, MODES)
         _one_of("optimizer", self.optimizer, OPTIMIZERS)
         _one_of("dtype", self.dtype, DTYPES)
@@ -134,8 +152,22 @@ class Scenario:
             raise ValueError(f"micro_batches={m}: must be a power of two >= world_size={self.world_size}")
         if not isinstance(self.reshard_after_forward, bool):
             raise ValueError(f"reshard_after_forward={self.reshard_after_forward!r}: must be a bool")
+        if not isinstance(self.offload, bool):
+            raise ValueError(f"offload={self.offload!r}: must be a bool")
         if not (_is_int(self.seed) and 0 <= self.seed < 2**63):
             raise ValueError(f"seed={self.seed!r}: must be an int in [0, 2**63)")
+        if self.mesh is not None:
+            if not (isinstance(self.mesh, tuple) and len(self.mesh) == 2
+                    and all(_is_int(x) and x >= 1 for x in self.mesh)
+                    and self.mesh[0] * self.mesh[1] == self.world_size):
+                raise ValueError(f"mesh={self.mesh!r}: must be (R, S), two ints >= 1 with "
+                                 f"R * S = world_size={self.world_size}, or null for 1-D")
+
+
+def _mesh_at(mesh: tuple[int, int], world_size: int) -> tuple[int, int]:
+    """The mesh shape at another world size: the same replicate dim where it divides, else 1-row."""
+    R = mesh[0] if world_size % mesh[0] == 0 else 1
+    return (R, world_size // R)
 
 
 def _is_int(x) -> bool:

@@ -128,4 +128,4 @@ def plan_for(s, model) -> WrapPlan:
                     param_dtype=torch.bfloat16 if bf16 else None,
                     reduce_dtype=torch.float32 if bf16 else None,
                     deterministic=s.mode == "deterministic", offload=bool(getattr(s, "offload", False)),
-                    optimizer_cls=cls, optimizer_kwargs=kwargs)
+                    optimizer_cls=cls, optimizer_kwargs=kwargs, mesh=s.mesh)

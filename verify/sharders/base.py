@@ -35,6 +35,9 @@ class WrapPlan:
     offload: bool                        # keep shards and optimizer state on CPU
     optimizer_cls: type                  # the scenario's optimizer class ...
     optimizer_kwargs: dict = field(default_factory=dict)  # ... and its keyword arguments
+    mesh: Optional[tuple[int, int]] = None   # HSDP: (R, S) over the case's group (row-major:
+                                          #   group rank r * S + s at (r, s)); drawn only for
+                                          #   adapters whose `hsdp = True`
 
     def make_optimizer(self, named_params: Iterable[tuple[str, Any]]):
         """The scenario's optimizer over ``named_params``, with parameter groups chosen by name:
@@ -67,6 +70,7 @@ class Sharder:
     modes: tuple[str, ...] = ("fast",)
     dtypes: tuple[str, ...] = ("fp32",)
     offload = False
+    hsdp = False              # True where plan.mesh (a 2-D replicate x shard mesh) is honoured
 
     # -- parent side ----------------------------------------------------------------------------
     def unsupported(self, scenario) -> Optional[str]:

@@ -1,7 +1,14 @@
 """`DistributedDataParallel` through the adapter protocol, on the case's group: the whole model
 replicated (the wrap plan does not apply), fp32, fast mode. Probes: the reduced gradient (every
 rank holds all of it). DDP's all-reduces are issued by its C++ reducer, which the collective
-recorder does not see, so there is no collective formula."""
+recorder does not see, so there is no collective formula.
+
+Checkpoints: a full state dict. Every rank holds the whole model and optimizer, so rank 0 alone
+writes ``{"model": module.state_dict(), "optim": optimizer.state_dict()}`` with `torch.save`;
+every rank loads it with ``torch.load(weights_only=True)`` (data, never code) at any world size.
+The optimizer state maps by parameter order (`Optimizer.load_state_dict`): the scenario's
+parameter groups are built from ``model.module.named_parameters()``, in the same order at
+every W."""
 from __future__ import annotations
 
 from typing import Optional
@@ -44,3 +51,20 @@ class DDP(Sharder):
 
     def unsupported(self, scenario) -> Optional[str]:
         return None
+
+    def save(self, path, model, optimizer):
+        """Collective: rank 0 writes the file, every rank waits for it."""
+        import os
+        group = model.process_group
+        if dist.get_rank(group) == 0:
+            os.makedirs(path, exist_ok=True)
+            tmp = os.path.join(path, "state.pt.tmp")
+            torch.save({"model": model.module.state_dict(), "optim": optimizer.state_dict()}, tmp)
+            os.replace(tmp, os.path.join(path, "state.pt"))
+        dist.barrier(group=group)
+
+    def load(self, path, model, optimizer):
+        import os
+        state = torch.load(os.path.join(path, "state.pt"), map_location="cpu", weights_only=True)
+        model.module.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optim"])

@@ -15,6 +15,7 @@ class FsdpCore(Sharder):
     modes = ("fast", "deterministic")
     dtypes = ("fp32", "bf16")
     offload = True
+    hsdp = True
 
     def shard(self, model, plan: WrapPlan, group):
         mp = None
@@ -22,8 +23,9 @@ class FsdpCore(Sharder):
             mp = fsdp_core.MixedPrecisionPolicy(param_dtype=plan.param_dtype,
                                                 reduce_dtype=plan.reduce_dtype)
         offload = fsdp_core.CPUOffloadPolicy() if plan.offload else None
+        mesh = group if plan.mesh is None else fsdp_core.hsdp_mesh(group, *plan.mesh)
         for _, unit in plan.units:
-            fsdp_core.fully_shard(unit, mesh=group, reshard_after_forward=plan.reshard_after_forward,
+            fsdp_core.fully_shard(unit, mesh=mesh, reshard_after_forward=plan.reshard_after_forward,
                                   mp_policy=mp, offload_policy=offload,
                                   deterministic=plan.deterministic)
         return model
@@ -63,13 +65,26 @@ class FsdpCore(Sharder):
         """Per unit and micro-batch: one all-gather per forward call plus one in backward when
         resharding after forward (one in all without; none in backward for a unit autograd
         never reaches), and one reduction per unit with trainable parameters per step
-        (reduce-scatter in fast mode, all-to-all in deterministic mode). Nothing on one rank."""
+        (reduce-scatter in fast mode, all-to-all in deterministic mode). Nothing on one rank.
+        On a 2-D mesh (R, S) the gathers and that reduction are in the shard group (none when
+        S = 1), and each unit with trainable parameters adds one replicate-group reduction of
+        its shard: an all-reduce (fast) or an all-gather of R shards (deterministic, to sum
+        them in mesh order; [Note: HSDP reduction order] in fsdp_core/_collectives.py)."""
         micro = trace.micro_batches
-        gathers, reduce = [0, 0], [0, 0]
+        gathers, reduce, replicate = [0, 0], [0, 0], {}
         names = {id(m): n for n, m in model.named_modules()}
         for m in model.modules():
             unit = getattr(m, "_fsdp_unit", None) if isinstance(m, fsdp_core.FSDPModule) else None
-            if unit is None or unit.world_size == 1:
+            if unit is None:
+                continue
+            R = unit.dp_world // unit.world_size
+            if R > 1 and any(unit.requires_grad):
+                kind = "all_reduce" if trace.mode == "fast" else "all_gather_into_tensor"
+                shard_bytes = unit.layout.shard_numel * unit.reduce_dtype.itemsize
+                entry = replicate.setdefault(kind, [0, 0])
+                entry[0] += 1
+                entry[1] += shard_bytes * (1 if trace.mode == "fast" else R)
+            if unit.world_size == 1:
                 continue
             name = names[id(m)]
             item = unit.param_dtype.itemsize
@@ -85,9 +100,15 @@ class FsdpCore(Sharder):
         out = {"all_gather_into_tensor": gathers} if gathers[0] else {}
         if reduce[0]:
             out[kind] = reduce
+        for k, (calls, nbytes) in replicate.items():
+            entry = out.setdefault(k, [0, 0])
+            entry[0] += calls
+            entry[1] += nbytes
         return out
 
     def planned(self, scenario):
+        if scenario.mesh is not None:   # the planner models 1-D layouts (verify/plan.py)
+            return None
         from verify.plan import plan_scenario
         return plan_scenario(scenario)
 

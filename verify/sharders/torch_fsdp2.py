@@ -1,6 +1,20 @@
 """PyTorch's FSDP2 (`torch.distributed.fsdp.fully_shard`) through the adapter protocol: on a 1-D
 `DeviceMesh` made from the case's group, with the scenario's wrap plan, and
-`MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)` for bf16. Fast mode only.
+`MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)` for bf16, FSDP2's own
+`CPUOffloadPolicy` where the scenario offloads. Fast mode only. Checkpoints as the FSDP2
+integration guide writes them: `get_state_dict` / `set_state_dict` (sharded DTensor state dicts of
+model and optimizer, `StateDictOptions`) through `torch.distributed.checkpoint` (`dcp.save` /
+`dcp.load`), which reshards on load: a checkpoint saved at one world size loads at another.
+
+[Note: FSDP2's CPU offload on a CPU-only machine]
+`CPUOffloadPolicy` keeps the sharded parameters, their gradients and so the optimizer state on
+the CPU and copies each shard to the mesh's device for the all-gather (torch 2.13,
+`_fsdp_param.py`: `all_gather_inputs`, `_fsdp_collectives.py`: the reduce-scatter output copied
+back with `.to("cpu")`). On a CPU mesh (gloo) the copies are no-ops, but the code path differs:
+with bf16 the all-gather inputs are cast one by one instead of by FSDP2's foreach copy, and
+the reduced gradient goes through the offload branch. `pin_memory` needs an accelerator
+(`Tensor.pin_memory()` raises without one), so it is asked for only where CUDA is available.
+Neither changes a value: offload cases are held to the same tiers as the others.
 
 Probes: the local pieces and the reduced gradient of every DTensor (Shard(0): a contiguous run
 of the flattened parameter starting at the rank's dim-0 offset), so the reassembly and the
@@ -40,7 +54,8 @@ class TorchFSDP2(Sharder):
     world = "group"
     modes = ("fast",)
     dtypes = ("fp32", "bf16")
-    offload = False
+    offload = True
+    hsdp = True
 
     def unsupported(self, scenario) -> Optional[str]:
         from verify.scenarios import build_model
@@ -61,15 +76,23 @@ class TorchFSDP2(Sharder):
 
     def shard(self, model, plan: WrapPlan, group):
         from torch.distributed.device_mesh import DeviceMesh
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        from torch.distributed.fsdp import (CPUOffloadPolicy, MixedPrecisionPolicy,
+                                            OffloadPolicy, fully_shard)
         device_type = "cuda" if dist.get_backend(group) == "nccl" else "cpu"
-        if device_type == "cuda":
+        if device_type == "cuda":  # FSDP2 moves offloaded shards back to the CPU itself
             model = model.cuda()
-        mesh = DeviceMesh.from_group(group, device_type)
+        if plan.mesh is None:
+            mesh = DeviceMesh.from_group(group, device_type)
+        else:   # FSDP2's HSDP: the same 2-D (replicate, shard) mesh fsdp_core shards over
+            from fsdp_core import hsdp_mesh
+            mesh = hsdp_mesh(group, *plan.mesh, device_type=device_type)
         mp = MixedPrecisionPolicy(param_dtype=plan.param_dtype, reduce_dtype=plan.reduce_dtype)
+        offload = (CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if plan.offload
+                   else OffloadPolicy())   # see [Note: FSDP2's CPU offload on a CPU-only machine]
         for _, unit in plan.units:
             fully_shard(unit, mesh=mesh, reshard_after_forward=plan.reshard_after_forward,
-                        mp_policy=mp)
+                        mp_policy=mp, offload_policy=offload)
+        self._group = group   # every rank of the case (an HSDP mesh's too): DCP's group
         return model
 
     def full_parameters(self, model, optimizer):
@@ -82,6 +105,42 @@ class TorchFSDP2(Sharder):
 
     def reduced_gradients(self, model):
         return {name: _piece(p.grad) for name, p in model.named_parameters() if p.grad is not None}
+
+    # -- checkpoints: the guide's recipe --------------------------------------------------------
+    options = None   # StateDictOptions(); None: the default (sharded DTensor state dicts)
+
+    def _state(self, model, optimizer) -> dict:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+        model_sd, optim_sd = get_state_dict(model, optimizer,
+                                            options=self.options or StateDictOptions())
+        return {"model": model_sd, "optim": optim_sd}
+
+    def _group_of(self, model):
+        return getattr(self, "_group", None) or _group(model)
+
+    def save(self, path, model, optimizer):
+        """Collective over the model's mesh: every rank writes its own shards (`dcp.save`)."""
+        import torch.distributed.checkpoint as dcp
+        dcp.save(self._state(model, optimizer), checkpoint_id=path,
+                 process_group=self._group_of(model))
+
+    def load(self, path, model, optimizer):
+        """Collective: the state dicts of this model and optimizer (their DTensors at this world
+        size) filled by `dcp.load` from a checkpoint saved at any world size, then set back."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+        state = self._state(model, optimizer)
+        dcp.load(state, checkpoint_id=path, process_group=self._group_of(model))
+        set_state_dict(model, optimizer, model_state_dict=state["model"],
+                       optim_state_dict=state["optim"], options=self.options or StateDictOptions())
+
+
+def _group(model):
+    """The process group of the model's 1-D FSDP2 mesh (the case's group)."""
+    for p in model.parameters():
+        if hasattr(p, "device_mesh") and p.device_mesh.ndim == 1:
+            return p.device_mesh.get_group()
+    return None
 
 
 def _piece(t: torch.Tensor) -> tuple[int, torch.Tensor]:

@@ -1,0 +1,63 @@
+"""Adapters that behave like foreign code does (tests/test_adapters.py): they raise, hand the
+harness an optimizer that is not a torch.optim.Optimizer, or are not adapters at all."""
+from __future__ import annotations
+
+from verify import Sharder
+from verify.sharders.fsdp_core import FsdpCore
+
+
+class RaisesInShard(Sharder):
+    name = "raises_in_shard"
+
+    def shard(self, model, plan, group):
+        raise RuntimeError("boom: this sharder cannot shard")
+
+
+class RaisesInUnsupported(FsdpCore):
+    name = "raises_in_unsupported"
+
+    def unsupported(self, scenario):
+        raise KeyError("boom: unsupported() looked for something")
+
+
+class _BareOptimizer:
+    """step() and zero_grad() only: no .state, no .param_groups."""
+
+    def __init__(self, inner):
+        self._inner = inner
+
+    def step(self):
+        self._inner.step()
+
+    def zero_grad(self):          # no set_to_none argument either
+        self._inner.zero_grad(set_to_none=True)
+
+
+class BareOptimizer(FsdpCore):
+    name = "bare_optimizer"
+
+    def optimizer(self, model, plan):
+        return _BareOptimizer(plan.make_optimizer(model.named_parameters()))
+
+    def padding_views(self, model, optimizer):
+        import fsdp_core
+        return list(fsdp_core.padding_views(model, optimizer._inner))
+
+
+class NotASharder:
+    def shard(self, model, plan, group):
+        return model
+
+
+not_even_a_class = 42
+
+
+class RaisesOnRank1(FsdpCore):
+    """Rank 1 raises in shard(); rank 0 goes on into the case's collectives and waits there."""
+    name = "raises_on_rank1"
+
+    def shard(self, model, plan, group):
+        import torch.distributed as dist
+        if dist.get_rank(group) == 1:
+            raise RuntimeError("boom on rank 1 only")
+        return super().shard(model, plan, group)

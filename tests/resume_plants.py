@@ -1,0 +1,76 @@
+"""Adapters with a planted bug in their resume path, named by import path like any user's adapter
+(``--sharder tests.resume_plants:CoreSkipOptimState``): the harness must fail the resume cases
+they run, with a replay line, for fsdp_core and for FSDP2 alike. Save is untouched; only load
+is broken, in the two ways integrations most often get it wrong:
+
+- the optimizer state is not restored (the model loads, Adam's moments and step start over);
+- one rank's shard is another rank's (ranks 0 and 1 swap what they loaded of one tensor).
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from verify.sharders.fsdp_core import FsdpCore
+from verify.sharders.torch_fsdp2 import TorchFSDP2
+
+__all__ = ["CoreSkipOptimState", "CoreSwapShards", "FSDP2SkipOptimState", "FSDP2SwapShards"]
+
+
+@torch.no_grad()
+def _swap_ranks_0_1(local: torch.Tensor, group) -> None:
+    """Ranks 0 and 1 of ``group`` exchange ``local`` (equal shapes on every rank), in place."""
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    if world < 2:
+        return
+    parts = [torch.empty_like(local) for _ in range(world)]
+    dist.all_gather(parts, local.contiguous(), group=group)
+    if rank in (0, 1):
+        local.copy_(parts[1 - rank])
+
+
+class CoreSkipOptimState(FsdpCore):
+    name = "fsdp_core[load skips optimizer]"
+
+    def load(self, path, model, optimizer):
+        import fsdp_core.checkpoint
+        fsdp_core.checkpoint.load(path, model, None)
+
+
+class CoreSwapShards(FsdpCore):
+    """Rank 0 ends up with rank 1's piece of the first unit's flat shard and vice versa."""
+    name = "fsdp_core[load swaps shards]"
+
+    def load(self, path, model, optimizer):
+        super().load(path, model, optimizer)
+        import fsdp_core
+        unit = next(u for u in fsdp_core.units_of(model))
+        _swap_ranks_0_1(unit.shard, unit.group)
+
+
+class FSDP2SkipOptimState(TorchFSDP2):
+    name = "torch_fsdp2[load skips optimizer]"
+
+    def load(self, path, model, optimizer):
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+        state = {"model": get_model_state_dict(model)}
+        dcp.load(state, checkpoint_id=path, process_group=self._group_of(model))
+        set_model_state_dict(model, state["model"])
+
+
+class FSDP2SwapShards(TorchFSDP2):
+    """After a correct load, ranks 0 and 1 swap their local shard of the first parameter whose
+    shards have the same shape on every rank (as if each had read the other's chunk)."""
+    name = "torch_fsdp2[load swaps shards]"
+
+    def load(self, path, model, optimizer):
+        super().load(path, model, optimizer)
+        for _, p in model.named_parameters():
+            if not hasattr(p, "to_local"):
+                continue
+            group = p.device_mesh.get_group(p.device_mesh.ndim - 1)   # the shard dim
+            world = dist.get_world_size(group)
+            if p.dim() and p.shape[0] % world == 0:
+                _swap_ranks_0_1(p.to_local(), group)
+                return

@@ -1,0 +1,211 @@
+"""The adapter protocol (DESIGN section 6) from a user's side: a sharder named by import path
+(the textbook FSDP of examples/textbook_fsdp/, which uses the default process group and its own
+optimizer wrapper) runs through the same cases and checks as the built-ins; its four classic
+mistakes fail with replay commands; foreign code that raises or hands over an incomplete
+optimizer costs a verdict or a figure, never the run; bad paths are usage errors; no code
+outside verify/sharders/ branches on a sharder's name; families come by import path too; the
+pytest plugin runs the drawn cases of a named sharder."""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from verify.campaign import draw_scenarios, run_one
+from verify.plant import mlp_scenario
+from verify.scenarios import Scenario
+
+ROOT = Path(__file__).resolve().parents[1]
+TB = "examples.textbook_fsdp.adapter:"
+GPT = (("n_embd", 8), ("n_head", 2), ("n_layer", 2), ("vocab_size", 13))
+
+
+def _failed(case) -> set[str]:
+    return {c["check"] for c in case.checks if c["status"] == "fail"}
+
+
+def _skip_unless(pool, w):
+    if w not in pool.world_sizes:
+        pytest.skip(f"world size {w} needs more ranks than {max(pool.world_sizes)}")
+
+
+# -- the textbook FSDP ---------------------------------------------------------------------------
+
+@pytest.mark.multigpu
+@pytest.mark.parametrize("world_size", [1, 2, 4, 8])
+def test_the_textbook_fsdp_passes_at_every_world_size(rank_pool, world_size):
+    _skip_unless(rank_pool, world_size)
+    M = max(2, world_size)
+    for s in (mlp_scenario(world_size, optimizer="sgd_momentum"),
+              Scenario("special", (("n_blocks", 1),), world_size, micro_batches=M),
+              Scenario("gpt", GPT, world_size, optimizer="adamw", weight_decay=0.1, micro_batches=M)):
+        case = run_one(rank_pool, s, sharder=TB + "Textbook", timeout_s=120.0)
+        assert case.verdict == "pass", f"{case.reason}\nreplay: {case.replay}"
+        assert case.sharder == "textbook_fsdp" and len(case.steps) == s.steps
+        status = {c["check"]: c["status"] for c in case.checks if c["step"] == 0}
+        # its adapter gives padding views, local pieces and reduced gradients; no formula
+        assert status["padding"] == "pass" and status["reassembly"] == "pass"
+        assert status["gradients"] == ("pass" if case.tier == "bitwise" else "n/a")
+        assert status["collectives"] == "n/a" and status["resharded"] == "n/a"
+        assert all(st.state_bytes == [] for st in case.steps)   # its optimizer has no .state
+
+
+# Each mistake on a case that shows it, with the check that must catch it; and, where one exists,
+# a case it cannot show (so the test proves the check, not the case, fails).
+MISTAKES = [
+    ("NoDivide", mlp_scenario(2), {"bitwise", "gradients"}, mlp_scenario(1)),
+    # 1x9 then 9x9 weights: the second unit's 81 gradients sit in the shared bucket when the
+    # first unit (9 elements, padded to 10 at W=2) reduces, so its padding slot is stale
+    ("StalePadding", Scenario("mlp", (("bias", False), ("d_in", 1), ("d_out", 9), ("width", 9)), 2,
+                              micro_batches=2), {"padding"}, mlp_scenario(1)),
+    ("FrozenHookCount", Scenario("special", (("n_blocks", 1),), 2, micro_batches=2),
+     {"bitwise", "gradients"}, mlp_scenario(2)),
+    ("StaleGather", mlp_scenario(1), {"bitwise", "gradients"}, None),
+]
+
+
+@pytest.mark.multigpu
+@pytest.mark.parametrize("mistake, s, checks, blind", MISTAKES, ids=[m[0] for m in MISTAKES])
+def test_each_textbook_mistake_fails_with_a_replay_command(rank_pool, mistake, s, checks, blind):
+    _skip_unless(rank_pool, s.world_size)
+    case = run_one(rank_pool, s, sharder=TB + mistake, timeout_s=120.0)
+    assert case.verdict == "fail", case.reason
+    assert _failed(case) == checks, case.reason
+    assert case.replay.startswith(f"python -m verify replay --sharder {TB}{mistake} '")
+    if mistake == "StaleGather":   # the first step gathers afresh; the second reuses it
+        assert case.first_divergence[0] == 1
+    if blind is not None:
+        assert run_one(rank_pool, blind, sharder=TB + mistake).verdict == "pass"
+
+
+# -- foreign code ----------------------------------------------------------------------------------
+
+@pytest.mark.multigpu
+def test_a_raising_adapter_is_an_error_case_with_every_ranks_traceback(rank_pool):
+    case = run_one(rank_pool, mlp_scenario(2), sharder="tests.foreign_sharders:RaisesInShard")
+    assert case.verdict == "error" and not case.passed
+    assert "rank 0 raised" in case.reason and "rank 1 raised" in case.reason
+    assert "boom: this sharder cannot shard" in case.reason
+    after = run_one(rank_pool, mlp_scenario(2))   # and the pool goes on
+    assert after.verdict == "pass"
+
+
+def test_a_raising_parent_side_is_an_error_case():
+    case = run_one(None, mlp_scenario(2), sharder="tests.foreign_sharders:RaisesInUnsupported")
+    assert case.verdict == "error" and "looked for something" in case.reason
+    assert "--sharder tests.foreign_sharders:RaisesInUnsupported" in case.replay
+
+
+@pytest.mark.multigpu
+def test_an_incomplete_optimizer_costs_only_its_figures(rank_pool):
+    s = mlp_scenario(2, optimizer="adam")
+    case = run_one(rank_pool, s, sharder="tests.foreign_sharders:BareOptimizer")
+    assert case.verdict == "pass", case.reason
+    assert all(st.state_bytes == [] for st in case.steps)   # n/a: no .state, no param_groups
+    assert all(st.padding_ok and st.bitwise and st.collectives_ok for st in case.steps)
+
+
+def test_adapter_declarations_are_checked():
+    from verify.sharders import SharderSpecError, load_class, resolve
+    for spec, message in (("tests.foreign_sharders:NotASharder", "not a subclass of verify.Sharder"),
+                          ("tests.foreign_sharders:not_even_a_class", "is a int, not a subclass"),
+                          ("tests.foreign_sharders:Missing", "has no attribute 'Missing'"),
+                          ("tests.no_such_module:X", "cannot import 'tests.no_such_module'")):
+        with pytest.raises(SharderSpecError, match=re.escape(message)):
+            load_class(spec)
+    with pytest.raises(SharderSpecError, match="pkg.module:Name"):
+        resolve("just-a-name")
+
+
+@pytest.mark.parametrize("argv", [
+    ["run", "--sharder", "tests.foreign_sharders:NotASharder"],
+    ["run", "--sharder", "fsdp_core,tests.no_such_module:X"],
+    ["replay", "--sharder", "tests.foreign_sharders:Missing", mlp_scenario(2).to_json()],
+    ["bench", "--sharder", "tests.foreign_sharders:NotASharder"],
+])
+def test_a_bad_sharder_path_exits_2_before_any_rank_starts(argv, monkeypatch, capsys):
+    import types
+    from verify.cli import EXIT_USAGE, main
+    started = []
+    fake = types.ModuleType("verify.campaign")
+    fake.run_campaign = fake.replay = lambda *a, **kw: started.append(a) or 0
+    monkeypatch.setitem(sys.modules, "verify.campaign", fake)
+    monkeypatch.setattr("verify.bench.run_bench", lambda **kw: started.append(kw))
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == EXIT_USAGE and not started
+    assert argv[2].split(",")[-1] in capsys.readouterr().err
+
+
+def test_no_code_outside_the_adapters_branches_on_a_sharder_name():
+    """A comparison with a built-in's name outside verify/sharders/ would give that sharder a
+    path a user's sharder does not take (the bench and the timing check compare ours with FSDP2
+    by design: their variant labels are data, not branches)."""
+    names = r"(fsdp_core|torch_fsdp2|fsdp2|ddp)"
+    pattern = re.compile(rf"""([=!]=\s*["']{names}["'])|(["']{names}["']\s*[=!]=)|"""
+                         rf"""(\bin\s*\(\s*["']{names}["'])""")
+    offenders = []
+    for path in (ROOT / "verify").rglob("*.py"):
+        rel = path.relative_to(ROOT).as_posix()
+        if rel.startswith("verify/sharders/") or rel in ("verify/bench.py", "verify/timing_check.py"):
+            continue
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            if pattern.search(line):
+                offenders.append(f"{rel}:{n}: {line.strip()}")
+    assert not offenders, "\n".join(offenders)
+
+
+def test_the_name_check_sees_a_branch():
+    line = 'if sharder == "fsdp_core":'
+    assert re.search(r"""[=!]=\s*["'](fsdp_core|torch_fsdp2|fsdp2|ddp)["']""", line)
+
+
+# -- your own model --------------------------------------------------------------------------------
+
+def test_a_family_by_import_path_is_drawn_validated_and_replayable():
+    drawn = draw_scenarios(world_size=2, mode="fast", n=4, seed=1, families=["tests.user_family"])
+    assert {s.family for s in drawn} == {"tests.user_family"}
+    assert len({s.model for s in drawn}) > 1      # its strategy() was used
+    for s in drawn:
+        assert Scenario.from_json(s.to_json()) == s
+    with pytest.raises(ValueError, match="cannot import"):
+        Scenario("tests.no_such_family", (), 2).validate()
+    with pytest.raises(ValueError, match="lacks DEFAULTS"):
+        Scenario("tests.foreign_sharders", (), 2).validate()
+    from verify.cli import _families
+    import argparse
+    assert _families("mlp,tests.user_family") == ["mlp", "tests.user_family"]
+    with pytest.raises(argparse.ArgumentTypeError, match="cannot import"):
+        _families("tests.nope_family")
+
+
+@pytest.mark.multigpu
+def test_a_family_by_import_path_runs_through_both_sharders(rank_pool, equivalence):
+    s = Scenario("tests.user_family", (("n_blocks", 2), ("width", 5)), 2, micro_batches=2)
+    for sharder in ("fsdp_core", TB + "Textbook"):
+        case = equivalence.check(s, sharder=sharder)
+        assert case.verdict == "pass", case.reason
+        assert case.family == "tests.user_family" and all(st.bitwise for st in case.steps)
+
+
+# -- the pytest plugin -----------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_the_pytest_plugin_runs_a_named_sharders_drawn_cases(tmp_path):
+    env = dict(os.environ, VERIFY_MAX_WORLD_SIZE="1", PYTHONPATH=str(ROOT))
+    base = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tmp_path), "-m",
+            "multigpu", "--verify-world-sizes", "1", "--verify-examples", "2", "--verify-seed", "3"]
+    out = subprocess.run(base + ["--sharder", f"{TB}Textbook,{TB}StaleGather"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=600)
+    text = out.stdout + out.stderr
+    counts = re.search(r"\b(\d+) failed, (\d+) passed\b", text)
+    assert out.returncode == 1 and counts, text
+    assert int(counts.group(1)) >= 1 and int(counts.group(2)) >= 2, text   # the clean one passes
+    assert f"replay: python -m verify replay --sharder {TB}StaleGather '" in text
+    bad = subprocess.run(base + ["--sharder", "tests.foreign_sharders:NotASharder"], cwd=ROOT,
+                         env=env, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 4 and "not a subclass of verify.Sharder" in bad.stderr + bad.stdout
