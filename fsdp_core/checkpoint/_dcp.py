@@ -134,7 +134,7 @@ class Writer(FileSystemWriter):
 
 
 class Reader(FileSystemReader):
-    """Unpickles ``.metadata`` with an allowlist (``_ckpt_unpickle``: a checkpoint is data, not
+    """Unpickles ``.metadata`` with an allowlist (``_unpickle``: a checkpoint is data, not
     code); names the files being read when reading fails (DCP's own error does not)."""
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
