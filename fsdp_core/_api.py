@@ -4,13 +4,14 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
+
+from . import _collectives as C
 
 from ._mesh import ShardMesh, resolve_mesh
 from ._module import FSDPModule, install_hooks, swap_class
 from ._policies import MixedPrecisionPolicy, OffloadPolicy
-from ._unit import FlatUnit, Registration
+from ._flat_param import FlatUnit, Registration
 
 __all__ = ["fully_shard"]
 
@@ -20,9 +21,7 @@ def _compute_device(group, params: list[nn.Parameter]) -> torch.device:
     dev = params[0].device if params else torch.device("cpu")
     if dev.type != "meta" and dev.type != "cpu":
         return dev
-    if dist.get_backend(group) == "nccl" and torch.cuda.is_available():
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
+    return C.comm_device(group)
 
 
 def fully_shard(

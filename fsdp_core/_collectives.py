@@ -1,6 +1,8 @@
-"""Stateless collectives of the data path. Every torch.distributed call of the sharder is
-here, looked up on the ``dist`` module at call time (so a recording or fault-injecting
-wrapper installed on ``torch.distributed`` sees every call).
+"""Stateless collectives: every communication of the sharder is here, looked up on the
+``dist`` module at call time (so a recording or fault-injecting wrapper installed on
+``torch.distributed`` sees every call). Also the two helpers every collective caller needs:
+``agree`` (share "ok or what went wrong" before anyone raises) and ``comm_device`` (the device
+a group's collectives run on). Building process groups and meshes is ``_mesh``'s.
 
 [Note: deterministic reduction]
 Fast mode reduces with a reduce-scatter, whose summation order belongs to the backend.
@@ -33,13 +35,35 @@ that is one two-term sum, bitwise the data-parallel reference.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 
 __all__ = ["tree_sum", "all_gather_flat", "reduce_scatter_mean", "tree_reduce_mean", "all_reduce_sum",
-           "hsdp_reduce_scatter_mean", "hsdp_tree_reduce_mean"]
+           "all_reduce_max", "hsdp_reduce_scatter_mean", "hsdp_tree_reduce_mean", "all_gather_object",
+           "scatter", "broadcast", "initialized", "world_size", "rank", "comm_device", "agree",
+           "describe", "GATHER_KIND", "REDUCE_SCATTER_KIND"]
+
+# [Note: collective names]
+# The pinned torch deprecates ``all_gather_into_tensor`` / ``reduce_scatter_tensor`` (a
+# FutureWarning per call) for ``all_gather_single`` / ``reduce_scatter_single``; older torch has
+# only the old names. The names are chosen once, and the functions looked up on ``dist`` at call
+# time. The chosen names are also the collective *kinds* a recorder of ``torch.distributed``
+# sees for the sharder (verify's expected counts use these constants).
+GATHER_KIND = "all_gather_single" if hasattr(dist, "all_gather_single") else "all_gather_into_tensor"
+REDUCE_SCATTER_KIND = "reduce_scatter_single" if hasattr(dist, "reduce_scatter_single") else "reduce_scatter_tensor"
+
+
+def _gather_into(out: torch.Tensor, shard: torch.Tensor, group, async_op: bool = False):
+    if async_op:
+        return getattr(dist, GATHER_KIND)(out, shard, group=group, async_op=True)
+    getattr(dist, GATHER_KIND)(out, shard, group=group)
+    return None
+
+
+def _reduce_scatter_sum(out: torch.Tensor, flat: torch.Tensor, group) -> None:
+    getattr(dist, REDUCE_SCATTER_KIND)(out, flat, op=dist.ReduceOp.SUM, group=group)
 
 
 def tree_sum(xs: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -57,10 +81,7 @@ def all_gather_flat(out: torch.Tensor, shard: torch.Tensor, group, *, async_op: 
     """Gather every rank's 1-D ``shard`` into the 1-D ``out`` (rank order). With ``async_op``
     the gather is in flight on return: the caller waits on the returned work before reading
     ``out`` and keeps ``shard`` alive until then."""
-    if async_op:
-        return dist.all_gather_into_tensor(out, shard, group=group, async_op=True)
-    dist.all_gather_into_tensor(out, shard, group=group)
-    return None
+    return _gather_into(out, shard, group, async_op)
 
 
 @torch.no_grad()
@@ -68,7 +89,7 @@ def reduce_scatter_mean(flat: torch.Tensor, group) -> torch.Tensor:
     """Fast mode: this rank's shard of the sum over ranks of ``flat``, divided by W."""
     world = dist.get_world_size(group)
     out = torch.empty(flat.numel() // world, dtype=flat.dtype, device=flat.device)
-    dist.reduce_scatter_tensor(out, flat, op=dist.ReduceOp.SUM, group=group)
+    _reduce_scatter_sum(out, flat, group)
     return out.div_(world)
 
 
@@ -88,13 +109,19 @@ def all_reduce_sum(t: torch.Tensor, group) -> torch.Tensor:
 
 
 @torch.no_grad()
+def all_reduce_max(t: torch.Tensor, group) -> torch.Tensor:
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return t
+
+
+@torch.no_grad()
 def hsdp_reduce_scatter_mean(flat: torch.Tensor, shard_group, replicate_group, world: int) -> torch.Tensor:
     """Fast mode on a 2-D mesh: reduce-scatter in the shard group, all-reduce over the replicate
     group, / W (see [Note: HSDP reduction order])."""
     S = dist.get_world_size(shard_group)
     if S > 1:
         out = torch.empty(flat.numel() // S, dtype=flat.dtype, device=flat.device)
-        dist.reduce_scatter_tensor(out, flat, op=dist.ReduceOp.SUM, group=shard_group)
+        _reduce_scatter_sum(out, flat, shard_group)
     else:
         out = flat
     dist.all_reduce(out, op=dist.ReduceOp.SUM, group=replicate_group)
@@ -115,5 +142,82 @@ def hsdp_tree_reduce_mean(flat: torch.Tensor, shard_group, replicate_group, worl
         row = flat
     R = dist.get_world_size(replicate_group)
     rows = torch.empty(R * row.numel(), dtype=row.dtype, device=row.device)
-    dist.all_gather_into_tensor(rows, row.contiguous(), group=replicate_group)
+    _gather_into(rows, row.contiguous(), replicate_group)
     return tree_sum(list(rows.chunk(R))).div_(world)
+
+
+# ------------------------------------------------------------------ objects, scatter, broadcast
+def all_gather_object(obj: Any, group) -> list:
+    """Every rank's ``obj`` (picklable), in group-rank order."""
+    out = [None] * dist.get_world_size(group)
+    dist.all_gather_object(out, obj, group=group)
+    return out
+
+
+@torch.no_grad()
+def scatter(recv: torch.Tensor, chunks: Optional[list[torch.Tensor]], src_rank: int, group) -> None:
+    """``recv`` = chunk ``r`` of the source's ``chunks`` on group rank ``r``; ``src_rank`` is the
+    source's rank in ``group`` (the others pass ``chunks=None``)."""
+    dist.scatter(recv, chunks, src=dist.get_global_rank(group, src_rank), group=group)
+
+
+@torch.no_grad()
+def broadcast(t: torch.Tensor, src_rank: int, group) -> None:
+    """``t`` from group rank ``src_rank`` to every rank of ``group``, in place."""
+    dist.broadcast(t, src=dist.get_global_rank(group, src_rank), group=group)
+
+
+# ------------------------------------------------------------------ groups and devices
+def initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def world_size(group) -> int:
+    return dist.get_world_size(group)
+
+
+def rank(group) -> int:
+    return dist.get_rank(group)
+
+
+def comm_device(group=None) -> torch.device:
+    """The device collectives over ``group`` (None: the default group) run on: the current CUDA
+    device under NCCL, else the CPU (also without an initialized torch.distributed)."""
+    if initialized() and dist.get_backend(group) == "nccl" and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+# ------------------------------------------------------------------ agreeing on failure
+# [Note: agreeing on failure]
+# A rank that raises alone would leave the others waiting in the next collective. Every step that
+# can fail on some ranks only (checking a state dict on the source rank; building, writing,
+# checking and reading a checkpoint) runs under ``agree``: one ``all_gather_object`` of "ok or what
+# went wrong" over the mesh; if any rank failed, every rank raises, the failing ranks with their
+# own exception and the others with ``error`` naming the first failing rank and its message.
+def agree(mesh, what: str, fn: Callable[[], tuple[Any, Any]], *,
+          on_failure: Optional[Callable[[], Any]] = None,
+          error: type[Exception] = RuntimeError) -> tuple[Any, list]:
+    """Run ``fn`` (returning (local value, shared value)) on every rank of ``mesh`` (a
+    ``ShardMesh``, or None for one process); see [Note: agreeing on failure]. Returns the local
+    value and every rank's shared value, in data-parallel order."""
+    try:
+        local, shared = fn()
+        err: Optional[BaseException] = None
+    except Exception as e:  # noqa: BLE001 - reported to every rank, then re-raised
+        local, shared, err = None, None, e
+    mine = (None if err is None else describe(err), shared)
+    statuses = [mine] if mesh is None else mesh.all_gather_object(mine)
+    failed = [(r, msg) for r, (msg, _) in enumerate(statuses) if msg is not None]
+    if failed:
+        if on_failure is not None:
+            on_failure()
+        if err is not None:
+            raise err
+        r, msg = failed[0]
+        raise error(f"{what} failed on rank {r}: {msg}")
+    return local, [s for _, s in statuses]
+
+
+def describe(e: BaseException) -> str:
+    return f"{type(e).__name__}: {e}"

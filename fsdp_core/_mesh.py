@@ -9,6 +9,9 @@ deterministic run uses to pick its micro-batches, and W = R * S divides the grad
 ``hsdp_mesh(group, replicate, shard)`` builds a 2-D ``DeviceMesh`` over the ranks of an existing
 group; ``prepare_hsdp_groups`` lets it do so on a subset of the ranks (the rank pool runs a case
 on ranks 0..W-1 of 8).
+
+Besides ``_collectives``, this is the one module that calls ``torch.distributed`` itself: to
+build process groups and meshes and to ask which ranks they hold (no communication).
 """
 from __future__ import annotations
 
@@ -17,6 +20,9 @@ from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh
+
+from . import _collectives as C
 
 __all__ = ["ShardMesh", "resolve_mesh", "hsdp_mesh", "prepare_hsdp_groups"]
 
@@ -59,19 +65,17 @@ class ShardMesh:
     def all_gather_object(self, obj: Any) -> list:
         """Every rank's ``obj``, in data-parallel order (collective over the whole mesh): a gather
         in the shard group, then a gather of those lists in the replicate group."""
-        row = [None] * self.S
-        dist.all_gather_object(row, obj, group=self.shard_group)
+        row = C.all_gather_object(obj, self.shard_group)
         if self.replicate_group is None:
             return row
-        rows = [None] * self.R
-        dist.all_gather_object(rows, row, group=self.replicate_group)
+        rows = C.all_gather_object(row, self.replicate_group)
         return [x for rw in rows for x in rw]
 
 
 def resolve_mesh(mesh, what: str = "fully_shard") -> ShardMesh:
     """``None`` (the default group), a ProcessGroup, a 1-D DeviceMesh or a 2-D (replicate,
     shard) DeviceMesh -> ShardMesh. Raises, saying what to pass, for anything else."""
-    if not dist.is_available() or not dist.is_initialized():
+    if not C.initialized():
         raise RuntimeError(
             "fully_shard needs an initialized default process group: call "
             "torch.distributed.init_process_group('gloo' or 'nccl') on every rank first"
@@ -160,7 +164,7 @@ def prepare_hsdp_groups(shapes, *, ranks: Optional[list[int]] = None) -> None:
     (once per process) the shard and replicate groups of each (replicate, shard) mesh shape over
     ``ranks[:R*S]`` (default: global ranks 0..R*S-1), so that ``hsdp_mesh`` can later build those
     meshes on those ranks alone. See [Note: sub-groups inside a pool]."""
-    if not dist.is_available() or not dist.is_initialized():
+    if not C.initialized():
         raise RuntimeError("prepare_hsdp_groups needs an initialized default process group (init_process_group)")
     world = dist.get_world_size()
     base = list(range(world)) if ranks is None else [int(r) for r in ranks]
@@ -184,9 +188,8 @@ def hsdp_mesh(group=None, replicate: int = 1, shard: Optional[int] = None, *, de
     needs (every rank calls it, like ``init_device_mesh``); over a smaller group they must have
     been created by ``prepare_hsdp_groups`` on every rank of the default group first (see
     [Note: sub-groups inside a pool]), else it raises instead of hanging."""
-    if not dist.is_available() or not dist.is_initialized():
+    if not C.initialized():
         raise RuntimeError("hsdp_mesh needs an initialized default process group (init_process_group)")
-    from torch.distributed.device_mesh import DeviceMesh
 
     group = dist.group.WORLD if group is None else group
     ranks = dist.get_process_group_ranks(group)
@@ -194,7 +197,7 @@ def hsdp_mesh(group=None, replicate: int = 1, shard: Optional[int] = None, *, de
     shard = W // replicate if shard is None and isinstance(replicate, int) and replicate > 0 else shard
     _check_shape(replicate, shard, W, "hsdp_mesh")
     if device_type is None:
-        device_type = "cuda" if dist.get_backend(group) == "nccl" else "cpu"
+        device_type = C.comm_device(group).type
     me = dist.get_rank(group)
     r, s = divmod(me, shard)
     row, col = tuple(ranks[r * shard:(r + 1) * shard]), tuple(ranks[s::shard])

@@ -13,10 +13,10 @@ from __future__ import annotations
 from typing import Callable, Optional, Union
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 
-from ._state import units_of
+from . import _collectives as C
+from ._traverse import units_of
 
 __all__ = ["materialize_meta"]
 
@@ -41,7 +41,7 @@ def materialize_meta(
     initialise all of them, as eager construction would. Seed the RNG identically on every rank
     before calling (as you would before eager construction)."""
     if device is None:
-        device = "cuda" if dist.is_initialized() and dist.get_backend() == "nccl" else "cpu"
+        device = C.comm_device()
     model.to_empty(device=device)
     units = units_of(model)
     checksums: dict[int, torch.Tensor] = {}
@@ -101,11 +101,11 @@ def _check_ranks_agree(units, checksums) -> None:
     for unit in units:
         # The shard group, then (HSDP) the replicate group: every rank of the mesh must agree.
         for group in (unit.group, unit.replicate_group):
-            if group is None or dist.get_world_size(group) == 1:
+            if group is None or C.world_size(group) == 1:
                 continue
             s = checksums[id(unit)].to(unit.compute_device)
-            out = torch.empty(dist.get_world_size(group), dtype=s.dtype, device=s.device)
-            dist.all_gather_into_tensor(out, s, group=group)
+            out = torch.empty(C.world_size(group), dtype=s.dtype, device=s.device)
+            C.all_gather_flat(out, s, group)
             if not torch.all(out == out[0]):
                 raise RuntimeError(
                     f"materialize_meta: ranks initialised unit {unit.module_name!r} differently "

@@ -1,264 +1,19 @@
-"""The module side: the FSDPModule mixin (class swap), forward/backward hooks and the
-end-of-backward callback.
-
-[Note: when a unit's gradients are ready]
-Pre-forward registers a multi-grad hook on the unit's input tensors that require grad; it fires
-once their gradients are computed, which is after the whole unit's backward. A unit called c
-times with hooked inputs reduces when the c-th of those hooks has fired. The hook is a tensor
-hook, not an autograd node: an extra node (an identity function on the inputs, as FSDP2 uses)
-changes the order in which autograd sums the gradient of a tensor used by several units, and
-with it the last bits of that gradient. Units whose inputs carry no
-grad (the first unit, fed token ids) or that are only partly reached are reduced by the
-end-of-backward callback, queued by the first pre-backward hook of each backward pass. Reduction
-order is the same on every rank because every rank runs the same graph.
+"""The ``FSDPModule`` mixin that ``fully_shard`` puts in front of a module's class (a class
+swap, as FSDP2 does): ``unshard``/``reshard``, gradient sync, prefetch and reshard switches,
+and ``_apply`` (``.to()`` and friends) relinking the flat shard. The hooks it installs are in
+``_hooks``.
 """
 from __future__ import annotations
 
 import weakref
-from typing import Any, Optional
+from typing import Optional
 
-import torch
 import torch.nn as nn
-from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from ._unit import FlatUnit, ShardState
+from . import _hooks as H
+from ._flat_param import FlatUnit
 
-__all__ = ["FSDPModule"]
-
-# [Note: prefetch order]
-# The outermost fully_shard module (the root) keeps two orders: the units in the order they
-# unshard in a forward pass (from the root's pre-forward to its post-forward) and in a backward
-# pass (one autograd graph task), consecutive repeats merged. A pass that repeats the previous
-# pass's order so far prefetches: when the unit at position i unshards, the unit at i + 1 (if
-# sharded) starts its all-gather asynchronously, so it overlaps the compute of unit i. A pass
-# that departs from the learned order stops prefetching and becomes the order learned for the
-# next pass. Prefetched units not used by the end of their pass are resharded there (a wasted
-# gather, never a stale buffer): the root's post-forward ends a forward pass, the end-of-backward
-# callback a backward pass, so no unsharded copy outlives its pass into an optimizer step. Every
-# rank runs the same passes, so every rank issues the same collectives in the same order.
-
-
-class _Order:
-    __slots__ = ("learned", "seen", "follows", "pending", "active")
-
-    def __init__(self) -> None:
-        self.learned: list["weakref.ref[FlatUnit]"] = []
-        self.seen: list["weakref.ref[FlatUnit]"] = []
-        self.follows = True
-        self.pending: list["weakref.ref[FlatUnit]"] = []  # prefetched by this order in this pass
-        self.active: Any = None  # forward: True inside a pass; backward: the graph task observed
-
-    def start(self, active: Any) -> None:
-        self.finish()
-        self.active = active
-
-    def finish(self) -> None:
-        for ref in self.pending:
-            unit = ref()
-            if unit is not None and unit.prefetched:
-                unit.reshard()
-        self.pending.clear()
-        if self.seen:
-            self.learned, self.seen = self.seen, []
-        self.follows = True
-        self.active = None
-
-    def observe(self, unit: FlatUnit, prefetch: bool) -> None:
-        if self.seen and self.seen[-1]() is unit:
-            return
-        i = len(self.seen)
-        self.seen.append(weakref.ref(unit))
-        if not self.follows:
-            return
-        if i >= len(self.learned) or self.learned[i]() is not unit:
-            self.follows = False
-            return
-        nxt = self.learned[i + 1]() if i + 1 < len(self.learned) else None
-        if prefetch and nxt is not None and nxt.state is ShardState.SHARDED:
-            nxt.unshard(async_op=True)
-            self.pending.append(weakref.ref(nxt))
-
-
-def _root_of(module: nn.Module) -> nn.Module:
-    while True:
-        outer = module.__dict__.get("_fsdp_outer")
-        if outer is None or outer() is None:
-            return module
-        module = outer()
-
-
-# Backward passes whose orders the end-of-backward callback finishes, by graph task.
-_task_orders: dict[int, list[_Order]] = {}
-
-# [Note: backward bookkeeping]
-# Units reached by a backward pass (a pre- or post-backward hook fired) are enlisted under that
-# pass's autograd graph task; the pass's end-of-backward callback processes exactly those. A pass
-# that raised never runs its callback: its units notice at their next forward (their
-# ``backward_task`` is stale) and drop the partial state. ``_generation`` counts completed
-# passes, so a unit can tell a new iteration (reset its counters) from a second forward before
-# one backward (keep counting). Weak references: a model dropped midway is neither kept alive
-# nor processed.
-_generation = 0
-_task_units: dict[int, list["weakref.ref[FlatUnit]"]] = {}
-# Units forwarded with grad enabled in the current generation: the final callback reshards the
-# ones backward never reached (a frozen unit kept unsharded by reshard_after_forward=False).
-_forwarded: list["weakref.ref[FlatUnit]"] = []
-
-
-def _enlist(unit: FlatUnit) -> None:
-    """Called from backward hooks: make sure this pass's final callback processes ``unit``."""
-    task = torch._C._current_graph_task_id()
-    unit.backward_task = task
-    units = _task_units.get(task)
-    if units is None:
-        units = _task_units[task] = []
-        torch.autograd.Variable._execution_engine.queue_callback(lambda: _final_callback(task))
-    if unit.enlisted_task != task:
-        unit.enlisted_task = task
-        units.append(weakref.ref(unit))
-
-
-def _final_callback(task: int) -> None:
-    global _generation
-    _generation += 1
-    units = [u for u in (ref() for ref in _task_units.pop(task, [])) if u is not None]
-    for stale in [t for t, refs in _task_units.items() if all(r() is None for r in refs)]:
-        del _task_units[stale]
-    error = None
-    for unit in reversed(units):  # reverse of first-reached order; the same on every rank
-        try:
-            unit.post_backward()
-        except Exception as e:  # finish every unit's bookkeeping, then report the first error
-            error = error or e
-    for unit in units:
-        unit.reset_backward_state()
-    for order in _task_orders.pop(task, []):
-        if order.active == task:
-            order.finish()  # reshards what this pass prefetched and never used
-    for stale in [t for t, orders in _task_orders.items() if all(o.active != t for o in orders)]:
-        del _task_orders[stale]  # passes that raised before their end
-    others = [u for u in (ref() for ref in _forwarded) if u is not None and u not in units]
-    _forwarded.clear()
-    for unit in others:
-        if unit.backward_task is None:  # not inside another, still running backward
-            unit.reshard()
-    if error is not None:
-        raise error
-
-
-def _in_backward() -> bool:
-    return torch._C._current_graph_task_id() != -1
-
-
-def _floating(x: Any) -> bool:
-    return isinstance(x, torch.Tensor) and x.is_floating_point()
-
-
-def _observe_forward(module: nn.Module, unit: Optional[FlatUnit]) -> None:
-    if _in_backward():
-        return  # an activation-checkpoint recompute is not a forward pass
-    root = _root_of(module)
-    order: _Order = root.__dict__["_fsdp_fwd_order"]
-    if root is module:
-        order.start(True)
-        backward: _Order = root.__dict__["_fsdp_bwd_order"]
-        if backward.active is not None:
-            backward.finish()  # a backward that raised before its end left prefetches behind
-    if unit is not None and order.active:
-        order.observe(unit, root.__dict__["_fsdp_prefetch"])
-
-
-def _observe_backward(module: nn.Module, unit: FlatUnit) -> None:
-    task = torch._C._current_graph_task_id()
-    root = _root_of(module)
-    order: _Order = root.__dict__["_fsdp_bwd_order"]
-    if order.active != task:
-        order.start(task)
-        _task_orders.setdefault(task, []).append(order)
-    order.observe(unit, root.__dict__["_fsdp_prefetch"])
-
-
-def _pre_forward(module: nn.Module, args: tuple, kwargs: dict):
-    unit: Optional[FlatUnit] = module._fsdp_unit
-    if unit is not None:
-        unit.unshard()
-    _observe_forward(module, unit)
-    if unit is None:
-        return args, kwargs
-    flat, spec = tree_flatten((args, kwargs))
-    mp = unit.mp_policy
-    if mp.param_dtype is not None and mp.cast_forward_inputs:
-        flat = [x.to(mp.param_dtype) if _floating(x) else x for x in flat]
-    if torch.is_grad_enabled() and _in_backward():
-        pass  # activation-checkpoint recompute inside backward: the bookkeeping is done already
-    elif torch.is_grad_enabled():
-        task = torch._C._current_graph_task_id()
-        if unit.backward_task is not None and unit.backward_task != task:
-            # The last backward through this unit raised before its end: drop its leftovers.
-            unit.abandon_backward()
-        elif unit.generation != _generation:  # a backward completed since its last forward
-            unit.reset_backward_state()
-        if unit.generation != _generation:
-            _forwarded.append(weakref.ref(unit))
-        unit.generation = _generation
-        needs_grad = [x for x in flat if isinstance(x, torch.Tensor) and x.requires_grad]
-        if needs_grad:
-            unit.calls_with_hook += 1
-            handle: list = []
-            handle.append(torch.autograd.graph.register_multi_grad_hook(
-                needs_grad, _make_post_backward(unit, handle), mode="all"))
-        else:
-            unit.calls_without_hook += 1
-    args, kwargs = tree_unflatten(flat, spec)
-    return args, kwargs
-
-
-def _post_forward(module: nn.Module, args: tuple, kwargs: dict, output: Any):
-    unit: Optional[FlatUnit] = module._fsdp_unit
-    if _in_backward():
-        return output  # a recompute (activation checkpointing): backward needs the parameters
-    if _root_of(module) is module:
-        module.__dict__["_fsdp_fwd_order"].finish()  # the end of a forward pass
-    if unit is None:
-        return output
-    if unit.reshard_after_forward:
-        unit.reshard()
-    flat, spec = tree_flatten(output)
-    out_dtype = unit.mp_policy.output_dtype
-    if out_dtype is not None:
-        flat = [x.to(out_dtype) if _floating(x) else x for x in flat]
-    if torch.is_grad_enabled():
-        for x in flat:
-            if isinstance(x, torch.Tensor) and x.requires_grad:
-                # A prehook on the node that produced x runs after x's tensor hooks, among them
-                # the next unit's post-backward (a multi-grad hook on the same tensor): so the
-                # next unit reshards before this one unshards, and at most one block is
-                # unsharded at a time in backward.
-                hook = _make_pre_backward(module, unit)
-                if x.grad_fn is not None:
-                    x.grad_fn.register_prehook(lambda grad_outputs, hook=hook: hook(None))
-                else:
-                    x.register_hook(hook)
-    return tree_unflatten(flat, spec)
-
-
-def _make_post_backward(unit: FlatUnit, handle: list):
-    def hook(grads) -> None:
-        handle[0].remove()  # once: the input tensor may outlive this iteration
-        _enlist(unit)
-        unit.input_hook_fired()
-
-    return hook
-
-
-def _make_pre_backward(module: nn.Module, unit: FlatUnit):
-    def hook(grad: torch.Tensor):
-        _enlist(unit)
-        unit.unshard()
-        _observe_backward(module, unit)
-        return grad
-
-    return hook
+__all__ = ["FSDPModule", "UnshardHandle", "swap_class", "install_hooks"]
 
 
 class FSDPModule:
@@ -340,11 +95,9 @@ def swap_class(module: nn.Module) -> None:
 
 
 def install_hooks(module: nn.Module) -> None:
-    module.__dict__["_fsdp_fwd_order"] = _Order()
-    module.__dict__["_fsdp_bwd_order"] = _Order()
-    module.__dict__["_fsdp_prefetch"] = True
+    module.__dict__.update(H.new_orders())
     for inner in module.modules():  # inner units (sharded before) now sit under this one
         if inner is not module and isinstance(inner, FSDPModule) and inner.__dict__.get("_fsdp_outer") is None:
             inner.__dict__["_fsdp_outer"] = weakref.ref(module)
-    module.register_forward_pre_hook(_pre_forward, with_kwargs=True)
-    module.register_forward_hook(_post_forward, with_kwargs=True)
+    module.register_forward_pre_hook(H._pre_forward, with_kwargs=True)
+    module.register_forward_hook(H._post_forward, with_kwargs=True)

@@ -14,7 +14,7 @@ import fsdp_core
 import fsdp_core.checkpoint as ckpt
 import sharder_cases as sc
 import sharder_models as zm
-from fsdp_core import _ckpt_dcp
+from fsdp_core.checkpoint import _dcp as _ckpt_dcp
 
 
 # ----------------------------------------------------------------------------------- training

@@ -309,7 +309,7 @@ def prefetch(payload: dict, ctx) -> dict:
     """The same training with prefetch on and off, step by step over ``payload["routes"]``:
     gathers per step (sync / async), unit states after each step, and bitwise equality."""
     import fsdp_core._collectives as C
-    from fsdp_core._unit import UNSHARDED_BYTES, ShardState
+    from fsdp_core._flat_param import UNSHARDED_BYTES, ShardState
     counts = {"sync": 0, "async": 0}
     orig = C.all_gather_flat
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from fsdp_core._collectives import GATHER_KIND
 from verify.bench import run_bench
 
 
@@ -23,7 +24,7 @@ def test_bench_writes_the_tables_and_structural_targets_hold(tmp_path):
         assert all(v > 0 for v in r["ms"].values())
     assert rows[1]["collectives"] == {} and rows[1]["peak_unsharded"]["fsdp_core"] == 0  # W=1 aliases
     two = rows[2]
-    assert two["collectives"]["all_gather_into_tensor"][0] == 2 * 3   # 3 units, re-gathered in backward
+    assert two["collectives"][GATHER_KIND][0] == 2 * 3   # 3 units, re-gathered in backward
     assert two["peak_unsharded"]["fsdp_core"] > two["peak_unsharded"]["fsdp_core_noprefetch"] > 0
     assert two["peak_unsharded"]["fsdp2"] > 0 and two["peak_allocated"]["fsdp2"] > 0
     ov = report["overhead"]

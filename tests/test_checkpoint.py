@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 import checkpoint_cases as cases
 from pool_run import run
-from fsdp_core._ckpt_layout import flat_range_chunks
+from fsdp_core.checkpoint._layout import flat_range_chunks
 
 FP32 = dict(atol=1e-5, rtol=1.3e-6)
 
@@ -189,7 +189,7 @@ def test_single_process_unsharded_model_and_the_two_rename_fallback(tmp_path, mo
     renameat2(RENAME_EXCHANGE), replacing a checkpoint falls back to two renames."""
     import fsdp_core.checkpoint as ckpt
     import sharder_cases as sc
-    from fsdp_core import _ckpt_files
+    from fsdp_core.checkpoint import _files as _ckpt_files
     import sharder_models as zm
 
     def trained(steps):

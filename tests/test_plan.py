@@ -80,7 +80,7 @@ def test_a_planted_layout_bug_fails_plan_equals_measured(rank_pool, monkeypatch,
 @pytest.mark.parametrize("world_size", [2, 4])
 def test_plan_peak_unsharded_equals_the_bench_measurement(rank_pool, world_size):
     """On the bench GPT (verify/bench.py), fsdp_core's peak of unsharded buffers alive at once
-    (fsdp_core._unit.UNSHARDED_BYTES, with and without prefetch) is the planner's, on every rank."""
+    (fsdp_core._flat_param.UNSHARDED_BYTES, with and without prefetch) is the planner's, on every rank."""
     from verify.bench import bench_case, bench_scenario
     s = bench_scenario(world_size, width=64, layers=3, vocab=97, seq=8, batch=2)
     res = rank_pool.run(world_size, bench_case, {"scenario": s.to_json(), "steps": 1, "warmup": 1,

@@ -15,6 +15,7 @@ from types import SimpleNamespace
 import pytest
 import torch.distributed as dist
 
+from fsdp_core._collectives import REDUCE_SCATTER_KIND
 from verify.campaign import run_one
 from verify.mutants import MutantOutcome, failed_checks, main as mutants_main, run_mutants
 from verify.plant import BUGS, DET2, FAST2, FAST4, FAULTS, PLANTS, mlp_scenario, install, planted
@@ -48,11 +49,12 @@ def test_registry_has_the_required_bugs_documented():
 
 def _snapshot():
     import fsdp_core._collectives as C
-    import fsdp_core._module as M
-    from fsdp_core._unit import FlatUnit
+    import fsdp_core._hooks as M
+    from fsdp_core._flat_param import FlatUnit
+    from fsdp_core._grad_reduce import GradReduction
     from torch.optim import optimizer
     return (dict(vars(dist)), dict(vars(C)), dict(vars(M)), dict(vars(FlatUnit)),
-            dict(optimizer._global_optimizer_post_hooks))
+            dict(vars(GradReduction)), dict(optimizer._global_optimizer_post_hooks))
 
 
 @pytest.mark.parametrize("rank", [0, 1])
@@ -197,7 +199,7 @@ def test_backend_check_reruns_whenever_a_collective_changes_on_any_rank(rank_poo
 
 def test_backend_check_names_the_broken_collective(rank_pool):
     case = run_one(rank_pool, FAST4, plant="dist_reduce_one_ulp")
-    assert "torch.distributed.reduce_scatter_tensor is broken" in case.reason, case.reason
+    assert f"torch.distributed.{REDUCE_SCATTER_KIND} is broken" in case.reason, case.reason
 
 
 # -- make mutants ------------------------------------------------------------------------------

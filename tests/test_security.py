@@ -150,7 +150,7 @@ def _forge_metadata(ckpt_dir, marker: str, *, keep_manifest: bool) -> None:
     import json
     import pickle
 
-    from fsdp_core import _ckpt_files as F
+    from fsdp_core.checkpoint import _files as F
     meta_path = os.path.join(ckpt_dir, F.METADATA)
     with open(meta_path, "rb") as f:
         metadata = pickle.load(f)                  # our own, trusted file

@@ -5,8 +5,10 @@ Every value below is a small integer (|x| <= 31, sums of up to 8 ranks within 25
 is exact in fp32 and bf16 and the expected result does not depend on the order the backend adds
 in; any difference (one
 ulp after a gather, a scaled reduction, a swapped chunk, a dropped rank) is a broken backend,
-reported by name before the case's own checks run. It costs six tiny collectives per dtype the
-case communicates in (fp32 always, bf16 for bf16 cases).
+reported by name before the case's own checks run. It costs six to eight tiny collectives per
+dtype the case communicates in (fp32 always, bf16 for bf16 cases): a collective torch offers
+under two names (``all_gather_single`` and the deprecated ``all_gather_into_tensor``, the same
+for reduce-scatter) is checked under both, since a sharder may call either.
 
 [Note: when the check runs again]
 ``backend_problem`` remembers, per process group and dtype, the exact ``torch.distributed``
@@ -17,6 +19,9 @@ all-gather of a flag. Otherwise the same functions on the same backend would onl
 same answer, at about a sixth of a small case's collectives.
 """
 from __future__ import annotations
+
+import contextlib
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -48,8 +53,10 @@ def _expect(name: str, got: torch.Tensor, want: torch.Tensor, rank: int) -> None
             f"expected {want[i].item()!r}); the case's results cannot be trusted")
 
 
-KINDS = ("all_gather_into_tensor", "reduce_scatter_tensor", "all_to_all_single", "all_reduce",
-         "broadcast", "all_gather")
+# Newer names first (what the pinned torch wants called), the deprecated ones after.
+_GATHERS = tuple(n for n in ("all_gather_single", "all_gather_into_tensor") if hasattr(dist, n))
+_REDUCE_SCATTERS = tuple(n for n in ("reduce_scatter_single", "reduce_scatter_tensor") if hasattr(dist, n))
+KINDS = _GATHERS + _REDUCE_SCATTERS + ("all_to_all_single", "all_reduce", "broadcast", "all_gather")
 # (group, dtype) -> the torch.distributed functions that passed; see [Note: when the check runs
 # again]. The functions are held (not their ids), so a new wrapper can never look like an old one.
 _passed: dict = {}
@@ -89,8 +96,16 @@ def _any_rank(flag: bool, group, device) -> bool:
     world = dist.get_world_size(group)
     mine = torch.tensor([int(flag)], dtype=torch.int32, device=device or torch.device("cpu"))
     every = torch.empty(world, dtype=torch.int32, device=mine.device)
-    distributed_c10d.all_gather_into_tensor(every, mine, group=group)
+    getattr(distributed_c10d, _GATHERS[0])(every, mine, group=group)
     return bool(every.any())
+
+
+@contextlib.contextmanager
+def _deprecated_ok():
+    """Calling a deprecated name on purpose (to check it): without its FutureWarning."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
+        yield
 
 
 def _same(a, b) -> bool:
@@ -118,13 +133,17 @@ def check_backend(group, device=None, *, dtypes=(torch.float32, torch.bfloat16),
         total = sum((t.float() for t in mine), torch.zeros(m, device=device)).to(dtype)
         x = mine[rank].clone()
 
-        out = torch.empty(world * m, dtype=dtype, device=device)
-        dist.all_gather_into_tensor(out, x, group=group)
-        expect("all_gather_into_tensor", out, torch.cat(mine))
+        for name in _GATHERS:
+            out = torch.empty(world * m, dtype=dtype, device=device)
+            with _deprecated_ok():
+                getattr(dist, name)(out, x, group=group)
+            expect(name, out, torch.cat(mine))
 
-        out = torch.empty(m // world, dtype=dtype, device=device)
-        dist.reduce_scatter_tensor(out, x.clone(), op=dist.ReduceOp.SUM, group=group)
-        expect("reduce_scatter_tensor", out, total.chunk(world)[rank])
+        for name in _REDUCE_SCATTERS:
+            out = torch.empty(m // world, dtype=dtype, device=device)
+            with _deprecated_ok():
+                getattr(dist, name)(out, x.clone(), op=dist.ReduceOp.SUM, group=group)
+            expect(name, out, total.chunk(world)[rank])
 
         out = torch.empty(m, dtype=dtype, device=device)
         dist.all_to_all_single(out, x.clone(), group=group)

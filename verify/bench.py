@@ -134,7 +134,7 @@ def peak_allocated(step) -> int:
 def bench_case(payload: dict, ctx) -> dict:
     """Rank side: build every variant, time interleaved steps, measure memory and traffic."""
     import dataclasses
-    from fsdp_core._unit import UNSHARDED_BYTES
+    from fsdp_core._flat_param import UNSHARDED_BYTES
     from verify.case.probes import CollectiveRecorder, state_bytes, watch_units
     from verify.case.train import Trainer
     from verify.sharders import StepTrace

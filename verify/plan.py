@@ -33,6 +33,7 @@ import torch
 import torch.nn as nn
 
 from fsdp_core import _layout
+from fsdp_core._collectives import GATHER_KIND, REDUCE_SCATTER_KIND
 
 __all__ = ["UnitShape", "PlanFigures", "unit_shapes", "trace_units", "plan_scenario",
            "plan_problems", "unit_figures", "peak_unsharded", "OPT_STATES"]
@@ -194,9 +195,9 @@ def unit_figures(units: Sequence[UnitShape], world_size: int, *, optimizer: str,
                 reduce[0] += 1
                 reduce[1] += lay.padded_numel * reduce_item
         if gathers[0]:
-            out["all_gather_into_tensor"] = gathers
+            out[GATHER_KIND] = gathers
         if reduce[0]:
-            out["all_to_all_single" if deterministic else "reduce_scatter_tensor"] = reduce
+            out["all_to_all_single" if deterministic else REDUCE_SCATTER_KIND] = reduce
     return state, out
 
 
@@ -204,7 +205,7 @@ def peak_unsharded(units: Sequence[UnitShape], unit_bytes: Sequence[int], events
                    prefetch: bool, reshard_after_forward: bool = True) -> int:
     """Peak bytes of unsharded unit buffers alive at once over one steady-state step (orders
     learned), simulating fsdp_core's unshard/reshard/prefetch rules ([Note: prefetch order] in
-    fsdp_core/_module.py). ``events``: forward ("pre"|"post", unit index, carries grad); the
+    fsdp_core/_hooks.py). ``events``: forward ("pre"|"post", unit index, carries grad); the
     backward is the forward reversed (a unit unshards when its output's gradient arrives and
     reshards when the last of its inputs' gradients is computed; a unit with an input that carries
     no grad is reduced, and resharded, by the end-of-backward callback)."""
@@ -292,11 +293,11 @@ def plan_scenario(s) -> PlanFigures:
         forward call plus one in backward when resharding after forward and the unit's output
         joins autograd (one in all without), ``padded_numel`` x param-dtype bytes each; one
         reduction per unit with a trainable parameter per step, ``padded_numel`` x reduce-dtype
-        (fp32) bytes, ``reduce_scatter_tensor`` in fast mode, ``all_to_all_single`` in
+        (fp32) bytes, ``REDUCE_SCATTER_KIND`` in fast mode, ``all_to_all_single`` in
         deterministic mode (which also gathers once per micro-batch, k = M/W of them); ``{}`` at
         W = 1.
     Also ``peak_unsharded`` / ``peak_unsharded_no_prefetch``: the peak of unsharded buffers alive
-    at once in a steady-state step (fsdp_core._unit.UNSHARDED_BYTES, as verify/bench.py
+    at once in a steady-state step (fsdp_core._flat_param.UNSHARDED_BYTES, as verify/bench.py
     measures it; 0 at W = 1 in fp32, where the shard is the buffer).
     Needs transformers for the hf_* families (their forward is traced on the CPU)."""
     try:

@@ -3,7 +3,7 @@ inside a rank process so that the harness can prove it catches them.
 
 A plant is a function ``install(ctx) -> undo``: it monkeypatches ``torch.distributed`` (below the
 sharder, where an unseen bug would be injected) or fsdp_core internals (``_collectives``,
-``_unit.FlatUnit``, ``_module``), and returns a callable that restores every patched attribute.
+``_flat_param.FlatUnit``, ``_grad_reduce.GradReduction``, ``_hooks``), and returns a callable that restores every patched attribute.
 ``verify.case.train.run_case`` installs ``payload["plant"]`` before it builds the model and undoes
 it when the case ends (ranks are reused across cases, so an undo must be exact).
 
@@ -106,19 +106,30 @@ def _wrap_dist(names: tuple[str, ...], make: Callable[[Callable], Callable]) -> 
 
 def _internals():
     import fsdp_core._collectives as C
-    import fsdp_core._module as M
-    from fsdp_core._unit import FlatUnit, ShardState
+    import fsdp_core._hooks as M
+    from fsdp_core._flat_param import FlatUnit, ShardState
     return C, M, FlatUnit, ShardState
 
 
-_REDUCTIONS = ("reduce_scatter_tensor", "all_to_all_single")  # fast, deterministic
+def _grad_side():
+    """The class that defines a unit's gradient methods (``FlatUnit`` inherits them)."""
+    from fsdp_core._grad_reduce import GradReduction
+    return GradReduction
+
+
+# Both names of each collective (the one fsdp_core calls, chosen by torch version, and the
+# other), so a plant below the sharder is installed wherever the code calls it.
+_GATHERS = tuple(n for n in ("all_gather_into_tensor", "all_gather_single") if hasattr(dist, n))
+_REDUCTIONS = tuple(n for n in ("reduce_scatter_tensor", "reduce_scatter_single", "all_to_all_single")
+                    if hasattr(dist, n))  # fast, deterministic
 
 
 # -- bugs below the sharder (torch.distributed) -------------------------------------------------
 
 def drop_rank_grad(ctx) -> Undo:
     """Rank 1's gradient contribution is dropped: it feeds zeros into the gradient reduction
-    (``reduce_scatter_tensor`` in fast mode, ``all_to_all_single`` in deterministic mode).
+    (``reduce_scatter_single``/``reduce_scatter_tensor`` in fast mode, ``all_to_all_single``
+    in deterministic mode).
     Planted in torch.distributed."""
     def make(orig):
         def fn(output, input, *args, **kwargs):
@@ -130,7 +141,7 @@ def drop_rank_grad(ctx) -> Undo:
 
 
 def swap_shards_allgather(ctx) -> Undo:
-    """Every ``all_gather_into_tensor`` hands back ranks 0 and 1's shards swapped in its output
+    """Every ``all_gather_single``/``all_gather_into_tensor`` hands back ranks 0 and 1's shards swapped in its output
     (a rank-ordering bug in the collective). Planted in torch.distributed, so the harness's own
     gathers (``full_state_dict``) see it too."""
     def make(orig):
@@ -144,12 +155,12 @@ def swap_shards_allgather(ctx) -> Undo:
                 chunks[1].copy_(tmp)
             return work
         return fn
-    return _wrap_dist(("all_gather_into_tensor",), make)
+    return _wrap_dist(_GATHERS, make)
 
 
 def dist_reduce_one_ulp(ctx) -> Undo:
     """On rank 0, the first non-zero element that the gradient reduction hands back is one ulp
-    off: in the output of ``reduce_scatter_tensor`` (fast), in the received buffer of
+    off: in the output of ``reduce_scatter_single`` (fast), in the received buffer of
     ``all_to_all_single`` (deterministic). Planted in torch.distributed; a last-bit bug. (A
     zero element would often make it a no-op: a subnormal rounds away in the sum or the / W.)"""
     from verify.compare import int_view
@@ -190,7 +201,7 @@ def no_divide_by_world(ctx) -> Undo:
     def reduce_scatter_sum(flat, group):
         world = dist.get_world_size(group)
         out = torch.empty(flat.numel() // world, dtype=flat.dtype, device=flat.device)
-        dist.reduce_scatter_tensor(out, flat, op=dist.ReduceOp.SUM, group=group)
+        getattr(dist, C.REDUCE_SCATTER_KIND)(out, flat, op=dist.ReduceOp.SUM, group=group)
         return out
 
     @torch.no_grad()
@@ -267,22 +278,21 @@ def stale_grad_accumulation(ctx) -> Undo:
     """Under gradient accumulation (``set_requires_gradient_sync(False)``, deterministic mode)
     the unsharded gradients are not cleared after a micro-batch is pushed, so the next
     micro-batch's gradient arrives with the previous one still in it (a stale gradient)."""
-    _, _, FlatUnit, _ = _internals()
-    orig = FlatUnit._clear_unsharded_grads
+    grads = _grad_side()
+    orig = grads._clear_unsharded_grads
 
     def _clear_unsharded_grads(self):
         if self.deterministic and not self.requires_gradient_sync:
             return
         orig(self)
 
-    return _patch(FlatUnit, "_clear_unsharded_grads", _clear_unsharded_grads)
+    return _patch(grads, "_clear_unsharded_grads", _clear_unsharded_grads)
 
 
 def sequential_local_accumulation(ctx) -> Undo:
     """Deterministic mode accumulates a rank's k micro-batch gradients into one running sum,
     ((g0 + g1) + g2) + g3, instead of the streaming pairwise tree. The same for k <= 2;
     differs in the last bits from k = 4."""
-    _, _, FlatUnit, _ = _internals()
 
     def _push_microbatch(self, flat):
         if self._acc:
@@ -291,7 +301,7 @@ def sequential_local_accumulation(ctx) -> Undo:
         else:
             self._acc.append((1, flat))
 
-    return _patch(FlatUnit, "_push_microbatch", _push_microbatch)
+    return _patch(_grad_side(), "_push_microbatch", _push_microbatch)
 
 
 def grad_reduced_in_bf16(ctx) -> Undo:
@@ -304,13 +314,13 @@ def grad_reduced_in_bf16(ctx) -> Undo:
 def master_grad_rounded_to_bf16(ctx) -> Undo:
     """Wrong mixed-precision cast: the reduced fp32 gradient is cast through the param dtype
     (bf16) before it is handed to the fp32 master shard. A no-op for fp32 cases."""
-    _, _, FlatUnit, _ = _internals()
-    orig = FlatUnit._assign_sharded_grads
+    grads = _grad_side()
+    orig = grads._assign_sharded_grads
 
     def _assign_sharded_grads(self, reduced, had_grad):
         return orig(self, reduced.to(self.param_dtype).to(reduced.dtype), had_grad)
 
-    return _patch(FlatUnit, "_assign_sharded_grads", _assign_sharded_grads)
+    return _patch(grads, "_assign_sharded_grads", _assign_sharded_grads)
 
 
 def padding_written_after_step(ctx) -> Undo:

@@ -28,6 +28,9 @@ from verify.case.probes import CollectiveRecorder, nonzero_padding, state_bytes,
 from verify.sharders import DEFAULT_SHARDER, StepTrace, load, plan_for
 from verify.scenarios import Scenario, build_model, cat_batches, loss_fn, make_batch, step_loss, tree
 
+# The pinned torch deprecates all_gather_into_tensor for all_gather_single; older torch lacks it.
+_GATHER = "all_gather_single" if hasattr(dist, "all_gather_single") else "all_gather_into_tensor"
+
 __all__ = ["Trainer", "run_case", "case_group"]
 
 
@@ -113,7 +116,7 @@ class Trainer:
         W = self.ctx.world_size
         local = torch.stack(losses).to(self.ctx.device)
         gathered = torch.empty(W * local.numel(), dtype=local.dtype, device=local.device)
-        dist.all_gather_into_tensor(gathered, local, group=self.ctx.group)
+        getattr(dist, _GATHER)(gathered, local, group=self.ctx.group)
         parts = list(gathered.cpu())
         return step_loss(parts) if self.s.mode == "deterministic" else tree(parts) / W
 

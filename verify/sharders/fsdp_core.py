@@ -4,6 +4,7 @@ from __future__ import annotations
 
 
 import fsdp_core
+from fsdp_core._collectives import GATHER_KIND, REDUCE_SCATTER_KIND
 from verify.sharders.base import Sharder, StepTrace, WrapPlan
 
 __all__ = ["FsdpCore", "FsdpCoreNoPrefetch"]
@@ -79,7 +80,7 @@ class FsdpCore(Sharder):
                 continue
             R = unit.dp_world // unit.world_size
             if R > 1 and any(unit.requires_grad):
-                kind = "all_reduce" if trace.mode == "fast" else "all_gather_into_tensor"
+                kind = "all_reduce" if trace.mode == "fast" else GATHER_KIND
                 shard_bytes = unit.layout.shard_numel * unit.reduce_dtype.itemsize
                 entry = replicate.setdefault(kind, [0, 0])
                 entry[0] += 1
@@ -96,8 +97,8 @@ class FsdpCore(Sharder):
             if any(unit.requires_grad):
                 reduce[0] += 1
                 reduce[1] += unit.layout.padded_numel * unit.reduce_dtype.itemsize
-        kind = "all_to_all_single" if trace.mode == "deterministic" else "reduce_scatter_tensor"
-        out = {"all_gather_into_tensor": gathers} if gathers[0] else {}
+        kind = "all_to_all_single" if trace.mode == "deterministic" else REDUCE_SCATTER_KIND
+        out = {GATHER_KIND: gathers} if gathers[0] else {}
         if reduce[0]:
             out[kind] = reduce
         for k, (calls, nbytes) in replicate.items():

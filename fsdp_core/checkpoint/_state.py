@@ -23,57 +23,18 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata
 
-from ._ckpt_dcp import FlatSlices
-from ._mesh import ShardMesh, resolve_mesh
-from ._state import _sharded_param_of, _walk, units_of
-from ._unit import FlatUnit
+from .._flat_param import FlatUnit
+from .._traverse import sharded_param_of, walk
+from ._dcp import FlatSlices
 
-__all__ = ["model_mesh", "model_group", "check_materialized", "ParamInfo", "param_infos", "model_leaves", "optim_save_state", "CheckpointView",
+__all__ = ["ParamInfo", "param_infos", "model_leaves", "optim_save_state", "CheckpointView",
            "optim_dest_state", "optim_native_state"]
 
 # Scalar optimizer-state keys of the built-in optimizers, for checkpoints without a manifest.
 _SCALAR_STATE_KEYS = frozenset({"step", "mu_product"})
-
-
-def model_mesh(model: nn.Module) -> Optional[ShardMesh]:
-    """The one mesh all of ``model``'s units shard over (the default group as a 1-D mesh for a
-    model with no units, or None without torch.distributed)."""
-    units = units_of(model)
-    if not units:
-        if dist.is_available() and dist.is_initialized():
-            return resolve_mesh(None)
-        return None
-    mesh = units[0].mesh
-    for u in units[1:]:
-        if u.mesh is not mesh and u.mesh.key != mesh.key:
-            raise ValueError(
-                f"fully_shard units {units[0].module_name!r} and {u.module_name!r} are sharded over "
-                f"different meshes ({mesh.describe()} and {u.mesh.describe()}): a whole-model "
-                "checkpoint or load needs one mesh")
-    return mesh
-
-
-def model_group(model: nn.Module):
-    """The shard group of ``model_mesh`` (the whole group on a 1-D mesh), or None."""
-    mesh = model_mesh(model)
-    return None if mesh is None else mesh.shard_group
-
-
-def check_materialized(model: nn.Module, what: str) -> None:
-    """Refuse a model whose shards (or buffers) are still on the meta device."""
-    for unit in units_of(model):
-        if unit.shard.device.type == "meta":
-            raise RuntimeError(
-                f"{what}: fully_shard unit {unit.module_name!r} (parameter {unit.names[0]!r}) is on "
-                "the meta device: call model.to_empty(device=...) and initialise the non-persistent "
-                "buffers first (or fsdp_core.materialize_meta)")
-    for name, b in model.named_buffers():
-        if b.device.type == "meta":
-            raise RuntimeError(f"{what}: buffer {name!r} is on the meta device: call model.to_empty(device=...) first")
 
 
 @dataclass(frozen=True)
@@ -96,10 +57,10 @@ class ParamInfo:
 def param_infos(model: nn.Module) -> dict[int, ParamInfo]:
     """id(registered local parameter) -> ParamInfo, in ``state_dict`` order, first FQN wins."""
     out: dict[int, ParamInfo] = {}
-    for key, kind, mod, attr in _walk(model):
+    for key, kind, mod, attr in walk(model):
         if kind != "param":
             continue
-        p = _sharded_param_of(mod._parameters[attr])
+        p = sharded_param_of(mod._parameters[attr])
         if id(p) in out:
             continue
         unit = getattr(p, "_fsdp_unit", None)
@@ -115,11 +76,11 @@ def model_leaves(model: nn.Module) -> dict[str, Any]:
     serves as the source on save and as the destination on load)."""
     infos = param_infos(model)
     out: dict[str, Any] = {}
-    for key, kind, mod, attr in _walk(model):
+    for key, kind, mod, attr in walk(model):
         if kind == "buffer":
             out[key] = mod._buffers[attr].detach()
             continue
-        info = infos[id(_sharded_param_of(mod._parameters[attr]))]
+        info = infos[id(sharded_param_of(mod._parameters[attr]))]
         out[key] = info.param.detach() if info.unit is None else info.slices(info.param)
     return out
 

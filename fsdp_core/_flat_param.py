@@ -1,11 +1,10 @@
-"""One sharded unit: the flat shard, its unsharded buffer, and gradient reduction.
+"""One sharded unit's parameters: the flat shard, its unsharded buffer, the views, and
+unshard / reshard (the all-gather). Its gradient side is ``_grad_reduce``.
 
 Data path of a unit, in order:
   shard (1-D, master dtype, the only persistent copy)  --all_gather-->  unsharded_flat
   (1-D, param dtype)  -->  unsharded params (original shapes, views)  -->  forward/backward
-  -->  unsharded grads  --flatten, cast to reduce dtype-->  reduce (fast: reduce-scatter;
-  deterministic: local pairwise tree, all-to-all, tree in rank order; on a 2-D mesh then over
-  the replicate group, see [Note: HSDP reduction order])  -->  / W  -->  shard grad.
+  -->  unsharded grads  -->  ``_grad_reduce``  -->  shard grad.
 
 [Note: views and version counters]
 The unsharded parameters are views of ``unsharded_flat``. Resharding frees the storage
@@ -19,7 +18,7 @@ unit is GATHERING and marked ``prefetched``. The next plain ``unshard()`` (the u
 pre-forward or pre-backward) waits, registers the unsharded parameters and clears the mark; a
 ``reshard()`` of a GATHERING unit waits before it frees the storage. A prefetch moves a gather
 earlier, never adds one, and gathers the same bytes, so results are bitwise unchanged. Who
-prefetches what is decided in ``_module`` (see [Note: prefetch order] there).
+prefetches what is decided in ``_hooks`` (see [Note: prefetch order] there).
 """
 from __future__ import annotations
 
@@ -27,10 +26,10 @@ import enum
 from typing import Optional
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 
 from . import _collectives as C
+from ._grad_reduce import GradReduction
 from ._layout import FlatLayout, make_layout
 from ._mesh import ShardMesh
 from ._policies import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy
@@ -71,7 +70,7 @@ class Registration:
         self.module, self.attr, self.index, self.fqn = module, attr, index, fqn
 
 
-class FlatUnit:
+class FlatUnit(GradReduction):
     """State of one ``fully_shard`` call (FSDP2 calls this a param group)."""
 
     def __init__(
@@ -94,8 +93,8 @@ class FlatUnit:
         self.mesh = mesh
         self.group = mesh.shard_group
         self.replicate_group = mesh.replicate_group
-        self.rank = dist.get_rank(self.group)
-        self.world_size = dist.get_world_size(self.group)
+        self.rank = C.rank(self.group)
+        self.world_size = C.world_size(self.group)
         self.dp_world = mesh.world
         self.mp_policy = mp_policy
         self.offload = isinstance(offload_policy, CPUOffloadPolicy)
@@ -111,13 +110,13 @@ class FlatUnit:
         self.layout: FlatLayout = make_layout([p.numel() for p in params], self.world_size)
         self.pieces = self.layout.local_pieces(self.rank)
         self.requires_gradient_sync = True
-        self.generation = -1                        # see [Note: backward bookkeeping]
+        self.generation = -1                        # see [Note: backward bookkeeping] in _hooks
         self.state = ShardState.SHARDED
         self.unsharded_flat: Optional[torch.Tensor] = None  # 1-D padded, param dtype, compute device
         self.unsharded_params: Optional[list[nn.Parameter]] = None
         self.prefetched = False   # gathered ahead of use and not yet used (see [Note: prefetch])
         self._pending = None      # (work, source) of an in-flight async all-gather
-        self._acc: list[tuple[int, torch.Tensor]] = []  # deterministic: (count, flat) pairwise stack
+        self._acc: list[tuple[int, torch.Tensor]] = []  # see [Note: pairwise accumulation]
         self.reset_backward_state()
         self._build_shard(params)
 
@@ -213,12 +212,25 @@ class FlatUnit:
             flat = torch.empty(self.layout.padded_numel, dtype=self.param_dtype, device=self.compute_device)
             UNSHARDED_BYTES.add(flat.untyped_storage().size())
         params = []
-        for i, (off, n, shape) in enumerate(zip(self.layout.offsets, self.layout.numels, self.shapes)):
-            view = flat[off: off + n].view(shape)
-            p = nn.Parameter(view, requires_grad=self.requires_grad[i])
+        for i in range(self.layout.num_params):
+            p = nn.Parameter(self.param_view(flat, i), requires_grad=self.requires_grad[i])
             p._fsdp_unsharded_of = self.sharded_params[i]  # type: ignore[attr-defined]
             params.append(p)
         self.unsharded_flat, self.unsharded_params = flat, params
+
+    def param_view(self, flat: torch.Tensor, index: int) -> torch.Tensor:
+        """Parameter ``index`` (original shape) as a view of a 1-D padded unsharded ``flat``."""
+        off, n = self.layout.offsets[index], self.layout.numels[index]
+        return flat[off: off + n].view(self.shapes[index])
+
+    @torch.no_grad()
+    def gather_full(self, local: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Collective over the shard group: a 1-D shard-sized tensor of the master dtype
+        (default: the shard) gathered into a fresh 1-D padded flat on the compute device."""
+        local = self.shard if local is None else local
+        flat = torch.empty(self.layout.padded_numel, dtype=self.master_dtype, device=self.compute_device)
+        C.all_gather_flat(flat, local.to(self.compute_device), self.group)
+        return flat
 
     @torch.no_grad()
     def unshard(self, async_op: bool = False) -> None:
@@ -286,107 +298,6 @@ class FlatUnit:
             UNSHARDED_BYTES.add(-storage.size())
             storage.resize_(0)
         self.state = ShardState.SHARDED
-
-    # ------------------------------------------------------------------ backward bookkeeping
-    def reset_backward_state(self) -> None:
-        self.calls_with_hook = 0       # forward calls whose inputs carry the post-backward hook
-        self.calls_without_hook = 0    # forward calls with no input requiring grad
-        self.hooks_fired = 0
-        self.post_backward_done = False
-        self.backward_task: Optional[int] = None  # autograd graph task of the running backward
-        self.enlisted_task: Optional[int] = None  # the task whose final callback processes us
-
-    def abandon_backward(self) -> None:
-        """A backward through this unit raised midway: its partial gradients are garbage."""
-        self._acc.clear()
-        if self.unsharded_params is not None:
-            self._clear_unsharded_grads()
-        self.reshard()
-        self.reset_backward_state()
-
-    def input_hook_fired(self) -> None:
-        self.hooks_fired += 1
-        if self.calls_without_hook == 0 and self.hooks_fired == self.calls_with_hook:
-            self.post_backward()
-
-    @torch.no_grad()
-    def post_backward(self) -> None:
-        """Once per backward: reduce this unit's gradients (if syncing) and reshard."""
-        if self.post_backward_done:
-            return
-        self.post_backward_done = True
-        if self.unsharded_params is not None:
-            grads = [p.grad for p in self.unsharded_params]
-            if any(g is not None for g in grads):
-                self._accumulate_or_reduce(grads)
-        self.reshard()
-
-    def _flatten_grads(self, grads: list[Optional[torch.Tensor]]) -> torch.Tensor:
-        flat = torch.zeros(self.layout.padded_numel, dtype=self.reduce_dtype, device=self.compute_device)
-        for off, n, g in zip(self.layout.offsets, self.layout.numels, grads):
-            if g is not None:
-                flat[off: off + n].copy_(g.reshape(-1))  # exact cast to the reduce dtype
-        return flat
-
-    def _accumulate_or_reduce(self, grads: list[Optional[torch.Tensor]]) -> None:
-        had_grad = [g is not None for g in grads]
-        if self.deterministic:
-            # Each backward is one micro-batch: push its gradient onto the pairwise stack.
-            self._push_microbatch(self._flatten_grads(grads))
-            self._clear_unsharded_grads()
-            if not self.requires_gradient_sync:
-                return
-            local = self._pop_local_tree()
-            if self.replicate_group is not None:  # HSDP: see [Note: HSDP reduction order]
-                reduced = C.hsdp_tree_reduce_mean(local, self.group, self.replicate_group, self.dp_world)
-            else:
-                reduced = local if self.world_size == 1 else C.tree_reduce_mean(local, self.group)
-        else:
-            if not self.requires_gradient_sync:
-                return  # grads stay on the unsharded params; autograd keeps accumulating
-            flat = self._flatten_grads(grads)
-            self._clear_unsharded_grads()
-            if self.replicate_group is not None:  # HSDP: reduce-scatter, all-reduce, / W
-                reduced = C.hsdp_reduce_scatter_mean(flat, self.group, self.replicate_group, self.dp_world)
-            else:
-                # One rank: the sum over ranks is the gradient itself and / 1 is exact.
-                reduced = flat if self.world_size == 1 else C.reduce_scatter_mean(flat, self.group)
-        self._assign_sharded_grads(reduced, had_grad)
-
-    def _clear_unsharded_grads(self) -> None:
-        for p in self.unsharded_params:
-            p.grad = None
-
-    def _push_microbatch(self, flat: torch.Tensor) -> None:
-        self._acc.append((1, flat))
-        while len(self._acc) >= 2 and self._acc[-1][0] == self._acc[-2][0]:
-            n, right = self._acc.pop()
-            _, left = self._acc.pop()
-            self._acc.append((2 * n, left.add_(right)))  # left + right, in micro-batch order
-
-    def _pop_local_tree(self) -> torch.Tensor:
-        if len(self._acc) != 1:
-            counts = [n for n, _ in self._acc]
-            self._acc.clear()
-            raise RuntimeError(
-                f"deterministic fully_shard unit {self.module_name!r}: the number of micro-batches "
-                f"accumulated on this rank ({sum(counts)}) is not a power of two; deterministic mode "
-                "needs k = M / W micro-batches per rank with k a power of two"
-            )
-        return self._acc.pop()[1]
-
-    def _assign_sharded_grads(self, reduced: torch.Tensor, had_grad: list[bool]) -> None:
-        grad = reduced.to(device=self.shard.device, dtype=self.master_dtype)  # 1-D padded shard
-        for start, end in self.layout.padding_ranges(self.rank):
-            grad[start:end].zero_()
-        for piece, p, has in zip(self.pieces, self.sharded_params, had_grad):
-            if not has:
-                continue
-            g = grad[piece.shard_start: piece.shard_end]
-            if p.grad is None:
-                p.grad = g
-            else:
-                p.grad.add_(g)
 
     # ------------------------------------------------------------------ introspection
     def state_bytes(self) -> int:

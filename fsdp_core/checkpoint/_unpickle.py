@@ -20,7 +20,7 @@ Anything else is a ``CheckpointError`` that names the refused global. The allowe
 ``(module, name)`` pairs, so a dotted name cannot reach through an allowed class to its
 attributes. The tensor payloads are read by DCP with ``torch.load(weights_only=True)``; the
 non-tensor values (``BytesStorageMetadata`` entries: optimizer hyperparameters and the like)
-with the same (``LoadPlanner.load_bytes``, in ``_ckpt_dcp``).
+with the same (``LoadPlanner.load_bytes``, in ``_dcp``).
 """
 from __future__ import annotations
 
@@ -28,6 +28,8 @@ import pickle
 from typing import IO, Any
 
 import torch
+
+from ._errors import CheckpointError
 
 __all__ = ["load_metadata", "ALLOWED"]
 
@@ -83,7 +85,6 @@ class _AllowlistUnpickler(pickle.Unpickler):
 def load_metadata(f: IO[bytes], path: str) -> Any:
     """Unpickle DCP metadata from ``f`` (read from ``path``, for messages) with the allowlist.
     Raises ``CheckpointError`` naming a refused global; other failures propagate."""
-    from ._ckpt_files import CheckpointError
     try:
         return _AllowlistUnpickler(f).load()
     except _Refused as e:

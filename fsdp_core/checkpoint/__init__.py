@@ -17,15 +17,16 @@ On a 2-D (replicate, shard) mesh only replica row 0 writes (over its shard group
 rows hold the same shards, so a checkpoint saved at (R, S) is the one saved at 1-D W = S, and
 it loads at any mesh shape or 1-D world size like any other.
 
-Keys and the chunk layout are described in [Note: checkpoint keys] (``_ckpt_state``) and
-[Note: flat slices as chunks] (``_ckpt_layout``); the directory handling in ``_ckpt_files``.
+Keys and the chunk layout are described in [Note: checkpoint keys] (``_state``) and
+[Note: flat slices as chunks] (``_layout``); the directory handling in ``_files``, the DCP
+glue in ``_dcp``.
 Every rank must see the same ``path`` (one machine, or a shared file system).
 
 Writing is one collective ``dcp.save`` (rank 0 merges the plans into ``.metadata``). Reading needs
 no collectives at all: each rank reads the chunks that overlap its own shards with DCP in
 single-process mode, which is what makes any world size (and any wrapping) load any checkpoint.
 A checkpoint is data, never code: ``.metadata`` is unpickled with an allowlist of DCP's own
-types (``_ckpt_unpickle``) and every value with ``torch.load(weights_only=True)``, with or
+types (``_unpickle``) and every value with ``torch.load(weights_only=True)``, with or
 without our manifest (a checksum, not a signature).
 
 [Note: atomic publish]
@@ -37,12 +38,10 @@ the previous checkpoint untouched; a crash between the two fallback renames leav
 ``.old`` name, which ``load`` falls back to and the next ``save`` renames back. The next ``save``
 also deletes leftovers of crashed saves (``.<name>.tmp-*``).
 
-[Note: agreeing on failure]
-A rank that raises alone would leave the others waiting in the next collective. Every step that
-can fail locally (building the state, writing, checking files, reading) is followed by one
-``all_gather_object`` of "ok or what went wrong"; if any rank failed, every rank raises, the
-failing ranks with their own exception and the others with a ``CheckpointError`` naming the
-failing rank and its message.
+Every step that can fail locally (building the state, writing, checking files, reading) runs
+under ``_collectives.agree`` (see [Note: agreeing on failure] there): if any rank failed, every
+rank raises, the failing ranks with their own exception and the others with a
+``CheckpointError`` naming the failing rank and its message.
 """
 from __future__ import annotations
 
@@ -53,17 +52,18 @@ import warnings
 from typing import Any, Callable, Optional
 
 import torch
-import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import torch.nn as nn
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata
 
-from . import _ckpt_files as F
-from . import _ckpt_state as S
-from ._ckpt_dcp import LoadPlanner, Reader, SavePlanner, Writer
-from ._ckpt_files import FORMAT, FORMAT_VERSION, MANIFEST, CheckpointError, CheckpointNotFoundError
-from ._state import units_of
+from .. import _collectives as C
+from .._traverse import check_materialized, model_mesh, units_of
+from . import _files as F
+from . import _state as S
+from ._dcp import LoadPlanner, Reader, SavePlanner, Writer
+from ._errors import CheckpointError, CheckpointNotFoundError
+from ._files import FORMAT, FORMAT_VERSION, MANIFEST
 
 __all__ = ["save", "load", "CheckpointError", "CheckpointNotFoundError", "MANIFEST", "FORMAT_VERSION"]
 
@@ -72,7 +72,7 @@ __all__ = ["save", "load", "CheckpointError", "CheckpointNotFoundError", "MANIFE
 def save(path: str | os.PathLike, model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None) -> None:
     """Collective. Write ``model``'s (and ``optimizer``'s) state to the directory ``path``,
     replacing any checkpoint there atomically. Every rank writes only its own shards."""
-    mesh = S.model_mesh(model)
+    mesh = model_mesh(model)
     rank = _rank(mesh)
     # On a 2-D mesh the R replica rows hold the same shards: only row 0 writes (a checkpoint
     # saved at (R, S) is the one saved at 1-D W = S), and every rank of the mesh agrees.
@@ -81,7 +81,7 @@ def save(path: str | os.PathLike, model: nn.Module, optimizer: Optional[torch.op
     parent = os.path.dirname(target)
 
     def stage():
-        S.check_materialized(model, "checkpoint.save")
+        check_materialized(model, "checkpoint.save")
         state: dict[str, Any] = {"model": S.model_leaves(model)}
         sharded_optim: list = []
         if optimizer is not None:
@@ -145,12 +145,12 @@ def load(path: str | os.PathLike, model: nn.Module, optimizer: Optional[torch.op
     ``model``'s shards and, if given, ``optimizer``'s state and hyperparameters.
 
     ``strict=False`` skips model keys missing on either side; shapes must always match."""
-    mesh = S.model_mesh(model)
+    mesh = model_mesh(model)
     rank, world = _rank(mesh), _world(mesh)
     where = os.path.abspath(os.fspath(path))
 
     def prepare():
-        S.check_materialized(model, "checkpoint.load")
+        check_materialized(model, "checkpoint.load")
         ckpt = F.resolve_dir(where)
         manifest = F.read_manifest(ckpt)
         F.check_files(ckpt, manifest, rank, world, meta_only=True)
@@ -251,26 +251,9 @@ def _check_groups(model: nn.Module, optimizer: torch.optim.Optimizer, view: S.Ch
 
 
 # ------------------------------------------------------------------------------------ plumbing
-def _agree(mesh, what: str, fn: Callable[[], tuple[Any, Any]], *,
-           on_failure: Optional[Callable[[], Any]] = None) -> tuple[Any, list]:
-    """Run ``fn`` (returning (local value, shared value)) on every rank; see [Note: agreeing on
-    failure]. Returns the local value and every rank's shared value."""
-    try:
-        local, shared = fn()
-        err: Optional[BaseException] = None
-    except Exception as e:  # noqa: BLE001 - reported to every rank, then re-raised
-        local, shared, err = None, None, e
-    mine = (None if err is None else _describe(err), shared)
-    statuses = [mine] if mesh is None else mesh.all_gather_object(mine)  # data-parallel order
-    failed = [(r, msg) for r, (msg, _) in enumerate(statuses) if msg is not None]
-    if failed:
-        if on_failure is not None:
-            on_failure()
-        if err is not None:
-            raise err
-        r, msg = failed[0]
-        raise CheckpointError(f"{what} failed on rank {r}: {msg}")
-    return local, [s for _, s in statuses]
+def _agree(mesh, what: str, fn: Callable[[], tuple[Any, Any]], **kw) -> tuple[Any, list]:
+    """``_collectives.agree``, raising ``CheckpointError`` on the ranks that did not fail."""
+    return C.agree(mesh, what, fn, error=CheckpointError, **kw)
 
 
 @contextlib.contextmanager
@@ -288,11 +271,7 @@ def _ranks(e: CheckpointException) -> str:
 
 def _first_failure(e: CheckpointException) -> str:
     rank = sorted(e.failures)[0]
-    return _describe(e.failures[rank][0])
-
-
-def _describe(e: BaseException) -> str:
-    return f"{type(e).__name__}: {e}"
+    return C.describe(e.failures[rank][0])
 
 
 def _rank(mesh) -> int:

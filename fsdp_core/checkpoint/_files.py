@@ -14,7 +14,8 @@ import uuid
 import zlib
 from typing import Optional
 
-from ._ckpt_dcp import Reader
+from ._dcp import Reader
+from ._errors import CheckpointError, CheckpointNotFoundError
 
 __all__ = ["CheckpointError", "CheckpointNotFoundError", "MANIFEST", "FORMAT", "FORMAT_VERSION", "METADATA"]
 
@@ -22,14 +23,6 @@ MANIFEST = "fsdp_core.json"
 FORMAT = "fsdp_core.checkpoint"
 FORMAT_VERSION = 1
 METADATA = ".metadata"      # DCP's
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint could not be written or read: the message names the file or the parameter."""
-
-
-class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
-    """There is no checkpoint at the given path."""
 
 
 # ------------------------------------------------------------------------------ atomic publish

@@ -4,7 +4,7 @@ of a full-shape tensor", and the planners and storage classes that read and writ
 DCP already knows how to save rectangular chunks of a tensor of a global shape and how to read
 back the overlaps at any other sharding (that is its resharding). What it does not know is our
 storage: a parameter's local piece is a 1-D slice of the unit's flat shard, in flat (row-major)
-order. ``FlatSlices`` bridges the two (see [Note: flat slices as chunks] in ``_ckpt_layout``):
+order. ``FlatSlices`` bridges the two (see [Note: flat slices as chunks] in ``_layout``):
 it offers DCP's checkpointable hooks (``__create_write_items__``, ``__create_chunk_list__``,
 ``size``), and the planners below resolve a chunk index to a view of the slice. DCP copies
 chunks straight out of and into our storage; nothing here allocates a full tensor.
@@ -24,8 +24,8 @@ from torch.distributed.checkpoint.metadata import (
     ChunkStorageMetadata, Metadata, MetadataIndex, StorageMeta, TensorProperties)
 from torch.distributed.checkpoint.planner import ReadItem, TensorWriteData, WriteItem, WriteItemType
 
-from ._ckpt_layout import Chunk, flat_range_chunks
-from ._ckpt_unpickle import load_metadata
+from ._layout import Chunk, flat_range_chunks
+from ._unpickle import load_metadata
 
 __all__ = ["FlatSlices", "SavePlanner", "LoadPlanner", "Writer", "Reader"]
 
@@ -134,7 +134,7 @@ class Writer(FileSystemWriter):
 
 
 class Reader(FileSystemReader):
-    """Unpickles ``.metadata`` with an allowlist (``_ckpt_unpickle``: a checkpoint is data, not
+    """Unpickles ``.metadata`` with an allowlist (``_unpickle``: a checkpoint is data, not
     code); names the files being read when reading fails (DCP's own error does not)."""
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:

@@ -1,0 +1,131 @@
+"""The gradient side of a unit: when its gradients are ready, and how they are reduced.
+
+``GradReduction`` is the half of ``FlatUnit`` that runs in backward (``FlatUnit`` in
+``_flat_param`` inherits it; the storage, views and unshard/reshard are there):
+
+  unsharded grads  --flatten, cast to the reduce dtype-->  1-D padded flat gradient  -->
+  fast: reduce-scatter / W;  deterministic: push onto the local pairwise accumulator (one per
+  micro-batch), and when syncing, pop the local subtree and reduce it across ranks in rank order
+  (all-to-all + ``tree_sum``; on a 2-D mesh then over the replicate group, see [Note: HSDP
+  reduction order] in ``_collectives``)  -->  shard gradient (master dtype, padding zero).
+
+[Note: pairwise accumulation]
+Deterministic mode keeps a stack of (count, flat) pairs: each micro-batch pushes (1, g), and
+while the top two have the same count they merge as left + right, so after k = 2^j pushes the
+stack holds the balanced tree over the k micro-batches in order, with O(log k) buffers.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from . import _collectives as C
+
+__all__ = ["GradReduction"]
+
+
+class GradReduction:
+    """Backward bookkeeping and gradient reduction of a ``FlatUnit`` (a mixin: it uses the
+    unit's ``layout``, ``pieces``, ``unsharded_params``, ``sharded_params``, ``shard``, dtypes,
+    groups and ``reshard``)."""
+
+    def reset_backward_state(self) -> None:
+        self.calls_with_hook = 0       # forward calls whose inputs carry the post-backward hook
+        self.calls_without_hook = 0    # forward calls with no input requiring grad
+        self.hooks_fired = 0
+        self.post_backward_done = False
+        self.backward_task: Optional[int] = None  # autograd graph task of the running backward
+        self.enlisted_task: Optional[int] = None  # the task whose final callback processes us
+
+    def abandon_backward(self) -> None:
+        """A backward through this unit raised midway: its partial gradients are garbage."""
+        self._acc.clear()
+        if self.unsharded_params is not None:
+            self._clear_unsharded_grads()
+        self.reshard()
+        self.reset_backward_state()
+
+    def input_hook_fired(self) -> None:
+        self.hooks_fired += 1
+        if self.calls_without_hook == 0 and self.hooks_fired == self.calls_with_hook:
+            self.post_backward()
+
+    @torch.no_grad()
+    def post_backward(self) -> None:
+        """Once per backward: reduce this unit's gradients (if syncing) and reshard."""
+        if self.post_backward_done:
+            return
+        self.post_backward_done = True
+        if self.unsharded_params is not None:
+            grads = [p.grad for p in self.unsharded_params]
+            if any(g is not None for g in grads):
+                self._accumulate_or_reduce(grads)
+        self.reshard()
+
+    def _flatten_grads(self, grads: list[Optional[torch.Tensor]]) -> torch.Tensor:
+        flat = torch.zeros(self.layout.padded_numel, dtype=self.reduce_dtype, device=self.compute_device)
+        for off, n, g in zip(self.layout.offsets, self.layout.numels, grads):
+            if g is not None:
+                flat[off: off + n].copy_(g.reshape(-1))  # exact cast to the reduce dtype
+        return flat
+
+    def _accumulate_or_reduce(self, grads: list[Optional[torch.Tensor]]) -> None:
+        had_grad = [g is not None for g in grads]
+        if self.deterministic:
+            # Each backward is one micro-batch: push its gradient onto the pairwise stack.
+            self._push_microbatch(self._flatten_grads(grads))
+            self._clear_unsharded_grads()
+            if not self.requires_gradient_sync:
+                return
+            local = self._pop_local_tree()
+            if self.replicate_group is not None:  # HSDP: see [Note: HSDP reduction order]
+                reduced = C.hsdp_tree_reduce_mean(local, self.group, self.replicate_group, self.dp_world)
+            else:
+                reduced = local if self.world_size == 1 else C.tree_reduce_mean(local, self.group)
+        else:
+            if not self.requires_gradient_sync:
+                return  # grads stay on the unsharded params; autograd keeps accumulating
+            flat = self._flatten_grads(grads)
+            self._clear_unsharded_grads()
+            if self.replicate_group is not None:  # HSDP: reduce-scatter, all-reduce, / W
+                reduced = C.hsdp_reduce_scatter_mean(flat, self.group, self.replicate_group, self.dp_world)
+            else:
+                # One rank: the sum over ranks is the gradient itself and / 1 is exact.
+                reduced = flat if self.world_size == 1 else C.reduce_scatter_mean(flat, self.group)
+        self._assign_sharded_grads(reduced, had_grad)
+
+    def _clear_unsharded_grads(self) -> None:
+        for p in self.unsharded_params:
+            p.grad = None
+
+    def _push_microbatch(self, flat: torch.Tensor) -> None:
+        self._acc.append((1, flat))
+        while len(self._acc) >= 2 and self._acc[-1][0] == self._acc[-2][0]:
+            n, right = self._acc.pop()
+            _, left = self._acc.pop()
+            self._acc.append((2 * n, left.add_(right)))  # left + right, in micro-batch order
+
+    def _pop_local_tree(self) -> torch.Tensor:
+        if len(self._acc) != 1:
+            counts = [n for n, _ in self._acc]
+            self._acc.clear()
+            raise RuntimeError(
+                f"deterministic fully_shard unit {self.module_name!r}: the number of micro-batches "
+                f"accumulated on this rank ({sum(counts)}) is not a power of two; deterministic mode "
+                "needs k = M / W micro-batches per rank with k a power of two"
+            )
+        return self._acc.pop()[1]
+
+    def _assign_sharded_grads(self, reduced: torch.Tensor, had_grad: list[bool]) -> None:
+        grad = reduced.to(device=self.shard.device, dtype=self.master_dtype)  # 1-D padded shard
+        for start, end in self.layout.padding_ranges(self.rank):
+            grad[start:end].zero_()
+        for piece, p, has in zip(self.pieces, self.sharded_params, had_grad):
+            if not has:
+                continue
+            g = grad[piece.shard_start: piece.shard_end]
+            if p.grad is None:
+                p.grad = g
+            else:
+                p.grad.add_(g)
