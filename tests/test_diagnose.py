@@ -15,11 +15,12 @@ import pytest
 
 from verify import campaign
 from verify.campaign import run_one
-from verify.diagnose import console_lines, diagnose_failures, first_line
+from verify.campaign import diagnose as diagnose_failures
+from verify.diagnose import console_lines, first_line
 from verify.hangs import CollectiveLog, explain
 from verify.pool import RankPool
 from verify.scenarios import Scenario
-from verify.shrink import candidates, n_units, same_failure, signature
+from verify.shrink import candidates, n_units
 
 BUDGET_S = 120.0
 HANG_TIMEOUT_S = 8.0

@@ -22,7 +22,7 @@ from verify.sharders import DEFAULT_SHARDER
 from verify import strategies
 
 __all__ = ["expand_sharders", "draw_scenarios", "skip_reason", "run_one", "run_campaign", "replay",
-           "replay_command", "print_case", "auto_timeout"]
+           "replay_command", "print_case", "auto_timeout", "diagnose"]
 
 # How large drawn cases get, per profile (steps per case).
 PROFILE_MAX_STEPS = {"dev": 2, "ci": 3, "nightly": 4}
@@ -199,7 +199,7 @@ def run_campaign(*, world_sizes: Sequence[int], examples: int, seed: int, sharde
     ``timeout_s``: per case; None: `auto_timeout`, at most 120 s. ``shrink_budget_s``: seconds
     for diagnosing the failing cases after the plan (verify/diagnose.py: replay, shrink,
     locate; default 300, 0: off; not under torchrun); a clean campaign spends none."""
-    from verify.diagnose import DEFAULT_SHRINK_BUDGET_S, console_lines, diagnose_failures
+    from verify.diagnose import DEFAULT_SHRINK_BUDGET_S, console_lines
     from verify import soak
     from verify.poolset import PoolSet
     from verify.report import write_reports
@@ -259,7 +259,7 @@ def run_campaign(*, world_sizes: Sequence[int], examples: int, seed: int, sharde
             memory.append(soak.sample(pool, len(results)))
             if _is_main(pool):
                 _progress(i, len(jobs), case, started, len(sharders) > 1)
-        groups = diagnose_failures(
+        groups = diagnose(
             pool, results, plant=plant, timeout_s=timeout_s,
             budget_s=0.0 if is_torchrun() else   # ranks in lockstep: no time-based choices
             DEFAULT_SHRINK_BUDGET_S if shrink_budget_s is None else shrink_budget_s)
@@ -290,8 +290,15 @@ def run_campaign(*, world_sizes: Sequence[int], examples: int, seed: int, sharde
     return results
 
 
+def diagnose(pool, results: list[CaseResult], **kw) -> list[list[CaseResult]]:
+    """`verify.diagnose.diagnose_failures` with this module's `run_one` and `replay_command`:
+    the failing cases of ``results`` replayed, shrunk and located (in place); the groups."""
+    from verify.diagnose import diagnose_failures
+    return diagnose_failures(pool, results, run_one=run_one, replay_command=replay_command, **kw)
+
+
 def first_line(reason: str) -> str:
-    from verify.diagnose import first_line as first
+    from verify.shrink import first_line as first
     return first(reason)
 
 

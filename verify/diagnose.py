@@ -20,37 +20,23 @@ from typing import Callable, Optional
 
 from verify.results import CaseResult
 from verify.scenarios import Scenario
-from verify.shrink import same_failure, shrink, signature, size_line
+from verify.shrink import first_line, same_failure, shrink, signature, size_line
 
 __all__ = ["diagnose_failures", "console_lines", "first_line", "DEFAULT_SHRINK_BUDGET_S"]
 
 DEFAULT_SHRINK_BUDGET_S = 300.0
 
 
-def first_line(reason: str) -> str:
-    """The line of a reason that says the most: for a hang the "timed out after" line, for a
-    rank's traceback its last line, else the first non-empty line."""
-    lines = [ln.strip() for ln in (reason or "").splitlines() if ln.strip()]
-    if not lines:
-        return ""
-    for ln in lines:
-        if ln.startswith("timed out after") or " did not finish within " in ln:
-            return ln
-    if lines[0].startswith("rank ") and " raised in " in lines[0]:
-        tb_end = next((ln for ln in lines[1:] if not ln.startswith(("File ", "Traceback", "^", "~"))
-                       and ":" in ln and not ln.startswith("rank ")), None)
-        return f"{lines[0]} {tb_end}" if tb_end else lines[0]
-    return lines[0]
-
-
-def diagnose_failures(pool, results: list[CaseResult], *, plant: Optional[str] = None,
+def diagnose_failures(pool, results: list[CaseResult], *, run_one: Callable[..., CaseResult],
+                      replay_command: Callable[..., str], plant: Optional[str] = None,
                       budget_s: float = DEFAULT_SHRINK_BUDGET_S,
                       timeout_s: Optional[float] = None,
                       log: Callable[[str], None] = lambda line: print(line, flush=True),
                       locate: bool = True) -> list[list[CaseResult]]:
     """Diagnose the failing (non-resume) cases of ``results`` in place; returns the groups.
-    ``budget_s`` bounds the whole diagnosis (0: none of it runs)."""
-    from verify.campaign import run_one
+    ``budget_s`` bounds the whole diagnosis (0: none of it runs). ``run_one`` and
+    ``replay_command`` are verify.campaign's (passed in: this module does not import the
+    campaign, which imports it; `verify.campaign.diagnose` passes them)."""
     groups: dict[str, list[CaseResult]] = {}
     for c in results:
         if c.passed or c.save_world_size is not None:
@@ -85,7 +71,6 @@ def diagnose_failures(pool, results: list[CaseResult], *, plant: Optional[str] =
             continue
         rep.flaky = False
         got = shrink(run, s, rep, deadline=deadline)
-        from verify.campaign import replay_command
         rep.minimal_scenario_json = got.scenario.to_json()
         rep.minimal_replay = replay_command(got.scenario, spec, plant)
         rep.minimal_reason = got.case.reason

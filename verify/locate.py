@@ -215,7 +215,7 @@ def locate_divergence(pool, s: Scenario, case, *, sharder: str, plant: Optional[
     finally:
         result = pending.result()
     if not result.ok:
-        from verify.diagnose import first_line
+        from verify.shrink import first_line
         return f"first divergence: n/a (the probe run failed: {first_line(result.error or '?')})"
     return _compare(s, d, result.values, ref)
 

@@ -35,13 +35,29 @@ from verify.scenarios import WORLD_SIZES, Scenario
 
 __all__ = ["NUMERIC", "failing_checks", "primary_check", "error_kind", "signature",
            "same_failure", "candidates", "shrink", "ShrinkResult", "n_units", "size_line",
-           "small_enough"]
+           "small_enough", "first_line"]
 
 NUMERIC = ("bitwise", "tolerance", "reported")
 
 
 def _norm(check: str) -> str:
     return "numerics" if check in NUMERIC else check
+
+
+def first_line(reason: str) -> str:
+    """The line of a reason that says the most: for a hang the "timed out after" line, for a
+    rank's traceback its last line, else the first non-empty line."""
+    lines = [ln.strip() for ln in (reason or "").splitlines() if ln.strip()]
+    if not lines:
+        return ""
+    for ln in lines:
+        if ln.startswith("timed out after") or " did not finish within " in ln:
+            return ln
+    if lines[0].startswith("rank ") and " raised in " in lines[0]:
+        tb_end = next((ln for ln in lines[1:] if not ln.startswith(("File ", "Traceback", "^", "~"))
+                       and ":" in ln and not ln.startswith("rank ")), None)
+        return f"{lines[0]} {tb_end}" if tb_end else lines[0]
+    return lines[0]
 
 
 def failing_checks(case: CaseResult) -> list[str]:
