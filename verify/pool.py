@@ -32,7 +32,9 @@ Every rank's stderr is a pipe into this process: a pump thread forwards it to ou
 keeps what each rank wrote during the current run. Ranks enable `faulthandler`, so a rank
 killed by a fatal signal leaves its Python stack there, and a rank that hangs is sent SIGUSR1
 before it is killed, which makes it write the stacks of its threads: the failed result says
-where each rank was stuck.
+where each rank was stuck. Before the stacks it gives what a stack cannot show: the sequence
+of collectives each rank issued in the case (logged as they happen, verify/hangs.py) and the
+first position where the ranks' sequences disagree.
 
 [Note: nothing on the network]
 The rendezvous store is a `FileStore` in a private directory (`private_store_dir`: mode 0700,
