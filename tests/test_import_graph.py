@@ -7,8 +7,7 @@ literal name. ``from pkg import name`` is an edge to ``pkg.name`` when that is a
 is not counted as an edge to its parent packages (Python runs them first, but a package's
 ``__init__`` importing its own submodules is no cycle).
 
-fsdp_core is checked strictly. verify has cycles today; ``VERIFY_CYCLE_EDGES`` lists the edges
-that lie on one, so any new edge that closes a cycle fails (to be emptied as they are removed).
+Both packages are checked strictly.
 """
 from __future__ import annotations
 
@@ -18,14 +17,6 @@ from typing import Iterator, Optional
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("fsdp_core", "verify")
-
-# Edges on an import cycle in verify today (importer, imported). To be removed: fix a cycle,
-# delete its edges here. Nothing may be added.
-VERIFY_CYCLE_EDGES: set[tuple[str, str]] = {
-    ("verify.campaign", "verify.resume"),   # to be removed
-    ("verify.resume", "verify.campaign"),   # to be removed
-}
-
 
 def module_files() -> dict[str, Path]:
     """Dotted module name -> source file, for every module of ``PACKAGES``."""
@@ -207,11 +198,10 @@ def test_fsdp_core_does_not_import_verify():
     assert not bad, bad
 
 
-def test_verify_has_no_new_cycles():
+def test_verify_has_no_import_cycles():
     graph = import_graph()
     edges = cycle_edges(graph, "verify")
-    new = edges - VERIFY_CYCLE_EDGES
-    assert not new, "new import cycles in verify:\n" + _describe(graph, new)
+    assert not edges, "import cycles in verify:\n" + _describe(graph, edges)
 
 
 def test_function_local_imports_in_fsdp_core_say_why():

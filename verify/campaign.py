@@ -6,26 +6,22 @@ reference, compare step by step, and turn it all into `CaseResult`s and reports.
 """
 from __future__ import annotations
 
-import random
 import time
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
 import torch
-from hypothesis import HealthCheck, Phase, given, seed as hyp_seed, settings
-
+from verify.case.draw import draw_scenarios
 from verify.compare import tier_for
+from verify.console import print_case
 from verify.reference import run_reference
 from verify.results import CaseResult
 from verify.scenarios import Scenario
 from verify.sharders import DEFAULT_SHARDER
-from verify import strategies
 
 __all__ = ["expand_sharders", "draw_scenarios", "skip_reason", "run_one", "run_campaign", "replay",
            "replay_command", "print_case", "auto_timeout", "diagnose"]
 
-# How large drawn cases get, per profile (steps per case).
-PROFILE_MAX_STEPS = {"dev": 2, "ci": 3, "nightly": 4}
 # A case run without an explicit timeout may take max(floor, factor x its reference's measured
 # time + slack) (never more than the pool's own timeout), so a hang costs seconds, not 120 s.
 AUTO_TIMEOUT_FLOOR_S, AUTO_TIMEOUT_FACTOR, AUTO_TIMEOUT_SLACK_S = 30.0, 20.0, 10.0
@@ -50,34 +46,6 @@ def expand_sharders(names: Iterable[str]) -> list[str]:
     for spec in specs:
         load_class(spec)
     return specs
-
-
-def draw_scenarios(*, world_size: int, mode: str, n: int, seed: int, profile: str = "ci",
-                   dtypes: Sequence[str] = ("fp32", "bf16"),
-                   families: Optional[Sequence[str]] = None, meshes: str = "1d",
-                   offloads: Sequence[bool] = (False,)) -> list[Scenario]:
-    """``n`` distinct scenarios for one world size and mode, the same for the same seed
-    (``offloads``: the CPU-offload values drawn; the default draws none, as before it existed).
-
-    Hypothesis generates small examples first; drawing 8n and sampling n of them (seeded)
-    spreads the cases over the whole strategy instead of its simplest corner."""
-    strategy = strategies.scenarios(world_sizes=(world_size,), modes=(mode,), dtypes=tuple(dtypes),
-                                    max_steps=PROFILE_MAX_STEPS.get(profile, 3),
-                                    families=None if families is None else tuple(families),
-                                    meshes=meshes, offloads=tuple(offloads))
-    drawn: list[Scenario] = []
-
-    @hyp_seed(seed * 1_000 + world_size * 10 + (mode == "deterministic"))
-    @settings(max_examples=max(8 * n, 20), database=None, phases=[Phase.generate], deadline=None,
-              suppress_health_check=list(HealthCheck), derandomize=False)
-    @given(strategy)
-    def collect(s: Scenario) -> None:
-        if s not in drawn:
-            drawn.append(s)
-
-    collect()
-    picked = sorted(random.Random(seed).sample(range(len(drawn)), min(n, len(drawn))))
-    return [drawn[i] for i in picked]
 
 
 def skip_reason(s: Scenario, sharder) -> Optional[str]:
@@ -337,15 +305,3 @@ def replay(scenario_json: str, *, timeout_s: float = 120.0, sharder: str = DEFAU
             return 0 if case.passed else 1
     planted = f" (planted bug {plant!r})" if plant else ""
     return print_case(case, f"W={s.world_size} {s.mode} {s.family}{planted}")
-
-
-def print_case(case: CaseResult, what: str) -> int:
-    """A replayed case, step by step, then why it failed; returns the exit code."""
-    print(f"{case.verdict.upper()}: {case.sharder} {what} tier={case.tier}")
-    for st in case.steps:
-        print(f"  step {st.step}: loss {st.loss:.9g} vs {st.loss_ref:.9g}  max|d param| {st.max_abs:.3g} "
-              f"max ULP {st.max_ulp} bitwise={st.bitwise} padding_ok={st.padding_ok} "
-              f"reassembly_ok={st.reassembly_ok} collectives_ok={st.collectives_ok}")
-    if case.reason:
-        print(case.reason)
-    return 0 if case.passed else 1

@@ -263,7 +263,7 @@ def draw_resume_cases(*, n: int, seed: int, world_sizes: Sequence[int],
     different world sizes of ``world_sizes`` (equal only when there is one), scenarios drawn by
     the campaign's strategy at max(W_a, W_b) (so M serves both) with at least 2 steps, and the
     checkpoint after a step drawn in [1, steps)."""
-    from verify.campaign import draw_scenarios
+    from verify.case.draw import draw_scenarios
     if n <= 0:
         return []
     sizes = sorted(set(world_sizes))
@@ -297,5 +297,5 @@ def replay_resume(scenario_json: str, save_world_size: int, save_after: int, *,
     main = RankPool(max(case.scenario.world_size, save_world_size), timeout_s=timeout_s)
     with PoolSet(main, timeout_s=timeout_s) as pool:
         result = run_resume(pool, case, sharder=sharder, timeout_s=timeout_s)
-    from verify.campaign import print_case
+    from verify.console import print_case
     return print_case(result, f"resume {case.label}, {case.scenario.mode} {case.scenario.family}")
