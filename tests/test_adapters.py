@@ -44,7 +44,7 @@ def test_the_textbook_fsdp_passes_at_every_world_size(rank_pool, world_size):
               Scenario("special", (("n_blocks", 1),), world_size, micro_batches=M),
               Scenario("gpt", GPT, world_size, optimizer="adamw", weight_decay=0.1, micro_batches=M)):
         case = run_one(rank_pool, s, sharder=TB + "Textbook", timeout_s=120.0)
-        assert case.verdict == "pass", f"{case.reason}\nreplay: {case.replay}"
+        assert case.verdict in ("pass", "reported"), f"{case.reason}\nreplay: {case.replay}"
         assert case.sharder == "textbook_fsdp" and len(case.steps) == s.steps
         status = {c["check"]: c["status"] for c in case.checks if c["step"] == 0}
         # its adapter gives padding views, local pieces and reduced gradients; no formula
@@ -79,7 +79,7 @@ def test_each_textbook_mistake_fails_with_a_replay_command(rank_pool, mistake, s
     if mistake == "StaleGather":   # the first step gathers afresh; the second reuses it
         assert case.first_divergence[0] == 1
     if blind is not None:
-        assert run_one(rank_pool, blind, sharder=TB + mistake).verdict == "pass"
+        assert run_one(rank_pool, blind, sharder=TB + mistake).verdict in ("pass", "reported")
 
 
 # -- foreign code ----------------------------------------------------------------------------------
@@ -91,7 +91,7 @@ def test_a_raising_adapter_is_an_error_case_with_every_ranks_traceback(rank_pool
     assert "rank 0 raised" in case.reason and "rank 1 raised" in case.reason
     assert "boom: this sharder cannot shard" in case.reason
     after = run_one(rank_pool, mlp_scenario(2))   # and the pool goes on
-    assert after.verdict == "pass"
+    assert after.verdict in ("pass", "reported")
 
 
 def test_a_raising_parent_side_is_an_error_case():
@@ -104,7 +104,7 @@ def test_a_raising_parent_side_is_an_error_case():
 def test_an_incomplete_optimizer_costs_only_its_figures(rank_pool):
     s = mlp_scenario(2, optimizer="adam")
     case = run_one(rank_pool, s, sharder="tests.foreign_sharders:BareOptimizer")
-    assert case.verdict == "pass", case.reason
+    assert case.verdict in ("pass", "reported"), case.reason
     assert all(st.state_bytes == [] for st in case.steps)   # n/a: no .state, no param_groups
     assert all(st.padding_ok and st.bitwise and st.collectives_ok for st in case.steps)
 
@@ -188,7 +188,7 @@ def test_a_family_by_import_path_runs_through_both_sharders(rank_pool, equivalen
     s = Scenario("tests.user_family", (("n_blocks", 2), ("width", 5)), 2, micro_batches=2)
     for sharder in ("fsdp_core", TB + "Textbook"):
         case = equivalence.check(s, sharder=sharder)
-        assert case.verdict == "pass", case.reason
+        assert case.verdict in ("pass", "reported"), case.reason
         assert case.family == "tests.user_family" and all(st.bitwise for st in case.steps)
 
 

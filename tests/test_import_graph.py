@@ -224,3 +224,12 @@ def test_function_local_imports_in_fsdp_core_say_why():
                     if "#" not in here and not above.strip().startswith("#"):
                         missing.append(f"{path.relative_to(ROOT)}:{inner.lineno}: {here.strip()}")
     assert not missing, "function-local imports without a reason:\n" + "\n".join(missing)
+
+
+def test_a_planted_cycle_is_found_and_described():
+    graph = {"verify.a": {"verify.b"}, "verify.b": {"verify.c"}, "verify.c": {"verify.a"},
+             "verify.d": {"verify.a"}, "fsdp_core.x": set()}
+    edges = cycle_edges(graph, "verify")
+    assert edges == {("verify.a", "verify.b"), ("verify.b", "verify.c"), ("verify.c", "verify.a")}
+    assert "verify.a -> verify.b -> verify.c -> verify.a" in _describe(graph, {("verify.a", "verify.b")})
+    assert not cycle_edges(graph, "fsdp_core")

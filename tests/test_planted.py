@@ -89,7 +89,7 @@ def test_planted_bug_is_caught_and_the_clean_run_passes(rank_pool, name):
     bug = BUGS[name]
     for s in bug.catch:
         clean = _clean_run(rank_pool, s)
-        assert clean.verdict == "pass", f"clean {s.to_json()}:\n{clean.reason}"
+        assert clean.verdict in ("pass", "reported"), f"clean {s.to_json()}:\n{clean.reason}"
         case = run_one(rank_pool, s, plant=name)
         assert case.verdict == "fail", \
             f"{name} not caught on {s.to_json()}: {case.verdict}\n{case.reason}"
@@ -108,7 +108,7 @@ def test_last_bit_bugs_need_the_bitwise_tier(rank_pool, name):
     SGD at W = 4) and fails every bitwise-tier run (deterministic mode; fast at W <= 2)."""
     assert FAST4 in BUGS[name].blind
     tolerance = run_one(rank_pool, FAST4, plant=name, backend_check=False)
-    assert tolerance.tier == "tolerance" and tolerance.verdict == "pass", tolerance.reason
+    assert tolerance.tier == "tolerance" and tolerance.verdict in ("pass", "reported"), tolerance.reason
     bitwise = [s for s in BUGS[name].catch if s.mode == "deterministic" or s.world_size <= 2]
     assert any(s.mode == "deterministic" for s in bitwise)
     for s in bitwise:
@@ -125,7 +125,7 @@ def test_resharded_check_sees_a_gathered_copy_kept_past_backward(rank_pool):
         assert "resharded" in failed_checks(case), (s.to_json(), case.reason)
         assert "step 0: units still unsharded after backward" in case.reason
         clean = run_one(rank_pool, s, backend_check=False)
-        assert clean.verdict == "pass", clean.reason
+        assert clean.verdict in ("pass", "reported"), clean.reason
 
 
 def test_gradient_check_sees_what_the_update_absorbs(rank_pool):

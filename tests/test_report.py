@@ -1,6 +1,8 @@
 """Rendering of case results into frames, markdown tables, CSV, JSON and plots."""
 from __future__ import annotations
 
+import re
+
 import json
 import math
 
@@ -13,6 +15,7 @@ from verify.report import (
     results_frame,
     steps_frame,
     steps_table,
+    invariants_table,
     summary_table,
     write_reports,
 )
@@ -104,29 +107,42 @@ def test_steps_frame_is_long_form(results):
 def test_summary_table_rows_are_family_world_size_mode(results):
     text = summary_table(results_frame(results))
     lines = text.splitlines()
-    assert lines[0].startswith("| family") and "| cases" in lines[0]
-    assert "max \\|Δ loss\\|" in lines[0] and "padding held" in lines[0]
+    header = [c.strip() for c in re.split(r"(?<!\\)\|", lines[0].strip("|"))]
+    assert header == ["family", "W", "mode", "pass", "reported", "fail", "error", "skipped",
+                      "max ULP", "max \\|Δ param\\|"]            # one vocabulary, <= 10 columns
     body = [ln for ln in lines[2:]]
     assert len(body) == 6                     # every (family, W, mode) group is distinct here
     gpt4 = next(ln for ln in body if ln.startswith("| gpt") and "| 4 " in ln)
     cells = [c.strip() for c in gpt4.strip("|").split("|")]
-    assert cells[:7] == ["gpt", "4", "deterministic", "1", "0", "1", "0"]
-    assert "0/1" in cells                     # padding held in 0 of 1 cases
-    mlp1 = next(ln for ln in body if ln.startswith("| mlp") and "| 1 " in ln)
+    assert cells[:8] == ["gpt", "4", "deterministic", "0", "0", "1", "0", "0"]
+    inv = invariants_table(results_frame(results))
+    assert "padding held" in inv.splitlines()[0] and "max \\|Δ loss\\|" in inv.splitlines()[0]
+    gpt4 = next(ln for ln in inv.splitlines()[2:] if ln.startswith("| gpt") and "| 4 " in ln)
+    assert "0/1" in [c.strip() for c in gpt4.strip("|").split("|")]   # padding held in 0 of 1
+    mlp1 = next(ln for ln in inv.splitlines()[2:] if ln.startswith("| mlp") and "| 1 " in ln)
     assert "| 1/1 " in mlp1 and "3.00e-" not in mlp1
 
 
+def test_summary_says_which_tier_a_pass_is_in_and_counts_reported_apart(results):
+    rows = [dict(results[0], verdict="pass", tier="bitwise"),
+            dict(results[0], verdict="pass", tier="tolerance"),
+            dict(results[0], verdict="reported", tier="reported", passed=True)]
+    body = summary_table(results_frame(rows)).splitlines()[2]
+    cells = [c.strip() for c in body.strip("|").split("|")]
+    assert cells[3] == "2 (1 bitwise, 1 tolerance)" and cells[4] == "1"
+
+
 def test_summary_table_against_the_formulas(results):
-    header = summary_table(results_frame(results)).splitlines()[0]
+    header = invariants_table(results_frame(results)).splitlines()[0]
     assert "coll vs formula" in header and "coll held" in header and "state vs model" in header
-    text = summary_table(results_frame(results))
+    text = invariants_table(results_frame(results))
     assert "2.00x" in text                    # 4096 bytes per rank against a model of 2048
     # records without the formula fields (older producers) drop those columns
     bare = [dict(r, steps=[{k: v for k, v in st.items()
                             if k not in ("collectives_expected", "collectives_ok",
                                          "state_bytes_model")} for st in r["steps"]])
             for r in results]
-    header = summary_table(results_frame(bare)).splitlines()[0]
+    header = invariants_table(results_frame(bare)).splitlines()[0]
     assert "coll vs formula" not in header and "state vs model" not in header
 
 

@@ -80,7 +80,7 @@ def test_world_size_16_through_torchrun_across_two_nodes(tmp_path):
                      + CAMPAIGN)
     for rc, text in runs:
         assert rc == 0, text[-3000:]
-    assert [v for _, v in _verdicts(tmp_path)] == ["pass"]
+    assert [v in ("pass", "reported") for _, v in _verdicts(tmp_path)] == [True]
     assert json.loads(_verdicts(tmp_path)[0][0])["world_size"] == 16
 
 
@@ -90,7 +90,7 @@ def test_world_size_16_through_the_pool(tmp_path):
                          env=_env(VERIFY_MAX_WORLD_SIZE="16"), capture_output=True, text=True,
                          timeout=480)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
-    assert [v for _, v in _verdicts(tmp_path)] == ["pass"]
+    assert [v in ("pass", "reported") for _, v in _verdicts(tmp_path)] == [True]
     bad = subprocess.run([sys.executable, "-m", "verify", "run", "--world-sizes", "16"], cwd=ROOT,
                          env=_env(), capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "VERIFY_MAX_WORLD_SIZE" in bad.stderr
@@ -102,5 +102,5 @@ def test_a_rank_that_raises_under_torchrun_is_an_error_case_and_the_campaign_goe
                             + CAMPAIGN, timeout=300)
     assert rc == 1, text[-3000:]      # a verdict failed: an exit, not a hang
     verdicts = [v for _, v in _verdicts(tmp_path)]
-    assert verdicts == ["error", "pass"], text[-3000:]   # the next case ran, and passed
+    assert verdicts[0] == "error" and verdicts[1] in ("pass", "reported"), text[-3000:]  # went on
     assert "boom on rank 1 only" in (tmp_path / "results.json").read_text()

@@ -365,7 +365,7 @@ def _harness_cost(pool, world_size: int, n: int, n_spawn: Optional[int] = None) 
         t0 = time.perf_counter()
         case = run_one(pool, s)
         pool_times.append(time.perf_counter() - t0)
-        if case.verdict != "pass":
+        if not case.passed:
             raise RuntimeError(f"harness cost: a drawn case did not pass through the pool: {case.replay}")
     n_spawn = n if n_spawn is None else min(n_spawn, n)  # default: every case both ways
     picked = sorted({round(i * (n - 1) / max(n_spawn - 1, 1)) for i in range(n_spawn)})
@@ -382,7 +382,7 @@ def _harness_cost(pool, world_size: int, n: int, n_spawn: Optional[int] = None) 
         case = evaluate(s, load("fsdp_core"), "fsdp_core", PoolResult(True, values, None, wall), ref,
                         wall, replay=replay_command(s))
         spawn_times.append(time.perf_counter() - t0)
-        if case.verdict != "pass":
+        if not case.passed:
             raise RuntimeError(f"harness cost: a drawn case did not pass on spawned ranks: {case.replay}")
     trivial = measure_overhead(pool, world_size, n=10)
     per_case = sum(pool_times) / len(pool_times)

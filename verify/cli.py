@@ -548,7 +548,8 @@ def _cmd_report(args: argparse.Namespace) -> int:
     for p in write_reports(results, args.dir, title=args.title or title,
                            pool_memory=load_pool_memory(path)):
         print(p)
-    passed = all(r.get("passed", r.get("verdict") in ("pass", "skipped")) for r in results)
+    from verify.results import PASSING
+    passed = all(r.get("passed", r.get("verdict") in PASSING) for r in results)
     return EXIT_OK if passed else EXIT_FAILED
 
 

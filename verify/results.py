@@ -10,13 +10,16 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-__all__ = ["StepRecord", "CaseResult", "VERDICTS"]
+__all__ = ["StepRecord", "CaseResult", "VERDICTS", "PASSING", "held_verdict"]
 
-# pass: every check of the case's tier held. fail: a check failed (a numerical divergence,
-# padding written, a shard that does not reassemble). error: the case did not complete (a rank
-# raised, died or hung). skipped: the sharder does not run this case (reason says why: outside
-# its declared modes or dtypes, or its unsupported()).
-VERDICTS = ("pass", "fail", "error", "skipped")
+# pass: every check held, in the bitwise or the tolerance tier (`tier` says which). reported:
+# every check held in the reported tier (fast mode, Adam family, W >= 4): figures within the
+# documented bound, not asserted tight. fail: a check failed (a numerical divergence, padding
+# written, a shard that does not reassemble). error: the case did not complete (a rank raised,
+# died or hung). skipped: the sharder does not run this case (reason says why: outside its
+# declared modes, dtypes, offload or meshes, or its unsupported()).
+VERDICTS = ("pass", "reported", "fail", "error", "skipped")
+PASSING = ("pass", "reported", "skipped")   # the verdicts that do not fail a run
 
 
 @dataclass
@@ -89,9 +92,14 @@ class CaseResult:
 
     @property
     def passed(self) -> bool:
-        return self.verdict in ("pass", "skipped")
+        return self.verdict in PASSING
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["passed"] = self.passed
         return d
+
+
+def held_verdict(tier: str) -> str:
+    """The verdict of a case whose every check held: "reported" in the reported tier."""
+    return "reported" if tier == "reported" else "pass"

@@ -242,6 +242,8 @@ def evaluate_resume(case: ResumeCase, res_a, res_b, ref, wall: float, *,
     out.checks = checks
     out.steps = before.steps + after.steps
     out.first_divergence = before.first_divergence or after.first_divergence
+    from verify.results import held_verdict
+    out.verdict = held_verdict(out.tier)
     problems = []
     if before.verdict == "fail":
         problems.append(f"before the checkpoint (W={w_a}):\n{before.reason}")

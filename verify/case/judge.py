@@ -19,7 +19,7 @@ from typing import Any, Optional
 import torch
 
 from verify.compare import TIERS, compare_step, diff_stats, int_view, tier_for, verdict
-from verify.results import CaseResult, StepRecord
+from verify.results import CaseResult, StepRecord, held_verdict
 from verify.scenarios import Scenario, build_model
 
 __all__ = ["Check", "evaluate", "case_tier", "mesh_label", "state_model_bytes", "reassemble"]
@@ -294,6 +294,7 @@ def evaluate(s: Scenario, sharder, spec: str, result, ref, wall: float, *,
     checks.append(_plan_check(s, sharder, case) if plan else Check("plan", "n/a"))
     case.checks = [c.to_dict() for c in checks]
     failed = [c for c in checks if c.status == "fail"]
+    case.verdict = held_verdict(tier)
     if failed:
         case.verdict, case.reason = "fail", "\n".join(c.detail for c in failed)
     return case
