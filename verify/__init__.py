@@ -1,20 +1,21 @@
 """verify: the harness that proves a sharded run trains exactly like the unsharded one.
 
-Layout (read the module names top to bottom to follow a case):
-  verify.scenarios  - a case as frozen data, and everything a rank rebuilds from it
-  verify.strategies - Hypothesis strategies that draw cases, aimed at the edges
-  verify.sharders   - the adapter protocol (`Sharder`, `WrapPlan`) and the built-in adapters
-  verify.case       - the one training protocol (train), what it measures (probes), the verdict
-                      against the reference as structured checks (judge)
-  verify.reference  - the plain single-process reference run
-  verify.compare    - pure comparisons (bitwise, ULP, tolerance tiers) and verdicts
-  verify.results    - the records that cross the process boundary
-  verify.pool       - the persistent ranks (verify.rank: their side; verify.poolset: one pool per
-                      world size for sharders that use the default process group)
-  verify.campaign   - draw, run, judge, report; verify.resume: checkpoint-resume cases
-  verify.report     - results to markdown tables (the only pandas/tabulate user)
-  verify.cli        - `python -m verify run | replay | report | bench | converge | mutants`
-  verify.pytest_plugin - `pytest --sharder pkg.module:Name` (the pytest11 entry point)
+A case, in the order it runs (each step's module):
+
+    scenarios/   a case as frozen data; the model families      strategies  Hypothesis draws
+    case/draw    the drawn list of cases for a seed             sharders/   the adapter protocol
+    case/train   the one training protocol a sharder runs       case/probes what it measures
+    pool, rank   the persistent ranks (poolset: one pool per W for default-group sharders)
+    reference    the unsharded run                              compare     bitwise / ULP / tiers
+    case/judge   the records against the reference: structured checks, one verdict
+    results      the records that cross processes               report      tables and plots
+    campaign     draw -> run -> judge -> report (resume: checkpoint-resume cases; console: replay)
+    diagnose     after a failure: shrink (smallest failing case), locate (first divergent phase
+                 and unit), hangs (every rank's collectives when one hangs)
+    cli          `python -m verify run|replay|report|bench|plan|converge|mutants`
+    pytest_plugin `pytest --sharder pkg.module:Name` (pytest_cases: the drawn cases as tests)
+    tools: bench, timing_check (ours vs FSDP2), plan* (the scale planner), converge (real text),
+           soak (the leak check), plant + mutants (the planted bugs), backend_check
 
 `from verify import Sharder, WrapPlan` is the public surface for a sharder of your own (DESIGN
 section 6). This package imports nothing heavy on import; import the submodules you need.
