@@ -108,7 +108,7 @@ def test_first_line_of_a_hang_is_the_timeout_line():
     reason = ("timed out after 8 s running verify.case.train.run_case at world size 2: ranks "
               "[0, 1] did not finish\n\nrank 0 was stuck here:\n  File \"<string>\", line 1 in <module>")
     assert first_line(reason).startswith("timed out after 8 s")
-    from verify.report import _reason_line
+    from verify.report.tables import _reason_line
     assert _reason_line(reason).startswith("timed out after 8 s")
     assert _reason_line("Traceback\n  File x\nRuntimeError: boom") == "RuntimeError: boom"
 

@@ -1,0 +1,91 @@
+"""Files: `write_reports` (equivalence.md, results.csv, results.json, plots) and `load_results`."""
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterable
+
+from verify.report._format import _FAILED, _as_dict
+from verify.report.frames import results_frame
+from verify.report.plots import _write_plots
+from verify.report.sections import (
+    _RESUME_LEGEND, _plot_pool_memory, pool_memory_section, resume_table)
+from verify.report.tables import (
+    _LEGEND, _VERDICTS_LEGEND, _describe_run, _representative, diagnosis_section, failures_table,
+    invariants_table, steps_table, summary_table)
+
+
+# -- files ------------------------------------------------------------------------------------
+
+def load_results(path: str | Path) -> tuple[str, list[dict]]:
+    """Read results.json (as `write_reports` writes it, or a bare list) -> (title, results)."""
+    data = json.loads(Path(path).read_text())
+    if isinstance(data, list):
+        return "Equivalence report", data
+    return data.get("title", "Equivalence report"), list(data["results"])
+
+
+def write_reports(results: Iterable[Any], out_dir: str | Path, *,
+                  title: str = "Equivalence report", detail_cases: int = 4,
+                  pool_memory: Any = None) -> list[Path]:
+    """Write equivalence.md, results.csv, results.json (+ PNG plots when matplotlib is
+    installed) into `out_dir`; return the paths written. ``pool_memory``: the RSS samples of
+    the pool's ranks after every case (verify/soak.py), saved in results.json under that key
+    and rendered as the "Pool memory" section."""
+    results = [_as_dict(r) for r in results]
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    df = results_frame(results)
+    now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    written = []
+
+    path = out / "results.json"
+    saved: dict[str, Any] = {"title": title, "generated": now, "results": results}
+    if pool_memory is not None:
+        saved["pool_memory"] = pool_memory
+    path.write_text(json.dumps(saved, indent=1, default=list) + "\n")
+    written.append(path)
+    path = out / "results.csv"
+    df.to_csv(path, index=False)
+    written.append(path)
+    plots = _write_plots(results, out)
+    plots += _plot_pool_memory(pool_memory, out)
+    written += plots
+
+    n = len(df)
+    passed = int(df["passed"].sum()) if n else 0
+    failed = int(df["verdict"].isin(_FAILED).sum()) if n else 0
+    skipped = int((df["verdict"] == "skipped").sum()) if n else 0
+    reported = int((df["verdict"] == "reported").sum()) if n else 0
+    status = "PASS" if passed == n else "FAIL"
+    lines = [f"# {title}", "",
+             f"**{status}**: {n} cases, {passed} passed, {failed} failed"
+             + (f" ({reported} of the passed reported, not asserted tight)" if reported else "")
+             + (f", {skipped} skipped" if skipped else "") + f". Generated {now}.",
+             ""]
+    if n:
+        lines += [_describe_run(df), ""]
+    lines += ["## Summary", "", summary_table(df), "", _VERDICTS_LEGEND, "",
+              "## Invariants", "", invariants_table(df) if n else "No cases.", "", _LEGEND, "",
+              "## Failing cases", "", failures_table(df) if n else "No cases.", ""]
+    diagnosis = diagnosis_section(results)
+    if diagnosis:
+        lines += ["## Diagnosis", "", diagnosis, ""]
+    if n and "save_world_size" in df and df["save_world_size"].notna().any():
+        lines += ["## Checkpoint-resume cases", "", resume_table(df), "", _RESUME_LEGEND, ""]
+    if pool_memory is not None:
+        lines += ["## Pool memory", "", pool_memory_section(pool_memory), ""]
+    if n:
+        lines += ["## Per-step detail", ""]
+        for i in _representative(results, df, detail_cases):
+            r = results[i]
+            lines += [f"### {r['family']}, W={r['world_size']}, {r['mode']}, {r['dtype']}, "
+                      f"{r['optimizer']} ({r['sharder']}): {r['verdict']}", "",
+                      steps_table(r), ""]
+    if plots:
+        lines += ["## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots] + [""]
+    path = out / "equivalence.md"
+    path.write_text("\n".join(lines))
+    written.append(path)
+    return written
