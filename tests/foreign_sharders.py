@@ -61,3 +61,19 @@ class RaisesOnRank1(FsdpCore):
         if dist.get_rank(group) == 1:
             raise RuntimeError("boom on rank 1 only")
         return super().shard(model, plan, group)
+
+
+class ChattyProbes(FsdpCore):
+    """Its reduced_gradients probe communicates (as a probe that gathers a DTensor would): the
+    harness must not count that as the step's traffic."""
+    name = "chatty_probes"
+
+    def shard(self, model, plan, group):
+        self.group = group
+        return super().shard(model, plan, group)
+
+    def reduced_gradients(self, model):
+        import torch
+        import torch.distributed as dist
+        dist.all_reduce(torch.ones(4), group=self.group)
+        return super().reduced_gradients(model)

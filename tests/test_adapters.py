@@ -209,3 +209,10 @@ def test_the_pytest_plugin_runs_a_named_sharders_drawn_cases(tmp_path):
     bad = subprocess.run(base + ["--sharder", "tests.foreign_sharders:NotASharder"], cwd=ROOT,
                          env=env, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 4 and "not a subclass of verify.Sharder" in bad.stderr + bad.stdout
+
+
+@pytest.mark.multigpu
+def test_an_adapters_probes_are_not_counted_as_the_steps_collectives(rank_pool):
+    case = run_one(rank_pool, mlp_scenario(2), sharder="tests.foreign_sharders:ChattyProbes")
+    assert case.verdict == "pass", case.reason
+    assert all(st.collectives_ok and "all_reduce" not in st.collectives for st in case.steps)

@@ -43,9 +43,12 @@ class CollectiveRecorder:
     def __init__(self) -> None:
         self.counts: dict[str, list[int]] = defaultdict(lambda: [0, 0])
         self._saved: dict[str, Callable] = {}
+        self._paused = False
 
     def _wrap(self, name: str, fn: Callable) -> Callable:
         def wrapped(*args, **kwargs):
+            if self._paused:
+                return fn(*args, **kwargs)
             entry = self.counts[name]
             entry[0] += 1
             tensors = list(args[:2]) + [kwargs[k] for k in ("output", "input", "tensor",
@@ -67,6 +70,15 @@ class CollectiveRecorder:
             for name, fn in self._saved.items():
                 setattr(dist, name, fn)
             self._saved.clear()
+
+    @contextlib.contextmanager
+    def paused(self):
+        """Calls made meanwhile (the harness's own probes) are not the step's."""
+        self._paused = True
+        try:
+            yield self
+        finally:
+            self._paused = False
 
     def take(self) -> dict[str, list[int]]:
         out = {k: list(v) for k, v in self.counts.items()}

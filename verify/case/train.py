@@ -144,10 +144,11 @@ class Trainer:
             with self.recorder.recording():
                 losses = self._forward_backward(mine)
                 t_probe = time.perf_counter()
-                pad_reduce = self.padding()
-                unsharded = sh.unsharded_units(model)
-                grads = sh.reduced_gradients(model)
-                nbytes = state_bytes(opt)
+                with self.recorder.paused():   # an adapter's probes are not the step's traffic
+                    pad_reduce = self.padding()
+                    unsharded = sh.unsharded_units(model)
+                    grads = sh.reduced_gradients(model)
+                    nbytes = state_bytes(opt)
                 t_probe = time.perf_counter() - t_probe  # not the sharder's time: left out
                 opt.step()
             step_time = time.perf_counter() - t0 - t_probe

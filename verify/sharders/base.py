@@ -112,6 +112,12 @@ class Sharder:
         return None
 
     def expected_collectives(self, model, trace: StepTrace):
+        """{kind: (calls, bytes)} for the step, compared exactly with what the harness
+        recorded (``trace.recorded``): kind is the torch.distributed function's name as called
+        (``all_gather_single``, ``reduce_scatter_tensor``, ``all_reduce``, ...), bytes those of
+        the larger of its first two tensor arguments (the unsharded side of a gather or a
+        reduce-scatter, the buffer of an all-reduce or all-to-all), summed over the calls. The
+        harness's own probes are not counted; a kind recorded but not named here fails."""
         return None
 
     def unsharded_units(self, model):
