@@ -77,3 +77,14 @@ class ChattyProbes(FsdpCore):
         import torch.distributed as dist
         dist.all_reduce(torch.ones(4), group=self.group)
         return super().reduced_gradients(model)
+
+
+class DropsAName(FsdpCore):
+    """full_parameters loses one parameter and invents another: the structure check fails."""
+    name = "drops_a_name"
+
+    def full_parameters(self, model, optimizer):
+        full = super().full_parameters(model, optimizer)
+        full.pop(next(iter(full)))
+        full["not.in.the.model"] = full[next(iter(full))].clone()
+        return full

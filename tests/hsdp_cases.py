@@ -4,6 +4,7 @@ data that tests/test_hsdp.py asserts on."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 
 import torch
@@ -270,13 +271,7 @@ def errors(payload: dict, ctx) -> dict:
     from fsdp_core._mesh import _singleton
 
     out = {}
-
-    def attempt(name, fn):
-        try:
-            fn()
-            out[name] = ("no error", "")
-        except Exception as e:  # noqa: BLE001 - the test inspects type and message
-            out[name] = (type(e).__name__, str(e))
+    attempt = functools.partial(sc.record_error, out)
 
     mesh = hsdp_mesh(ctx.group, 2, 2)
     ranks = torch.arange(4, dtype=torch.int)

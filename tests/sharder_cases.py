@@ -3,6 +3,8 @@
 the test asserts on in the parent process; every rank computes the same small reference."""
 from __future__ import annotations
 
+import functools
+
 import copy
 
 import torch
@@ -190,17 +192,20 @@ def meta_init_missing_buffer(payload: dict, ctx) -> str:
 _KEEP_ALIVE: list = []
 
 
+def record_error(out: dict, name: str, fn) -> None:
+    """Run ``fn``; ``out[name]`` = (exception type name, message), or ("no error", "")."""
+    try:
+        fn()
+        out[name] = ("no error", "")
+    except Exception as e:  # noqa: BLE001 - the test inspects type and message
+        out[name] = (type(e).__name__, str(e))
+
+
 def errors(payload: dict, ctx) -> dict:
     """Each user mistake ends in a clear exception; returns type and message per case."""
     import torch.nn as nn
     out = {}
-
-    def attempt(name, fn):
-        try:
-            fn()
-            out[name] = ("no error", "")
-        except Exception as e:  # noqa: BLE001 - the test inspects type and message
-            out[name] = (type(e).__name__, str(e))
+    attempt = functools.partial(record_error, out)
 
     g = ctx.group
 

@@ -216,3 +216,10 @@ def test_an_adapters_probes_are_not_counted_as_the_steps_collectives(rank_pool):
     case = run_one(rank_pool, mlp_scenario(2), sharder="tests.foreign_sharders:ChattyProbes")
     assert case.verdict == "pass", case.reason
     assert all(st.collectives_ok and "all_reduce" not in st.collectives for st in case.steps)
+
+
+@pytest.mark.multigpu
+def test_missing_and_unexpected_parameter_names_fail_the_structure_check(rank_pool):
+    case = run_one(rank_pool, mlp_scenario(1), sharder="tests.foreign_sharders:DropsAName")
+    assert case.verdict == "fail" and _failed(case) == {"structure", "reassembly"}, case.reason
+    assert "missing parameters" in case.reason and "not.in.the.model" in case.reason

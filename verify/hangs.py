@@ -42,15 +42,6 @@ _SKIP_FILES = (os.sep + "torch" + os.sep, os.path.join("verify", "hangs.py"),
                os.path.join("verify", "plant.py"), os.path.join("verify", "case", "probes.py"))
 
 
-def _nbytes(x: Any) -> int:
-    import torch
-    if isinstance(x, torch.Tensor):
-        return x.numel() * x.element_size()
-    if isinstance(x, (list, tuple)):
-        return sum(_nbytes(t) for t in x)
-    return 0
-
-
 def _dtype(x: Any) -> str:
     import torch
     if isinstance(x, torch.Tensor):
@@ -197,6 +188,8 @@ class CollectiveLog:
         return " ".join(x for x in (step, unit, "<-", call) if x).replace("\t", " ")
 
     def _wrap(self, name: str, fn):
+        # rank side only (probes imports torch; the parent reading the logs needs none of it)
+        from verify.case.probes import tensor_bytes
         try:
             sig = inspect.signature(fn)
         except (TypeError, ValueError):
@@ -213,7 +206,7 @@ class CollectiveLog:
                            if k in ("output", "input", "tensor", "output_tensor", "input_tensor",
                                     "tensor_list", "output_tensor_list", "input_tensor_list",
                                     "object_list", "obj")]
-                nbytes = max((_nbytes(t) for t in tensors), default=0)
+                nbytes = max((tensor_bytes(t) for t in tensors), default=0)
                 dtype = next((d for d in map(_dtype, tensors) if d != "-"), "-")
                 line = (f"B\t{seq}\t{name}\t{self._group_ranks(bound.get('group'))}\t{nbytes}\t"
                         f"{_SHORT.get(dtype, dtype)}\t{self._where()}\n")

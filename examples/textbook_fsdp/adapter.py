@@ -20,8 +20,6 @@ class Textbook(Sharder):
 
     def shard(self, model, plan, group):
         fsdp.reset_globals()   # process-wide state: rank processes are reused across cases
-        # the trainable parameters by their first name, as the reference names its gradients
-        self.trainable = {n for n, p in model.named_parameters() if p.requires_grad}
         self.fsdp = fsdp.TextbookFSDP(model, plan.units, mistakes=self.mistakes)
         return model
 
@@ -68,23 +66,6 @@ class Textbook(Sharder):
                 a = max(lo, u.offsets[i])
                 b = max(a, min(lo + u.shard_numel, u.offsets[i] + u.numels[i]))
                 out[fqn] = (a - u.offsets[i], flat[a - lo: b - lo].clone())
-        return out
-
-
-    def reduced_gradients(self, model):
-        """The reduced gradient pieces, as `local_pieces` gives the parameters: each unit's
-        flat gradient shard (None before its reduction: that unit's names are absent)."""
-        out = {}
-        for u in self.fsdp.units:
-            if u.shard.grad is None:
-                continue
-            lo = u.rank * u.shard_numel
-            for fqn, _, _, i in u.refs:
-                if fqn not in self.trainable or fqn in out:
-                    continue
-                a, b = max(lo, u.offsets[i]), min(lo + u.shard_numel, u.offsets[i] + u.numels[i])
-                out[fqn] = (max(0, a - u.offsets[i]),
-                            u.shard.grad.detach()[a - lo: max(a, b) - lo].clone())
         return out
 
 

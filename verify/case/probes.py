@@ -14,7 +14,7 @@ from typing import Any, Callable, Optional
 import torch
 import torch.distributed as dist
 
-__all__ = ["CollectiveRecorder", "RECORDED_COLLECTIVES", "state_bytes", "watch_units",
+__all__ = ["CollectiveRecorder", "tensor_bytes", "RECORDED_COLLECTIVES", "state_bytes", "watch_units",
            "nonzero_padding", "local_tensor"]
 
 # torch.distributed functions a sharder's data path uses; the recorder wraps exactly these.
@@ -25,11 +25,12 @@ RECORDED_COLLECTIVES = tuple(name for name in (
     "broadcast") if hasattr(dist, name))
 
 
-def _nbytes(x: Any) -> int:
+def tensor_bytes(x: Any) -> int:
+    """Bytes of a tensor, or of the tensors of a list or tuple; 0 for anything else."""
     if isinstance(x, torch.Tensor):
         return x.numel() * x.element_size()
     if isinstance(x, (list, tuple)):
-        return sum(_nbytes(t) for t in x)
+        return sum(tensor_bytes(t) for t in x)
     return 0
 
 
@@ -53,7 +54,7 @@ class CollectiveRecorder:
             entry[0] += 1
             tensors = list(args[:2]) + [kwargs[k] for k in ("output", "input", "tensor",
                                                               "output_tensor", "input_tensor") if k in kwargs]
-            entry[1] += max((_nbytes(a) for a in tensors), default=0)
+            entry[1] += max((tensor_bytes(a) for a in tensors), default=0)
             return fn(*args, **kwargs)
         wrapped.__wrapped__ = fn  # type: ignore[attr-defined]
         return wrapped
