@@ -74,6 +74,10 @@ peers: setup
 	  --out $(REPORTS)/peers; rc=$$?; \
 	cp $(REPORTS)/peers/peers.md $(REPORTS)/peers.md && echo "wrote $(REPORTS)/peers.md"; exit $$rc
 
+# The planted bugs (docs/planted_bugs.md): each on its fixed scenarios, and which check caught it.
+mutants: setup
+	$(PY) -m verify mutants
+
 # Sharded (W=4) vs unsharded loss curves on Python's stdlib sources -> reports/convergence.md.
 converge: setup
 	$(PY) -m verify converge --out $(REPORTS)

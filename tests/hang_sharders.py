@@ -1,6 +1,6 @@
 """Test-only sharders that hang on purpose (tests/test_diagnose.py): a toy replicated data-parallel
 sharder whose gradient all-reduces one rank skips (`SkipOnRank1`) or replaces by another
-collective (`Mismatch`), so that the hang diagnosis (verify/hangs.py) has something to find."""
+collective (`Mismatch`), so that the hang diagnosis (verify/diagnosis/hangs.py) has something to find."""
 from __future__ import annotations
 
 import torch

@@ -1,9 +1,9 @@
-"""Rank-side stand-ins for `verify.resume.load_phase` that break the resume on purpose, so the
+"""Rank-side stand-ins for `verify.campaign.resume.load_phase` that break the resume on purpose, so the
 tests can show the harness notices (module-level: the rank pool pickles them by reference)."""
 from __future__ import annotations
 
 import fsdp_core.checkpoint as ckpt
-from verify.resume import load_phase
+from verify.campaign.resume import load_phase
 
 
 def _patched_load(payload: dict, ctx, replacement) -> dict:

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from verify.campaign import draw_scenarios, run_one
-from verify.plant import mlp_scenario
+from verify.campaign.run import draw_scenarios, run_one
+from verify.tools.plants import mlp_scenario
 from verify.scenarios import Scenario
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -131,10 +131,10 @@ def test_a_bad_sharder_path_exits_2_before_any_rank_starts(argv, monkeypatch, ca
     import types
     from verify.cli import EXIT_USAGE, main
     started = []
-    fake = types.ModuleType("verify.campaign")
+    fake = types.ModuleType("verify.campaign.run")
     fake.run_campaign = fake.replay = lambda *a, **kw: started.append(a) or 0
-    monkeypatch.setitem(sys.modules, "verify.campaign", fake)
-    monkeypatch.setattr("verify.bench.run_bench", lambda **kw: started.append(kw))
+    monkeypatch.setitem(sys.modules, "verify.campaign.run", fake)
+    monkeypatch.setattr("verify.tools.bench.run_bench", lambda **kw: started.append(kw))
     with pytest.raises(SystemExit) as exc:
         main(argv)
     assert exc.value.code == EXIT_USAGE and not started
@@ -151,7 +151,7 @@ def test_no_code_outside_the_adapters_branches_on_a_sharder_name():
     offenders = []
     for path in (ROOT / "verify").rglob("*.py"):
         rel = path.relative_to(ROOT).as_posix()
-        if rel.startswith("verify/sharders/") or rel in ("verify/bench.py", "verify/timing_check.py"):
+        if rel.startswith("verify/sharders/") or rel in ("verify/tools/bench.py", "verify/tools/timing_check.py"):
             continue
         for n, line in enumerate(path.read_text().splitlines(), 1):
             if pattern.search(line):

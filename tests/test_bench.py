@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from fsdp_core._collectives import GATHER_KIND
-from verify.bench import run_bench
+from verify.tools.bench import run_bench
 
 
 @pytest.mark.slow
@@ -33,7 +33,7 @@ def test_bench_writes_the_tables_and_structural_targets_hold(tmp_path):
 
 @pytest.mark.slow
 def test_independent_timing_check_runs_and_its_exit_code_follows_the_ratio(capsys):
-    from verify.timing_check import main
+    from verify.tools.timing_check import main
     rc = main(["--world-size", "2", "--width", "32", "--layers", "2", "--vocab", "64", "--seq", "8",
                "--batch", "2", "--steps", "1", "--rounds", "2", "--foreach", "true"])
     line = capsys.readouterr().out.strip().splitlines()[-1]
@@ -48,7 +48,7 @@ def test_bench_hsdp_variants_on_one_mesh_and_the_formula_holds(rank_pool, mesh):
     """HSDP in the bench: fsdp_core and FSDP2 on the same 2-D mesh at W = 8; ours matches the
     collective formula with the replicate-group all-reduce, and holds the same state as FSDP2."""
     import dataclasses
-    from verify.bench import HSDP_VARIANTS, _hsdp_row, bench_case, bench_scenario
+    from verify.tools.bench import HSDP_VARIANTS, _hsdp_row, bench_case, bench_scenario
     if 8 not in rank_pool.world_sizes:
         pytest.skip("needs 8 ranks")
     s = dataclasses.replace(bench_scenario(8, width=32, layers=2, vocab=64, seq=8, batch=2), mesh=mesh)
@@ -64,7 +64,7 @@ def test_bench_hsdp_variants_on_one_mesh_and_the_formula_holds(rank_pool, mesh):
 
 @pytest.mark.multigpu
 def test_bench_times_a_named_sharder_against_fsdp2(rank_pool):
-    from verify.bench import VARIANTS, _extra_row, bench_case, bench_scenario
+    from verify.tools.bench import VARIANTS, _extra_row, bench_case, bench_scenario
     s = bench_scenario(2, width=32, layers=2, vocab=64, seq=8, batch=2)
     label = "textbook_fsdp"
     variants = {label: ("examples.textbook_fsdp.adapter:Textbook", "fast"), "fsdp2": VARIANTS["fsdp2"]}

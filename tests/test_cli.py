@@ -1,4 +1,4 @@
-"""`python -m verify`: argument validation, exit codes, what reaches verify.campaign."""
+"""`python -m verify`: argument validation, exit codes, what reaches verify.campaign.run."""
 from __future__ import annotations
 
 import json
@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.fixture
 def fake_campaign(monkeypatch):
     calls = []
-    mod = types.ModuleType("verify.campaign")
+    mod = types.ModuleType("verify.campaign.run")
 
     def run_campaign(**kwargs):
         calls.append(("run", kwargs))
@@ -30,7 +30,7 @@ def fake_campaign(monkeypatch):
         return mod.outcome
 
     mod.run_campaign, mod.replay, mod.outcome, mod.calls = run_campaign, replay, 0, calls
-    monkeypatch.setitem(sys.modules, "verify.campaign", mod)
+    monkeypatch.setitem(sys.modules, "verify.campaign.run", mod)
     return mod
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from verify.cli import EXIT_USAGE, main
-from verify.converge import converge_scenario, corpus_batch, load_corpus, run_converge
+from verify.tools.converge import converge_scenario, corpus_batch, load_corpus, run_converge
 
 
 def test_corpus_is_the_stdlib_sources_and_the_same_every_time():

@@ -1,4 +1,4 @@
-"""Diagnosis (verify/diagnose.py, shrink.py, hangs.py, locate.py): planted bugs and the textbook
+"""Diagnosis (verify/diagnosis/diagnose.py, shrink.py, hangs.py, locate.py): planted bugs and the textbook
 FSDP's mistakes shrink to minimal failing scenarios whose first divergence names the right
 phase; sharders that hang on purpose (tests/hang_sharders.py) are explained by the first
 divergent collective, within the timeout + 15 s, and the campaign goes on.
@@ -13,14 +13,14 @@ import time
 
 import pytest
 
-from verify import campaign
-from verify.campaign import run_one
-from verify.campaign import diagnose as diagnose_failures
-from verify.diagnose import console_lines, first_line
-from verify.hangs import CollectiveLog, explain
-from verify.pool import RankPool
+import verify.campaign.run as campaign
+from verify.campaign.run import run_one
+from verify.campaign.run import diagnose as diagnose_failures
+from verify.diagnosis.diagnose import console_lines, first_line
+from verify.diagnosis.hangs import CollectiveLog, explain
+from verify.ranks.pool import RankPool
 from verify.scenarios import Scenario
-from verify.shrink import candidates, n_units
+from verify.diagnosis.shrink import candidates, n_units
 
 BUDGET_S = 120.0
 HANG_TIMEOUT_S = 8.0

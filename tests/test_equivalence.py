@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from hypothesis import given, strategies as st
 
-from verify.campaign import run_one
+from verify.campaign.run import run_one
 from verify.strategies import scenarios
 
 pytestmark = pytest.mark.multigpu

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from verify.campaign import run_one
+from verify.campaign.run import run_one
 from verify.scenarios import Scenario, build_model, init_weights, wrap_units
 
 HF = ("hf_gpt2", "hf_llama")

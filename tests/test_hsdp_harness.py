@@ -8,7 +8,7 @@ import dataclasses
 import pytest
 
 from fsdp_core._collectives import GATHER_KIND
-from verify.campaign import draw_scenarios, run_one
+from verify.campaign.run import draw_scenarios, run_one
 from verify.scenarios import Scenario
 from verify.strategies import scenarios
 

@@ -11,8 +11,8 @@ import types
 
 import pytest
 
-from verify.campaign import draw_scenarios, run_one, skip_reason
-from verify.resume import ResumeCase, run_resume
+from verify.campaign.run import draw_scenarios, run_one, skip_reason
+from verify.campaign.resume import ResumeCase, run_resume
 from verify.scenarios import Scenario
 from verify.sharders import has_checkpointing, load
 
@@ -60,7 +60,7 @@ def test_every_builtin_has_checkpoints_and_the_offload_it_declares():
 
 
 def test_runnable_drops_offload_no_sharder_declares():
-    from verify.campaign import _runnable
+    from verify.campaign.run import _runnable
     assert _runnable(["ddp"], ["fast"], ["fp32"], [False, True])[2:] == ([False], ["offload"])
     assert _runnable(["ddp", "torch_fsdp2"], ["fast"], ["fp32"], [True])[2] == [True]
 
@@ -68,9 +68,9 @@ def test_runnable_drops_offload_no_sharder_declares():
 def test_preset_expands_to_the_guide_s_recipe_and_flags_override(monkeypatch, tmp_path, capsys):
     from verify.cli import EXIT_OK, main
     calls = []
-    fake = types.ModuleType("verify.campaign")
+    fake = types.ModuleType("verify.campaign.run")
     fake.run_campaign = lambda **kw: calls.append(kw) or []
-    monkeypatch.setitem(sys.modules, "verify.campaign", fake)
+    monkeypatch.setitem(sys.modules, "verify.campaign.run", fake)
     assert main(["run", "--preset", "fsdp2-integration", "--out", str(tmp_path)]) == EXIT_OK
     kw = calls[-1]
     assert kw["sharders"] == ["torch_fsdp2"] and kw["families"] == ["hf_gpt2", "hf_llama"]

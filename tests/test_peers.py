@@ -7,7 +7,7 @@ import dataclasses
 
 import pytest
 
-from verify.campaign import expand_sharders, run_one, skip_reason
+from verify.campaign.run import expand_sharders, run_one, skip_reason
 from verify.case.judge import case_tier
 from verify.report import write_peers_report
 from verify.scenarios import Scenario

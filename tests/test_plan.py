@@ -1,4 +1,4 @@
-"""The scale planner (verify/plan.py, plan_scale.py, plan_cli.py): its figures equal what the
+"""The scale planner (verify/plan/units.py, plan_scale.py, plan_cli.py): its figures equal what the
 harness measures, exactly, and a layout bug in the planner shows as a difference."""
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from verify.plan import plan_problems, plan_scenario
+from verify.plan.units import plan_problems, plan_scenario
 from verify.scenarios import HF_FAMILIES, Scenario
 
 
@@ -38,7 +38,7 @@ if "hf_llama" in HF_FAMILIES:
 
 @pytest.mark.parametrize("s", CASES, ids=lambda s: f"{s.family}-W{s.world_size}-{s.optimizer}-{s.mode}-{s.wrap}")
 def test_plan_equals_measured_state_bytes_and_collectives(rank_pool, s):
-    from verify.campaign import run_one
+    from verify.campaign.run import run_one
     case = run_one(rank_pool, s)
     assert case.verdict in ("pass", "reported"), case.reason
     fig = plan_scenario(s)
@@ -69,7 +69,7 @@ def _planted(monkeypatch, **how):
     (dict(no_tail_padding=True), _s("mlp", 2, optimizer="sgd", model=dict(d_in=5, width=7, d_out=3))),
 ], ids=["no-alignment", "no-tail-padding"])
 def test_a_planted_layout_bug_fails_plan_equals_measured(rank_pool, monkeypatch, bug, s):
-    from verify.campaign import run_one
+    from verify.campaign.run import run_one
     case = run_one(rank_pool, s)
     assert plan_problems(s, case) == []
     _planted(monkeypatch, **bug)
@@ -79,9 +79,9 @@ def test_a_planted_layout_bug_fails_plan_equals_measured(rank_pool, monkeypatch,
 
 @pytest.mark.parametrize("world_size", [2, 4])
 def test_plan_peak_unsharded_equals_the_bench_measurement(rank_pool, world_size):
-    """On the bench GPT (verify/bench.py), fsdp_core's peak of unsharded buffers alive at once
+    """On the bench GPT (verify/tools/bench.py), fsdp_core's peak of unsharded buffers alive at once
     (fsdp_core._flat_param.UNSHARDED_BYTES, with and without prefetch) is the planner's, on every rank."""
-    from verify.bench import bench_case, bench_scenario
+    from verify.tools.bench import bench_case, bench_scenario
     s = bench_scenario(world_size, width=64, layers=3, vocab=97, seq=8, batch=2)
     res = rank_pool.run(world_size, bench_case, {"scenario": s.to_json(), "steps": 1, "warmup": 1,
                                                  "variants": ("fsdp_core", "fsdp_core_noprefetch")})
@@ -132,8 +132,8 @@ def test_cli_plan_scenario_family_and_bad_model(tmp_path, capsys):
 
 def test_plan_scale_matches_plan_scenario_on_the_same_model():
     """The CLI's per-rank figures are plan_scenario's for a scenario model at its W."""
-    from verify.plan_models import load_model
-    from verify.plan_scale import PlanOptions, plan_scale
+    from verify.plan.models import load_model
+    from verify.plan.scale import PlanOptions, plan_scale
     s = _s("gpt", 4, optimizer="adamw", micro_batches=4, model=dict(vocab_size=19, n_embd=12, n_head=3))
     fig = plan_scenario(s)
     row = plan_scale(load_model("gpt:n_embd=12,n_head=3,vocab_size=19"), [4], (), PlanOptions())["rows"][0]
@@ -146,7 +146,7 @@ def test_plan_scale_matches_plan_scenario_on_the_same_model():
 def test_builtin_trees_have_transformers_parameter_names_shapes_and_order():
     import torch
     import transformers
-    from verify.plan_models import _from_config
+    from verify.plan.models import _from_config
     cfgs = [dict(model_type="llama", vocab_size=50, hidden_size=16, intermediate_size=24,
                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False),
             dict(model_type="gpt2", vocab_size=50, n_positions=7, n_embd=16, n_layer=2, n_head=2)]

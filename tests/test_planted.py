@@ -1,4 +1,4 @@
-"""The harness can fail: every planted bug (verify/plant.py) makes its fixed scenarios fail while
+"""The harness can fail: every planted bug (verify/tools/plants/) makes its fixed scenarios fail while
 the clean runs pass; last-bit bugs are caught by the bitwise tier and missed, by design, by the
 tolerance tier; a rank that raises, exits or hangs becomes exactly one 'error' case and the
 campaign goes on; `python -m verify mutants` counts what it caught.
@@ -16,10 +16,10 @@ import pytest
 import torch.distributed as dist
 
 from fsdp_core._collectives import REDUCE_SCATTER_KIND
-from verify.campaign import run_one
-from verify.mutants import MutantOutcome, failed_checks, main as mutants_main, run_mutants
-from verify.plant import BUGS, DET2, FAST2, FAST4, FAULTS, PLANTS, mlp_scenario, install, planted
-from verify.pool import RankPool
+from verify.campaign.run import run_one
+from verify.tools.mutants import MutantOutcome, failed_checks, main as mutants_main, run_mutants
+from verify.tools.plants import BUGS, DET2, FAST2, FAST4, FAULTS, PLANTS, mlp_scenario, install, planted
+from verify.ranks.pool import RankPool
 
 ROOT = Path(__file__).resolve().parent.parent
 REQUIRED = ("drop_rank_grad", "allgather_one_ulp", "reduce_scale_2pow20", "no_divide_by_world",
@@ -152,7 +152,7 @@ def test_backend_check_catches_torch_distributed_plants_everywhere(rank_pool):
 def backend_cache_probe(payload, ctx):
     """Which calls of backend_problem really ran the check, as the collectives change."""
     import torch.distributed as dist
-    from verify import backend_check as B
+    from verify.ranks import backend_check as B
     ran = []
     orig_check, orig_reduce, orig_gather = B.check_backend, dist.all_reduce, dist.all_gather_into_tensor
 
@@ -221,7 +221,7 @@ def test_mutants_main_counts_and_fails_below_total(rank_pool, capsys, monkeypatc
 
     def one_missed(pool, names, **kwargs):
         return [], [MutantOutcome(n, "bug", caught=(i == 0)) for i, n in enumerate(names)]
-    monkeypatch.setattr("verify.mutants.run_mutants", one_missed)
+    monkeypatch.setattr("verify.tools.mutants.run_mutants", one_missed)
     assert mutants_main(["drop_rank_grad", "no_divide_by_world"], pool=rank_pool) == 1
     out = capsys.readouterr().out
     assert "caught 1/2" in out
@@ -235,10 +235,10 @@ def test_cli_plant_option_reaches_the_campaign_and_is_validated(monkeypatch, cap
 
     from verify.cli import EXIT_USAGE, build_parser, main
     calls = []
-    fake = types.ModuleType("verify.campaign")
+    fake = types.ModuleType("verify.campaign.run")
     fake.run_campaign = lambda **kw: calls.append(("run", kw)) or 0
     fake.replay = lambda scenario, **kw: calls.append(("replay", kw)) or 1
-    monkeypatch.setitem(sys.modules, "verify.campaign", fake)
+    monkeypatch.setitem(sys.modules, "verify.campaign.run", fake)
     assert main(["run", "--plant", "no_divide_by_world", "--world-sizes", "2"]) == 0
     assert calls[-1][1]["plant"] == "no_divide_by_world"
     assert main(["replay", "--plant", "drop_rank_grad", FAST2.to_json()]) == 1

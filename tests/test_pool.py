@@ -15,8 +15,8 @@ import time
 
 import pytest
 
-from verify.pool import PoolResult, RankPool, measure_overhead
-from verify.rank import TorchrunContext, current_rank_context, pool_world_sizes
+from verify.ranks.pool import PoolResult, RankPool, measure_overhead
+from verify.ranks.rank import TorchrunContext, current_rank_context, pool_world_sizes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHORT = 20.0          # timeout for runs that should finish at once
@@ -323,7 +323,7 @@ def test_a_crashed_parent_leaves_no_rank_behind(how):
     end = {"sigkill": "os.kill(os.getpid(), signal.SIGKILL)", "exit": "os._exit(1)"}[how]
     script = textwrap.dedent(f"""
         import os, signal
-        from verify.pool import RankPool, _trivial_collective
+        from verify.ranks.pool import RankPool, _trivial_collective
         pool = RankPool(2)
         assert pool.run(2, _trivial_collective, None).ok
         print(" ".join(map(str, pool.pids)), flush=True)

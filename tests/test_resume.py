@@ -1,6 +1,6 @@
-"""Checkpoint-resume cases of the harness (verify/resume.py): train at W_a, save, load at W_b,
+"""Checkpoint-resume cases of the harness (verify/campaign/resume.py): train at W_a, save, load at W_b,
 finish; every step against the uninterrupted run. Plus the pool-memory record of a campaign
-(verify/soak.py) and its report section."""
+(verify/tools/soak.py) and its report section."""
 from __future__ import annotations
 
 import dataclasses
@@ -12,7 +12,7 @@ import torch
 
 import resume_cases
 from verify.reference import run_reference
-from verify.resume import ResumeCase, draw_resume_cases, resume_reference, run_resume
+from verify.campaign.resume import ResumeCase, draw_resume_cases, resume_reference, run_resume
 from verify.case.train import run_case
 from verify.scenarios import Scenario
 
@@ -102,7 +102,7 @@ def test_a_failing_phase_is_an_error_naming_it():
         calls = 0
 
         def run(self, world_size, fn, payload, timeout_s=None):
-            from verify.rank import PoolResult
+            from verify.ranks.rank import PoolResult
             Failing.calls += 1
             return PoolResult(False, None, "rank 1 raised: boom", 0.0)
 
@@ -179,7 +179,7 @@ def _samples(n: int, start_kib: int, end_kib: int, ranks: int = 2) -> list[dict]
 
 
 def test_rss_sample_reads_proc():
-    from verify.soak import rss_kib, sample
+    from verify.tools.soak import rss_kib, sample
 
     class Pool:
         pids, restarts = [os.getpid()], 0
@@ -194,7 +194,7 @@ def test_rss_sample_reads_proc():
 @pytest.mark.parametrize("end, held", [(104_000, True), (111_000, False), (90_000, True)])
 def test_soak_check_from_case_50_to_the_end(tmp_path, end, held):
     from verify.report import write_reports
-    from verify.soak import check, summarize
+    from verify.tools.soak import check, summarize
     samples = _samples(120, 100_000, end)
     summary = summarize(samples)
     assert summary["baseline_case"] == 50 and summary["end_case"] == 120
@@ -207,7 +207,7 @@ def test_soak_check_from_case_50_to_the_end(tmp_path, end, held):
 
 def test_soak_check_needs_enough_cases(tmp_path):
     from verify.report import write_reports
-    from verify.soak import check
+    from verify.tools.soak import check
     write_reports([], tmp_path, pool_memory=_samples(20, 100_000, 100_000))
     ok, line = check(tmp_path / "results.json")
     assert not ok and "only 20 cases" in line
@@ -232,13 +232,13 @@ def test_cli_resume_cases_and_soak_options(monkeypatch, tmp_path, capsys):
     import sys
     import types
     from verify.cli import EXIT_FAILED, EXIT_OK, EXIT_USAGE, main
-    from verify.soak import SOAK_ENV
+    from verify.tools.soak import SOAK_ENV
     for k in SOAK_ENV:  # --soak sets them when unset; keep this session's environment as it was
         monkeypatch.setenv(k, "7")
     calls = []
-    fake = types.ModuleType("verify.campaign")
+    fake = types.ModuleType("verify.campaign.run")
     fake.run_campaign = lambda **kw: calls.append(kw) or []
-    monkeypatch.setitem(sys.modules, "verify.campaign", fake)
+    monkeypatch.setitem(sys.modules, "verify.campaign.run", fake)
     assert main(["run", "--out", str(tmp_path), "--resume-cases", "3"]) == EXIT_OK
     assert calls[-1]["resume_cases"] == 3
     main(["run", "--out", str(tmp_path)])
@@ -269,14 +269,14 @@ def test_cli_replay_resume_needs_both_options(capsys):
 
 
 def test_round_robin_deals_one_from_each_group():
-    from verify.soak import round_robin
+    from verify.tools.soak import round_robin
     got = round_robin([(1, "a"), (1, "b"), (1, "c"), (2, "a"), (4, "a"), (4, "b")], key=lambda x: x[0])
     assert got == [(1, "a"), (2, "a"), (4, "a"), (1, "b"), (4, "b"), (1, "c")]
 
 
 def test_pool_memory_record_with_cache_settings(tmp_path):
     from verify.report import write_reports
-    from verify.soak import check
+    from verify.tools.soak import check
     record = {"samples": _samples(60, 100_000, 101_000), "cache_env": {
         "ONEDNN_PRIMITIVE_CACHE_CAPACITY": "16", "LRU_CACHE_CAPACITY": None}}
     write_reports([], tmp_path, pool_memory=record)
@@ -299,7 +299,7 @@ def test_the_printed_replay_line_reruns_the_case(capsys):
     """What a failing resume case prints (`resume_replay_command`) runs as it reads."""
     import shlex
     from verify.cli import main
-    from verify.resume import resume_replay_command
+    from verify.campaign.resume import resume_replay_command
     s = Scenario(family="mlp", model=(), world_size=1, mode="deterministic", optimizer="adam",
                  steps=2, micro_batches=2)
     argv = shlex.split(resume_replay_command(ResumeCase(s, 2, 1)))

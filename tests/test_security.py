@@ -15,7 +15,7 @@ import sys
 
 import pytest
 
-from verify.pool import RankPool, spawn_run
+from verify.ranks.pool import RankPool, spawn_run
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 
@@ -215,7 +215,7 @@ def test_a_killed_process_store_dir_is_removed_by_the_next_one():
     import subprocess
     import tempfile
 
-    from verify.rank import private_store_dir
+    from verify.ranks.rank import private_store_dir
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                           capture_output=True, text=True, check=True)
     stale = tempfile.mkdtemp(prefix=f"verify-pool-{int(dead.stdout)}-")

@@ -1,7 +1,7 @@
 """`python -m verify`: run a campaign, replay one case, re-render a report, run the planted
 bugs (`mutants`).
 
-This module parses and validates arguments only; the work is done by `verify.campaign`
+This module parses and validates arguments only; the work is done by `verify.campaign.run`
 (imported when a command needs it, so `--help` stays instant) and `verify.report`.
 """
 from __future__ import annotations
@@ -31,7 +31,7 @@ MAX_WORLD_SIZE = 8   # a rank pool's default; VERIFY_MAX_WORLD_SIZE raises it (e
 def max_world_size() -> int:
     """The largest world size a run may ask for: VERIFY_MAX_WORLD_SIZE (default 8) for the rank
     pool; under torchrun, the launched world size (any power of two: 16, 32, ...)."""
-    from verify.rank import is_torchrun
+    from verify.ranks.rank import is_torchrun
     if is_torchrun():
         return int(os.environ["WORLD_SIZE"])
     try:
@@ -192,7 +192,7 @@ def _budget(text: str) -> float:
 
 
 def _plant(text: str) -> str:
-    from verify.plant import PLANTS
+    from verify.tools.plants import PLANTS
     if text not in PLANTS:
         raise argparse.ArgumentTypeError(
             f"unknown planted bug {text!r}; choose from {', '.join(PLANTS)} "
@@ -309,7 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
     mutants = sub.add_parser(
         "mutants", formatter_class=fmt, epilog=_EXIT_CODES,
         help="prove the harness can fail: run every planted bug, print caught/total",
-        description="Plant each named bug of verify/plant.py (docs/planted_bugs.md) in the "
+        description="Plant each named bug of verify/tools/plants/ (docs/planted_bugs.md) in the "
                     "ranks, run it on its fixed scenarios, and print per bug whether the "
                     "harness caught it and by which check, then `caught N/N`. Exits 1 if a "
                     "bug is missed or a clean run fails. One bug can be demonstrated on any "
@@ -400,7 +400,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="a directory written by `run` (holds results.json)")
     report.add_argument("--title", default=None, help="title for the markdown (default: saved)")
 
-    from verify.plan_cli import add_plan_arguments  # torch-free: --help stays instant
+    from verify.plan.cli import add_plan_arguments  # torch-free: --help stays instant
     add_plan_arguments(sub.add_parser(
         "plan", formatter_class=fmt, help="per-rank memory and per-step traffic at scale, without running"))
     return parser
@@ -421,11 +421,11 @@ def _exit_code(outcome: Any) -> int:
 
 def _campaign() -> Any:
     try:
-        campaign = importlib.import_module("verify.campaign")
+        campaign = importlib.import_module("verify.campaign.run")
     except ModuleNotFoundError as exc:
-        if exc.name != "verify.campaign":
+        if exc.name != "verify.campaign.run":
             raise
-        sys.exit("python -m verify: verify.campaign is not available in this checkout")
+        sys.exit("python -m verify: verify.campaign.run is not available in this checkout")
     return campaign
 
 
@@ -437,8 +437,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if args.out.exists() and not args.out.is_dir():
         raise _Usage(f"--out {args.out} exists and is not a directory")
     extra = {"resume_cases": args.resume_cases} if args.resume_cases else {}
-    if args.soak:  # round-robin over world sizes; oneDNN's kernel caches capped (verify/soak.py)
-        from verify.soak import apply_soak_env
+    if args.soak:  # round-robin over world sizes; oneDNN's kernel caches capped (verify/tools/soak.py)
+        from verify.tools.soak import apply_soak_env
         apply_soak_env()
         extra["interleave"] = True
     if args.families is not None:
@@ -455,7 +455,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         sharders=sharders, modes=MODES[args.mode], profile=args.profile,
         out_dir=args.out, timeout_s=args.timeout, **_dtypes(args), **_planted(args), **extra))
     if args.soak:
-        from verify.soak import check
+        from verify.tools.soak import check
         held, line = check(args.out / "results.json")
         print(line)
         code = code if held else EXIT_FAILED
@@ -467,7 +467,7 @@ def _dtypes(args: argparse.Namespace) -> dict:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from verify.bench import run_bench
+    from verify.tools.bench import run_bench
     run_bench(world_sizes=args.world_sizes, steps=args.steps, warmup=args.warmup, width=args.width,
               layers=args.layers, vocab=args.vocab, seq=args.seq, batch=args.batch,
               out_dir=args.out, harness_cases=args.harness_cases, spawn_cases=args.spawn_cases,
@@ -482,7 +482,7 @@ def _cmd_converge(args: argparse.Namespace) -> int:
         raise _Usage(f"--micro-batches {m} must be a power of two >= the world size {w}")
     if args.out.exists() and not args.out.is_dir():
         raise _Usage(f"--out {args.out} exists and is not a directory")
-    from verify.converge import run_converge
+    from verify.tools.converge import run_converge
     paths = run_converge(world_size=w, steps=args.steps, width=args.width, layers=args.layers,
                          seq=args.seq, micro_batches=m, micro_batch_size=args.batch, lr=args.lr,
                          seed=args.seed, corpus_bytes=args.corpus_bytes, modes=MODES[args.mode],
@@ -510,7 +510,7 @@ def _cmd_replay(args: argparse.Namespace) -> int:
     if args.resume_from is not None:
         if args.plant is not None:
             raise _Usage("--resume-from replays a checkpoint-resume case, without --plant")
-        from verify.resume import ResumeCase, replay_resume
+        from verify.campaign.resume import ResumeCase, replay_resume
         from verify.sharders import has_checkpointing, load
         if not has_checkpointing(load(sharder)):
             raise _Usage(f"--resume-from: the sharder {sharder} has no save/load")
@@ -525,12 +525,12 @@ def _cmd_replay(args: argparse.Namespace) -> int:
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
-    from verify.plan_cli import run_plan
+    from verify.plan.cli import run_plan
     return run_plan(args)
 
 
 def _cmd_mutants(args: argparse.Namespace) -> int:
-    from verify.mutants import main as mutants_main
+    from verify.tools.mutants import main as mutants_main
     return mutants_main(args.only, blind=args.blind, faults=args.faults,
                         timeout_s=args.timeout)
 
@@ -544,7 +544,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
         title, results = load_results(path)
     except (ValueError, KeyError) as exc:
         raise _Usage(f"{path} is not a results file: {exc}")
-    from verify.soak import load_pool_memory
+    from verify.tools.soak import load_pool_memory
     for p in write_reports(results, args.dir, title=args.title or title,
                            pool_memory=load_pool_memory(path)):
         print(p)

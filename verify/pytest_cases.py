@@ -6,7 +6,7 @@ import pytest
 
 
 def _cases(config: pytest.Config) -> list:
-    from verify.campaign import draw_scenarios
+    from verify.campaign.run import draw_scenarios
     from verify.sharders import expand, load_class
     specs = expand(x.strip() for x in config.getoption("sharder").split(",") if x.strip())
     families = config.getoption("families")

@@ -8,7 +8,7 @@ With ``--sharder``, the drawn equivalence cases (`verify.pytest_cases`) are adde
 test per (sharder, world size, mode, drawn scenario), each asserting the case's verdict and
 failing with its replay command. Fixtures for tests of your own:
 
-- ``rank_pool``: the session's ranks (a `verify.poolset.PoolSet` over a `RankPool` of
+- ``rank_pool``: the session's ranks (a `verify.ranks.poolset.PoolSet` over a `RankPool` of
   VERIFY_MAX_WORLD_SIZE processes, default 8; under torchrun, the launched processes);
 - ``equivalence``: ``equivalence.check(scenario, sharder=None)`` runs one case through the
   harness and returns its `CaseResult` (``sharder`` defaults to the first ``--sharder``, else
@@ -17,7 +17,7 @@ failing with its replay command. Fixtures for tests of your own:
 Under torchrun every rank draws the same cases and gets the same verdict (the ranks share their
 outcomes before anything is asserted), so no rank fails or hangs alone.
 
-Only this module imports pytest; the work is `verify.campaign`'s.
+Only this module imports pytest; the work is `verify.campaign.run`'s.
 """
 from __future__ import annotations
 
@@ -77,12 +77,12 @@ class Equivalence:
         self.sharders = expand(x.strip() for x in spec.split(",") if x.strip())
 
     def check(self, scenario, sharder: Optional[str] = None, **kw):
-        from verify.campaign import run_one
+        from verify.campaign.run import run_one
         return run_one(self.pool, scenario, sharder=sharder or self.sharders[0],
                        timeout_s=kw.pop("timeout_s", self.timeout_s), **kw)
 
     def draw(self, world_size: int, mode: str, n: int, *, seed: Optional[int] = None, **kw):
-        from verify.campaign import draw_scenarios
+        from verify.campaign.run import draw_scenarios
         return draw_scenarios(world_size=world_size, mode=mode, n=n,
                               seed=self.config.getoption("verify_seed") if seed is None else seed,
                               **kw)
@@ -94,9 +94,9 @@ def rank_pool():
     (in a PoolSet, so default-group sharders get pools of their own size), or, when pytest
     itself runs under torchrun, a TorchrunContext on the launcher's group. Both offer
     run(world_size, fn, payload) -> PoolResult."""
-    from verify.pool import RankPool
-    from verify.poolset import PoolSet
-    from verify.rank import TorchrunContext, is_torchrun
+    from verify.ranks.pool import RankPool
+    from verify.ranks.poolset import PoolSet
+    from verify.ranks.rank import TorchrunContext, is_torchrun
 
     if is_torchrun():
         pool = PoolSet(TorchrunContext())

@@ -48,7 +48,7 @@ def run_reference(s: Scenario, *, world_size_at: Optional[Callable[[int], int]] 
                   ) -> list[RefStep]:
     """``world_size_at(step)``: the world size whose protocol step ``step`` follows (default:
     ``s.world_size`` throughout), for a run that is checkpointed at one world size and resumed
-    at another (verify/resume.py). Every world size must divide ``s.micro_batches``."""
+    at another (verify/campaign/resume.py). Every world size must divide ``s.micro_batches``."""
     s.validate()
     master = build_model(s)
     opt = make_optimizer(s, master.named_parameters())

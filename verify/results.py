@@ -69,7 +69,7 @@ class CaseResult:
     first_divergence: Optional[tuple[int, str]] = None  # (step, parameter) first not bitwise equal
     replay: str = ""                   # one-line command that reruns exactly this case
     wall_time_s: float = 0.0
-    # Checkpoint-resume cases (verify/resume.py) only: the world size that trained the first
+    # Checkpoint-resume cases (verify/campaign/resume.py) only: the world size that trained the first
     # `save_after` steps and saved; world_size is the one that loaded and finished.
     save_world_size: Optional[int] = None
     save_after: Optional[int] = None
@@ -79,7 +79,7 @@ class CaseResult:
     # Structured check records (verify/case/judge.py `Check`): check, status (pass | fail |
     # n/a), step, rank, detail. The reason is their failures' details, for people.
     checks: list[dict] = field(default_factory=list)
-    # Diagnosis of a failing case (verify/diagnose.py; empty / None for a passing one):
+    # Diagnosis of a failing case (verify/diagnosis/diagnose.py; empty / None for a passing one):
     signature: str = ""                # the failure's signature: failures sharing it shrink once
     flaky: Optional[bool] = None       # True: the failure did not reproduce on replay
     minimal_scenario_json: str = ""    # the smallest scenario found that fails the same way

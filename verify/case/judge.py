@@ -175,7 +175,7 @@ def _plan_check(s: Scenario, sharder, case: CaseResult) -> Check:
         figures = sharder.planned(s) if sharder is not None else None
         if figures is None:
             return Check("plan", "n/a")
-        from verify.plan import plan_problems
+        from verify.plan.units import plan_problems
         if any(not st.state_bytes for st in case.steps):   # no state figure measured: n/a
             figures = dataclasses.replace(figures, state_bytes=tuple(() for _ in case.steps))
         problems = plan_problems(s, case, figures)

@@ -175,11 +175,11 @@ class Trainer:
 
 def run_case(payload: dict, ctx) -> dict:
     """Rank side of one case: payload {"scenario": json, "sharder": spec, "plant": name or
-    absent, "backend_check": bool}. The backend is checked first (verify/backend_check.py)."""
-    from verify.backend_check import backend_problem
-    from verify.hangs import CollectiveLog
-    from verify.plant import planted
-    with planted(payload.get("plant"), ctx), CollectiveLog() as log:  # log: verify/hangs.py
+    absent, "backend_check": bool}. The backend is checked first (verify/ranks/backend_check.py)."""
+    from verify.ranks.backend_check import backend_problem
+    from verify.diagnosis.hangs import CollectiveLog
+    from verify.tools.plants import planted
+    with planted(payload.get("plant"), ctx), CollectiveLog() as log:  # log: verify/diagnosis/hangs.py
         s = Scenario.from_json(payload["scenario"])
         dtypes = (torch.float32, torch.bfloat16) if s.dtype == "bf16" else (torch.float32,)
         problem = (backend_problem(ctx.group, ctx.device, dtypes=dtypes)

@@ -9,7 +9,7 @@ the plots are skipped). Everything here reads records and writes text; nothing r
   plots        the per-step and state plots
   write        write_reports, load_results (equivalence.md, results.csv/json, plots)
   peers        peers.md: the same cases through every sharder, side by side
-  convergence  convergence.md/png/json (verify/converge.py)
+  convergence  convergence.md/png/json (verify/tools/converge.py)
 """
 from verify.report.convergence import write_convergence_report
 from verify.report.frames import results_frame, steps_frame

@@ -1,4 +1,4 @@
-"""convergence.md/png/json: sharded vs unsharded loss curves on real text (verify/converge.py)."""
+"""convergence.md/png/json: sharded vs unsharded loss curves on real text (verify/tools/converge.py)."""
 from __future__ import annotations
 
 import json
@@ -9,11 +9,11 @@ from typing import Optional
 from verify.report._format import _md, _num
 
 
-# -- convergence on real text (verify/converge.py) --------------------------------------------
+# -- convergence on real text (verify/tools/converge.py) --------------------------------------------
 
 def write_convergence_report(data: dict, out_dir: str | Path) -> list[Path]:
     """Write convergence.json, convergence.png (when matplotlib is installed) and
-    convergence.md from `verify.converge.run_converge`'s record; return the paths."""
+    convergence.md from `verify.tools.converge.run_converge`'s record; return the paths."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")

@@ -12,7 +12,7 @@ from verify.report.tables import _has_offload, _yes
 
 
 def resume_table(df: pd.DataFrame) -> str:
-    """Markdown: one row per checkpoint-resume case (verify/resume.py): W_a -> W_b, when."""
+    """Markdown: one row per checkpoint-resume case (verify/campaign/resume.py): W_a -> W_b, when."""
     rows = []
     res = df[df["save_world_size"].notna()] if "save_world_size" in df else df[:0]
     several = res["sharder"].nunique() > 1 if not res.empty else False
@@ -46,8 +46,8 @@ looser tier of the two world sizes). The loaded state must equal the saved one b
 
 def pool_memory_section(pool_memory: Any) -> str:
     """Markdown: the rank processes' RSS at the leak check's baseline case and at the end.
-    ``pool_memory``: as `run_campaign` saves it (verify/soak.py `samples_of`)."""
-    from verify.soak import samples_of, summarize
+    ``pool_memory``: as `run_campaign` saves it (verify/tools/soak.py `samples_of`)."""
+    from verify.tools.soak import samples_of, summarize
     summary = summarize(samples_of(pool_memory))
     if summary is None:
         return "No RSS samples (/proc not readable on this platform)."
@@ -71,7 +71,7 @@ def pool_memory_section(pool_memory: Any) -> str:
             f"**{status}**: the largest rank RSS changed by {summary['change_pct']:+.1f}% from "
             f"case {summary['baseline_case']} to the end (limit +{summary['limit_pct']:g}%)."]
     if summary["short"]:
-        from verify.soak import BASELINE_CASE
+        from verify.tools.soak import BASELINE_CASE
         text[-1] += (f" Fewer than {BASELINE_CASE} cases ran, so the comparison starts at the first case "
                      "and includes the warm-up; the soak (`make soak`) runs 500+.")
     if summary["restarted_between"]:
@@ -90,7 +90,7 @@ def pool_memory_section(pool_memory: Any) -> str:
         caps = ", ".join(f"{k}={v or 'default (1024)'}" for k, v in env.items())
         text.append(f"oneDNN kernel caches: {caps}. At their defaults they fill with every new "
                     "shape for thousands of cases and look like a leak; `--soak` caps them "
-                    "(verify/soak.py, [Note: oneDNN's kernel caches look like a leak]).")
+                    "(verify/tools/soak.py, [Note: oneDNN's kernel caches look like a leak]).")
     pools = pool_memory.get("default_group_pools") if isinstance(pool_memory, dict) else None
     if pools:
         text.append("")
@@ -107,7 +107,7 @@ def _pct(a: Optional[int], b: Optional[int]) -> str:
 
 def _plot_pool_memory(pool_memory: Any, out: Path) -> list[Path]:
     """pool_memory.png: RSS per rank process (and the parent) after every case."""
-    from verify.soak import samples_of
+    from verify.tools.soak import samples_of
     samples = samples_of(pool_memory)
     if not samples or not any(v is not None for s in samples for v in s.get("rss_kib") or []):
         return []
@@ -126,7 +126,7 @@ def _plot_pool_memory(pool_memory: Any, out: Path) -> list[Path]:
         ax.plot(cases, ys, linewidth=1, label=f"rank {r}")
     ax.plot(cases, [math.nan if s.get("parent_kib") is None else s["parent_kib"] / 1024
                     for s in samples], linewidth=1, linestyle="--", color="black", label="parent")
-    from verify.soak import BASELINE_CASE
+    from verify.tools.soak import BASELINE_CASE
     if len(cases) > BASELINE_CASE:
         ax.axvline(BASELINE_CASE, color="grey", linestyle=":", linewidth=1)
     ax.set_xlabel("case")

@@ -129,7 +129,7 @@ def _reason_line(reason: str) -> str:
 
 
 def diagnosis_section(results: list[dict]) -> str:
-    """Markdown: per failure signature (verify/diagnose.py), the original and the minimal
+    """Markdown: per failure signature (verify/diagnosis/diagnose.py), the original and the minimal
     scenario, how each fails, a replay command for both, flakiness, the first divergence and,
     for a hang, the first divergent collective. "" when no case was diagnosed."""
     seen, parts = set(), []

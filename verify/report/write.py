@@ -31,7 +31,7 @@ def write_reports(results: Iterable[Any], out_dir: str | Path, *,
                   pool_memory: Any = None) -> list[Path]:
     """Write equivalence.md, results.csv, results.json (+ PNG plots when matplotlib is
     installed) into `out_dir`; return the paths written. ``pool_memory``: the RSS samples of
-    the pool's ranks after every case (verify/soak.py), saved in results.json under that key
+    the pool's ranks after every case (verify/tools/soak.py), saved in results.json under that key
     and rendered as the "Pool memory" section."""
     results = [_as_dict(r) for r in results]
     out = Path(out_dir)

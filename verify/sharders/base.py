@@ -124,7 +124,7 @@ class Sharder:
         return None
 
     def planned(self, scenario):
-        """Parent side: the `verify.plan.PlanFigures` a layout planner predicts for this case
+        """Parent side: the `verify.plan.units.PlanFigures` a layout planner predicts for this case
         (per-rank state bytes per step, collectives per step), compared exactly with what
         the case measured (check ``plan``); None: n/a."""
         return None

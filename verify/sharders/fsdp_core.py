@@ -108,9 +108,9 @@ class FsdpCore(Sharder):
         return out
 
     def planned(self, scenario):
-        if scenario.mesh is not None:   # the planner models 1-D layouts (verify/plan.py)
+        if scenario.mesh is not None:   # the planner models 1-D layouts (verify/plan/units.py)
             return None
-        from verify.plan import plan_scenario
+        from verify.plan.units import plan_scenario
         return plan_scenario(scenario)
 
     def save(self, path, model, optimizer):

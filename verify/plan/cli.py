@@ -1,5 +1,5 @@
 """`python -m verify plan`: the arguments (imported by verify/cli.py without torch, so `--help`
-stays instant), the markdown table and the plot. The figures come from verify/plan_scale.py."""
+stays instant), the markdown table and the plot. The figures come from verify/plan/scale.py."""
 from __future__ import annotations
 
 import argparse
@@ -15,7 +15,7 @@ Per-rank memory and per-step traffic of fsdp_core at any world size, before anyo
 cluster: the model is built on the meta device (no parameter memory) and sharded on paper with
 fsdp_core's own layout code (alignment, padding to a multiple of W, units from the wrap policy).
 FSDP2's per-parameter layout and DeepSpeed's ZeRO-3 estimate are shown beside it. The same
-computation is checked against every measured harness case (verify.plan.plan_scenario)."""
+computation is checked against every measured harness case (verify.plan.units.plan_scenario)."""
 
 
 def _bool(text: str) -> bool:
@@ -191,8 +191,8 @@ def _json(plan: dict) -> dict:
 
 def run_plan(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
-    from verify.plan_models import load_model
-    from verify.plan_scale import PlanOptions, plan_scale
+    from verify.plan.models import load_model
+    from verify.plan.scale import PlanOptions, plan_scale
     worlds = args.world_sizes if args.world_sizes is not None else ([] if args.mesh else [8, 64, 512, 1024])
     opts = PlanOptions(dtype=args.dtype, optimizer=args.optimizer, wrap=args.wrap,
                        reshard_after_forward=args.reshard_after_forward, offload=args.offload,

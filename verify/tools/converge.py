@@ -177,7 +177,7 @@ def run_converge(*, world_size: int = 4, steps: int = 200, width: int = 64, laye
     torchrun context) to use instead of starting one."""
     import contextlib
     from verify.compare import compare_params
-    from verify.pool import RankPool
+    from verify.ranks.pool import RankPool
     from verify.report import write_convergence_report
     torch.set_num_threads(1)
     corpus, info = load_corpus(corpus_bytes)

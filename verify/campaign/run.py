@@ -13,7 +13,7 @@ from typing import Iterable, Optional, Sequence
 import torch
 from verify.case.draw import draw_scenarios
 from verify.compare import tier_for
-from verify.console import print_case
+from verify.campaign.console import print_case
 from verify.reference import run_reference
 from verify.results import CaseResult
 from verify.scenarios import Scenario
@@ -75,13 +75,13 @@ def _result(s: Scenario, spec: str, verdict: str, reason: str, replay: str, tier
 def run_one(pool, s: Scenario, *, sharder: str = DEFAULT_SHARDER, timeout_s: Optional[float] = None,
             plant: Optional[str] = None, backend_check: bool = True) -> CaseResult:
     """One case through the pool, compared with its reference. ``sharder``: a built-in name
-    or ``pkg.module:Name``; ``plant``: the name of a planted bug (verify/plant.py) the ranks
+    or ``pkg.module:Name``; ``plant``: the name of a planted bug (verify/tools/plants/) the ranks
     install for this case; None for the real run. ``timeout_s`` None: `auto_timeout` of the
     reference's time, at most the pool's timeout."""
     import traceback
     from verify.case.judge import case_tier, evaluate
     from verify.case.train import run_case
-    from verify.poolset import as_pool_set
+    from verify.ranks.poolset import as_pool_set
     from verify.sharders import load, resolve
     torch.set_num_threads(1)
     spec = resolve(sharder)
@@ -96,10 +96,10 @@ def run_one(pool, s: Scenario, *, sharder: str = DEFAULT_SHARDER, timeout_s: Opt
     if reason is not None:  # decided from the scenario: nothing runs
         return _result(s, spec, "skipped", reason, replay, tier)
     payload = {"scenario": s.to_json(), "sharder": spec}
-    if not backend_check:  # only to study the equivalence checks alone (verify/mutants.py)
+    if not backend_check:  # only to study the equivalence checks alone (verify/tools/mutants.py)
         payload["backend_check"] = False
     if plant is not None:
-        from verify.plant import check_name
+        from verify.tools.plants import check_name
         payload["plant"] = check_name(plant)
     pools = as_pool_set(pool)
     ranks, why = pools.for_world(adapter.world, s.world_size)
@@ -118,7 +118,7 @@ def run_one(pool, s: Scenario, *, sharder: str = DEFAULT_SHARDER, timeout_s: Opt
     case = evaluate(s, adapter, spec, result, ref if result.ok else None,
                     time.perf_counter() - t0, replay=replay, tier=tier)
     if not result.ok:
-        from verify.hangs import hang_summary
+        from verify.diagnosis.hangs import hang_summary
         case.hang = hang_summary(result.error or "")
     return case
 
@@ -155,23 +155,23 @@ def run_campaign(*, world_sizes: Sequence[int], examples: int, seed: int, sharde
                  interleave: bool = False, meshes: str = "1d",
                  offloads: Sequence[bool] = (False,), shrink_budget_s: Optional[float] = None
                  ) -> list[CaseResult]:
-    """``resume_cases``: checkpoint-resume cases (verify/resume.py) drawn and run after the
+    """``resume_cases``: checkpoint-resume cases (verify/campaign/resume.py) drawn and run after the
     plan, for every sharder whose adapter has save and load (none with a planted bug). After
-    every case the RSS of the pool's ranks is sampled (verify/soak.py) and saved as
+    every case the RSS of the pool's ranks is sampled (verify/tools/soak.py) and saved as
     ``pool_memory`` in results.json. ``meshes``: "1d", "2d" (HSDP: (R, S) meshes) or "both"
     (verify/strategies.py). ``interleave``: run the plan round-robin over (world
     size, mode) instead of one world size after the other, so that every rank is warm early
-    (the soak's leak check measures from case 50; see verify/soak.py). ``offloads``: the CPU
+    (the soak's leak check measures from case 50; see verify/tools/soak.py). ``offloads``: the CPU
     offload values drawn (`--offload`; the default draws none, so a seed's cases stay those
     drawn before offload existed); True only where some chosen sharder declares offload.
     ``timeout_s``: per case; None: `auto_timeout`, at most 120 s. ``shrink_budget_s``: seconds
-    for diagnosing the failing cases after the plan (verify/diagnose.py: replay, shrink,
+    for diagnosing the failing cases after the plan (verify/diagnosis/diagnose.py: replay, shrink,
     locate; default 300, 0: off; not under torchrun); a clean campaign spends none."""
-    from verify.diagnose import DEFAULT_SHRINK_BUDGET_S, console_lines
-    from verify import soak
-    from verify.poolset import PoolSet
+    from verify.diagnosis.diagnose import DEFAULT_SHRINK_BUDGET_S, console_lines
+    from verify.tools import soak
+    from verify.ranks.poolset import PoolSet
     from verify.report import write_reports
-    from verify.resume import draw_resume_cases, run_resume
+    from verify.campaign.resume import draw_resume_cases, run_resume
     from verify.sharders import has_checkpointing, load
     torch.set_num_threads(1)
     profile = profile or "ci"
@@ -183,7 +183,7 @@ def run_campaign(*, world_sizes: Sequence[int], examples: int, seed: int, sharde
                                     offloads=offloads)
             for sh in sharders]
     if interleave:
-        from verify.soak import round_robin
+        from verify.tools.soak import round_robin
         plan = round_robin(plan, key=lambda item: (item[1].world_size, item[1].mode))
     savers = [sh for sh in sharders if has_checkpointing(load(sh))]
     drawn = draw_resume_cases(n=resume_cases, seed=seed, world_sizes=world_sizes, modes=modes,
@@ -210,7 +210,7 @@ def run_campaign(*, world_sizes: Sequence[int], examples: int, seed: int, sharde
     jobs = [(sh, rc, True) for sh, rc in resumes] + [(sh, s, False) for sh, s in plan]
     if not interleave:
         jobs = jobs[len(resumes):] + jobs[:len(resumes)]
-    from verify.rank import ProcessGroupLost, is_torchrun
+    from verify.ranks.rank import ProcessGroupLost, is_torchrun
     with pool:
         for i, (sharder, s, is_resume) in enumerate(jobs, 1):
             try:
@@ -259,22 +259,22 @@ def run_campaign(*, world_sizes: Sequence[int], examples: int, seed: int, sharde
 
 
 def diagnose(pool, results: list[CaseResult], **kw) -> list[list[CaseResult]]:
-    """`verify.diagnose.diagnose_failures` with this module's `run_one` and `replay_command`:
+    """`verify.diagnosis.diagnose.diagnose_failures` with this module's `run_one` and `replay_command`:
     the failing cases of ``results`` replayed, shrunk and located (in place); the groups."""
-    from verify.diagnose import diagnose_failures
+    from verify.diagnosis.diagnose import diagnose_failures
     return diagnose_failures(pool, results, run_one=run_one, replay_command=replay_command, **kw)
 
 
 def first_line(reason: str) -> str:
-    from verify.shrink import first_line as first
+    from verify.diagnosis.shrink import first_line as first
     return first(reason)
 
 
 def _ranks(max_world_size: int, timeout_s: float):
     """The main pool: under torchrun the launched processes (`TorchrunContext`: each is a rank,
     world sizes up to the launched one), else a `RankPool` of ``max_world_size`` processes."""
-    from verify.pool import RankPool
-    from verify.rank import TorchrunContext, is_torchrun
+    from verify.ranks.pool import RankPool
+    from verify.ranks.rank import TorchrunContext, is_torchrun
     if is_torchrun():
         ctx = TorchrunContext(timeout_s=timeout_s)
         if max_world_size > ctx.max_world_size:
@@ -297,7 +297,7 @@ def _aborted(s: Scenario, spec: str, why: str, left: int) -> CaseResult:
 
 def replay(scenario_json: str, *, timeout_s: float = 120.0, sharder: str = DEFAULT_SHARDER,
            plant: Optional[str] = None) -> int:
-    from verify.poolset import PoolSet
+    from verify.ranks.poolset import PoolSet
     s = Scenario.from_json(scenario_json)
     with PoolSet(_ranks(s.world_size, timeout_s), timeout_s=timeout_s) as pool:
         case = run_one(pool, s, sharder=sharder, timeout_s=timeout_s, plant=plant)

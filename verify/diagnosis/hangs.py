@@ -2,7 +2,7 @@
 happens, and, when a case does not finish, the first position where the ranks disagree.
 
 [Note: the collective log]
-A pool rank (verify/rank.py) has ``VERIFY_COLLECTIVE_LOG`` set to a file of its own in the
+A pool rank (verify/ranks/rank.py) has ``VERIFY_COLLECTIVE_LOG`` set to a file of its own in the
 pool's private directory (mode 0700, removed with the generation). While a case runs
 (`CollectiveLog`: the file is truncated when `verify.case.train.run_case` begins, the wrappers
 installed after the backend check and removed when the case ends) every ``torch.distributed`` collective the case calls is wrapped: on entry
@@ -10,7 +10,7 @@ the rank appends one line, ``B seq kind ranks bytes dtype where``, and on return
 each with one unbuffered ``os.write``, so the line is in the file even when the rank then
 blocks forever in C++. ``where`` is the wrap unit in forward (innermost) or in backward (the
 last one whose output gradient arrived) and the first calling frame outside torch and the
-harness's wrappers. The parent (verify/pool.py) reads the files after a timeout (`explain`):
+harness's wrappers. The parent (verify/ranks/pool.py) reads the files after a timeout (`explain`):
 no signal, no cooperation from the stuck rank. This is what PyTorch's Flight Recorder analyzer
 does after the fact for NCCL jobs; here it is automatic, on any backend.
 

@@ -1,5 +1,5 @@
 """`python -m verify plan`: per-rank memory and per-step traffic of fsdp_core at scale, from the
-same unit layouts as `verify.plan.plan_scenario` (fsdp_core._layout), with FSDP2's layout and
+same unit layouts as `verify.plan.units.plan_scenario` (fsdp_core._layout), with FSDP2's layout and
 DeepSpeed's ZeRO-3 estimate beside it. Nothing is trained and no parameter memory is allocated:
 the model lives on the meta device.
 
@@ -25,8 +25,8 @@ from typing import Optional, Sequence
 
 import torch.nn as nn
 
-from verify.plan import OPT_STATES, UnitShape, default_events, peak_unsharded, unit_figures, unit_shapes
-from verify.plan_models import PlanModel
+from verify.plan.units import OPT_STATES, UnitShape, default_events, peak_unsharded, unit_figures, unit_shapes
+from verify.plan.models import PlanModel
 
 __all__ = ["PlanOptions", "ScaleRow", "plan_units", "plan_scale", "fsdp2_layout", "deepspeed_zero3"]
 

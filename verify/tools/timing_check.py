@@ -1,4 +1,4 @@
-"""`python -m verify.timing_check`: a second, independent timing of fsdp_core against FSDP2.
+"""`python -m verify.tools.timing_check`: a second, independent timing of fsdp_core against FSDP2.
 
 Independent of `verify bench` on purpose: its own GPT (pre-LN blocks on
 ``F.scaled_dot_product_attention``, tied embeddings), its own processes (spawned here, not the
@@ -7,7 +7,7 @@ gets what PyTorch picks for its parameters; ``--foreach true|false`` makes them 
 step-by-step interleaving. Each rank times ``--rounds`` rounds of ``--steps`` steps per sharder,
 alternating which goes first; the figure is the median round time ours/FSDP2.
 
-    python -m verify.timing_check --world-size 4
+    python -m verify.tools.timing_check --world-size 4
 """
 from __future__ import annotations
 
@@ -77,7 +77,7 @@ def _build(kind: str, args, seed: int = 0):
 
 
 def _rank(rank: int, args, store_path: str, out) -> None:
-    from verify.rank import keep_on_loopback, open_store
+    from verify.ranks.rank import keep_on_loopback, open_store
     torch.set_num_threads(1)
     keep_on_loopback()          # no listener on the network: a file store, gloo on loopback
     dist.init_process_group("gloo", store=open_store(store_path), rank=rank,
@@ -112,7 +112,7 @@ def _rank(rank: int, args, store_path: str, out) -> None:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m verify.timing_check", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m verify.tools.timing_check", description=__doc__.split("\n\n")[0])
     ap.add_argument("--world-size", type=int, default=4)
     ap.add_argument("--width", type=int, default=256)
     ap.add_argument("--layers", type=int, default=6)
@@ -128,7 +128,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
-    from verify.rank import private_store_dir
+    from verify.ranks.rank import private_store_dir
     store_dir = private_store_dir("timing")      # mode 0700
     try:
         store_path = os.path.join(store_dir, "store")

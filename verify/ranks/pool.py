@@ -33,7 +33,7 @@ keeps what each rank wrote during the current run. Ranks enable `faulthandler`, 
 killed by a fatal signal leaves its Python stack there, and a rank that hangs is sent SIGUSR1
 before it is killed, which makes it write the stacks of its threads: the failed result says
 where each rank was stuck. Before the stacks it gives what a stack cannot show: the sequence
-of collectives each rank issued in the case (logged as they happen, verify/hangs.py) and the
+of collectives each rank issued in the case (logged as they happen, verify/diagnosis/hangs.py) and the
 first position where the ranks' sequences disagree.
 
 [Note: nothing on the network]
@@ -45,7 +45,7 @@ server listens on every interface. Ranks call
 Concurrent pools (pytest-xdist workers) never clash: each has its own directory.
 
 This module is the parent side; what runs inside a rank (and the torchrun variant, where the
-process is already a rank) is in verify/rank.py.
+process is already a rank) is in verify/ranks/rank.py.
 """
 from __future__ import annotations
 
@@ -63,7 +63,7 @@ import weakref
 from multiprocessing.connection import wait
 from typing import Any, Callable, Iterable, NamedTuple, Optional
 
-from verify.rank import (
+from verify.ranks.rank import (
     PoolResult,
     RankContext,
     keep_on_loopback,
@@ -550,9 +550,9 @@ def _stacks(gen: _Generation, ranks: list[int]) -> list[str]:
 
 
 def _collective_sequences(gen: _Generation, world_size: int) -> list[str]:
-    """What the ranks' collective logs (verify/hangs.py) say about a run that did not finish."""
+    """What the ranks' collective logs (verify/diagnosis/hangs.py) say about a run that did not finish."""
     try:
-        from verify.hangs import explain
+        from verify.diagnosis.hangs import explain
         text = explain(gen.store_dir, world_size) if gen.store_dir else ""
     except Exception:
         text = "the ranks' collective sequences could not be read:\n" + traceback.format_exc()

@@ -1,4 +1,4 @@
-"""Models for the scale planner (verify/plan.py), built on the meta device: no parameter memory.
+"""Models for the scale planner (verify/plan/units.py), built on the meta device: no parameter memory.
 
 Three sources, one result (a meta-device module tree and its wrap units, inner first, root last):
   - built-in names (gpt2, gpt2-xl, llama-7b, llama-13b, llama-70b): configs written here from

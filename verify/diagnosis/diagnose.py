@@ -1,14 +1,14 @@
 """The campaign's diagnosis of its failing cases, after every case has run (so a clean
-campaign pays nothing): failures grouped by signature (`verify.shrink.signature`), and for
+campaign pays nothing): failures grouped by signature (`verify.diagnosis.shrink.signature`), and for
 each group, once, within the campaign's shrink budget:
 
 1. the representative (the group's first case) is replayed: a failure that does not
    reproduce the same way is reported as flaky (and not shrunk);
-2. it is shrunk to a minimal failing scenario (`verify.shrink`);
-3. the first divergence is located (`verify.locate`), in the original scenario and in the
+2. it is shrunk to a minimal failing scenario (`verify.diagnosis.shrink`);
+3. the first divergence is located (`verify.diagnosis.locate`), in the original scenario and in the
    minimal one: the step, the phase (forward / backward / optimizer) and the unit.
 
-A hung case's first divergent collective (`verify.hangs`) comes with the case itself, from the
+A hung case's first divergent collective (`verify.diagnosis.hangs`) comes with the case itself, from the
 pool, and needs no re-run. Every case of a group gets the group's fields (`CaseResult`:
 signature, flaky, minimal_scenario_json, minimal_replay, minimal_reason, shrink_note,
 divergence); `console_lines` is what the campaign prints.
@@ -20,7 +20,7 @@ from typing import Callable, Optional
 
 from verify.results import CaseResult
 from verify.scenarios import Scenario
-from verify.shrink import first_line, same_failure, shrink, signature, size_line
+from verify.diagnosis.shrink import first_line, same_failure, shrink, signature, size_line
 
 __all__ = ["diagnose_failures", "console_lines", "first_line", "DEFAULT_SHRINK_BUDGET_S"]
 
@@ -35,8 +35,8 @@ def diagnose_failures(pool, results: list[CaseResult], *, run_one: Callable[...,
                       locate: bool = True) -> list[list[CaseResult]]:
     """Diagnose the failing (non-resume) cases of ``results`` in place; returns the groups.
     ``budget_s`` bounds the whole diagnosis (0: none of it runs). ``run_one`` and
-    ``replay_command`` are verify.campaign's (passed in: this module does not import the
-    campaign, which imports it; `verify.campaign.diagnose` passes them)."""
+    ``replay_command`` are verify.campaign.run's (passed in: this module does not import the
+    campaign, which imports it; `verify.campaign.run.diagnose` passes them)."""
     groups: dict[str, list[CaseResult]] = {}
     for c in results:
         if c.passed or c.save_world_size is not None:
@@ -79,7 +79,7 @@ def diagnose_failures(pool, results: list[CaseResult], *, run_one: Callable[...,
             rep.hang = rep.hang or got.case.hang
         log(f"  {sig}: shrunk to {size_line(got.scenario)}; {got.note()}")
         if locate and rep.verdict == "fail":
-            from verify.locate import locate_divergence
+            from verify.diagnosis.locate import locate_divergence
             rep.divergence = locate_divergence(pool, s, again, sharder=spec, plant=plant,
                                                timeout_s=timeout_s)
             log(f"  {sig}: {rep.divergence}")

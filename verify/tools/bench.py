@@ -288,8 +288,8 @@ def run_bench(*, world_sizes: Sequence[int] = (1, 2, 4, 8), steps: int = 10, war
     """``sharders``: more sharder specs (a user's ``pkg.module:Name``), each timed at every
     world size against FSDP2 in the same run, on its own ranks (interleaved with FSDP2 step by
     step), reported in a table of their own."""
-    from verify.pool import RankPool
-    from verify.poolset import PoolSet
+    from verify.ranks.pool import RankPool
+    from verify.ranks.poolset import PoolSet
     from verify.sharders import display_name, load_class, resolve
     torch.set_num_threads(1)
     rows, extra_rows = [], []
@@ -351,11 +351,11 @@ def _harness_cost(pool, world_size: int, n: int, n_spawn: Optional[int] = None) 
     harness without a pool pays: spawn, import, group init, a cold case, teardown), both with
     the reference and the comparison, measured now. The pool first runs one other case, so
     its ranks have imported the harness (a campaign pays that once)."""
-    from verify.campaign import draw_scenarios, replay_command, run_one
+    from verify.campaign.run import draw_scenarios, replay_command, run_one
     from verify.case.judge import evaluate
     from verify.case.train import run_case
-    from verify.pool import measure_overhead, spawn_run
-    from verify.rank import PoolResult
+    from verify.ranks.pool import measure_overhead, spawn_run
+    from verify.ranks.rank import PoolResult
     from verify.reference import run_reference
     from verify.sharders import load
     cases = draw_scenarios(world_size=world_size, mode="deterministic", n=n + 1, seed=0)

@@ -71,7 +71,7 @@ def probe_case(payload: dict, ctx) -> dict:
     """Rank side: payload {"scenario", "sharder", "plant", "step"}: train steps < step as
     `run_case` does, then step ``step`` with the unit-output hooks and the gradient probe."""
     from verify.case.train import Trainer
-    from verify.plant import planted
+    from verify.tools.plants import planted
     with planted(payload.get("plant"), ctx):
         s = Scenario.from_json(payload["scenario"])
         d = payload["step"]
@@ -190,7 +190,7 @@ def _from_check(case) -> Optional[str]:
 def locate_divergence(pool, s: Scenario, case, *, sharder: str, plant: Optional[str] = None,
                       timeout_s: Optional[float] = None) -> str:
     """One line naming where ``case`` (the failing run of ``s``) first went wrong."""
-    from verify.poolset import as_pool_set
+    from verify.ranks.poolset import as_pool_set
     from verify.sharders import load
     line = _from_check(case)
     if line is not None:
@@ -215,7 +215,7 @@ def locate_divergence(pool, s: Scenario, case, *, sharder: str, plant: Optional[
     finally:
         result = pending.result()
     if not result.ok:
-        from verify.shrink import first_line
+        from verify.diagnosis.shrink import first_line
         return f"first divergence: n/a (the probe run failed: {first_line(result.error or '?')})"
     return _compare(s, d, result.values, ref)
 

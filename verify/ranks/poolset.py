@@ -58,14 +58,14 @@ class PoolSet:
         given, or None, and why not)."""
         if world == "group" or world_size == self.main.max_world_size:
             return self.main, ""
-        from verify.pool import RankPool
+        from verify.ranks.pool import RankPool
         if not isinstance(self.main, RankPool):   # under torchrun: the launched processes only
             return None, (f"the sharder uses the default process group, which here has "
                           f"{self.main.max_world_size} ranks; launch {world_size} processes for "
                           f"W={world_size}")
         if world_size not in self._default:
-            from verify.pool import RankPool
-            from verify.rank import probe
+            from verify.ranks.pool import RankPool
+            from verify.ranks.rank import probe
             t0 = time.perf_counter()
             pool = RankPool(world_size, timeout_s=self.timeout_s or self.main.timeout_s)
             res = pool.run(world_size, probe, None)   # pays the startup now, measured

@@ -1,5 +1,5 @@
 """The planted-bug suite (`python -m verify mutants`, `make mutants`): run every planted bug of
-verify/plant.py on its fixed scenarios through one rank pool and say, per bug, whether the
+verify/tools/plants/ on its fixed scenarios through one rank pool and say, per bug, whether the
 harness caught it and by which check.
 
 A bug is caught when every one of its ``catch`` scenarios fails (verdict 'fail' or 'error')
@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Optional, Sequence
 
-from verify.plant import BUGS, FAULTS, PLANTS
+from verify.tools.plants import BUGS, FAULTS, PLANTS
 from verify.results import CaseResult
 from verify.scenarios import Scenario
 
@@ -31,7 +31,7 @@ def failed_checks(case: CaseResult) -> tuple[str, ...]:
     that failed ('bitwise', 'tolerance', 'reported'), 'structure' (missing or unexpected
     parameters), 'gradients' (the reduced gradient, bitwise tier), 'padding', 'resharded' (a
     unit still unsharded after backward), 'reassembly', 'collectives', 'backend' (a
-    torch.distributed collective failed verify/backend_check.py)."""
+    torch.distributed collective failed verify/ranks/backend_check.py)."""
     if case.verdict == "error":
         return ("error",)
     found = {c["check"] for c in case.checks if c["status"] == "fail"}
@@ -82,7 +82,7 @@ def run_mutants(pool, names: Optional[Iterable[str]] = None, *, blind: bool = Fa
 
     Returns (clean failures, outcomes): the replay lines of scenarios that failed clean (must be
     empty) and one `MutantOutcome` per plant, printed as they finish."""
-    from verify.campaign import run_one
+    from verify.campaign.run import run_one
     plants = [PLANTS[n] for n in (names if names is not None else BUGS)]
     scenarios: list[Scenario] = []
     for p in plants:
@@ -117,7 +117,7 @@ def main(names: Optional[Sequence[str]] = None, *, blind: bool = False, faults: 
     """`python -m verify mutants`: 0 when every bug is caught and every clean run passes.
     ``pool``: run the bugs on this pool instead of a new one (faults always get their own)."""
     import torch
-    from verify.pool import RankPool
+    from verify.ranks.pool import RankPool
     torch.set_num_threads(1)
     names = list(names) if names else list(BUGS)
     if faults and not set(names) & set(FAULTS):

@@ -280,7 +280,7 @@ def plan_scenario(s) -> PlanFigures:
     """fsdp_core's figures for scenario ``s`` at ``s.world_size``, computed without running it.
 
     Contract (exact, bytes not ratios), for the harness check ``plan = measured`` on a case of
-    sharder fsdp_core (`verify.campaign.run_one(pool, s)` -> CaseResult):
+    sharder fsdp_core (`verify.campaign.run.run_one(pool, s)` -> CaseResult):
       - ``state_bytes[i][r] == case.steps[i].state_bytes[r]`` for every step i < s.steps and
         rank r < W: rank r's parameter shards (every unit's ``shard_numel``, fp32 master dtype)
         + the sharded gradients of the parameters that received one (their local pieces, padding
@@ -297,7 +297,7 @@ def plan_scenario(s) -> PlanFigures:
         deterministic mode (which also gathers once per micro-batch, k = M/W of them); ``{}`` at
         W = 1.
     Also ``peak_unsharded`` / ``peak_unsharded_no_prefetch``: the peak of unsharded buffers alive
-    at once in a steady-state step (fsdp_core._flat_param.UNSHARDED_BYTES, as verify/bench.py
+    at once in a steady-state step (fsdp_core._flat_param.UNSHARDED_BYTES, as verify/tools/bench.py
     measures it; 0 at W = 1 in fp32, where the shard is the buffer).
     Needs transformers for the hf_* families (their forward is traced on the CPU)."""
     try:

@@ -3,7 +3,7 @@ context for a process that torchrun launched as a rank.
 
 `RankContext` is what every case function `fn(payload, ctx)` gets: its rank, the world size of
 the case, the process group of ranks 0..world_size-1 (pass it to every collective) and the
-device. `serve` is the main function of a `RankPool` rank (verify/pool.py is the parent side).
+device. `serve` is the main function of a `RankPool` rank (verify/ranks/pool.py is the parent side).
 `TorchrunContext` offers `RankPool.run` in-process when pytest itself runs under torchrun.
 """
 from __future__ import annotations
@@ -195,7 +195,7 @@ def serve(rank: int, max_world_size: int, backend: str, store_path: str, prefix:
     faulthandler.enable(all_threads=True)
     faulthandler.register(signal.SIGUSR1, all_threads=True)
     # Each case logs the collectives it issues here, as they happen, so that the parent can
-    # read the sequence of a rank stuck in one (verify/hangs.py).
+    # read the sequence of a rank stuck in one (verify/diagnosis/hangs.py).
     os.environ["VERIFY_COLLECTIVE_LOG"] = os.path.join(os.path.dirname(store_path),
                                                       f"collectives.{rank}")
     _watch_parent()

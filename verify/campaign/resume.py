@@ -148,7 +148,7 @@ def run_resume(pool, case: ResumeCase, *, sharder: str = DEFAULT_SHARDER,
     (default: the system's), removed after. With ``keep_values`` returns (CaseResult,
     save-phase PoolResult, load-phase PoolResult). ``load_fn``: a rank function standing in
     for `load_phase` (tests plant broken loads)."""
-    from verify.poolset import as_pool_set
+    from verify.ranks.poolset import as_pool_set
     from verify.sharders import has_checkpointing, load, resolve
     torch.set_num_threads(1)
     spec = resolve(sharder)
@@ -293,11 +293,11 @@ def draw_resume_cases(*, n: int, seed: int, world_sizes: Sequence[int],
 def replay_resume(scenario_json: str, save_world_size: int, save_after: int, *,
                   timeout_s: float = 120.0, sharder: str = DEFAULT_SHARDER) -> int:
     """`python -m verify replay [--sharder X] --resume-from W_A --save-after S '<json>'`."""
-    from verify.pool import RankPool
-    from verify.poolset import PoolSet
+    from verify.ranks.pool import RankPool
+    from verify.ranks.poolset import PoolSet
     case = ResumeCase(Scenario.from_json(scenario_json), save_world_size, save_after)
     main = RankPool(max(case.scenario.world_size, save_world_size), timeout_s=timeout_s)
     with PoolSet(main, timeout_s=timeout_s) as pool:
         result = run_resume(pool, case, sharder=sharder, timeout_s=timeout_s)
-    from verify.console import print_case
+    from verify.campaign.console import print_case
     return print_case(result, f"resume {case.label}, {case.scenario.mode} {case.scenario.family}")

@@ -11,7 +11,7 @@ it when the case ends (ranks are reused across cases, so an undo must be exact).
 fail (``catch``) and, where the harness is blind to it by design, scenarios it passes
 (``blind``, e.g. last-bit bugs under the tolerance tier). `FAULTS` are rank failures (raise,
 exit, hang on rank 1) that must become one 'error' case. docs/planted_bugs.md is the table of
-what each breaks and which check catches it; ``python -m verify mutants`` (verify/mutants.py)
+what each breaks and which check catches it; ``python -m verify mutants`` (verify/tools/mutants.py)
 runs them all. The ``--plant NAME`` option of ``run``/``replay`` installs one for a demo.
 """
 from __future__ import annotations
