@@ -15,6 +15,8 @@ import ast
 from pathlib import Path
 from typing import Iterator, Optional
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("fsdp_core", "verify")
 
@@ -204,26 +206,52 @@ def test_verify_has_no_import_cycles():
     assert not edges, "import cycles in verify:\n" + _describe(graph, edges)
 
 
-def test_function_local_imports_in_fsdp_core_say_why():
-    """A lazy import hides a dependency: only for an optional or heavy one, with a reason
-    (a comment on its line or the line above)."""
-    files = module_files()
-    missing = []
-    for module, path in files.items():
-        if not module.startswith("fsdp_core"):
+MAX_LINES = 400   # "modules of at most about 400 lines" (issue 17)
+
+
+def lazy_imports_without_reason(source: str) -> list[tuple[int, str]]:
+    """(line, text) of every function-local import with no comment on its line or the line
+    above: a lazy import hides a dependency, so it is only for an optional or heavy one, and
+    says so."""
+    lines = source.splitlines()
+    out = []
+    for node in ast.walk(ast.parse(source)):
+        if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
             continue
-        lines = path.read_text().splitlines()
-        tree = ast.parse("\n".join(lines))
-        for node in ast.walk(tree):
-            if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-                continue
-            for inner in ast.walk(node):
-                if isinstance(inner, (ast.Import, ast.ImportFrom)):
-                    here = lines[inner.lineno - 1]
-                    above = lines[inner.lineno - 2] if inner.lineno > 1 else ""
-                    if "#" not in here and not above.strip().startswith("#"):
-                        missing.append(f"{path.relative_to(ROOT)}:{inner.lineno}: {here.strip()}")
+        for inner in ast.walk(node):
+            if isinstance(inner, (ast.Import, ast.ImportFrom)):
+                here = lines[inner.lineno - 1]
+                above = lines[inner.lineno - 2] if inner.lineno > 1 else ""
+                if "#" not in here and not above.strip().startswith("#"):
+                    out.append((inner.lineno, here.strip()))
+    return sorted(set(out))
+
+
+@pytest.mark.parametrize("package", PACKAGES)
+def test_function_local_imports_say_why(package):
+    missing = [f"{path.relative_to(ROOT)}:{line}: {text}"
+               for module, path in module_files().items() if module.split(".")[0] == package
+               for line, text in lazy_imports_without_reason(path.read_text())]
     assert not missing, "function-local imports without a reason:\n" + "\n".join(missing)
+
+
+def test_the_reason_rule_fails_on_a_bare_lazy_import():
+    src = ("import os\n"
+           "def f():\n"
+           "    import json\n"
+           "    # transformers is optional\n"
+           "    import transformers\n"
+           "    import torch  # heavy: not on --help\n"
+           "    return json\n")
+    assert lazy_imports_without_reason(src) == [(3, "import json")]
+
+
+@pytest.mark.parametrize("package", PACKAGES)
+def test_modules_are_at_most_about_400_lines(package):
+    long = {str(path.relative_to(ROOT)): n for module, path in module_files().items()
+            if module.split(".")[0] == package
+            and (n := len(path.read_text().splitlines())) > MAX_LINES}
+    assert not long, f"modules over {MAX_LINES} lines: {long}"
 
 
 def test_a_planted_cycle_is_found_and_described():
