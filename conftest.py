@@ -6,7 +6,7 @@ import os
 import pytest
 from hypothesis import HealthCheck, settings
 
-from verify.ranks.rank import is_torchrun
+from verify.ranks.torchrun import is_torchrun
 
 # -- Hypothesis profiles (the one place they are registered) ----------------------------------
 # dev: quick local iterations. ci: reproducible (derandomized, no example database) and modest.

@@ -16,7 +16,8 @@ import time
 import pytest
 
 from verify.ranks.pool import PoolResult, RankPool, measure_overhead
-from verify.ranks.rank import TorchrunContext, current_rank_context, pool_world_sizes
+from verify.ranks.rank import pool_world_sizes
+from verify.ranks.torchrun import TorchrunContext, current_rank_context
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHORT = 20.0          # timeout for runs that should finish at once

@@ -31,7 +31,7 @@ MAX_WORLD_SIZE = 8   # a rank pool's default; VERIFY_MAX_WORLD_SIZE raises it (e
 def max_world_size() -> int:
     """The largest world size a run may ask for: VERIFY_MAX_WORLD_SIZE (default 8) for the rank
     pool; under torchrun, the launched world size (any power of two: 16, 32, ...)."""
-    from verify.ranks.rank import is_torchrun
+    from verify.ranks.torchrun import is_torchrun
     if is_torchrun():
         return int(os.environ["WORLD_SIZE"])
     try:

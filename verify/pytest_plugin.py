@@ -96,7 +96,7 @@ def rank_pool():
     run(world_size, fn, payload) -> PoolResult."""
     from verify.ranks.pool import RankPool
     from verify.ranks.poolset import PoolSet
-    from verify.ranks.rank import TorchrunContext, is_torchrun
+    from verify.ranks.torchrun import TorchrunContext, is_torchrun
 
     if is_torchrun():
         pool = PoolSet(TorchrunContext())

@@ -210,7 +210,7 @@ def run_campaign(*, world_sizes: Sequence[int], examples: int, seed: int, sharde
     jobs = [(sh, rc, True) for sh, rc in resumes] + [(sh, s, False) for sh, s in plan]
     if not interleave:
         jobs = jobs[len(resumes):] + jobs[:len(resumes)]
-    from verify.ranks.rank import ProcessGroupLost, is_torchrun
+    from verify.ranks.torchrun import ProcessGroupLost, is_torchrun
     with pool:
         for i, (sharder, s, is_resume) in enumerate(jobs, 1):
             try:
@@ -274,7 +274,7 @@ def _ranks(max_world_size: int, timeout_s: float):
     """The main pool: under torchrun the launched processes (`TorchrunContext`: each is a rank,
     world sizes up to the launched one), else a `RankPool` of ``max_world_size`` processes."""
     from verify.ranks.pool import RankPool
-    from verify.ranks.rank import TorchrunContext, is_torchrun
+    from verify.ranks.torchrun import TorchrunContext, is_torchrun
     if is_torchrun():
         ctx = TorchrunContext(timeout_s=timeout_s)
         if max_world_size > ctx.max_world_size:
