@@ -15,8 +15,9 @@ import time
 
 import pytest
 
-from verify.ranks.pool import PoolResult, RankPool, measure_overhead
-from verify.ranks.rank import pool_world_sizes
+from verify.ranks.pool import RankPool
+from verify.ranks.rank import PoolResult, pool_world_sizes
+from verify.ranks.spawn import measure_overhead
 from verify.ranks.torchrun import TorchrunContext, current_rank_context
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -324,7 +325,8 @@ def test_a_crashed_parent_leaves_no_rank_behind(how):
     end = {"sigkill": "os.kill(os.getpid(), signal.SIGKILL)", "exit": "os._exit(1)"}[how]
     script = textwrap.dedent(f"""
         import os, signal
-        from verify.ranks.pool import RankPool, _trivial_collective
+        from verify.ranks.pool import RankPool
+        from verify.ranks.spawn import _trivial_collective
         pool = RankPool(2)
         assert pool.run(2, _trivial_collective, None).ok
         print(" ".join(map(str, pool.pids)), flush=True)

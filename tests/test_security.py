@@ -15,7 +15,8 @@ import sys
 
 import pytest
 
-from verify.ranks.pool import RankPool, spawn_run
+from verify.ranks.pool import RankPool
+from verify.ranks.spawn import spawn_run
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 

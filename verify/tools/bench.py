@@ -354,7 +354,7 @@ def _harness_cost(pool, world_size: int, n: int, n_spawn: Optional[int] = None) 
     from verify.campaign.run import draw_scenarios, replay_command, run_one
     from verify.case.judge import evaluate
     from verify.case.train import run_case
-    from verify.ranks.pool import measure_overhead, spawn_run
+    from verify.ranks.spawn import measure_overhead, spawn_run
     from verify.ranks.rank import PoolResult
     from verify.reference import run_reference
     from verify.sharders import load

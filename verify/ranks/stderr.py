@@ -1,0 +1,92 @@
+"""The pipe reader of every pool rank's stderr: forwards what the ranks write to ours and keeps
+the tail of each rank's output in the current run, for the report of a rank that dies or hangs
+(see [Note: a hung rank's traceback] in verify/ranks/failure.py).
+"""
+from __future__ import annotations
+
+import os
+import selectors
+import threading
+import time
+from typing import Any, Iterable, Optional
+
+__all__ = ["StderrPump"]
+
+_TAIL_BYTES = 16384       # per rank: what a failed run reports of the rank's stderr
+
+
+class StderrPump:
+    """Forwards every rank's stderr to ours and keeps, per rank, what it wrote since the
+    current run began (the last `_TAIL_BYTES`), so that a rank that dies or hangs can be
+    reported with its last words and its Python stacks."""
+
+    def __init__(self, n: int):
+        self._conns: dict[int, Any] = {}
+        self._tails = [bytearray() for _ in range(n)]
+        self._open = [False] * n
+        self._muted = [False] * n
+        self._lock = threading.Lock()
+
+    def add(self, rank: int, conn: Any) -> None:
+        self._conns[rank] = conn
+        self._open[rank] = True
+
+    def start(self) -> None:
+        threading.Thread(target=self._pump, name="rank-pool-stderr", daemon=True).start()
+
+    def _pump(self) -> None:
+        sel = selectors.DefaultSelector()
+        for rank, conn in self._conns.items():
+            sel.register(conn.fileno(), selectors.EVENT_READ, rank)
+        while sel.get_map():
+            for key, _ in sel.select():
+                rank = key.data
+                try:
+                    data = os.read(key.fd, 65536)
+                except OSError:
+                    data = b""
+                if not data:
+                    sel.unregister(key.fd)
+                    self._conns[rank].close()
+                    with self._lock:
+                        self._open[rank] = False
+                    continue
+                with self._lock:
+                    tail = self._tails[rank]
+                    tail += data
+                    del tail[:-_TAIL_BYTES]
+                if not self._muted[rank]:
+                    try:
+                        os.write(2, data)
+                    except OSError:
+                        pass
+        sel.close()
+
+    def mute(self, ranks: Iterable[int]) -> None:
+        """Keep the ranks' further output for the report only (no forwarding)."""
+        for r in ranks:
+            self._muted[r] = True
+
+    def clear(self, ranks: Iterable[int]) -> None:
+        with self._lock:
+            for r in ranks:
+                self._tails[r].clear()
+
+    def tail(self, rank: int) -> str:
+        with self._lock:
+            return self._tails[rank].decode("utf-8", "replace").strip()
+
+    def settle(self, ranks: Iterable[int], *, eof: bool, within_s: float) -> None:
+        """Wait (briefly) until the ranks' output stops growing, or reaches EOF if `eof`."""
+        ranks = list(ranks)
+        deadline = time.monotonic() + within_s
+        last: Optional[list] = None
+        while time.monotonic() < deadline:
+            with self._lock:
+                now = [(len(self._tails[r]), self._open[r]) for r in ranks]
+            if eof and not any(o for _, o in now):
+                return
+            if not eof and now == last and all(n for n, _ in now):
+                return
+            last = now
+            time.sleep(0.1)
