@@ -25,6 +25,7 @@ import warnings
 
 import torch
 import torch.distributed as dist
+from torch.distributed import distributed_c10d
 
 __all__ = ["check_backend", "backend_problem", "BackendError"]
 
@@ -92,7 +93,6 @@ def backend_problem(group, device=None, *, dtypes=(torch.float32, torch.bfloat16
 
 
 def _any_rank(flag: bool, group, device) -> bool:
-    from torch.distributed import distributed_c10d
     world = dist.get_world_size(group)
     mine = torch.tensor([int(flag)], dtype=torch.int32, device=device or torch.device("cpu"))
     every = torch.empty(world, dtype=torch.int32, device=mine.device)

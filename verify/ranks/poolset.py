@@ -13,6 +13,11 @@ import time
 import weakref
 from typing import Any, Optional
 
+import fsdp_core
+
+from verify.ranks.pool import RankPool
+from verify.ranks.rank import probe
+
 __all__ = ["PoolSet", "as_pool_set"]
 
 
@@ -58,14 +63,11 @@ class PoolSet:
         given, or None, and why not)."""
         if world == "group" or world_size == self.main.max_world_size:
             return self.main, ""
-        from verify.ranks.pool import RankPool
         if not isinstance(self.main, RankPool):   # under torchrun: the launched processes only
             return None, (f"the sharder uses the default process group, which here has "
                           f"{self.main.max_world_size} ranks; launch {world_size} processes for "
                           f"W={world_size}")
         if world_size not in self._default:
-            from verify.ranks.pool import RankPool
-            from verify.ranks.rank import probe
             t0 = time.perf_counter()
             pool = RankPool(world_size, timeout_s=self.timeout_s or self.main.timeout_s)
             res = pool.run(world_size, probe, None)   # pays the startup now, measured
@@ -116,7 +118,6 @@ def mesh_shapes(world_size: int) -> list[tuple[int, int]]:
 
 def prepare_hsdp_groups(payload: Any, ctx) -> bool:
     """Rank side of `PoolSet.prepare_hsdp` (every rank of the pool, at its full world size)."""
-    import fsdp_core
     fsdp_core.prepare_hsdp_groups(mesh_shapes(ctx.world_size))
     return True
 

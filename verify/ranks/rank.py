@@ -4,15 +4,22 @@
 the case, the process group of ranks 0..world_size-1 (pass it to every collective) and the
 device. `serve` is the main function of a `RankPool` rank (verify/ranks/pool.py is the parent side).
 Under torchrun the same context comes from verify/ranks/torchrun.py.
+
+This module imports without torch (verify/cli.py reaches it through verify/ranks/torchrun.py
+while it parses arguments); the functions that run on a rank import torch when they run.
 """
 from __future__ import annotations
 
 import faulthandler
+import glob
 import multiprocessing as mp
 import os
 import pickle
+import shutil
 import signal
+import socket
 import sys
+import tempfile
 import threading
 import time
 import traceback
@@ -75,7 +82,6 @@ def qualified_name(fn: Callable) -> str:
 
 def loopback_interface() -> str:
     """The name of this machine's loopback network interface ("lo" on Linux)."""
-    import socket
     for _, name in socket.if_nameindex():
         try:
             with open(f"/sys/class/net/{name}/flags") as f:
@@ -104,9 +110,6 @@ def private_store_dir(kind: str) -> str:
     """A fresh private directory (mode 0700) for one set of ranks' store file, named
     ``verify-<kind>-<pid>-<random>`` in the temp directory. The caller removes it when the set
     stops; what a killed process left behind (its pid gone) is removed here, on the next call."""
-    import glob
-    import shutil
-    import tempfile
     assert kind in _STORE_DIR_KINDS, kind
     root = tempfile.gettempdir()
     for d in glob.glob(os.path.join(glob.escape(root), "verify-*-*-*")):
@@ -134,7 +137,7 @@ def open_store(path: str, timeout: timedelta = timedelta(seconds=300)) -> Any:
     """The rendezvous store of one set of ranks: a `FileStore` at `path`, inside a private
     directory (mode 0700) that the spawning process made for this set only and removes when
     the set stops. No network listener; world_size -1: the store never deletes its own file."""
-    import torch.distributed as dist
+    import torch.distributed as dist  # lazy: no torch at import (module docstring)
     store = dist.FileStore(path, -1)
     store.set_timeout(timeout)
     return store
@@ -170,7 +173,7 @@ def _reset_global_state(torch_mod: Any) -> None:
         torch_mod.set_num_threads(1)
     # global module hooks a foreign sharder registered (register_module_forward_hook & co.)
     # would run inside every later case's model
-    from torch.nn.modules import module as nn_module
+    from torch.nn.modules import module as nn_module  # lazy: no torch at import (module docstring)
     for name in dir(nn_module):
         table = getattr(nn_module, name)
         if name.startswith("_global_") and name.endswith("hooks") and hasattr(table, "clear"):
@@ -179,7 +182,7 @@ def _reset_global_state(torch_mod: Any) -> None:
 
 
 def serve(rank: int, max_world_size: int, backend: str, store_path: str, prefix: str,
-               conn: Any, stderr_conn: Any) -> None:
+          conn: Any, stderr_conn: Any) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl-C is the parent's to handle
     # stderr goes through the parent (which forwards it and keeps a tail for failure reports);
     # faulthandler writes the Python stacks there on a fatal signal, and on SIGUSR1, which the
@@ -195,13 +198,15 @@ def serve(rank: int, max_world_size: int, backend: str, store_path: str, prefix:
                                                       f"collectives.{rank}")
     _watch_parent()
     try:
+        # lazy, and only now: stderr and the parent watchdog are up before the slow import, and
+        # an import failure is reported to the parent as this rank's startup error
         import torch
         torch.set_num_threads(1)
         try:
             torch.set_num_interop_threads(1)
         except RuntimeError:
             pass
-        import torch.distributed as dist
+        import torch.distributed as dist  # lazy: likewise
 
         if backend == "nccl":
             torch.cuda.set_device(rank)
@@ -257,8 +262,9 @@ def serve(rank: int, max_world_size: int, backend: str, store_path: str, prefix:
 
 def probe(payload: Any, ctx: RankContext) -> bool:
     """Health check after a failed run: a collective with a known answer, then a barrier."""
+    # lazy: no torch at import (module docstring)
     import torch
-    import torch.distributed as dist
+    import torch.distributed as dist  # lazy: likewise
     t = torch.full((1,), float(ctx.rank + 1), device=ctx.device)
     dist.all_reduce(t, group=ctx.group)
     dist.barrier(group=ctx.group)

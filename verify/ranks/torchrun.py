@@ -3,6 +3,9 @@
 `current_rank_context` is this process as a rank of the default group (initialised from the
 launcher's env if needed); `TorchrunContext` offers `RankPool.run` in-process, so a campaign or
 pytest launched by torchrun runs its cases on the launched processes instead of a spawned pool.
+
+This module imports without torch (verify/cli.py calls `is_torchrun` while it parses arguments);
+the functions that need torch import it when they run.
 """
 from __future__ import annotations
 
@@ -21,7 +24,6 @@ if TYPE_CHECKING:
 __all__ = ["TorchrunContext", "ProcessGroupLost", "current_rank_context", "is_torchrun"]
 
 
-
 def is_torchrun() -> bool:
     """True when this process was launched as a rank by torchrun (or a compatible launcher)."""
     return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR"))
@@ -31,8 +33,9 @@ def _init_default_group(backend: Optional[str], timeout_s: Optional[float] = Non
     """Initialise the default group from the launcher's env unless it is; True if we did.
     ``timeout_s``: the group's collective timeout (a rank stuck past it makes the others
     raise instead of waiting forever)."""
+    # lazy: no torch at import (module docstring)
     import torch
-    import torch.distributed as dist
+    import torch.distributed as dist  # lazy: likewise
     torch.set_num_threads(1)
     if dist.is_initialized():
         return False
@@ -48,8 +51,9 @@ def _init_default_group(backend: Optional[str], timeout_s: Optional[float] = Non
 
 
 def _default_device() -> "torch.device":
+    # lazy: no torch at import (module docstring)
     import torch
-    import torch.distributed as dist
+    import torch.distributed as dist  # lazy: likewise
     if dist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
@@ -57,6 +61,7 @@ def _default_device() -> "torch.device":
 
 def current_rank_context(*, backend: Optional[str] = None) -> RankContext:
     """This process as a rank of the default group (initialised from torchrun's env if needed)."""
+    # lazy: no torch at import (module docstring)
     import torch.distributed as dist
     _init_default_group(backend)
     return RankContext(rank=dist.get_rank(), world_size=dist.get_world_size(),
@@ -93,6 +98,7 @@ class TorchrunContext:
         sharders that use it, ``world = "default"``), and a control group for the outcomes,
         whose timeout outlasts a case's (a rank that raised waits there while its peers time
         out in the case's collectives)."""
+        # lazy: no torch at import (module docstring)
         import torch.distributed as dist
         t = self._group_timeout
         case = {} if t is None else {"timeout": timedelta(seconds=t)}
@@ -112,6 +118,7 @@ class TorchrunContext:
 
     def run(self, world_size: int, fn: Callable[[Any, RankContext], Any], payload: Any, *,
             timeout_s: Optional[float] = None) -> PoolResult:
+        # lazy: no torch at import (module docstring)
         import torch.distributed as dist
         self._check(world_size)
         start = time.perf_counter()
@@ -148,6 +155,7 @@ class TorchrunContext:
     def close(self) -> None:
         """Destroy the process groups if this context created the default group (a rank that
         exits with live gloo groups can abort at interpreter teardown)."""
+        # lazy: no torch at import (module docstring)
         import torch.distributed as dist
         if self._owns_default_group and dist.is_initialized():
             try:
