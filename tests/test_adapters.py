@@ -176,7 +176,7 @@ def test_a_family_by_import_path_is_drawn_validated_and_replayable():
         Scenario("tests.no_such_family", (), 2).validate()
     with pytest.raises(ValueError, match="lacks DEFAULTS"):
         Scenario("tests.foreign_sharders", (), 2).validate()
-    from verify.cli import _families
+    from verify._args import families as _families
     import argparse
     assert _families("mlp,tests.user_family") == ["mlp", "tests.user_family"]
     with pytest.raises(argparse.ArgumentTypeError, match="cannot import"):

@@ -46,6 +46,17 @@ def test_help_works_without_the_campaign():
         assert sub.returncode == 0 and "exit codes:" in sub.stdout
 
 
+def test_the_parser_imports_nothing_heavy():
+    """`--help` stays instant: verify/cli.py and the subcommands' argument modules it imports
+    (verify/_args.py, campaign/cli.py, tools/cli.py, plan/cli.py) import no torch, pandas,
+    Hypothesis or matplotlib; a command imports them when it runs."""
+    code = ("import sys; from verify.cli import build_parser; build_parser(); "
+            "print([m for m in ('torch', 'pandas', 'hypothesis', 'matplotlib') if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
 @pytest.mark.parametrize("argv, message", [
     (["run", "--world-sizes", "1,3"], "world size 3 is not supported; allowed: 1, 2, 4, 8"),
     (["run", "--world-sizes", "1,x"], "'x' is not an integer"),

@@ -5,27 +5,24 @@ A case, in the order it runs (each step's module):
     scenarios/   a case as frozen data; the model families      strategies  Hypothesis draws
     case/draw    the drawn list of cases for a seed             sharders/   the adapter protocol
     case/train   the one training protocol a sharder runs       case/probes what it measures
-    pool, rank   the persistent ranks (poolset: one pool per W for default-group sharders)
+    ranks/       the persistent ranks: pool, rank, poolset (one pool per W for default-group
+                 sharders), torchrun (the same under torchrun), backend_check
     reference    the unsharded run                              compare     bitwise / ULP / tiers
     case/judge   the records against the reference: structured checks, one verdict
-    results      the records that cross processes               report      tables and plots
-    campaign     draw -> run -> judge -> report (resume: checkpoint-resume cases; console: replay)
-    diagnose     after a failure: shrink (smallest failing case), locate (first divergent phase
+    results      the records that cross processes               report/     tables and plots
+    campaign/    draw -> run -> judge -> report (resume: checkpoint-resume cases; console: replay)
+    diagnosis/   after a failure: shrink (smallest failing case), locate (first divergent phase
                  and unit), hangs (every rank's collectives when one hangs)
-    cli          `python -m verify run|replay|report|bench|plan|converge|mutants`
+    cli          `python -m verify run|replay|report|bench|plan|converge|mutants`; each
+                 subcommand's arguments beside its work (campaign/cli, tools/cli, plan/cli)
     pytest_plugin `pytest --sharder pkg.module:Name` (pytest_cases: the drawn cases as tests)
-    tools: bench, timing_check (ours vs FSDP2), plan* (the scale planner), converge (real text),
-           soak (the leak check), plant + mutants (the planted bugs), backend_check
+    plan/        the scale planner (`python -m verify plan`)
+    tools/       bench, timing_check (ours vs FSDP2), converge (real text), soak (the leak
+                 check), plants/ + mutants (the planted bugs)
 
 `from verify import Sharder, WrapPlan` is the public surface for a sharder of your own (DESIGN
 section 6). This package imports nothing heavy on import; import the submodules you need.
 """
+from verify.sharders.base import Sharder, StepTrace, WrapPlan
 
-__all__ = ["Sharder", "WrapPlan"]
-
-
-def __getattr__(name: str):
-    if name in ("Sharder", "WrapPlan", "StepTrace"):
-        from verify.sharders import base
-        return getattr(base, name)
-    raise AttributeError(f"module 'verify' has no attribute {name!r}")
+__all__ = ["Sharder", "WrapPlan", "StepTrace"]

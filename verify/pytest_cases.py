@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 
+from verify.campaign.run import draw_scenarios
+from verify.sharders import expand, load_class
+
 
 def _cases(config: pytest.Config) -> list:
-    from verify.campaign.run import draw_scenarios
-    from verify.sharders import expand, load_class
     specs = expand(x.strip() for x in config.getoption("sharder").split(",") if x.strip())
     families = config.getoption("families")
     families = [f.strip() for f in families.split(",") if f.strip()] if families else None

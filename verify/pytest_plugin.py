@@ -27,6 +27,11 @@ from typing import Optional
 
 import pytest
 
+from verify.ranks.pool import RankPool
+from verify.ranks.poolset import PoolSet
+from verify.ranks.torchrun import TorchrunContext, is_torchrun
+from verify.sharders import DEFAULT_SHARDER, SharderSpecError, expand, load_class
+
 __all__ = ["Equivalence"]
 
 _CASES = Path(__file__).with_name("pytest_cases.py")
@@ -56,7 +61,6 @@ def pytest_configure(config: pytest.Config) -> None:
         "(torchrun --nproc_per_node=8 -m pytest -m multigpu)")
     spec = config.getoption("sharder", None)
     if spec:
-        from verify.sharders import SharderSpecError, expand, load_class
         try:
             for s in expand(x.strip() for x in spec.split(",") if x.strip()):
                 load_class(s)
@@ -72,17 +76,18 @@ class Equivalence:
     def __init__(self, pool, config: pytest.Config):
         self.pool, self.config = pool, config
         self.timeout_s = config.getoption("verify_timeout")
-        from verify.sharders import DEFAULT_SHARDER, expand
         spec = config.getoption("sharder") or DEFAULT_SHARDER
         self.sharders = expand(x.strip() for x in spec.split(",") if x.strip())
 
+    # The campaign is imported when a test uses it: this plugin loads in every pytest run of the
+    # environment (the pytest11 entry point), and the campaign imports torch and Hypothesis.
     def check(self, scenario, sharder: Optional[str] = None, **kw):
-        from verify.campaign.run import run_one
+        from verify.campaign.run import run_one  # lazy: torch, see above
         return run_one(self.pool, scenario, sharder=sharder or self.sharders[0],
                        timeout_s=kw.pop("timeout_s", self.timeout_s), **kw)
 
     def draw(self, world_size: int, mode: str, n: int, *, seed: Optional[int] = None, **kw):
-        from verify.campaign.run import draw_scenarios
+        from verify.campaign.run import draw_scenarios  # lazy: torch, see above
         return draw_scenarios(world_size=world_size, mode=mode, n=n,
                               seed=self.config.getoption("verify_seed") if seed is None else seed,
                               **kw)
@@ -94,10 +99,6 @@ def rank_pool():
     (in a PoolSet, so default-group sharders get pools of their own size), or, when pytest
     itself runs under torchrun, a TorchrunContext on the launcher's group. Both offer
     run(world_size, fn, payload) -> PoolResult."""
-    from verify.ranks.pool import RankPool
-    from verify.ranks.poolset import PoolSet
-    from verify.ranks.torchrun import TorchrunContext, is_torchrun
-
     if is_torchrun():
         pool = PoolSet(TorchrunContext())
     else:

@@ -3,6 +3,7 @@ stays instant), the markdown table and the plot. The figures come from verify/pl
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -149,9 +150,9 @@ def render_markdown(plan: dict, elapsed_s: float | None = None) -> str:
 
 
 def _plot(plan: dict, path: Path) -> None:
-    import matplotlib
+    import matplotlib  # lazy: heavy, and only --out draws
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # lazy: after use("Agg")
     rows = plan["rows"]
     labels = [_mesh_name(r) for r in rows]
     x = range(len(rows))
@@ -180,7 +181,6 @@ def _plot(plan: dict, path: Path) -> None:
 
 
 def _json(plan: dict) -> dict:
-    import dataclasses
     rows = []
     for r in plan["rows"]:
         d = dataclasses.asdict(r)
@@ -191,8 +191,9 @@ def _json(plan: dict) -> dict:
 
 def run_plan(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
+    # lazy: the planner imports torch, and verify/cli.py imports this module for `--help`
     from verify.plan.models import load_model
-    from verify.plan.scale import PlanOptions, plan_scale
+    from verify.plan.scale import PlanOptions, plan_scale  # lazy: torch, as above
     worlds = args.world_sizes if args.world_sizes is not None else ([] if args.mesh else [8, 64, 512, 1024])
     opts = PlanOptions(dtype=args.dtype, optimizer=args.optimizer, wrap=args.wrap,
                        reshard_after_forward=args.reshard_after_forward, offload=args.offload,

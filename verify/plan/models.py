@@ -20,6 +20,9 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
+from verify.scenarios import FAMILIES, Scenario, build_model
+from verify.scenarios._hf import decoder_layers
+
 __all__ = ["BUILTIN", "PlanModel", "load_model", "LlamaTree", "GPT2Tree"]
 
 # Published dimensions. GPT-2: Radford et al. 2019 / the openai-community configs (n_positions
@@ -161,11 +164,10 @@ def _from_config(name: str, c: dict) -> PlanModel:
         cls, blocks = _TREES[kind]
         return PlanModel(name, cls(c), blocks)
     try:
-        import transformers
+        import transformers  # lazy: optional (pip install -e '.[hf]')
     except ImportError as exc:
         raise ValueError(f"model_type {kind!r} of {name}: the planner builds gpt2 and llama "
                          "configs itself; other types need transformers installed") from exc
-    from verify.scenarios._hf import decoder_layers
     config = transformers.AutoConfig.for_model(**c)
     with torch.device("meta"):
         model = transformers.AutoModelForCausalLM.from_config(config)
@@ -195,7 +197,6 @@ def load_model(spec: str) -> PlanModel:
         except (OSError, ValueError) as exc:
             raise ValueError(f"--model {spec}: not a readable config.json ({exc})") from exc
         return _from_config(path.name, c)
-    from verify.scenarios import FAMILIES, Scenario, build_model
     family, _, rest = spec.partition(":")
     if family not in FAMILIES:
         raise ValueError(f"--model {spec!r}: not a built-in ({', '.join(BUILTIN)}), a config.json "

@@ -25,6 +25,7 @@ from typing import Optional, Sequence
 
 import torch.nn as nn
 
+from verify.scenarios import Scenario, _post_order as po, wrap_units
 from verify.plan.units import OPT_STATES, UnitShape, default_events, peak_unsharded, unit_figures, unit_shapes
 from verify.plan.models import PlanModel
 
@@ -81,7 +82,6 @@ class ScaleRow:
 
 
 def _post_order(module: nn.Module):
-    from verify.scenarios import _post_order as po
     return list(po(module))
 
 
@@ -92,7 +92,6 @@ def plan_units(pm: PlanModel, wrap: str) -> list[UnitShape]:
     if wrap == "per_block":
         chosen = pm.blocks(model)
     elif wrap == "every_leaf":
-        from verify.scenarios import Scenario, wrap_units
         chosen = wrap_units(Scenario(family="mlp", model=(), world_size=1, wrap="every_leaf"), model)
     elif wrap == "root_only":
         chosen = []

@@ -31,9 +31,11 @@ from typing import Optional, Sequence
 
 import torch
 import torch.nn as nn
+from torch.utils._pytree import tree_leaves
 
 from fsdp_core import _layout
 from fsdp_core._collectives import GATHER_KIND, REDUCE_SCATTER_KIND
+from verify.scenarios import build_model, loss_fn, make_batch, wrap_units
 
 __all__ = ["UnitShape", "PlanFigures", "unit_shapes", "trace_units", "plan_scenario",
            "plan_problems", "unit_figures", "peak_unsharded", "OPT_STATES"]
@@ -111,7 +113,6 @@ def unit_shapes(model: nn.Module, units: Sequence[nn.Module], trace: Optional[di
 # -- tracing a scenario ---------------------------------------------------------------------------
 
 def _grad_tensors(x) -> bool:
-    from torch.utils._pytree import tree_leaves
     return any(isinstance(t, torch.Tensor) and t.requires_grad for t in tree_leaves(x))
 
 
@@ -120,7 +121,6 @@ def trace_units(s, device: str = "meta"):
     return (model, wrap units, trace, forward events). trace: id(unit module) -> calls,
     in_backward, input_grad, grads (ids of parameters that got a gradient); events: ("pre" |
     "post", id(unit module), inputs/outputs carry grad) in forward order."""
-    from verify.scenarios import build_model, loss_fn, make_batch, wrap_units
     model = build_model(s, device=device)
     units = wrap_units(s, model)
     trace: dict[int, dict] = {id(m): dict(calls=0, in_backward=False, input_grad=True) for m in units}
