@@ -16,6 +16,7 @@ Per step it keeps both losses; at the end it evaluates both final models on the 
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import platform
 import sysconfig
@@ -26,8 +27,13 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from verify.case.train import Trainer
+from verify.compare import compare_params
+from verify.ranks.pool import RankPool
+from verify.report import write_convergence_report
 from verify.scenarios import (Scenario, _derive_seed, build_model, loss_fn, make_optimizer,
                               step_loss, tree)
+from verify.sharders import DEFAULT_SHARDER
 
 __all__ = ["load_corpus", "converge_scenario", "corpus_batch", "converge_case", "run_unsharded",
            "run_converge"]
@@ -97,8 +103,6 @@ def converge_case(payload: dict, ctx) -> dict:
     """Train ``payload["scenario"]`` sharded by ``payload["sharder"]`` (default fsdp_core) on
     the corpus through the one training protocol (`verify.case.train.Trainer`); return the step
     losses and (rank 0) the final full parameters."""
-    from verify.case.train import Trainer
-    from verify.sharders import DEFAULT_SHARDER
     s = Scenario.from_json(payload["scenario"])
     train, _ = _train_data(payload["corpus"])
     trainer = Trainer(payload.get("sharder", DEFAULT_SHARDER), s, ctx,
@@ -175,10 +179,6 @@ def run_converge(*, world_size: int = 4, steps: int = 200, width: int = 64, laye
     """Run every mode sharded and unsharded, write OUT/convergence.md/.png/.json; return the
     report's paths. Raises RuntimeError when a sharded run fails. ``pool``: a rank pool (or
     torchrun context) to use instead of starting one."""
-    import contextlib
-    from verify.compare import compare_params
-    from verify.ranks.pool import RankPool
-    from verify.report import write_convergence_report
     torch.set_num_threads(1)
     corpus, info = load_corpus(corpus_bytes)
     print(f"corpus: {info['bytes']:,} bytes from {info['files']} files under {info['root']} "

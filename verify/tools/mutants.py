@@ -15,9 +15,13 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Optional, Sequence
 
-from verify.tools.plants import BUGS, FAULTS, PLANTS
+import torch
+
+from verify.campaign.run import run_one
+from verify.ranks.pool import RankPool
 from verify.results import CaseResult
 from verify.scenarios import Scenario
+from verify.tools.plants import BUGS, FAULTS, PLANTS
 
 __all__ = ["failed_checks", "describe", "MutantOutcome", "run_mutants", "main"]
 
@@ -82,7 +86,6 @@ def run_mutants(pool, names: Optional[Iterable[str]] = None, *, blind: bool = Fa
 
     Returns (clean failures, outcomes): the replay lines of scenarios that failed clean (must be
     empty) and one `MutantOutcome` per plant, printed as they finish."""
-    from verify.campaign.run import run_one
     plants = [PLANTS[n] for n in (names if names is not None else BUGS)]
     scenarios: list[Scenario] = []
     for p in plants:
@@ -116,8 +119,6 @@ def main(names: Optional[Sequence[str]] = None, *, blind: bool = False, faults: 
          timeout_s: float = 60.0, pool=None) -> int:
     """`python -m verify mutants`: 0 when every bug is caught and every clean run passes.
     ``pool``: run the bugs on this pool instead of a new one (faults always get their own)."""
-    import torch
-    from verify.ranks.pool import RankPool
     torch.set_num_threads(1)
     names = list(names) if names else list(BUGS)
     if faults and not set(names) & set(FAULTS):

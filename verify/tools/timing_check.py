@@ -22,6 +22,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+
+import fsdp_core
+from verify.ranks.rank import keep_on_loopback, open_store, private_store_dir
 
 
 class Block(nn.Module):
@@ -61,14 +66,11 @@ def _build(kind: str, args, seed: int = 0):
     torch.manual_seed(seed)
     model = GPT(args.vocab, args.width, args.layers, args.seq)
     if kind == "fsdp2":
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
         mesh = init_device_mesh("cpu", (dist.get_world_size(),))
         for blk in model.blocks:
             fully_shard(blk, mesh=mesh)
         fully_shard(model, mesh=mesh)
     else:
-        import fsdp_core
         for blk in model.blocks:
             fsdp_core.fully_shard(blk)
         fsdp_core.fully_shard(model)
@@ -77,7 +79,6 @@ def _build(kind: str, args, seed: int = 0):
 
 
 def _rank(rank: int, args, store_path: str, out) -> None:
-    from verify.ranks.rank import keep_on_loopback, open_store
     torch.set_num_threads(1)
     keep_on_loopback()          # no listener on the network: a file store, gloo on loopback
     dist.init_process_group("gloo", store=open_store(store_path), rank=rank,
@@ -128,7 +129,6 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
-    from verify.ranks.rank import private_store_dir
     store_dir = private_store_dir("timing")      # mode 0700
     try:
         store_path = os.path.join(store_dir, "store")
