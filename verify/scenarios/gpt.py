@@ -9,6 +9,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from verify.scenarios._lm import next_token_batch, next_token_loss
+
 DEFAULTS = dict(vocab_size=17, n_embd=8, n_head=2, n_layer=2, block_size=4, tied=True, bias=True)
 
 
@@ -96,11 +98,9 @@ def blocks(model: GPT) -> list[nn.Module]:
 
 
 def make_batch(kw: dict, n: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    seq = torch.randint(kw["vocab_size"], (n, kw["block_size"] + 1), generator=gen)  # (n, T+1)
-    return seq[:, :-1].contiguous(), seq[:, 1:].contiguous()  # next-token targets, (n, T) each
+    return next_token_batch(kw["vocab_size"], kw["block_size"], n, gen)
 
 
 def loss(model: nn.Module, batch) -> torch.Tensor:
     idx, targets = batch
-    logits = model(idx).float()  # (B, T, vocab), the loss always in fp32
-    return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
+    return next_token_loss(model(idx), targets)  # (B, T, vocab) logits
