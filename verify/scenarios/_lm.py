@@ -3,9 +3,10 @@ next-token batches and the causal-LM cross-entropy, always in fp32."""
 from __future__ import annotations
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["next_token_batch", "next_token_loss"]
+__all__ = ["next_token_batch", "next_token_loss", "loss"]
 
 
 def next_token_batch(vocab_size: int, seq_len: int, n: int,
@@ -20,3 +21,9 @@ def next_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor
     targets."""
     logits = logits.float()
     return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
+
+
+def loss(model: nn.Module, batch) -> torch.Tensor:
+    """The family interface's loss for a model called on token ids that returns the logits."""
+    idx, targets = batch
+    return next_token_loss(model(idx), targets)  # (B, T, vocab) logits

@@ -9,7 +9,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from verify.scenarios._lm import next_token_batch, next_token_loss
+from verify.scenarios._lm import loss, next_token_batch
+
+# The family interface (verify.scenarios.families.FAMILY_INTERFACE); `loss` is _lm's.
+__all__ = ["DEFAULTS", "check", "build", "blocks", "make_batch", "loss"]
 
 DEFAULTS = dict(vocab_size=17, n_embd=8, n_head=2, n_layer=2, block_size=4, tied=True, bias=True)
 
@@ -99,8 +102,3 @@ def blocks(model: GPT) -> list[nn.Module]:
 
 def make_batch(kw: dict, n: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     return next_token_batch(kw["vocab_size"], kw["block_size"], n, gen)
-
-
-def loss(model: nn.Module, batch) -> torch.Tensor:
-    idx, targets = batch
-    return next_token_loss(model(idx), targets)  # (B, T, vocab) logits
