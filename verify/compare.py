@@ -140,6 +140,20 @@ def diff_stats(actual: torch.Tensor, expected: torch.Tensor, *, tol: Optional[To
     return DiffStats(max_abs, max_rel, max_ulp, False, n_diff, worst, a.numel(), n_bad, n_nonfinite, tol)
 
 
+def _max(values) -> float:
+    out = 0.0
+    for v in values:
+        if math.isnan(v):
+            return math.nan
+        out = max(out, v)
+    return out
+
+
+def _over_params(stat: str, combine) -> property:
+    """A `ParamsDiff` property: ``combine`` of the `DiffStats` field ``stat`` of every parameter."""
+    return property(lambda self: combine(getattr(d, stat) for d in self.per_param.values()))
+
+
 @dataclass(frozen=True)
 class ParamsDiff:
     """Per-parameter statistics (in the reference's order) plus anything structurally wrong."""
@@ -156,29 +170,13 @@ class ParamsDiff:
     def bitwise(self) -> bool:
         return self.structural_ok and all(d.bitwise for d in self.per_param.values())
 
-    @property
-    def max_abs(self) -> float:
-        return _max(d.max_abs for d in self.per_param.values())
-
-    @property
-    def max_rel(self) -> float:
-        return _max(d.max_rel for d in self.per_param.values())
-
-    @property
-    def max_ulp(self) -> int:
-        return max((d.max_ulp for d in self.per_param.values()), default=0)
-
-    @property
-    def n_diff(self) -> int:
-        return sum(d.n_diff for d in self.per_param.values())
-
-    @property
-    def n_bad(self) -> int:
-        return sum(d.n_bad for d in self.per_param.values())
-
-    @property
-    def n_nonfinite(self) -> int:
-        return sum(d.n_nonfinite for d in self.per_param.values())
+    # One DiffStats figure over every parameter: the greatest (a NaN wins) or the total.
+    max_abs = _over_params("max_abs", _max)
+    max_rel = _over_params("max_rel", _max)
+    max_ulp = _over_params("max_ulp", lambda ulps: max(ulps, default=0))
+    n_diff = _over_params("n_diff", sum)
+    n_bad = _over_params("n_bad", sum)
+    n_nonfinite = _over_params("n_nonfinite", sum)
 
     @property
     def n_params_differ(self) -> int:
@@ -196,15 +194,6 @@ class ParamsDiff:
         if not differing:
             return ""
         return max(differing, key=lambda nd: math.inf if math.isnan(nd[1].max_abs) else nd[1].max_abs)[0]
-
-
-def _max(values) -> float:
-    out = 0.0
-    for v in values:
-        if math.isnan(v):
-            return math.nan
-        out = max(out, v)
-    return out
 
 
 def compare_params(sharded: Mapping[str, torch.Tensor], ref: Mapping[str, torch.Tensor], *,

@@ -105,38 +105,36 @@ def special_models(*, max_width: int = 8, max_blocks: int = 3) -> st.SearchStrat
     }).map(_pairs)
 
 
+@st.composite
+def _hf_shapes(draw, *, width: str, own, max_vocab: int, max_layers: int, max_seq: int) -> Model:
+    """What the HuggingFace families draw alike: n_head, a head size putting the width (named
+    `width`) in 16..32, the vocabulary, then the family's own keys (``own(draw, n_head)``, a
+    dict), then the depth, the sequence length and whether the head is tied, in that order."""
+    n_head = draw(st.sampled_from((1, 2, 4)))
+    head_dim = draw(st.sampled_from([d for d in (4, 8, 16, 32) if 16 <= n_head * d <= 32]))
+    kw = {"vocab_size": draw(sizes(min_value=2, max_value=max_vocab)),
+          width: n_head * head_dim, "n_head": n_head}
+    kw.update(own(draw, n_head))
+    kw.update(n_layer=draw(st.integers(1, max_layers)), seq_len=draw(st.integers(1, max_seq)),
+              tied=draw(st.booleans()))
+    return _pairs(kw)
+
+
 def hf_gpt2_models(*, max_vocab: int = 96, max_layers: int = 2, max_seq: int = 8) -> st.SearchStrategy[Model]:
     """HuggingFace GPT-2 shapes (family hf_gpt2, needs transformers): width n_head * head_dim
     in 16..32, tied or untied head."""
-    @st.composite
-    def draw_gpt2(draw) -> Model:
-        n_head = draw(st.sampled_from((1, 2, 4)))
-        head_dim = draw(st.sampled_from([d for d in (4, 8, 16, 32) if 16 <= n_head * d <= 32]))
-        return _pairs({
-            "vocab_size": draw(sizes(min_value=2, max_value=max_vocab)),
-            "n_embd": n_head * head_dim, "n_head": n_head,
-            "n_layer": draw(st.integers(1, max_layers)), "seq_len": draw(st.integers(1, max_seq)),
-            "tied": draw(st.booleans()),
-        })
-    return draw_gpt2()
+    return _hf_shapes(width="n_embd", own=lambda draw, n_head: {}, max_vocab=max_vocab,
+                      max_layers=max_layers, max_seq=max_seq)
 
 
 def hf_llama_models(*, max_vocab: int = 96, max_layers: int = 2, max_seq: int = 8) -> st.SearchStrategy[Model]:
     """HuggingFace Llama shapes (family hf_llama, needs transformers): width 16..32, even head
     sizes (RoPE), grouped-query attention (n_kv_head divides n_head), any intermediate size."""
-    @st.composite
-    def draw_llama(draw) -> Model:
-        n_head = draw(st.sampled_from((1, 2, 4)))
-        head_dim = draw(st.sampled_from([d for d in (4, 8, 16, 32) if 16 <= n_head * d <= 32]))
-        return _pairs({
-            "vocab_size": draw(sizes(min_value=2, max_value=max_vocab)),
-            "hidden_size": n_head * head_dim, "n_head": n_head,
-            "n_kv_head": draw(st.sampled_from([k for k in (1, 2, 4) if n_head % k == 0])),
-            "intermediate_size": draw(sizes(max_value=48)),
-            "n_layer": draw(st.integers(1, max_layers)), "seq_len": draw(st.integers(1, max_seq)),
-            "tied": draw(st.booleans()),
-        })
-    return draw_llama()
+    def own(draw, n_head: int) -> dict:
+        return {"n_kv_head": draw(st.sampled_from([k for k in (1, 2, 4) if n_head % k == 0])),
+                "intermediate_size": draw(sizes(max_value=48))}
+    return _hf_shapes(width="hidden_size", own=own, max_vocab=max_vocab, max_layers=max_layers,
+                      max_seq=max_seq)
 
 
 _MODEL_STRATEGIES = {

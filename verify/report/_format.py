@@ -7,6 +7,7 @@ from typing import Any
 import pandas as pd
 from tabulate import tabulate
 
+from verify.results import PASSING
 
 _GROUP = ["family", "world_size", "mode"]
 _FAILED = ("fail", "error")
@@ -17,7 +18,6 @@ def _as_dict(result: Any) -> dict[str, Any]:
 
 
 def _passed(r: dict[str, Any]) -> bool:
-    from verify.results import PASSING
     return bool(r["passed"]) if "passed" in r else r.get("verdict") in PASSING
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Optional
 
 from verify.report._format import _md, _num
+from verify.report.plots import _pyplot
 
 
 # -- convergence on real text (verify/tools/converge.py) --------------------------------------------
@@ -67,13 +68,8 @@ def write_convergence_report(data: dict, out_dir: str | Path) -> list[Path]:
 
 
 def _plot_convergence(runs: list[dict], path: Path) -> Optional[Path]:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    if not runs:
+    plt = _pyplot()
+    if plt is None or not runs:
         return None
     fig, axes = plt.subplots(2, len(runs), figsize=(5.5 * len(runs), 6.5), squeeze=False,
                              sharex=True, gridspec_kw={"height_ratios": [2, 1]})

@@ -9,14 +9,23 @@ import pandas as pd
 from verify.report.frames import results_frame, steps_frame
 
 
+def _pyplot() -> Any:
+    """matplotlib.pyplot on the Agg backend (files only, no display), or None where matplotlib
+    is not installed: every report's plots are skipped without it."""
+    try:
+        import matplotlib  # lazy: optional and heavy; only a report that plots needs it
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt  # lazy: as matplotlib above
+    except ImportError:
+        return None
+    return plt
+
+
 # -- plots ------------------------------------------------------------------------------------
 
 def _write_plots(results: list[dict], out: Path) -> list[Path]:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = _pyplot()
+    if plt is None:
         return []
     steps = steps_frame(results)
     if steps.empty:
@@ -37,7 +46,7 @@ def _write_plots(results: list[dict], out: Path) -> list[Path]:
 def _plot_per_step(plt: Any, steps: pd.DataFrame, col: str, label: str, path: Path) -> None:
     """One panel per mode, one line per world size: the worst `col` over cases at each step.
     Zeros (bitwise agreement) cannot sit on a log axis: they are drawn on a floor line."""
-    from matplotlib.ticker import MaxNLocator
+    from matplotlib.ticker import MaxNLocator  # lazy: matplotlib is optional (see _pyplot)
     worst = steps.groupby(["mode", "world_size", "step"])[col].max().reset_index()
     positive = worst[col][worst[col] > 0]
     floor = positive.min() / 100 if not positive.empty else 1e-16

@@ -8,7 +8,9 @@ from typing import Any, Optional
 import pandas as pd
 
 from verify.report._format import _cell, _int, _md, _num
+from verify.report.plots import _pyplot
 from verify.report.tables import _has_offload, _yes
+from verify.tools.soak import BASELINE_CASE, samples_of, summarize
 
 
 def resume_table(df: pd.DataFrame) -> str:
@@ -47,7 +49,6 @@ looser tier of the two world sizes). The loaded state must equal the saved one b
 def pool_memory_section(pool_memory: Any) -> str:
     """Markdown: the rank processes' RSS at the leak check's baseline case and at the end.
     ``pool_memory``: as `run_campaign` saves it (verify/tools/soak.py `samples_of`)."""
-    from verify.tools.soak import samples_of, summarize
     summary = summarize(samples_of(pool_memory))
     if summary is None:
         return "No RSS samples (/proc not readable on this platform)."
@@ -71,7 +72,6 @@ def pool_memory_section(pool_memory: Any) -> str:
             f"**{status}**: the largest rank RSS changed by {summary['change_pct']:+.1f}% from "
             f"case {summary['baseline_case']} to the end (limit +{summary['limit_pct']:g}%)."]
     if summary["short"]:
-        from verify.tools.soak import BASELINE_CASE
         text[-1] += (f" Fewer than {BASELINE_CASE} cases ran, so the comparison starts at the first case "
                      "and includes the warm-up; the soak (`make soak`) runs 500+.")
     if summary["restarted_between"]:
@@ -107,15 +107,11 @@ def _pct(a: Optional[int], b: Optional[int]) -> str:
 
 def _plot_pool_memory(pool_memory: Any, out: Path) -> list[Path]:
     """pool_memory.png: RSS per rank process (and the parent) after every case."""
-    from verify.tools.soak import samples_of
     samples = samples_of(pool_memory)
     if not samples or not any(v is not None for s in samples for v in s.get("rss_kib") or []):
         return []
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = _pyplot()
+    if plt is None:
         return []
     fig, ax = plt.subplots(figsize=(7, 3.8))
     cases = [s["case"] for s in samples]
@@ -126,7 +122,6 @@ def _plot_pool_memory(pool_memory: Any, out: Path) -> list[Path]:
         ax.plot(cases, ys, linewidth=1, label=f"rank {r}")
     ax.plot(cases, [math.nan if s.get("parent_kib") is None else s["parent_kib"] / 1024
                     for s in samples], linewidth=1, linestyle="--", color="black", label="parent")
-    from verify.tools.soak import BASELINE_CASE
     if len(cases) > BASELINE_CASE:
         ax.axvline(BASELINE_CASE, color="grey", linestyle=":", linewidth=1)
     ax.set_xlabel("case")

@@ -11,7 +11,8 @@ import types
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
+
+from verify.scenarios._lm import next_token_batch, next_token_loss
 
 __all__ = ["AVAILABLE", "require", "decoder_layers", "make_batch", "loss", "restore_rope"]
 
@@ -30,11 +31,11 @@ AVAILABLE = _available()
 def require(family: str):
     """The transformers module, or an ImportError that says how to get it."""
     try:
-        import transformers
+        import transformers  # lazy: optional (the [hf] extra) and heavy
     except ImportError as exc:
         raise ImportError(f"scenario family {family!r} needs transformers: "
                           "pip install -e '.[hf]'") from exc
-    import transformers.utils.logging as hf_logging
+    import transformers.utils.logging as hf_logging  # lazy: as transformers above
     hf_logging.set_verbosity_error()   # config notes (e.g. special token ids) are noise here
     return transformers
 
@@ -49,14 +50,12 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
 
 
 def make_batch(kw: dict, n: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    seq = torch.randint(kw["vocab_size"], (n, kw["seq_len"] + 1), generator=gen)  # (n, T+1)
-    return seq[:, :-1].contiguous(), seq[:, 1:].contiguous()  # next-token targets, (n, T) each
+    return next_token_batch(kw["vocab_size"], kw["seq_len"], n, gen)
 
 
 def loss(model: nn.Module, batch) -> torch.Tensor:
     idx, targets = batch
-    logits = model(input_ids=idx).logits.float()  # (B, T, vocab), the loss always in fp32
-    return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
+    return next_token_loss(model(input_ids=idx).logits, targets)  # (B, T, vocab) logits
 
 
 def restore_rope(model: nn.Module) -> None:

@@ -9,6 +9,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from verify.scenarios._lm import loss, next_token_batch
+
+# The family interface (verify.scenarios.families.FAMILY_INTERFACE); `loss` is _lm's.
+__all__ = ["DEFAULTS", "check", "build", "blocks", "make_batch", "loss"]
+
 DEFAULTS = dict(vocab_size=19, context_length=4, d_model=8, num_heads=2, num_layers=2, d_ff=12,
                 rope_theta=10000.0)
 
@@ -136,11 +141,4 @@ def blocks(model: TransformerLM) -> list[nn.Module]:
 
 
 def make_batch(kw: dict, n: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    seq = torch.randint(kw["vocab_size"], (n, kw["context_length"] + 1), generator=gen)  # (n, T+1)
-    return seq[:, :-1].contiguous(), seq[:, 1:].contiguous()
-
-
-def loss(model: nn.Module, batch) -> torch.Tensor:
-    idx, targets = batch
-    logits = model(idx).float()  # (B, T, vocab)
-    return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
+    return next_token_batch(kw["vocab_size"], kw["context_length"], n, gen)

@@ -9,6 +9,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from verify.scenarios._lm import loss, next_token_batch
+
+# The family interface (verify.scenarios.families.FAMILY_INTERFACE); `loss` is _lm's.
+__all__ = ["DEFAULTS", "check", "build", "blocks", "make_batch", "loss"]
+
 DEFAULTS = dict(vocab_size=17, n_embd=8, n_head=2, n_layer=2, block_size=4, tied=True, bias=True)
 
 
@@ -96,11 +101,4 @@ def blocks(model: GPT) -> list[nn.Module]:
 
 
 def make_batch(kw: dict, n: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    seq = torch.randint(kw["vocab_size"], (n, kw["block_size"] + 1), generator=gen)  # (n, T+1)
-    return seq[:, :-1].contiguous(), seq[:, 1:].contiguous()  # next-token targets, (n, T) each
-
-
-def loss(model: nn.Module, batch) -> torch.Tensor:
-    idx, targets = batch
-    logits = model(idx).float()  # (B, T, vocab), the loss always in fp32
-    return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
+    return next_token_batch(kw["vocab_size"], kw["block_size"], n, gen)

@@ -10,7 +10,10 @@ from __future__ import annotations
 import torch.nn as nn
 
 from verify.scenarios import _hf
-from verify.scenarios._hf import decoder_layers as blocks, loss, make_batch  # noqa: F401
+from verify.scenarios._hf import decoder_layers as blocks, loss, make_batch
+
+# The family interface (verify.scenarios.families.FAMILY_INTERFACE); three of its names are _hf's.
+__all__ = ["DEFAULTS", "check", "build", "blocks", "make_batch", "loss"]
 
 DEFAULTS = dict(vocab_size=64, n_embd=16, n_head=2, n_layer=2, seq_len=8, tied=True)
 

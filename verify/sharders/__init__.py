@@ -118,8 +118,9 @@ def expand(specs: Iterable[str]) -> list[str]:
 
 def plan_for(s, model) -> WrapPlan:
     """The scenario's `WrapPlan` for ``model`` (built from the scenario, unsharded)."""
+    # lazy: `from verify import Sharder` runs this package, which must import without torch
     import torch
-    from verify.scenarios import optimizer_spec, wrap_units
+    from verify.scenarios import optimizer_spec, wrap_units  # lazy: imports torch (as above)
     names = {id(m): n for n, m in model.named_modules()}
     units = tuple((names[id(m)], m) for m in wrap_units(s, model))
     cls, kwargs = optimizer_spec(s)

@@ -43,6 +43,7 @@ class WrapPlan:
         """The scenario's optimizer over ``named_params``, with parameter groups chosen by name:
         no weight decay for biases and norms (`verify.scenarios.no_decay`), the scenario's
         weight decay for the rest; empty groups omitted."""
+        # lazy: verify.scenarios imports torch, and `from verify import Sharder` must not
         from verify.scenarios import grouped_optimizer
         return grouped_optimizer(self.optimizer_cls, self.optimizer_kwargs, named_params)
 

@@ -13,8 +13,11 @@ from __future__ import annotations
 
 from typing import Optional
 
+import os
+
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
 from verify.sharders.base import Sharder, WrapPlan
 
@@ -29,7 +32,6 @@ class DDP(Sharder):
     offload = False
 
     def shard(self, model, plan: WrapPlan, group):
-        from torch.nn.parallel import DistributedDataParallel
         device_ids = None
         if dist.get_backend(group) == "nccl":
             device_ids = [torch.cuda.current_device()]
@@ -54,7 +56,6 @@ class DDP(Sharder):
 
     def save(self, path, model, optimizer):
         """Collective: rank 0 writes the file, every rank waits for it."""
-        import os
         group = model.process_group
         if dist.get_rank(group) == 0:
             os.makedirs(path, exist_ok=True)
@@ -64,7 +65,6 @@ class DDP(Sharder):
         dist.barrier(group=group)
 
     def load(self, path, model, optimizer):
-        import os
         state = torch.load(os.path.join(path, "state.pt"), map_location="cpu", weights_only=True)
         model.module.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optim"])

@@ -2,9 +2,9 @@
 checkpoints (`fsdp_core.checkpoint`)."""
 from __future__ import annotations
 
-
 import fsdp_core
 from fsdp_core._collectives import GATHER_KIND, REDUCE_SCATTER_KIND
+from verify.plan.units import plan_scenario
 from verify.sharders.base import Sharder, StepTrace, WrapPlan
 
 __all__ = ["FsdpCore", "FsdpCoreNoPrefetch"]
@@ -110,15 +110,14 @@ class FsdpCore(Sharder):
     def planned(self, scenario):
         if scenario.mesh is not None:   # the planner models 1-D layouts (verify/plan/units.py)
             return None
-        from verify.plan.units import plan_scenario
         return plan_scenario(scenario)
 
+    # fsdp_core.checkpoint is imported on first use (fsdp_core's __getattr__): it pulls in
+    # torch.distributed.checkpoint, which only checkpoint-resume cases need.
     def save(self, path, model, optimizer):
-        import fsdp_core.checkpoint
         fsdp_core.checkpoint.save(path, model, optimizer)
 
     def load(self, path, model, optimizer):
-        import fsdp_core.checkpoint
         fsdp_core.checkpoint.load(path, model, optimizer)
 
 

@@ -42,8 +42,18 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_state_dict, set_state_dict)
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import (CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy,
+                                    fully_shard)
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 from torch.utils._pytree import tree_leaves
 
+from fsdp_core import hsdp_mesh
+from verify.compare import tier_for
+from verify.scenarios import build_model, loss_fn, make_batch, wrap_units
 from verify.sharders.base import Sharder, WrapPlan
 
 __all__ = ["TorchFSDP2", "shared_unit_inputs"]
@@ -58,7 +68,6 @@ class TorchFSDP2(Sharder):
     hsdp = True
 
     def unsupported(self, scenario) -> Optional[str]:
-        from verify.scenarios import build_model
         zero_d = [n for n, p in build_model(scenario, device="meta").named_parameters()
                   if p.dim() == 0]
         if zero_d:
@@ -67,7 +76,6 @@ class TorchFSDP2(Sharder):
         return None
 
     def tier(self, scenario) -> Optional[str]:
-        from verify.compare import tier_for
         if tier_for(scenario) != "bitwise" or scenario.mode != "fast":
             return None
         if not shared_unit_inputs(scenario):
@@ -75,16 +83,12 @@ class TorchFSDP2(Sharder):
         return "tolerance" if scenario.optimizer in ("sgd", "sgd_momentum") else "reported"
 
     def shard(self, model, plan: WrapPlan, group):
-        from torch.distributed.device_mesh import DeviceMesh
-        from torch.distributed.fsdp import (CPUOffloadPolicy, MixedPrecisionPolicy,
-                                            OffloadPolicy, fully_shard)
         device_type = "cuda" if dist.get_backend(group) == "nccl" else "cpu"
         if device_type == "cuda":  # FSDP2 moves offloaded shards back to the CPU itself
             model = model.cuda()
         if plan.mesh is None:
             mesh = DeviceMesh.from_group(group, device_type)
         else:   # FSDP2's HSDP: the same 2-D (replicate, shard) mesh fsdp_core shards over
-            from fsdp_core import hsdp_mesh
             mesh = hsdp_mesh(group, *plan.mesh, device_type=device_type)
         mp = MixedPrecisionPolicy(param_dtype=plan.param_dtype, reduce_dtype=plan.reduce_dtype)
         offload = (CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if plan.offload
@@ -96,7 +100,6 @@ class TorchFSDP2(Sharder):
         return model
 
     def full_parameters(self, model, optimizer):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
         sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
         return {k: v.detach().cpu().clone() for k, v in sd.items()}
 
@@ -110,7 +113,6 @@ class TorchFSDP2(Sharder):
     options = None   # StateDictOptions(); None: the default (sharded DTensor state dicts)
 
     def _state(self, model, optimizer) -> dict:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
         model_sd, optim_sd = get_state_dict(model, optimizer,
                                             options=self.options or StateDictOptions())
         return {"model": model_sd, "optim": optim_sd}
@@ -120,15 +122,12 @@ class TorchFSDP2(Sharder):
 
     def save(self, path, model, optimizer):
         """Collective over the model's mesh: every rank writes its own shards (`dcp.save`)."""
-        import torch.distributed.checkpoint as dcp
         dcp.save(self._state(model, optimizer), checkpoint_id=path,
                  process_group=self._group_of(model))
 
     def load(self, path, model, optimizer):
         """Collective: the state dicts of this model and optimizer (their DTensors at this world
         size) filled by `dcp.load` from a checkpoint saved at any world size, then set back."""
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
         state = self._state(model, optimizer)
         dcp.load(state, checkpoint_id=path, process_group=self._group_of(model))
         set_state_dict(model, optimizer, model_state_dict=state["model"],
@@ -147,7 +146,6 @@ def _piece(t: torch.Tensor) -> tuple[int, torch.Tensor]:
     """(start in the flattened global tensor, this rank's elements) of a Shard(0) DTensor."""
     if not hasattr(t, "to_local"):
         return 0, t.detach().reshape(-1).cpu().clone()
-    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
     _, offset = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
     local = t.to_local().detach()
     row = math.prod(t.shape[1:]) if t.dim() > 1 else 1
@@ -159,7 +157,6 @@ def shared_unit_inputs(s) -> list[str]:
     """Units (by module name) that receive one and the same gradient-requiring tensor in the
     first micro-batch's forward of the reference model: where FSDP2's per-unit autograd
     function on the inputs can reorder the gradient accumulation into that tensor."""
-    from verify.scenarios import build_model, loss_fn, make_batch, wrap_units
     model = build_model(s)
     names = {id(m): n or "<root>" for n, m in model.named_modules()}
     consumers: dict[int, list[str]] = {}
