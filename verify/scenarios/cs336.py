@@ -9,9 +9,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from verify.scenarios._lm import loss, next_token_batch
+from verify.scenarios._lm import lm_family, loss
 
-# The family interface (verify.scenarios.families.FAMILY_INTERFACE); `loss` is _lm's.
+# The family interface (verify.scenarios.families.FAMILY_INTERFACE); `loss`, `build`, `blocks`
+# and `make_batch` come from _lm.
 __all__ = ["DEFAULTS", "check", "build", "blocks", "make_batch", "loss"]
 
 DEFAULTS = dict(vocab_size=19, context_length=4, d_model=8, num_heads=2, num_layers=2, d_ff=12,
@@ -132,13 +133,4 @@ class TransformerLM(nn.Module):
         return self.lm_head(self.ln_final(x))   # (B, T, vocab)
 
 
-def build(**kw) -> TransformerLM:
-    return TransformerLM(**kw)
-
-
-def blocks(model: TransformerLM) -> list[nn.Module]:
-    return list(model.layers)
-
-
-def make_batch(kw: dict, n: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    return next_token_batch(kw["vocab_size"], kw["context_length"], n, gen)
+build, blocks, make_batch = lm_family(TransformerLM, layers="layers", context="context_length")

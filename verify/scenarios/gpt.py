@@ -9,9 +9,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from verify.scenarios._lm import loss, next_token_batch
+from verify.scenarios._lm import lm_family, loss
 
-# The family interface (verify.scenarios.families.FAMILY_INTERFACE); `loss` is _lm's.
+# The family interface (verify.scenarios.families.FAMILY_INTERFACE); `loss`, `build`, `blocks`
+# and `make_batch` come from _lm.
 __all__ = ["DEFAULTS", "check", "build", "blocks", "make_batch", "loss"]
 
 DEFAULTS = dict(vocab_size=17, n_embd=8, n_head=2, n_layer=2, block_size=4, tied=True, bias=True)
@@ -92,13 +93,4 @@ class GPT(nn.Module):
         return self.lm_head(self.ln_f(x))             # (B, T, vocab)
 
 
-def build(**kw) -> GPT:
-    return GPT(**kw)
-
-
-def blocks(model: GPT) -> list[nn.Module]:
-    return list(model.blocks)
-
-
-def make_batch(kw: dict, n: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    return next_token_batch(kw["vocab_size"], kw["block_size"], n, gen)
+build, blocks, make_batch = lm_family(GPT, layers="blocks", context="block_size")

@@ -9,8 +9,8 @@ from typing import Optional
 from verify.campaign.run import draw_scenarios, replay_command, run_one
 from verify.case.judge import evaluate
 from verify.case.train import run_case
-from verify.ranks.spawn import measure_overhead, spawn_run
 from verify.ranks.rank import PoolResult
+from verify.ranks.spawn import measure_overhead, spawn_run
 from verify.reference import run_reference
 from verify.sharders import load
 
