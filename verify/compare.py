@@ -284,7 +284,8 @@ def adam_step_bound(t: int, betas: tuple[float, float] = _ADAM_BETAS) -> float:
 
 def bounds_for(s, tier: Optional[str] = None) -> Optional[Bounds]:
     """The tolerances a scenario is held to; None for the bitwise tier. ``tier``: held to that
-    tier instead of `tier_for(s)` (a peer sharder that does not owe ours, verify/peers.py).
+    tier instead of `tier_for(s)` (a peer sharder that does not owe ours:
+    its adapter's `tier`, e.g. verify/sharders/torch_fsdp2.py [Note: peer tiers]).
 
     tolerance: torch.testing defaults for the compute dtype (bf16 compute: bf16 defaults, with
     the parameter atol widened, see [Note: fast bf16 SGD bounds]). reported: see

@@ -7,7 +7,7 @@ Two uses, one computation (`unit_shapes` -> `fsdp_core._layout.make_layout` per 
     (`plan_problems`);
   - `plan_scale(...)`: the same layout math at 8..1024 ranks for 7B-70B models, with FSDP2's
     per-parameter layout and DeepSpeed's ZeRO-3 estimate beside it (`python -m verify plan`,
-    rendered by verify/plan_report.py).
+    rendered by verify/plan/cli.py).
 
 [Note: what a unit owns]
 `unit_shapes` mirrors `fsdp_core._api._collect`: wrap modules are taken inner first; a unit owns
