@@ -1,7 +1,7 @@
-"""Diagnosis (verify/diagnosis/diagnose.py, shrink.py, hangs.py, locate.py): planted bugs and the textbook
-FSDP's mistakes shrink to minimal failing scenarios whose first divergence names the right
-phase; sharders that hang on purpose (tests/hang_sharders.py) are explained by the first
-divergent collective, within the timeout + 15 s, and the campaign goes on.
+"""Diagnosis (verify/diagnosis/diagnose.py, shrink.py, collective_log.py, hangs.py, locate.py):
+planted bugs and the textbook FSDP's mistakes shrink to minimal failing scenarios whose first
+divergence names the right phase; sharders that hang on purpose (tests/hang_sharders.py) are
+explained by the first divergent collective, within the timeout + 15 s, and the campaign goes on.
 
 The bugs run on a 2-rank pool of this module's own (the hang tests restart it; the textbook
 sharder uses the default group, so it runs on the 2-rank pool as its main pool).
@@ -17,7 +17,8 @@ import verify.campaign.run as campaign
 from verify.campaign.run import run_one
 from verify.campaign.run import diagnose as diagnose_failures
 from verify.diagnosis.diagnose import console_lines, first_line
-from verify.diagnosis.hangs import CollectiveLog, explain
+from verify.diagnosis.collective_log import CollectiveLog
+from verify.diagnosis.hangs import explain
 from verify.ranks.pool import RankPool
 from verify.scenarios import Scenario
 from verify.diagnosis.shrink import candidates, n_units

@@ -41,9 +41,16 @@ from typing import Optional, Sequence
 import torch
 import torch.distributed as dist
 
-from verify.results import CaseResult
-from verify.scenarios import Scenario, build_model
-from verify.sharders import DEFAULT_SHARDER
+from verify.campaign.console import print_case
+from verify.case.draw import draw_scenarios
+from verify.case.judge import Check, case_tier, evaluate, state_model_bytes
+from verify.case.train import Trainer
+from verify.ranks.pool import RankPool
+from verify.ranks.poolset import PoolSet, as_pool_set
+from verify.reference import run_reference
+from verify.results import CaseResult, held_verdict
+from verify.scenarios import ALL_WORLD_SIZES, Scenario, build_model
+from verify.sharders import DEFAULT_SHARDER, has_checkpointing, load, resolve
 
 __all__ = ["ResumeCase", "save_phase", "load_phase", "resume_reference", "run_resume",
            "evaluate_resume", "draw_resume_cases", "resume_replay_command", "replay_resume"]
@@ -56,7 +63,6 @@ class ResumeCase:
 
     def __post_init__(self) -> None:
         s = self.scenario
-        from verify.scenarios import ALL_WORLD_SIZES
         if self.save_world_size not in ALL_WORLD_SIZES:
             raise ValueError(f"save_world_size={self.save_world_size!r}: must be a power of two "
                              f"from 1 to {ALL_WORLD_SIZES[-1]}")
@@ -91,7 +97,6 @@ def _shared_path(payload: dict, ctx) -> str:
 def save_phase(payload: dict, ctx) -> dict:
     """Ranks 0..W_a-1: train steps [0, s), then save model and optimizer to payload["path"]
     through the adapter's ``save``."""
-    from verify.case.train import Trainer
     path = _shared_path(payload, ctx)
     s = Scenario.from_json(payload["scenario_a"])
     trainer = Trainer(payload["sharder"], s, ctx)
@@ -107,7 +112,6 @@ def load_phase(payload: dict, ctx) -> dict:
     loaded from payload["path"] through the adapter's ``load`` and trained on steps
     [s, steps). ``pad_init`` is the padding checked right after the load; ``loaded`` (rank 0)
     the full parameters as loaded."""
-    from verify.case.train import Trainer
     path = _shared_path(payload, ctx)
     s = Scenario.from_json(payload["scenario_b"])
     model = build_model(s)
@@ -126,7 +130,6 @@ def load_phase(payload: dict, ctx) -> dict:
 
 def resume_reference(case: ResumeCase):
     """The uninterrupted run's reference; see [Note: the reference of a resumed run]."""
-    from verify.reference import run_reference
     s = case.scenario
     if s.mode == "deterministic":
         return run_reference(s)
@@ -148,8 +151,6 @@ def run_resume(pool, case: ResumeCase, *, sharder: str = DEFAULT_SHARDER,
     (default: the system's), removed after. With ``keep_values`` returns (CaseResult,
     save-phase PoolResult, load-phase PoolResult). ``load_fn``: a rank function standing in
     for `load_phase` (tests plant broken loads)."""
-    from verify.ranks.poolset import as_pool_set
-    from verify.sharders import has_checkpointing, load, resolve
     torch.set_num_threads(1)
     spec = resolve(sharder)
     adapter = load(spec)
@@ -197,7 +198,6 @@ def _loaded_problems(saved: dict, loaded: dict, cut: int) -> list[str]:
 
 
 def _resume_result(case: ResumeCase, spec: str, adapter) -> CaseResult:
-    from verify.case.judge import case_tier
     s = case.scenario
     return CaseResult(scenario_json=s.to_json(), sharder=adapter.name, family=f"resume:{s.family}",
                       world_size=s.world_size, mode=s.mode, dtype=s.dtype, optimizer=s.optimizer,
@@ -210,8 +210,6 @@ def evaluate_resume(case: ResumeCase, res_a, res_b, ref, wall: float, *,
                     sharder: str = DEFAULT_SHARDER) -> CaseResult:
     """Both phases judged by `verify.case.judge.evaluate` (steps before the checkpoint at W_a's
     tier, steps after at the looser tier) and joined into one `CaseResult`."""
-    from verify.case.judge import Check, case_tier, evaluate, state_model_bytes
-    from verify.sharders import load
     adapter = load(sharder)
     s, cut, w_a = case.scenario, case.save_after, case.save_world_size
     loose = _looser(case)
@@ -242,7 +240,6 @@ def evaluate_resume(case: ResumeCase, res_a, res_b, ref, wall: float, *,
     out.checks = checks
     out.steps = before.steps + after.steps
     out.first_divergence = before.first_divergence or after.first_divergence
-    from verify.results import held_verdict
     out.verdict = held_verdict(out.tier)
     problems = []
     if before.verdict == "fail":
@@ -265,7 +262,6 @@ def draw_resume_cases(*, n: int, seed: int, world_sizes: Sequence[int],
     different world sizes of ``world_sizes`` (equal only when there is one), scenarios drawn by
     the campaign's strategy at max(W_a, W_b) (so M serves both) with at least 2 steps, and the
     checkpoint after a step drawn in [1, steps)."""
-    from verify.case.draw import draw_scenarios
     if n <= 0:
         return []
     sizes = sorted(set(world_sizes))
@@ -293,11 +289,8 @@ def draw_resume_cases(*, n: int, seed: int, world_sizes: Sequence[int],
 def replay_resume(scenario_json: str, save_world_size: int, save_after: int, *,
                   timeout_s: float = 120.0, sharder: str = DEFAULT_SHARDER) -> int:
     """`python -m verify replay [--sharder X] --resume-from W_A --save-after S '<json>'`."""
-    from verify.ranks.pool import RankPool
-    from verify.ranks.poolset import PoolSet
     case = ResumeCase(Scenario.from_json(scenario_json), save_world_size, save_after)
     main = RankPool(max(case.scenario.world_size, save_world_size), timeout_s=timeout_s)
     with PoolSet(main, timeout_s=timeout_s) as pool:
         result = run_resume(pool, case, sharder=sharder, timeout_s=timeout_s)
-    from verify.campaign.console import print_case
     return print_case(result, f"resume {case.label}, {case.scenario.mode} {case.scenario.family}")

@@ -7,20 +7,35 @@ reference, compare step by step, and turn it all into `CaseResult`s and reports.
 from __future__ import annotations
 
 import time
+import traceback
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
 import torch
-from verify.case.draw import draw_scenarios
-from verify.compare import tier_for
+
 from verify.campaign.console import print_case
+from verify.campaign.resume import draw_resume_cases, run_resume
+from verify.case.draw import draw_scenarios
+from verify.case.judge import case_tier, evaluate, mesh_label
+from verify.case.train import run_case
+from verify.compare import tier_for
+from verify.diagnosis.diagnose import DEFAULT_SHRINK_BUDGET_S, console_lines, diagnose_failures
+from verify.diagnosis.hangs import hang_summary
+from verify.diagnosis.shrink import first_line
+from verify.ranks.pool import RankPool
+from verify.ranks.poolset import PoolSet, as_pool_set
+from verify.ranks.torchrun import ProcessGroupLost, TorchrunContext, is_torchrun
 from verify.reference import run_reference
+from verify.report import write_peers_report, write_reports
 from verify.results import CaseResult
 from verify.scenarios import Scenario
-from verify.sharders import DEFAULT_SHARDER
+from verify.sharders import (DEFAULT_SHARDER, display_name, expand, has_checkpointing, load,
+                             load_class, resolve)
+from verify.tools import soak
+from verify.tools.plants import check_name
 
 __all__ = ["expand_sharders", "draw_scenarios", "skip_reason", "run_one", "run_campaign", "replay",
-           "replay_command", "print_case", "auto_timeout", "diagnose"]
+           "replay_command", "auto_timeout", "diagnose"]
 
 # A case run without an explicit timeout may take max(floor, factor x its reference's measured
 # time + slack) (never more than the pool's own timeout), so a hang costs seconds, not 120 s.
@@ -41,7 +56,6 @@ def replay_command(s: Scenario, sharder: str = DEFAULT_SHARDER, plant: Optional[
 def expand_sharders(names: Iterable[str]) -> list[str]:
     """Canonical sharder specs, in order, once each; "all" is every built-in (fsdp_core
     first). Unknown names and paths that do not import raise `SharderSpecError`."""
-    from verify.sharders import expand, load_class
     specs = expand(names)
     for spec in specs:
         load_class(spec)
@@ -64,8 +78,6 @@ def skip_reason(s: Scenario, sharder) -> Optional[str]:
 
 
 def _result(s: Scenario, spec: str, verdict: str, reason: str, replay: str, tier: str) -> CaseResult:
-    from verify.case.judge import mesh_label
-    from verify.sharders import display_name
     return CaseResult(scenario_json=s.to_json(), sharder=display_name(spec), family=s.family,
                       world_size=s.world_size, mode=s.mode, dtype=s.dtype, optimizer=s.optimizer,
                       tier=tier, verdict=verdict, reason=reason, replay=replay, sharder_spec=spec,
@@ -78,11 +90,6 @@ def run_one(pool, s: Scenario, *, sharder: str = DEFAULT_SHARDER, timeout_s: Opt
     or ``pkg.module:Name``; ``plant``: the name of a planted bug (verify/tools/plants/) the ranks
     install for this case; None for the real run. ``timeout_s`` None: `auto_timeout` of the
     reference's time, at most the pool's timeout."""
-    import traceback
-    from verify.case.judge import case_tier, evaluate
-    from verify.case.train import run_case
-    from verify.ranks.poolset import as_pool_set
-    from verify.sharders import load, resolve
     torch.set_num_threads(1)
     spec = resolve(sharder)
     replay = replay_command(s, spec, plant)
@@ -99,7 +106,6 @@ def run_one(pool, s: Scenario, *, sharder: str = DEFAULT_SHARDER, timeout_s: Opt
     if not backend_check:  # only to study the equivalence checks alone (verify/tools/mutants.py)
         payload["backend_check"] = False
     if plant is not None:
-        from verify.tools.plants import check_name
         payload["plant"] = check_name(plant)
     pools = as_pool_set(pool)
     ranks, why = pools.for_world(adapter.world, s.world_size)
@@ -118,7 +124,6 @@ def run_one(pool, s: Scenario, *, sharder: str = DEFAULT_SHARDER, timeout_s: Opt
     case = evaluate(s, adapter, spec, result, ref if result.ok else None,
                     time.perf_counter() - t0, replay=replay, tier=tier)
     if not result.ok:
-        from verify.diagnosis.hangs import hang_summary
         case.hang = hang_summary(result.error or "")
     return case
 
@@ -137,7 +142,6 @@ def _runnable(sharders: list[str], modes: Sequence[str], dtypes: Sequence[str],
               offloads: Sequence[bool] = (False,)):
     """The modes, dtypes and offload values some chosen sharder declares (the others would
     only draw cases every sharder skips); what was dropped, for the console."""
-    from verify.sharders import load_class
     classes = [load_class(sp) for sp in sharders]
     keep_m = [m for m in modes if any(m in c.modes for c in classes)] or list(modes)
     keep_d = [d for d in dtypes if any(d in c.dtypes for c in classes)] or list(dtypes)
@@ -167,12 +171,6 @@ def run_campaign(*, world_sizes: Sequence[int], examples: int, seed: int, sharde
     ``timeout_s``: per case; None: `auto_timeout`, at most 120 s. ``shrink_budget_s``: seconds
     for diagnosing the failing cases after the plan (verify/diagnosis/diagnose.py: replay, shrink,
     locate; default 300, 0: off; not under torchrun); a clean campaign spends none."""
-    from verify.diagnosis.diagnose import DEFAULT_SHRINK_BUDGET_S, console_lines
-    from verify.tools import soak
-    from verify.ranks.poolset import PoolSet
-    from verify.report import write_reports
-    from verify.campaign.resume import draw_resume_cases, run_resume
-    from verify.sharders import has_checkpointing, load
     torch.set_num_threads(1)
     profile = profile or "ci"
     sharders = expand_sharders(sharders)
@@ -183,8 +181,7 @@ def run_campaign(*, world_sizes: Sequence[int], examples: int, seed: int, sharde
                                     offloads=offloads)
             for sh in sharders]
     if interleave:
-        from verify.tools.soak import round_robin
-        plan = round_robin(plan, key=lambda item: (item[1].world_size, item[1].mode))
+        plan = soak.round_robin(plan, key=lambda item: (item[1].world_size, item[1].mode))
     savers = [sh for sh in sharders if has_checkpointing(load(sh))]
     drawn = draw_resume_cases(n=resume_cases, seed=seed, world_sizes=world_sizes, modes=modes,
                               profile=profile, dtypes=dtypes, families=families,
@@ -210,7 +207,6 @@ def run_campaign(*, world_sizes: Sequence[int], examples: int, seed: int, sharde
     jobs = [(sh, rc, True) for sh, rc in resumes] + [(sh, s, False) for sh, s in plan]
     if not interleave:
         jobs = jobs[len(resumes):] + jobs[:len(resumes)]
-    from verify.ranks.torchrun import ProcessGroupLost, is_torchrun
     with pool:
         for i, (sharder, s, is_resume) in enumerate(jobs, 1):
             try:
@@ -242,7 +238,6 @@ def run_campaign(*, world_sizes: Sequence[int], examples: int, seed: int, sharde
                           pool_memory={"samples": memory, "cache_env": soak.cache_env(),
                                        "default_group_pools": startups})
     if len(sharders) > 1:  # the sharders side by side on the same cases (resume cases too)
-        from verify.report import write_peers_report
         paths.append(write_peers_report([c.to_dict() for c in results], Path(out_dir), title=title))
     print(f"{len(results) - len(failed)}/{len(results)} cases passed in {elapsed:.1f}s "
           f"({len(results) / max(elapsed, 1e-9) * 60:.1f} cases/min); wrote "
@@ -261,20 +256,12 @@ def run_campaign(*, world_sizes: Sequence[int], examples: int, seed: int, sharde
 def diagnose(pool, results: list[CaseResult], **kw) -> list[list[CaseResult]]:
     """`verify.diagnosis.diagnose.diagnose_failures` with this module's `run_one` and `replay_command`:
     the failing cases of ``results`` replayed, shrunk and located (in place); the groups."""
-    from verify.diagnosis.diagnose import diagnose_failures
     return diagnose_failures(pool, results, run_one=run_one, replay_command=replay_command, **kw)
-
-
-def first_line(reason: str) -> str:
-    from verify.diagnosis.shrink import first_line as first
-    return first(reason)
 
 
 def _ranks(max_world_size: int, timeout_s: float):
     """The main pool: under torchrun the launched processes (`TorchrunContext`: each is a rank,
     world sizes up to the launched one), else a `RankPool` of ``max_world_size`` processes."""
-    from verify.ranks.pool import RankPool
-    from verify.ranks.torchrun import TorchrunContext, is_torchrun
     if is_torchrun():
         ctx = TorchrunContext(timeout_s=timeout_s)
         if max_world_size > ctx.max_world_size:
@@ -297,7 +284,6 @@ def _aborted(s: Scenario, spec: str, why: str, left: int) -> CaseResult:
 
 def replay(scenario_json: str, *, timeout_s: float = 120.0, sharder: str = DEFAULT_SHARDER,
            plant: Optional[str] = None) -> int:
-    from verify.ranks.poolset import PoolSet
     s = Scenario.from_json(scenario_json)
     with PoolSet(_ranks(s.world_size, timeout_s), timeout_s=timeout_s) as pool:
         case = run_one(pool, s, sharder=sharder, timeout_s=timeout_s, plant=plant)

@@ -12,6 +12,7 @@ formula).
 from __future__ import annotations
 
 import dataclasses
+import traceback
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Optional
@@ -19,8 +20,10 @@ from typing import Any, Optional
 import torch
 
 from verify.compare import TIERS, compare_step, diff_stats, int_view, tier_for, verdict
+from verify.plan.units import plan_problems
 from verify.results import CaseResult, StepRecord, held_verdict
 from verify.scenarios import Scenario, build_model
+from verify.sharders import display_name
 
 __all__ = ["Check", "evaluate", "case_tier", "mesh_label", "state_model_bytes", "reassemble"]
 
@@ -170,12 +173,10 @@ def _ranked(values: list[dict], get) -> tuple[list[str], Optional[int]]:
 def _plan_check(s: Scenario, sharder, case: CaseResult) -> Check:
     """``plan = measured``: the adapter's planned per-rank state bytes and collectives, exactly
     (bytes, not ratios), against what every step measured."""
-    import traceback
     try:
         figures = sharder.planned(s) if sharder is not None else None
         if figures is None:
             return Check("plan", "n/a")
-        from verify.plan.units import plan_problems
         if any(not st.state_bytes for st in case.steps):   # no state figure measured: n/a
             figures = dataclasses.replace(figures, state_bytes=tuple(() for _ in case.steps))
         problems = plan_problems(s, case, figures)
@@ -196,7 +197,6 @@ def evaluate(s: Scenario, sharder, spec: str, result, ref, wall: float, *,
     tier and its planner); ``spec``: how the replay line names it; ``step_offset``: the global
     step of the first record (a resumed run's second phase); ``plan``: run the ``plan`` check
     (not for a resumed phase: the planner models a run from step 0)."""
-    from verify.sharders import display_name
     tier = tier or case_tier(s, sharder)
     case = CaseResult(scenario_json=s.to_json(), sharder=display_name(spec), family=s.family,
                       world_size=s.world_size, mode=s.mode, dtype=s.dtype, optimizer=s.optimizer,

@@ -13,6 +13,9 @@ from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
+from torch.utils._pytree import tree_leaves
+
+from verify.compare import is_bitwise_zero
 
 __all__ = ["CollectiveRecorder", "tensor_bytes", "RECORDED_COLLECTIVES", "state_bytes", "watch_units",
            "nonzero_padding", "local_tensor"]
@@ -116,7 +119,6 @@ def state_bytes(optimizer: Any) -> Optional[int]:
 
 
 def _any_requires_grad(output) -> bool:
-    from torch.utils._pytree import tree_leaves
     return any(isinstance(t, torch.Tensor) and t.requires_grad for t in tree_leaves(output))
 
 
@@ -137,7 +139,6 @@ def watch_units(units) -> tuple[dict[str, int], set[str], list]:
 def nonzero_padding(views) -> Optional[list[str]]:
     """Labels of the padding views that are not bitwise zero; None when there are no views
     (the adapter has no padding probe)."""
-    from verify.compare import is_bitwise_zero
     if views is None:
         return None
     return [label for label, view in views if not is_bitwise_zero(view)]

@@ -25,8 +25,11 @@ import torch
 import torch.distributed as dist
 
 from verify.case.probes import CollectiveRecorder, nonzero_padding, state_bytes, watch_units
+from verify.diagnosis.collective_log import CollectiveLog
+from verify.ranks.backend_check import backend_problem
 from verify.sharders import DEFAULT_SHARDER, StepTrace, load, plan_for
 from verify.scenarios import Scenario, build_model, cat_batches, loss_fn, make_batch, step_loss, tree
+from verify.tools.plants import planted
 
 # The pinned torch deprecates all_gather_into_tensor for all_gather_single; older torch lacks it.
 _GATHER = "all_gather_single" if hasattr(dist, "all_gather_single") else "all_gather_into_tensor"
@@ -176,10 +179,7 @@ class Trainer:
 def run_case(payload: dict, ctx) -> dict:
     """Rank side of one case: payload {"scenario": json, "sharder": spec, "plant": name or
     absent, "backend_check": bool}. The backend is checked first (verify/ranks/backend_check.py)."""
-    from verify.ranks.backend_check import backend_problem
-    from verify.diagnosis.hangs import CollectiveLog
-    from verify.tools.plants import planted
-    with planted(payload.get("plant"), ctx), CollectiveLog() as log:  # log: verify/diagnosis/hangs.py
+    with planted(payload.get("plant"), ctx), CollectiveLog() as log:  # log: verify/diagnosis/collective_log.py
         s = Scenario.from_json(payload["scenario"])
         dtypes = (torch.float32, torch.bfloat16) if s.dtype == "bf16" else (torch.float32,)
         problem = (backend_problem(ctx.group, ctx.device, dtypes=dtypes)

@@ -20,6 +20,7 @@ from typing import Callable, Optional
 
 from verify.results import CaseResult
 from verify.scenarios import Scenario
+from verify.diagnosis.locate import locate_divergence
 from verify.diagnosis.shrink import first_line, same_failure, shrink, signature, size_line
 
 __all__ = ["diagnose_failures", "console_lines", "first_line", "DEFAULT_SHRINK_BUDGET_S"]
@@ -79,7 +80,6 @@ def diagnose_failures(pool, results: list[CaseResult], *, run_one: Callable[...,
             rep.hang = rep.hang or got.case.hang
         log(f"  {sig}: shrunk to {size_line(got.scenario)}; {got.note()}")
         if locate and rep.verdict == "fail":
-            from verify.diagnosis.locate import locate_divergence
             rep.divergence = locate_divergence(pool, s, again, sharder=spec, plant=plant,
                                                timeout_s=timeout_s)
             log(f"  {sig}: {rep.divergence}")

@@ -25,8 +25,17 @@ from __future__ import annotations
 from typing import Any, Optional
 
 import torch
+from torch.utils._pytree import tree_leaves
 
-from verify.scenarios import Scenario
+from verify.case.judge import reassemble
+from verify.case.train import Trainer
+from verify.compare import int_view, ulp_distance
+from verify.diagnosis.shrink import first_line
+from verify.ranks.poolset import as_pool_set
+from verify.reference import _bf16_copy, _deterministic_step, _fast_step
+from verify.scenarios import Scenario, build_model, make_batch, make_optimizer, wrap_units
+from verify.sharders import load
+from verify.tools.plants import planted
 
 __all__ = ["probe_case", "reference_probe", "locate_divergence", "first_step", "describe_diff"]
 
@@ -34,7 +43,6 @@ _NUMERIC = ("bitwise", "tolerance", "reported", "gradients")
 
 
 def _leaves(out: Any) -> list[torch.Tensor]:
-    from torch.utils._pytree import tree_leaves
     try:
         leaves = tree_leaves(out)
     except Exception:
@@ -70,8 +78,6 @@ class _Outputs:
 def probe_case(payload: dict, ctx) -> dict:
     """Rank side: payload {"scenario", "sharder", "plant", "step"}: train steps < step as
     `run_case` does, then step ``step`` with the unit-output hooks and the gradient probe."""
-    from verify.case.train import Trainer
-    from verify.tools.plants import planted
     with planted(payload.get("plant"), ctx):
         s = Scenario.from_json(payload["scenario"])
         d = payload["step"]
@@ -97,8 +103,6 @@ def probe_case(payload: dict, ctx) -> dict:
 def reference_probe(s: Scenario, d: int) -> dict:
     """The reference (verify/reference.py) to step ``d``, with the same hooks at step d:
     {"outputs": per pass, "grads": step d's gradient, "params": after step d}."""
-    from verify.reference import _bf16_copy, _deterministic_step, _fast_step
-    from verify.scenarios import build_model, make_batch, make_optimizer, wrap_units
     master = build_model(s)
     opt = make_optimizer(s, master.named_parameters())
     out: dict = {}
@@ -128,7 +132,6 @@ def reference_probe(s: Scenario, d: int) -> dict:
 
 def describe_diff(actual: torch.Tensor, expected: torch.Tensor) -> Optional[str]:
     """"differs in n of N elements, worst k ulp at [i, j]", or None when bitwise equal."""
-    from verify.compare import int_view, ulp_distance
     if actual.shape != expected.shape:
         return f"has shape {tuple(actual.shape)}, the reference's {tuple(expected.shape)}"
     if actual.dtype != expected.dtype:
@@ -190,8 +193,6 @@ def _from_check(case) -> Optional[str]:
 def locate_divergence(pool, s: Scenario, case, *, sharder: str, plant: Optional[str] = None,
                       timeout_s: Optional[float] = None) -> str:
     """One line naming where ``case`` (the failing run of ``s``) first went wrong."""
-    from verify.ranks.poolset import as_pool_set
-    from verify.sharders import load
     line = _from_check(case)
     if line is not None:
         return line
@@ -215,7 +216,6 @@ def locate_divergence(pool, s: Scenario, case, *, sharder: str, plant: Optional[
     finally:
         result = pending.result()
     if not result.ok:
-        from verify.diagnosis.shrink import first_line
         return f"first divergence: n/a (the probe run failed: {first_line(result.error or '?')})"
     return _compare(s, d, result.values, ref)
 
@@ -235,7 +235,6 @@ def _first_output_diff(passes, ref_passes, r: int, k: int, mode: str):
 
 
 def _compare(s: Scenario, d: int, values: list[dict], ref: dict) -> str:
-    from verify.case.judge import reassemble
     where = f"first divergence: step {d}"
     # forward: the first unit output that differs, in execution order
     found = None

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterator, Optional
 
 from verify.results import CaseResult
-from verify.scenarios import WORLD_SIZES, Scenario
+from verify.scenarios import WORLD_SIZES, Scenario, build_model, wrap_units
 
 __all__ = ["NUMERIC", "failing_checks", "primary_check", "error_kind", "signature",
            "same_failure", "candidates", "shrink", "ShrinkResult", "n_units", "size_line",
@@ -201,7 +201,6 @@ def _min_changed(s: Scenario, c: Scenario) -> int:
 
 def _size(s: Scenario) -> tuple[int, int]:
     """(wrap units, parameter elements) of the scenario's model, built on the meta device."""
-    from verify.scenarios import build_model
     try:
         model = build_model(s, device="meta")
         return _units(s, model), sum(p.numel() for p in model.parameters())
@@ -210,7 +209,6 @@ def _size(s: Scenario) -> tuple[int, int]:
 
 
 def _units(s: Scenario, model) -> int:
-    from verify.scenarios import wrap_units
     owned: set[int] = set()
     n = 0
     for unit in wrap_units(s, model):       # inner first: a unit owns what no inner one did
@@ -224,7 +222,6 @@ def n_units(s: Scenario) -> int:
     """Wrap units of the scenario's model that own parameters (the root counts where it owns
     some that no inner unit does: a model whose blocks hold every parameter has as many units
     as blocks)."""
-    from verify.scenarios import build_model
     return _units(s, build_model(s, device="meta"))
 
 
