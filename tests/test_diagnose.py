@@ -141,6 +141,19 @@ def test_collective_log_is_a_noop_without_a_path(monkeypatch):
     assert dist.all_reduce is before
 
 
+def test_the_frames_the_log_skips_are_files_that_exist():
+    """``where`` skips the harness's own collective wrappers by path; a path left stale by a
+    move would silently name a wrapper instead of the sharder's line."""
+    import os
+    from pathlib import Path
+    from verify.diagnosis import collective_log
+    root = Path(__file__).resolve().parents[1]
+    harness = [p for p in collective_log._SKIP_FILES if p.startswith("verify")]
+    assert len(harness) == 3, harness
+    for p in harness:
+        assert (root / p.rstrip(os.sep)).exists(), p
+
+
 # -- flaky, the campaign -------------------------------------------------------------------------
 
 def test_a_failure_that_does_not_reproduce_is_flaky(pool):

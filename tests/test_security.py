@@ -193,6 +193,8 @@ def test_crafted_metadata_is_refused_and_never_runs(tmp_path, keep_manifest):
     ckpt.load(good, *_fresh())                        # the genuine one still loads
 
 
+# the crafted file is written by plain dcp.save(no_dist=True), which warns that it is one process
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")
 def test_crafted_non_tensor_value_is_refused_and_never_runs(tmp_path):
     """A plain DCP checkpoint whose optimizer hyperparameter (a non-tensor value, stored with
     torch.save) would create a file: read with weights_only=True, so refused."""

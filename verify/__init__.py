@@ -12,7 +12,7 @@ A case, in the order it runs (each step's module):
     results      the records that cross processes               report/     tables and plots
     campaign/    draw -> run -> judge -> report (resume: checkpoint-resume cases; console: replay)
     diagnosis/   after a failure: shrink (smallest failing case), locate (first divergent phase
-                 and unit), hangs (every rank's collectives when one hangs)
+                 and unit), collective_log + hangs (every rank's collectives when one hangs)
     cli          `python -m verify run|replay|report|bench|plan|converge|mutants`; each
                  subcommand's arguments beside its work (campaign/cli, tools/cli, plan/cli)
     pytest_plugin `pytest --sharder pkg.module:Name` (pytest_cases: the drawn cases as tests)

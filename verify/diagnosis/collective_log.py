@@ -10,7 +10,7 @@ the rank appends one line, ``B seq kind ranks bytes dtype where``, and on return
 each with one unbuffered ``os.write``, so the line is in the file even when the rank then
 blocks forever in C++. ``where`` is the wrap unit in forward (innermost) or in backward (the
 last one whose output gradient arrived) and the first calling frame outside torch and the
-harness's wrappers. The parent (verify/ranks/pool.py) reads the files after a timeout
+harness's wrappers. The parent (verify/ranks/failure.py) reads the files after a timeout
 (`verify.diagnosis.hangs.explain`): no signal, no cooperation from the stuck rank. This is what
 PyTorch's Flight Recorder analyzer does after the fact for NCCL jobs; here it is automatic, on
 any backend.
