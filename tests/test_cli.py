@@ -46,11 +46,17 @@ def test_help_works_without_the_campaign():
         assert sub.returncode == 0 and "exit codes:" in sub.stdout
 
 
-def test_the_parser_imports_nothing_heavy():
+@pytest.mark.parametrize("entry", [
+    "from verify.cli import build_parser; build_parser()",
+    "import verify.pytest_plugin",
+])
+def test_the_light_entry_points_import_nothing_heavy(entry):
     """`--help` stays instant: verify/cli.py and the subcommands' argument modules it imports
     (verify/_args.py, campaign/cli.py, tools/cli.py, plan/cli.py) import no torch, pandas,
-    Hypothesis or matplotlib; a command imports them when it runs."""
-    code = ("import sys; from verify.cli import build_parser; build_parser(); "
+    Hypothesis or matplotlib; a command imports them when it runs. Likewise the pytest plugin,
+    which the pytest11 entry point loads into every pytest run of the environment: its fixtures
+    import the pool and the campaign when a test uses them."""
+    code = (f"import sys; {entry}; "
             "print([m for m in ('torch', 'pandas', 'hypothesis', 'matplotlib') if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                          timeout=60)

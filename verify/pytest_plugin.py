@@ -27,8 +27,6 @@ from typing import Optional
 
 import pytest
 
-from verify.ranks.pool import RankPool
-from verify.ranks.poolset import PoolSet
 from verify.ranks.torchrun import TorchrunContext, is_torchrun
 from verify.sharders import DEFAULT_SHARDER, SharderSpecError, expand, load_class
 
@@ -99,6 +97,8 @@ def rank_pool():
     (in a PoolSet, so default-group sharders get pools of their own size), or, when pytest
     itself runs under torchrun, a TorchrunContext on the launcher's group. Both offer
     run(world_size, fn, payload) -> PoolResult."""
+    from verify.ranks.pool import RankPool  # lazy: torch, and this plugin loads in every pytest run
+    from verify.ranks.poolset import PoolSet  # lazy: likewise (it imports fsdp_core)
     if is_torchrun():
         pool = PoolSet(TorchrunContext())
     else:
