@@ -131,10 +131,11 @@ def test_a_bad_sharder_path_exits_2_before_any_rank_starts(argv, monkeypatch, ca
     import types
     from verify.cli import EXIT_USAGE, main
     started = []
+    # the bench first: importing it imports the real campaign, which the fake then replaces
+    monkeypatch.setattr("verify.tools.bench.run_bench", lambda **kw: started.append(kw))
     fake = types.ModuleType("verify.campaign.run")
     fake.run_campaign = fake.replay = lambda *a, **kw: started.append(a) or 0
     monkeypatch.setitem(sys.modules, "verify.campaign.run", fake)
-    monkeypatch.setattr("verify.tools.bench.run_bench", lambda **kw: started.append(kw))
     with pytest.raises(SystemExit) as exc:
         main(argv)
     assert exc.value.code == EXIT_USAGE and not started
