@@ -7,7 +7,8 @@ import dataclasses
 
 import pytest
 
-from verify.campaign.run import expand_sharders, run_one, skip_reason
+from verify.campaign.run import run_one, skip_reason
+from verify.sharders import expand_checked
 from verify.case.judge import case_tier
 from verify.report import write_peers_report
 from verify.scenarios import Scenario
@@ -30,8 +31,8 @@ GPT = Scenario("gpt", (("n_embd", 8), ("n_head", 2), ("n_layer", 2), ("vocab_siz
 
 def test_names_and_all():
     assert resolve("fsdp2") == resolve("torch_fsdp2") == "torch_fsdp2"
-    assert expand_sharders(["all"]) == ["fsdp_core", "torch_fsdp2", "ddp"]
-    assert expand_sharders(["ddp", "fsdp2", "torch_fsdp2"]) == ["ddp", "torch_fsdp2"]
+    assert expand_checked(["all"]) == ["fsdp_core", "torch_fsdp2", "ddp"]
+    assert expand_checked(["ddp", "fsdp2", "torch_fsdp2"]) == ["ddp", "torch_fsdp2"]
     with pytest.raises(SharderSpecError, match="unknown sharder 'megatron'"):
         resolve("megatron")
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Callable, Sequence, TypeVar
 
 from verify.ranks.torchrun import is_torchrun
-from verify.sharders import SharderSpecError, expand, load_class, resolve
+from verify.sharders import SharderSpecError, expand_checked, resolve
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 EXIT_CODES = """\
@@ -128,12 +128,9 @@ def load_sharders(specs: Sequence[str]) -> list[str]:
     """Import every named adapter now, in this process, before any rank starts: a path that
     does not import or an object that is not a verify.Sharder is a usage error (exit 2)."""
     try:
-        specs = expand(specs)
-        for spec in specs:
-            load_class(spec)
+        return expand_checked(specs)
     except SharderSpecError as exc:
         raise UsageError(str(exc))
-    return specs
 
 
 def families(text: str) -> list[str]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from verify.campaign.run import draw_scenarios
+from verify.case.draw import draw_scenarios
 from verify.sharders import expand, load_class
 
 

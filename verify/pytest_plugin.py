@@ -28,7 +28,7 @@ from typing import Optional
 import pytest
 
 from verify.ranks.torchrun import TorchrunContext, is_torchrun
-from verify.sharders import DEFAULT_SHARDER, SharderSpecError, expand, load_class
+from verify.sharders import DEFAULT_SHARDER, SharderSpecError, expand, expand_checked
 
 __all__ = ["Equivalence"]
 
@@ -60,8 +60,7 @@ def pytest_configure(config: pytest.Config) -> None:
     spec = config.getoption("sharder", None)
     if spec:
         try:
-            for s in expand(x.strip() for x in spec.split(",") if x.strip()):
-                load_class(s)
+            expand_checked(x.strip() for x in spec.split(",") if x.strip())
         except SharderSpecError as exc:
             raise pytest.UsageError(str(exc))
         if str(_CASES) not in config.args:
@@ -85,7 +84,7 @@ class Equivalence:
                        timeout_s=kw.pop("timeout_s", self.timeout_s), **kw)
 
     def draw(self, world_size: int, mode: str, n: int, *, seed: Optional[int] = None, **kw):
-        from verify.campaign.run import draw_scenarios  # lazy: torch, see above
+        from verify.case.draw import draw_scenarios  # lazy: torch, see above
         return draw_scenarios(world_size=world_size, mode=mode, n=n,
                               seed=self.config.getoption("verify_seed") if seed is None else seed,
                               **kw)

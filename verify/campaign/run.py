@@ -29,12 +29,12 @@ from verify.reference import run_reference
 from verify.report import write_peers_report, write_reports
 from verify.results import CaseResult
 from verify.scenarios import Scenario
-from verify.sharders import (DEFAULT_SHARDER, display_name, expand, has_checkpointing, load,
+from verify.sharders import (DEFAULT_SHARDER, display_name, expand_checked, has_checkpointing, load,
                              load_class, resolve)
 from verify.tools import soak
 from verify.tools.plants import check_name
 
-__all__ = ["expand_sharders", "draw_scenarios", "skip_reason", "run_one", "run_campaign", "replay",
+__all__ = ["draw_scenarios", "skip_reason", "run_one", "run_campaign", "replay",
            "replay_command", "auto_timeout", "diagnose"]
 
 # A case run without an explicit timeout may take max(floor, factor x its reference's measured
@@ -51,15 +51,6 @@ def replay_command(s: Scenario, sharder: str = DEFAULT_SHARDER, plant: Optional[
     extra = "" if sharder == DEFAULT_SHARDER else f" --sharder {sharder}"
     extra += f" --plant {plant}" if plant else ""
     return f"python -m verify replay{extra} '{s.to_json()}'"
-
-
-def expand_sharders(names: Iterable[str]) -> list[str]:
-    """Canonical sharder specs, in order, once each; "all" is every built-in (fsdp_core
-    first). Unknown names and paths that do not import raise `SharderSpecError`."""
-    specs = expand(names)
-    for spec in specs:
-        load_class(spec)
-    return specs
 
 
 def skip_reason(s: Scenario, sharder) -> Optional[str]:
@@ -173,7 +164,7 @@ def run_campaign(*, world_sizes: Sequence[int], examples: int, seed: int, sharde
     locate; default 300, 0: off; not under torchrun); a clean campaign spends none."""
     torch.set_num_threads(1)
     profile = profile or "ci"
-    sharders = expand_sharders(sharders)
+    sharders = expand_checked(sharders)
     modes, dtypes, offloads, dropped = _runnable(sharders, modes, dtypes, offloads)
     plan = [(sh, s) for w in world_sizes for mode in modes
             for s in draw_scenarios(world_size=w, mode=mode, n=examples, seed=seed, profile=profile,

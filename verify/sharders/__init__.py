@@ -14,7 +14,7 @@ from verify.sharders.base import Sharder, StepTrace, WrapPlan, has_checkpointing
 
 __all__ = ["Sharder", "WrapPlan", "StepTrace", "BUILTINS", "ALIASES", "DEFAULT_SHARDER",
            "SharderSpecError", "load_class", "display_name",
-           "resolve", "load", "expand", "has_checkpointing", "plan_for"]
+           "resolve", "load", "expand", "expand_checked", "has_checkpointing", "plan_for"]
 
 BUILTINS = {
     "fsdp_core": "verify.sharders.fsdp_core:FsdpCore",
@@ -113,6 +113,16 @@ def expand(specs: Iterable[str]) -> list[str]:
         for one in (BUILTINS if spec == "all" else (resolve(spec),)):
             if one not in out:
                 out.append(one)
+    return out
+
+
+def expand_checked(specs: Iterable[str]) -> list[str]:
+    """`expand`, then every adapter imported now, in this process: a path that does not import
+    or an object that is not a `verify.Sharder` raises `SharderSpecError` before any rank starts
+    (the CLI makes it exit 2, the pytest plugin a usage error)."""
+    out = expand(specs)
+    for spec in out:
+        load_class(spec)
     return out
 
 

@@ -6,7 +6,8 @@ import threading
 import time
 from typing import Optional
 
-from verify.campaign.run import draw_scenarios, replay_command, run_one
+from verify.campaign.run import replay_command, run_one
+from verify.case.draw import draw_scenarios
 from verify.case.judge import evaluate
 from verify.case.train import run_case
 from verify.ranks.rank import PoolResult
