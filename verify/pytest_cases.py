@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from verify.campaign.console import failure_message
 from verify.case.draw import draw_scenarios
 from verify.sharders import expand, load_class
 
@@ -39,4 +40,5 @@ def test_drawn_case_trains_like_the_reference(equivalence, rank_pool, sharder_sp
     case = equivalence.check(scenario, sharder=sharder_spec)
     if case.verdict == "skipped":
         pytest.skip(case.reason)
-    assert case.passed, f"{case.sharder} {case.verdict}: {case.reason}\nreplay: {case.replay}"
+    if not case.passed:   # the verdict, the reason and the replay command, not the case's repr
+        pytest.fail(failure_message(case), pytrace=False)

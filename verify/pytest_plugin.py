@@ -5,8 +5,9 @@ project's test run.
     torchrun --nproc_per_node=8 -m pytest --sharder mypkg.adapters:MyFSDP -m multigpu
 
 With ``--sharder``, the drawn equivalence cases (`verify.pytest_cases`) are added to the run: one
-test per (sharder, world size, mode, drawn scenario), each asserting the case's verdict and
-failing with its replay command. Fixtures for tests of your own:
+test per (sharder, world size, mode, drawn scenario), each asserting the case's verdict; one
+that fails says the verdict, the reason's first lines and the replay command first
+(`verify.campaign.console.failure_message`). Fixtures for tests of your own:
 
 - ``rank_pool``: the session's ranks (a `verify.ranks.poolset.PoolSet` over a `RankPool` of
   VERIFY_MAX_WORLD_SIZE processes, default 8; under torchrun, the launched processes);
@@ -15,7 +16,9 @@ failing with its replay command. Fixtures for tests of your own:
   fsdp_core); ``equivalence.draw(world_size, mode, n)`` draws scenarios as the CLI does.
 
 Under torchrun every rank draws the same cases and gets the same verdict (the ranks share their
-outcomes before anything is asserted), so no rank fails or hangs alone.
+outcomes before anything is asserted), so no rank fails or hangs alone. A sharder on the default
+process group (``world = "default"``) runs there only at the launched world size; its cases at
+other world sizes are skipped, saying so.
 
 Only this module imports pytest; the work is `verify.campaign.run`'s.
 """

@@ -7,7 +7,7 @@ the same sharder with that mistake switched on.
 """
 import torch
 
-from examples.textbook_fsdp import fsdp
+from . import fsdp   # relative: the package works under any name (a copy in your project)
 from verify import Sharder
 
 
