@@ -1,5 +1,6 @@
 # Two commands for users: `make verify` (the equivalence campaign, tables under reports/) and
-# `make test` (the test suite). Both create .venv on first use.
+# `make test` (the test suite, then its `multigpu` tests under torchrun). Both create .venv on
+# first use.
 #
 # torch is installed pinned, and only when the venv cannot import it: an unpinned
 # `pip install torch` would pull the multi-GB CUDA build. Override TORCH_SPEC or add
@@ -12,6 +13,7 @@ TORCH_SPEC  ?= torch==2.13.0
 TORCH_PIP_ARGS ?=
 STAMP       := $(VENV)/.setup-stamp
 PYTEST_ARGS ?=
+TORCHRUN_NPROCS ?= 2 4
 REPORTS     ?= reports
 CAMPAIGN    := --world-sizes 1,2,4,8 --examples 12 --seed 7 --resume-cases 4 --out $(REPORTS)
 NIGHTLY_EXAMPLES ?= 20
@@ -19,7 +21,7 @@ NIGHTLY_SEED     ?= 1
 SOAK_EXAMPLES    ?= 63
 SOAK_SEED        ?= 1
 
-.PHONY: setup test verify nightly soak fsdp2-integration bench peers converge mutants clean distclean
+.PHONY: setup test test-torchrun verify nightly soak fsdp2-integration bench peers converge mutants clean distclean
 
 setup: $(STAMP)
 
@@ -30,12 +32,22 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -e '.[test,hf]' "$(TORCH_SPEC)"   # torch named again: never upgraded
 	@touch $@
 
+# The suite (its `multigpu` tests on the rank pool), then the same `multigpu` tests under torchrun
+# at each of TORCHRUN_NPROCS processes, the pytest processes themselves the ranks (`make test
+# TORCHRUN_NPROCS=` skips those). Both run even if the first fails; either failing fails the target.
 # Exit code 5 (no tests collected) is not a failure of the suite.
 test: setup
 	@export HYPOTHESIS_PROFILE=$${HYPOTHESIS_PROFILE:-ci}; \
 	echo "HYPOTHESIS_PROFILE=$$HYPOTHESIS_PROFILE $(PY) -m pytest -q $(PYTEST_ARGS)"; \
 	$(PY) -m pytest -q $(PYTEST_ARGS); rc=$$?; \
-	if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 0; fi; exit $$rc
+	if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; rc=0; fi; \
+	$(MAKE) --no-print-directory test-torchrun || rc=1; exit $$rc
+
+# `pytest -m multigpu` under torchrun at each of TORCHRUN_NPROCS (README "Running under torchrun"),
+# in a network namespace of its own where `unshare -rn` works: .ci/torchrun-multigpu.
+test-torchrun: setup
+	@if [ -n "$(strip $(TORCHRUN_NPROCS))" ]; then \
+	  VENV=$(VENV) TORCHRUN_NPROCS="$(TORCHRUN_NPROCS)" .ci/torchrun-multigpu; fi
 
 verify: setup
 	$(PY) -m verify run $(CAMPAIGN)
