@@ -101,3 +101,23 @@ def test_the_failure_message_leads_with_verdict_reason_and_replay():
     assert short == ["ERROR: mine W=4 fast fp32 mlp (tier bitwise)", "  one line",
                      "replay: python -m verify replay --sharder pkg:Mine '{}'"]
     assert "CaseResult(" not in text
+
+
+def test_under_torchrun_a_default_group_sharder_runs_only_at_the_launched_world():
+    """What the multigpu tests skip on under torchrun: `PoolSet.for_world` over the launched
+    processes (a stand-in with their surface) offers them for the launched W only."""
+    from verify.ranks.poolset import PoolSet
+
+    class Launched:   # a TorchrunContext's surface, without a process group
+        max_world_size, world_sizes = 4, [1, 2, 4]
+
+        def close(self):
+            pass
+
+    launched = Launched()
+    ranks = PoolSet(launched)
+    assert ranks.for_world("default", 4) == (launched, "")
+    assert ranks.for_world("group", 2) == (launched, "")
+    assert ranks.for_world("default", 2) == (None, "the sharder uses the default process group, "
+                                             "which here has 4 ranks; launch 2 processes for W=2")
+    assert ranks.for_world("default", 1)[1].endswith("launch 1 process for W=1")
