@@ -18,6 +18,7 @@ import pytest
 from verify.campaign.run import draw_scenarios, run_one
 from verify.tools.plants import mlp_scenario
 from verify.scenarios import Scenario
+from verify.sharders import load_class
 
 ROOT = Path(__file__).resolve().parents[1]
 TB = "examples.textbook_fsdp.adapter:"
@@ -35,7 +36,6 @@ def _skip_unless(pool, w, sharder=None):
     if w not in pool.world_sizes:
         pytest.skip(f"world size {w} needs more ranks than {max(pool.world_sizes)}")
     if sharder is not None:
-        from verify.sharders import load_class
         ranks, why = pool.for_world(load_class(sharder).world, w)
         if ranks is None:
             pytest.skip(why)
