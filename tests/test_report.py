@@ -178,7 +178,10 @@ def test_write_reports_and_rerender(tmp_path, results):
     assert {"equivalence.md", "results.csv", "results.json"} <= names
     md = (tmp_path / "equivalence.md").read_text()
     assert md.startswith("# Synthetic")
-    assert "**FAIL**: 6 cases, 4 passed, 2 failed, 1 skipped" in md
+    # every count exact: a skipped case is not a pass, a failure without a severity (a results
+    # file from before severities) is unclassified
+    assert ("**FAIL**: 6 cases: 3 passed (2 bitwise, 1 reported), 2 failed (1 error, "
+            "1 unclassified), 1 skipped.") in md
     assert "## Summary" in md and "## Failing cases" in md and "## Per-step detail" in md
     csv = pd.read_csv(tmp_path / "results.csv")
     assert len(csv) == 6 and "max_abs" in csv
@@ -195,5 +198,5 @@ def test_write_reports_and_rerender(tmp_path, results):
 def test_write_reports_all_pass(tmp_path):
     write_reports([case("mlp", w) for w in (1, 2, 4, 8)], tmp_path)
     md = (tmp_path / "equivalence.md").read_text()
-    assert "**PASS**: 4 cases, 4 passed, 0 failed." in md
+    assert "**PASS**: 4 cases: 4 passed (4 bitwise), 0 failed." in md
     assert "No failing cases." in md

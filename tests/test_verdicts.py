@@ -111,3 +111,83 @@ def test_the_locator_names_a_kernel_difference_not_the_unit(rank_pool, world_siz
     line = locate_divergence(rank_pool, s, case, sharder=V + "OtherKernel")
     assert "blocks.0.fc forward: same inputs, different outputs: a kernel difference, not the " \
            "sharding" in line, line
+
+
+# -- severity, signatures, the worst first ------------------------------------------------------
+
+def _ulps_off(t, n: int):
+    import torch
+    out = t.clone().reshape(-1)
+    for _ in range(n):
+        out[0] = torch.nextafter(out[0], torch.tensor(float("inf")))
+    return out.reshape(t.shape)
+
+
+def test_a_failing_check_says_last_bit_or_beyond_tolerance_by_how_much():
+    import torch
+    from verify.case.severity import BEYOND, LAST_BIT, step_severity
+    s = Scenario("mlp", tuple(sorted(dict(d_in=2, width=2, depth=1, d_out=2).items())), 2)
+    p = {"w": torch.linspace(-1, 1, 6)}
+    loss = torch.tensor(0.75)
+    near = step_severity(s, "bitwise", loss=loss, loss_ref=loss, params={"w": _ulps_off(p["w"], 3)},
+                         params_ref=p)
+    assert near.cls == LAST_BIT and near.ulp == 3 and 0 < near.excess <= 1
+    assert "last-bit, 3 ulp at most, within the fp32 torch.testing tolerance" in near.line
+    far = step_severity(s, "bitwise", loss=loss, loss_ref=loss, params={"w": p["w"] + 0.5},
+                        params_ref=p)
+    assert far.cls == BEYOND and far.excess > 1e4 and "beyond tolerance" in far.line
+    loss_off = step_severity(s, "bitwise", loss=loss + 1e-3, loss_ref=loss, params=p, params_ref=p)
+    assert loss_off.cls == BEYOND     # the loss counts as much as any parameter
+    s4 = Scenario("mlp", s.model, 4, mode="fast", optimizer="sgd", micro_batches=4)
+    held = step_severity(s4, "tolerance", loss=loss, loss_ref=loss, params={"w": _ulps_off(p["w"], 1)},
+                         params_ref=p)
+    assert held.cls == BEYOND and "the tolerance tier's bound" in held.line  # a looser tier's failure
+
+
+def test_the_headline_counts_every_verdict_exactly():
+    from verify.results import headline
+    rows = ([dict(verdict="pass", tier="bitwise")] * 2 + [dict(verdict="pass", tier="tolerance")]
+            + [dict(verdict="reported", tier="reported")] * 5
+            + [dict(verdict="fail", severity="last-bit")] * 2
+            + [dict(verdict="fail", severity="beyond tolerance")] * 4
+            + [dict(verdict="skipped")] * 10)
+    assert headline(rows) == ("3 passed (2 bitwise, 1 tolerance), 5 reported, 6 failed "
+                              "(2 last-bit, 4 beyond tolerance), 10 skipped")
+    assert headline(rows[:2] + [dict(verdict="error")]) == "2 passed (2 bitwise), 1 failed (1 error)"
+
+
+def test_an_error_line_always_carries_its_first_reason_line():
+    from verify.diagnosis.shrink import first_line
+    reason = ("W=2 -> 4 after 1/2 steps: the load phase (W=4, steps 1..1) did not complete:\n"
+              "rank 0 raised in load_phase at world size 4:\nTraceback (most recent call last):\n  File \"x\"\n"
+              "ValueError: FSDP2 refuses 0-d parameters")
+    line = first_line(reason)
+    assert line.startswith("W=2 -> 4") and "ValueError: FSDP2 refuses 0-d parameters" in line
+
+
+@pytest.mark.multigpu
+def test_a_campaign_with_a_last_bit_and_a_gross_failure_diagnoses_the_gross_one_first(tmp_path):
+    import json
+    argv = [sys.executable, "-m", "verify", "run", "--sharder", V + "TwoFaults", "--world-sizes",
+            "1", "--mode", "fast", "--dtype", "fp32", "--families", "mlp,special", "--examples",
+            "4", "--seed", "0", "--shrink-budget", "30", "--out", str(tmp_path)]
+    out = subprocess.run(argv, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    assert out.returncode == 1, out.stdout[-3000:] + out.stderr[-3000:]
+    results = json.loads((tmp_path / "results.json").read_text())["results"]
+    classes = [r["severity"] for r in results]
+    assert set(classes) == {"last-bit", "beyond tolerance"}, classes
+    blocks = [ln for ln in out.stdout.splitlines() if ln.startswith("DIAGNOSIS ")]
+    assert len(blocks) == 2, out.stdout[-3000:]
+    assert "beyond tolerance" in blocks[0] and "last-bit" in blocks[1]
+    failed = [ln for ln in out.stdout.splitlines() if ln.startswith("FAILED (")]
+    assert "beyond tolerance" in failed[0] and "last-bit, 1 ulp" in failed[-1]
+    n_last, n_gross = classes.count("last-bit"), classes.count("beyond tolerance")
+    want = f"0 passed, {len(results)} failed ({n_last} last-bit, {n_gross} beyond tolerance)"
+    assert want in out.stdout
+    md = (tmp_path / "equivalence.md").read_text()
+    assert f"**FAIL**: {len(results)} cases: {want}." in md and "MKL_CBWR='AUTO,STRICT'" in md
+    sections = md.split("## Diagnosis", 1)[1]
+    assert sections.index("beyond tolerance") < sections.index("last-bit")
+    # each signature got a minimal case of its own, of its own class
+    minimal = {r["signature"]: r["minimal_reason"] for r in results}
+    assert len(minimal) == 2 and all(minimal.values())

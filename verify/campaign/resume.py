@@ -44,6 +44,7 @@ import torch.distributed as dist
 from verify.campaign.console import print_case
 from verify.case.draw import draw_scenarios
 from verify.case.judge import Check, case_tier, evaluate, state_model_bytes
+from verify.case.severity import case_severity
 from verify.case.train import Trainer
 from verify.ranks.pool import RankPool
 from verify.ranks.poolset import PoolSet, as_pool_set
@@ -219,8 +220,10 @@ def evaluate_resume(case: ResumeCase, res_a, res_b, ref, wall: float, *,
         failed, what = (res_a, f"the save phase (W={w_a}, steps 0..{cut - 1})") if not res_a.ok \
             else (res_b, f"the load phase (W={s.world_size}, steps {cut}..{s.steps - 1})")
         out.verdict = "error"
-        out.reason = f"{case.label}: {what} did not complete:\n{failed.error or ''}"
+        out.reason = (f"{case.label}: {what} did not complete:\n"
+                      f"{failed.error or 'no reason given (the ranks reported none)'}")
         out.checks = [Check("error", "fail", detail=out.reason).to_dict()]
+        out.severity = "error"
         return out
     before = evaluate(case.scenario_a, adapter, sharder, res_a, ref[:cut], wall,
                       tier=case_tier(case.scenario_a, adapter), plan=False)
@@ -250,6 +253,7 @@ def evaluate_resume(case: ResumeCase, res_a, res_b, ref, wall: float, *,
     if problems:
         out.verdict = "fail"
         out.reason = f"{case.label}\n" + "\n".join(problems)
+    out.severity, out.excess = case_severity(out.checks, out.verdict)
     return out
 
 

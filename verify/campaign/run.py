@@ -13,6 +13,7 @@ from typing import Iterable, Optional, Sequence
 
 import torch
 
+from verify import blas
 from verify.campaign.console import print_case
 from verify.campaign.resume import draw_resume_cases, run_resume
 from verify.case.draw import draw_scenarios
@@ -27,7 +28,7 @@ from verify.ranks.poolset import PoolSet, as_pool_set
 from verify.ranks.torchrun import ProcessGroupLost, TorchrunContext, is_torchrun
 from verify.reference import run_reference
 from verify.report import write_peers_report, write_reports
-from verify.results import CaseResult
+from verify.results import CaseResult, headline, severity_label, worst_first
 from verify.scenarios import Scenario
 from verify.sharders import (DEFAULT_SHARDER, display_name, expand_checked, has_checkpointing, load,
                              load_class, resolve)
@@ -126,7 +127,8 @@ def _progress(i: int, n: int, case: CaseResult, started: float, show_sharder: bo
     who = f"{case.sharder:<11} " if show_sharder else ""
     print(f"[{bar}] {i}/{n} {who}W={case.world_size} {case.mode:<13} {case.family:<8} {case.dtype} "
           f"{case.optimizer:<12} {case.verdict.upper():<5} {case.wall_time_s:5.2f}s  "
-          f"({rate:.0f} cases/min)", flush=True)
+          f"({rate:.0f} cases/min)" + (f": {first_line(case.reason) or 'no reason given'}"
+                                       if case.verdict == "error" else ""), flush=True)
 
 
 def _runnable(sharders: list[str], modes: Sequence[str], dtypes: Sequence[str],
@@ -187,6 +189,7 @@ def run_campaign(*, world_sizes: Sequence[int], examples: int, seed: int, sharde
           + (f" and {len(resumes)} checkpoint-resume cases" if resumes else "")
           + (f"; not drawn, no chosen sharder runs them: {', '.join(dropped)}" if dropped else "")
           + "; starting the rank pool", flush=True)
+    say(blas.describe(), flush=True)
     if plant is not None:
         say(f"PLANTED BUG {plant!r} is installed in every case (a demo: failures are expected)",
             flush=True)
@@ -227,18 +230,19 @@ def run_campaign(*, world_sizes: Sequence[int], examples: int, seed: int, sharde
     title = f"Equivalence campaign: seed {seed}, world sizes {','.join(map(str, world_sizes))}"
     paths = write_reports([c.to_dict() for c in results], Path(out_dir), title=title,
                           pool_memory={"samples": memory, "cache_env": soak.cache_env(),
-                                       "default_group_pools": startups})
+                                       "default_group_pools": startups}, blas=blas.describe())
     if len(sharders) > 1:  # the sharders side by side on the same cases (resume cases too)
         paths.append(write_peers_report([c.to_dict() for c in results], Path(out_dir), title=title))
-    print(f"{len(results) - len(failed)}/{len(results)} cases passed in {elapsed:.1f}s "
-          f"({len(results) / max(elapsed, 1e-9) * 60:.1f} cases/min); wrote "
-          + ", ".join(str(p) for p in paths))
+    print(f"{len(results)} cases run in {elapsed:.1f}s ({len(results) / max(elapsed, 1e-9) * 60:.1f} "
+          f"cases/min): {headline(results)}; wrote " + ", ".join(str(p) for p in paths))
     if startups:
         print("pools of exactly W processes for default-group sharders (spawned once each): "
               + ", ".join(f"W={w} {sec:.1f}s" for w, sec in sorted(startups.items())))
-    for c in failed:
-        print(f"\nFAILED ({c.verdict}) {c.sharder} W={c.world_size} {c.mode} {c.family}: "
-              f"{first_line(c.reason)}\n  replay: {c.replay}")
+    for c in sorted(failed, key=worst_first):   # the worst first, as the diagnosis runs
+        how = c.verdict if c.verdict == "error" or not c.severity else \
+            f"{c.verdict}, {severity_label(c)}"
+        print(f"\nFAILED ({how}) {c.sharder} W={c.world_size} {c.mode} {c.family}: "
+              f"{first_line(c.reason) or 'no reason given'}\n  replay: {c.replay}")
     for line in console_lines(groups):
         print(line)
     return results

@@ -6,6 +6,7 @@ from typing import Any, Optional
 import numpy as np
 import pandas as pd
 
+from verify.results import worst_first
 from verify.report._format import (
     _GROUP, _as_dict, _bytes, _cell, _held, _int, _md, _missing, _num, _ratio)
 
@@ -133,7 +134,7 @@ def diagnosis_section(results: list[dict]) -> str:
     scenario, how each fails, a replay command for both, flakiness, the first divergence and,
     for a hang, the first divergent collective. "" when no case was diagnosed."""
     seen, parts = set(), []
-    for r in results:
+    for r in sorted(results, key=worst_first):   # the worst signature first, led by its worst case
         sig = r.get("signature")
         if not sig or sig in seen:
             continue
