@@ -191,3 +191,89 @@ def test_a_campaign_with_a_last_bit_and_a_gross_failure_diagnoses_the_gross_one_
     # each signature got a minimal case of its own, of its own class
     minimal = {r["signature"]: r["minimal_reason"] for r in results}
     assert len(minimal) == 2 and all(minimal.values())
+
+
+# -- draws that run -------------------------------------------------------------------------------
+
+def _model(s) -> dict:
+    return dict(s.model)
+
+
+def test_draws_consult_the_adapter_and_count_what_it_declined():
+    from collections import Counter
+    kw = dict(world_size=2, mode="fast", n=6, dtypes=("fp32",))
+    plain = [s for seed in range(4) for s in draw_scenarios(seed=seed, **kw)]
+    assert any(s.weight_decay for s in plain)          # the plain draw asks for weight decay
+    declined = Counter()
+    drawn = [s for seed in range(4)
+             for s in draw_scenarios(seed=seed, sharders=[V + "DeclinesDecay"], declined=declined, **kw)]
+    assert len(drawn) == 24 and not any(s.weight_decay for s in drawn)
+    assert set(declined) == {"no weight decay (declined by name)"} and declined.total() > 0
+    # an adapter that declines nothing draws exactly the plain cases
+    assert [s for seed in range(4) for s in draw_scenarios(seed=seed, sharders=["ddp"], **kw)] == plain
+
+
+def test_the_special_family_draws_with_and_without_its_0d_parameter():
+    kw = dict(world_size=2, mode="fast", n=6, dtypes=("fp32",), families=["special"])
+    plain = [s for seed in range(3) for s in draw_scenarios(seed=seed, **kw)]
+    assert {_model(s)["scalar"] for s in plain} == {True, False}
+    for_them = [s for seed in range(3) for s in draw_scenarios(seed=seed, sharders=[V + "NoScalars"], **kw)]
+    assert len(for_them) == 18 and not any(_model(s)["scalar"] for s in for_them)
+    from verify.scenarios import build_model
+    model = build_model(for_them[0], device="meta")
+    assert not any(p.dim() == 0 for p in model.parameters())
+    assert {"frozen", "shared", "tie_a", "tie_b"} <= {n.split(".")[2] for n, _ in model.named_parameters(remove_duplicate=False)
+                                                      if n.startswith("blocks.")}
+
+
+def test_resume_cases_consult_unsupported_at_both_world_sizes():
+    from verify.campaign.resume import ResumeCase, draw_resume_cases, run_resume
+    kw = dict(n=6, seed=0, world_sizes=[1, 2], modes=("fast",), dtypes=("fp32",), families=["special"])
+    assert any(_model(c.scenario)["scalar"] for c in draw_resume_cases(**kw))
+    cases = draw_resume_cases(sharders=[V + "NoScalars"], **kw)
+    assert len(cases) == 6 and not any(_model(c.scenario)["scalar"] for c in cases)
+    zero_d = ResumeCase(Scenario("special", (), 2, steps=2, micro_batches=2), 1, 1)
+    case = run_resume(None, zero_d, sharder=V + "NoScalars")   # skipped before any rank runs
+    assert case.verdict == "skipped" and "refuses 0-d parameters (logit_scale)" in case.reason
+
+
+def test_the_plugin_draws_only_what_the_chosen_sharder_runs():
+    from verify.pytest_plugin import Equivalence
+
+    class Config:
+        def getoption(self, name):
+            return {"verify_timeout": 60.0, "sharder": "ddp", "verify_seed": 0}[name]
+    eq = Equivalence(None, Config())
+    assert any(s.dtype == "bf16" for s in eq.draw(2, "fast", 8, sharder="fsdp_core"))
+    assert {s.dtype for s in eq.draw(2, "fast", 8)} == {"fp32"}      # ddp declares fp32 only
+    assert not any(s.weight_decay for s in eq.draw(2, "fast", 4, sharder=V + "DeclinesDecay"))
+
+
+@pytest.mark.multigpu
+def test_a_campaign_of_an_adapter_that_declines_some_draws_skips_at_most_a_tenth(tmp_path):
+    import json
+    argv = [sys.executable, "-m", "verify", "run", "--sharder", V + "DeclinesDecay",
+            "--world-sizes", "1,2", "--mode", "fast", "--dtype", "fp32", "--families",
+            "mlp,special", "--examples", "3", "--seed", "0", "--shrink-budget", "0",
+            "--resume-cases", "2", "--out", str(tmp_path)]
+    out = subprocess.run(argv, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    data = json.loads((tmp_path / "results.json").read_text())
+    rows = data["results"]
+    assert len(rows) == 8 and sum(r["verdict"] == "skipped" for r in rows) <= len(rows) // 10
+    assert data["declined"] and set(data["declined"]) <= {"no weight decay (declined by name)",
+                                                          "no weight decay (declined by name) (W=1)",
+                                                          "no weight decay (declined by name) (W=2)"}
+    assert "draws declined by the adapter and drawn again" in out.stdout
+    assert "Declined while drawing" in (tmp_path / "equivalence.md").read_text()
+
+
+@pytest.mark.slow
+def test_the_textbook_fsdp_passes_its_drawn_cases_through_the_plugin_at_w_1_2_4(tmp_path):
+    """12 drawn cases; before MKL_CBWR was strict one of them (W=1 gpt, 3 ulp) failed."""
+    env = _env(VERIFY_MAX_WORLD_SIZE="4")
+    argv = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tmp_path),
+            "--sharder", "examples.textbook_fsdp.adapter:Textbook", "--verify-world-sizes", "1,2,4",
+            "--verify-examples", "4"]
+    out = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0 and "12 passed" in out.stdout, out.stdout[-3000:] + out.stderr[-2000:]

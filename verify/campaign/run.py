@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 import traceback
+from collections import Counter
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
@@ -16,7 +17,7 @@ import torch
 from verify import blas
 from verify.campaign.console import print_case
 from verify.campaign.resume import draw_resume_cases, run_resume
-from verify.case.draw import draw_scenarios
+from verify.case.draw import draw_scenarios, skip_reason
 from verify.case.judge import case_tier, evaluate, mesh_label
 from verify.case.train import run_case
 from verify.compare import tier_for
@@ -52,21 +53,6 @@ def replay_command(s: Scenario, sharder: str = DEFAULT_SHARDER, plant: Optional[
     extra = "" if sharder == DEFAULT_SHARDER else f" --sharder {sharder}"
     extra += f" --plant {plant}" if plant else ""
     return f"python -m verify replay{extra} '{s.to_json()}'"
-
-
-def skip_reason(s: Scenario, sharder) -> Optional[str]:
-    """Why the adapter does not run ``s`` (outside its declared modes, dtypes or offload, or its
-    ``unsupported()``), or None. Parent side, before anything runs."""
-    if s.mode not in sharder.modes:
-        return f"{sharder.name} declares modes {tuple(sharder.modes)}, not {s.mode!r}"
-    if s.dtype not in sharder.dtypes:
-        return f"{sharder.name} declares dtypes {tuple(sharder.dtypes)}, not {s.dtype!r}"
-    if getattr(s, "offload", False) and not sharder.offload:
-        return f"{sharder.name} does not declare offload = True"
-    if s.mesh is not None and not getattr(sharder, "hsdp", False):
-        return f"{sharder.name} does not declare hsdp = True (a {s.mesh[0]}x{s.mesh[1]} mesh)"
-    reason = sharder.unsupported(s)
-    return None if reason is None else str(reason)
 
 
 def _result(s: Scenario, spec: str, verdict: str, reason: str, replay: str, tier: str) -> CaseResult:
@@ -168,17 +154,19 @@ def run_campaign(*, world_sizes: Sequence[int], examples: int, seed: int, sharde
     profile = profile or "ci"
     sharders = expand_checked(sharders)
     modes, dtypes, offloads, dropped = _runnable(sharders, modes, dtypes, offloads)
+    declined: Counter = Counter()   # draws an adapter declined, by reason (redrawn: see case/draw)
     plan = [(sh, s) for w in world_sizes for mode in modes
             for s in draw_scenarios(world_size=w, mode=mode, n=examples, seed=seed, profile=profile,
                                     dtypes=dtypes, families=families, meshes=meshes,
-                                    offloads=offloads)
+                                    offloads=offloads, sharders=sharders, declined=declined)
             for sh in sharders]
     if interleave:
         plan = soak.round_robin(plan, key=lambda item: (item[1].world_size, item[1].mode))
     savers = [sh for sh in sharders if has_checkpointing(load(sh))]
     drawn = draw_resume_cases(n=resume_cases, seed=seed, world_sizes=world_sizes, modes=modes,
                               profile=profile, dtypes=dtypes, families=families,
-                              offloads=offloads) if resume_cases and plant is None and savers else []
+                              offloads=offloads, sharders=savers, declined=declined
+                              ) if resume_cases and plant is None and savers else []
     resumes = [(sh, rc) for rc in drawn for sh in savers]
     cap = 120.0 if timeout_s is None else timeout_s   # None: each case's `auto_timeout`
     pool = PoolSet(_ranks(max(world_sizes), cap), timeout_s=cap)
@@ -188,6 +176,8 @@ def run_campaign(*, world_sizes: Sequence[int], examples: int, seed: int, sharde
           f"seed {seed}, profile {profile})"
           + (f" and {len(resumes)} checkpoint-resume cases" if resumes else "")
           + (f"; not drawn, no chosen sharder runs them: {', '.join(dropped)}" if dropped else "")
+          + (f"; {sum(declined.values())} draws declined by the adapter and drawn again"
+             if declined else "")
           + "; starting the rank pool", flush=True)
     say(blas.describe(), flush=True)
     if plant is not None:
@@ -230,7 +220,8 @@ def run_campaign(*, world_sizes: Sequence[int], examples: int, seed: int, sharde
     title = f"Equivalence campaign: seed {seed}, world sizes {','.join(map(str, world_sizes))}"
     paths = write_reports([c.to_dict() for c in results], Path(out_dir), title=title,
                           pool_memory={"samples": memory, "cache_env": soak.cache_env(),
-                                       "default_group_pools": startups}, blas=blas.describe())
+                                       "default_group_pools": startups}, blas=blas.describe(),
+                          declined=dict(declined))
     if len(sharders) > 1:  # the sharders side by side on the same cases (resume cases too)
         paths.append(write_peers_report([c.to_dict() for c in results], Path(out_dir), title=title))
     print(f"{len(results)} cases run in {elapsed:.1f}s ({len(results) / max(elapsed, 1e-9) * 60:.1f} "

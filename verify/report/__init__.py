@@ -7,7 +7,7 @@ the plots are skipped). Everything here reads records and writes text; nothing r
   tables       equivalence.md's tables: verdicts, invariants, failing cases, diagnosis, steps
   sections     checkpoint-resume cases, the pool's memory
   plots        the per-step and state plots
-  write        write_reports, load_results, load_blas (equivalence.md, results.csv/json, plots)
+  write        write_reports, load_results (equivalence.md, results.csv/json, plots)
   peers        peers.md: the same cases through every sharder, side by side
   convergence  convergence.md/png/json (verify/tools/converge.py)
 """
@@ -17,10 +17,10 @@ from verify.report.peers import peers_table, write_peers_report
 from verify.report.sections import pool_memory_section, resume_table
 from verify.report.tables import (diagnosis_section, failures_table, invariants_table,
                                   steps_table, summary_table)
-from verify.report.write import load_blas, load_results, write_reports
+from verify.report.write import load_results, write_reports
 
 __all__ = [
     "results_frame", "steps_frame", "summary_table", "invariants_table", "failures_table",
-    "steps_table", "diagnosis_section", "write_reports", "load_results", "load_blas", "resume_table",
+    "steps_table", "diagnosis_section", "write_reports", "load_results", "resume_table",
     "pool_memory_section", "peers_table", "write_peers_report", "write_convergence_report",
 ]

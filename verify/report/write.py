@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Optional
 
 from verify.report._format import _FAILED, _as_dict
 from verify.results import headline
@@ -25,6 +25,20 @@ def load_blas(path: str | Path) -> Any:
     return data.get("blas") if isinstance(data, dict) else None
 
 
+def load_declined(path: str | Path) -> Optional[dict]:
+    """The draws declined while drawing, by reason, as results.json saved them, or None."""
+    data = json.loads(Path(path).read_text())
+    return data.get("declined") if isinstance(data, dict) else None
+
+
+def declined_line(declined: dict) -> str:
+    """One line: how many draws the adapters declined, and why (the most frequent first)."""
+    parts = [f"{n}: {reason}" for reason, n in sorted(declined.items(), key=lambda kv: -kv[1])]
+    return (f"Declined while drawing (drawn again, so that the cases run): "
+            f"{sum(declined.values())} draws; " + "; ".join(parts[:8])
+            + (f"; and {len(parts) - 8} other reasons" if len(parts) > 8 else ""))
+
+
 def load_results(path: str | Path) -> tuple[str, list[dict]]:
     """Read results.json (as `write_reports` writes it, or a bare list) -> (title, results)."""
     data = json.loads(Path(path).read_text())
@@ -35,12 +49,14 @@ def load_results(path: str | Path) -> tuple[str, list[dict]]:
 
 def write_reports(results: Iterable[Any], out_dir: str | Path, *,
                   title: str = "Equivalence report", detail_cases: int = 4,
-                  pool_memory: Any = None, blas: Any = None) -> list[Path]:
+                  pool_memory: Any = None, blas: Any = None,
+                  declined: Optional[dict] = None) -> list[Path]:
     """Write equivalence.md, results.csv, results.json (+ PNG plots when matplotlib is
     installed) into `out_dir`; return the paths written. ``pool_memory``: the RSS samples of
     the pool's ranks after every case (verify/tools/soak.py), saved in results.json under that key
     and rendered as the "Pool memory" section. ``blas``: what the campaign set for the BLAS's
-    reproducibility (`verify.blas.describe`), saved and said under the headline."""
+    reproducibility (`verify.blas.describe`), saved and said under the headline. ``declined``:
+    {reason: draws} the adapters declined while drawing (verify/case/draw.py), likewise."""
     results = [_as_dict(r) for r in results]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -54,6 +70,8 @@ def write_reports(results: Iterable[Any], out_dir: str | Path, *,
         saved["pool_memory"] = pool_memory
     if blas is not None:
         saved["blas"] = blas
+    if declined:
+        saved["declined"] = declined
     path.write_text(json.dumps(saved, indent=1, default=list) + "\n")
     written.append(path)
     path = out / "results.csv"
@@ -70,6 +88,8 @@ def write_reports(results: Iterable[Any], out_dir: str | Path, *,
              ""]
     if blas:
         lines += [str(blas), ""]
+    if declined:
+        lines += [declined_line(declined), ""]
     if n:
         lines += [_describe_run(df), ""]
     lines += ["## Summary", "", summary_table(df), "", _VERDICTS_LEGEND, "",
