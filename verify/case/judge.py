@@ -282,7 +282,8 @@ def evaluate(s: Scenario, sharder, spec: str, result, ref, wall: float, *,
         if grads_bad:
             dtype = next(iter(ref_step.grads.values())).dtype
             sev = tensors_severity([p for p in graded[1] if p is not None], gradient_tolerance(dtype),
-                                   f"the {str(dtype).replace('torch.', '')} torch.testing tolerance",
+                                   f"the {'bf16' if dtype == torch.bfloat16 else 'fp32'} torch.testing "
+                                   "tolerance",
                                    last_bit_possible=None not in graded[1])
             checks.append(Check("gradients", "fail", step, detail=f"{where}: reduced gradients not "
                                 f"bitwise equal to the reference's: {grads_bad[:5]}\n{where}: "
