@@ -180,6 +180,10 @@ def run_campaign(*, world_sizes: Sequence[int], examples: int, seed: int, sharde
              if declined else "")
           + "; starting the rank pool", flush=True)
     say(blas.describe(), flush=True)
+    if declined:
+        say("declined while drawing (drawn again): " + "; ".join(
+            f"{n} x {why}" for why, n in declined.most_common(5))
+            + (f"; and {len(declined) - 5} other reasons" if len(declined) > 5 else ""), flush=True)
     if plant is not None:
         say(f"PLANTED BUG {plant!r} is installed in every case (a demo: failures are expected)",
             flush=True)
