@@ -119,7 +119,7 @@ SEVERITY_CLASSES = ("beyond tolerance", "invariant", "error", "last-bit")
 def worst_first(case: Any) -> tuple:
     """Sort key of failing cases (CaseResult or dict), the worst first: the severity class,
     then the greatest excess over the tolerance, then the greatest ULP distance."""
-    cls = _field(case, "severity") or ""
+    cls = _text(_field(case, "severity"), "")
     steps = _field(case, "steps") or []
     ulp = max((_field(st, "max_ulp") or 0 for st in steps), default=0)
     return (SEVERITY_CLASSES.index(cls) if cls in SEVERITY_CLASSES else len(SEVERITY_CLASSES),
@@ -128,6 +128,11 @@ def worst_first(case: Any) -> tuple:
 
 def _field(r: Any, key: str) -> Any:
     return r.get(key) if isinstance(r, dict) else getattr(r, key, None)
+
+
+def _text(v: Any, default: str) -> str:
+    """A string field of a record, or ``default`` where it is missing (None, NaN, "")."""
+    return v if isinstance(v, str) and v else default
 
 
 def _breakdown(counts: dict[str, int], order: tuple) -> str:
@@ -147,13 +152,14 @@ def headline(results) -> str:
     for r in results:
         v = _field(r, "verdict")
         if v == "pass":
-            passed[_field(r, "tier") or "?"] = passed.get(_field(r, "tier") or "?", 0) + 1
+            tier = _text(_field(r, "tier"), "?")
+            passed[tier] = passed.get(tier, 0) + 1
         elif v == "reported":
             reported += 1
         elif v == "skipped":
             skipped += 1
         else:
-            cls = "error" if v == "error" else (_field(r, "severity") or "unclassified")
+            cls = "error" if v == "error" else _text(_field(r, "severity"), "unclassified")
             failed[cls] = failed.get(cls, 0) + 1
     parts = [f"{sum(passed.values())} passed" + _breakdown(passed, ("bitwise", "tolerance"))]
     parts += [f"{reported} reported"] if reported else []
