@@ -21,7 +21,7 @@ def _cases(config: pytest.Config) -> list:
             for mode in cls.modes:
                 drawn = draw_scenarios(world_size=w, mode=mode, seed=config.getoption("verify_seed"),
                                        n=config.getoption("verify_examples"), dtypes=cls.dtypes,
-                                       families=families)
+                                       families=families, sharders=[spec])   # draws it runs
                 out += [pytest.param(spec, s, id=f"{cls.name}-W{w}-{mode}-{i}-{s.family}")
                         for i, s in enumerate(drawn)]
     return out

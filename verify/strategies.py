@@ -97,11 +97,12 @@ def convnet_models(draw, *, max_channels: int = 8, max_stages: int = 3, max_imag
 
 
 def special_models(*, max_width: int = 8, max_blocks: int = 3) -> st.SearchStrategy[Model]:
-    """The special family: always a 0-d parameter, a 2-element parameter, frozen, shared and
-    tied modules, persistent and non-persistent buffers."""
+    """The special family: a 2-element parameter, frozen, shared and tied modules, persistent
+    and non-persistent buffers, and a 0-d parameter or not (``scalar`` drawn, so that sharders
+    that refuse 0-d parameters still run the rest)."""
     return st.fixed_dictionaries({
         "width": sizes(max_value=max_width), "n_blocks": st.integers(1, max_blocks),
-        "n_out": st.integers(2, 5),
+        "n_out": st.integers(2, 5), "scalar": st.booleans(),
     }).map(_pairs)
 
 

@@ -160,7 +160,8 @@ class TextbookFSDP:
 
 class FlatOptimizer:
     """Steps the flat shards with ``optimizer_cls``; weight decay per element through a mask
-    (flat shards mix weights and biases), L2 for SGD/Adam, decoupled for AdamW."""
+    (flat shards mix weights, biases and frozen parameters, which torch's optimizers leave
+    alone: no gradient), L2 for SGD/Adam, decoupled for AdamW."""
 
     def __init__(self, fsdp: TextbookFSDP, optimizer_cls, kwargs: dict, decays, decoupled: bool):
         self.fsdp = fsdp
@@ -169,8 +170,8 @@ class FlatOptimizer:
         self.masks = []
         for u in fsdp.units:
             mask = torch.zeros(u.shard_numel * u.world, dtype=torch.bool)
-            for fqn, _, _, i in u.refs:
-                mask[u.offsets[i]: u.offsets[i] + u.numels[i]] = decays(fqn)
+            for fqn, _, _, i in u.refs:   # frozen parameters are never decayed (no gradient)
+                mask[u.offsets[i]: u.offsets[i] + u.numels[i]] = decays(fqn) and u.trainable[i]
             lo = u.rank * u.shard_numel
             self.masks.append(mask[lo: lo + u.shard_numel])
 

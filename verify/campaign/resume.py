@@ -34,7 +34,7 @@ import os
 import random
 import tempfile
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -42,8 +42,9 @@ import torch
 import torch.distributed as dist
 
 from verify.campaign.console import print_case
-from verify.case.draw import draw_scenarios
+from verify.case.draw import declined_by, draw_scenarios, skip_reason
 from verify.case.judge import Check, case_tier, evaluate, state_model_bytes
+from verify.case.severity import case_severity
 from verify.case.train import Trainer
 from verify.ranks.pool import RankPool
 from verify.ranks.poolset import PoolSet, as_pool_set
@@ -157,6 +158,17 @@ def run_resume(pool, case: ResumeCase, *, sharder: str = DEFAULT_SHARDER,
     if not has_checkpointing(adapter):
         raise ValueError(f"{adapter.name} has no save/load: no resume cases for it")
     s = case.scenario
+    try:   # the adapter's parent side, at both world sizes (foreign code: a raise is an error)
+        declined = _declined(case, adapter)
+    except Exception as exc:
+        out = _resume_result(case, spec, adapter)
+        out.verdict, out.severity = "error", "error"
+        out.reason = f"the adapter {spec}'s parent side raised: {type(exc).__name__}: {exc}"
+        return (out, None, None) if keep_values else out
+    if declined is not None:
+        out = _resume_result(case, spec, adapter)
+        out.verdict, out.reason = "skipped", declined
+        return (out, None, None) if keep_values else out
     pools = as_pool_set(pool)
     pool_a, why_a = pools.for_world(adapter.world, case.save_world_size)
     pool_b, why_b = pools.for_world(adapter.world, s.world_size)
@@ -219,8 +231,10 @@ def evaluate_resume(case: ResumeCase, res_a, res_b, ref, wall: float, *,
         failed, what = (res_a, f"the save phase (W={w_a}, steps 0..{cut - 1})") if not res_a.ok \
             else (res_b, f"the load phase (W={s.world_size}, steps {cut}..{s.steps - 1})")
         out.verdict = "error"
-        out.reason = f"{case.label}: {what} did not complete:\n{failed.error or ''}"
+        out.reason = (f"{case.label}: {what} did not complete:\n"
+                      f"{failed.error or 'no reason given (the ranks reported none)'}")
         out.checks = [Check("error", "fail", detail=out.reason).to_dict()]
+        out.severity = "error"
         return out
     before = evaluate(case.scenario_a, adapter, sharder, res_a, ref[:cut], wall,
                       tier=case_tier(case.scenario_a, adapter), plan=False)
@@ -250,6 +264,7 @@ def evaluate_resume(case: ResumeCase, res_a, res_b, ref, wall: float, *,
     if problems:
         out.verdict = "fail"
         out.reason = f"{case.label}\n" + "\n".join(problems)
+    out.severity, out.excess = case_severity(out.checks, out.verdict)
     return out
 
 
@@ -257,11 +272,14 @@ def draw_resume_cases(*, n: int, seed: int, world_sizes: Sequence[int],
                       modes: Sequence[str] = ("fast", "deterministic"), profile: str = "ci",
                       dtypes: Sequence[str] = ("fp32", "bf16"),
                       families: Optional[Sequence[str]] = None,
-                      offloads: Sequence[bool] = (False,)) -> list[ResumeCase]:
+                      offloads: Sequence[bool] = (False,), sharders: Sequence = (),
+                      declined: Optional[Counter] = None) -> list[ResumeCase]:
     """``n`` resume cases, the same for the same arguments: modes in turn, (W_a, W_b) two
     different world sizes of ``world_sizes`` (equal only when there is one), scenarios drawn by
     the campaign's strategy at max(W_a, W_b) (so M serves both) with at least 2 steps, and the
-    checkpoint after a step drawn in [1, steps)."""
+    checkpoint after a step drawn in [1, steps). ``sharders``: the adapters that will run them;
+    a scenario one of them declines at either world size is drawn again (verify/case/draw.py;
+    ``declined`` counts the reasons)."""
     if n <= 0:
         return []
     sizes = sorted(set(world_sizes))
@@ -274,9 +292,13 @@ def draw_resume_cases(*, n: int, seed: int, world_sizes: Sequence[int],
     for i, (w_a, w_b, mode) in enumerate(picks):
         groups[(max(w_a, w_b), mode)].append(i)
     cases: list[Optional[ResumeCase]] = [None] * n
+    check = declined_by(sharders) if sharders else None
     for (w, mode), idxs in sorted(groups.items()):
+        sizes_here = {picks[i][0] for i in idxs} | {picks[i][1] for i in idxs}
         drawn = draw_scenarios(world_size=w, mode=mode, n=len(idxs), seed=seed + 1009,
                                profile=profile, dtypes=dtypes, offloads=offloads,
+                               accept=_at_both(check, sizes_here) if sharders else None,
+                               declined=declined,
                                **({} if families is None else {"families": families}))
         for j, i in enumerate(idxs):
             s = drawn[j % len(drawn)]
@@ -284,6 +306,28 @@ def draw_resume_cases(*, n: int, seed: int, world_sizes: Sequence[int],
             cases[i] = ResumeCase(s.with_world_size(picks[i][1]), picks[i][0],
                                   rng.randint(1, s.steps - 1))
     return [c for c in cases if c is not None]
+
+
+def _at_both(check, sizes):
+    """``accept`` for a resume draw: the scenario (at least 2 steps) at every world size its
+    cases save or load at."""
+    def accept(s: Scenario) -> Optional[str]:
+        s = dataclasses.replace(s, steps=max(s.steps, 2))
+        for w in sorted(sizes):
+            why = check(s.with_world_size(w))
+            if why is not None:
+                return f"{why} (W={w})"
+        return None
+    return accept
+
+
+def _declined(case: ResumeCase, adapter) -> Optional[str]:
+    """Why the adapter does not run this resume case at one of its world sizes, or None."""
+    for s in (case.scenario_a, case.scenario):
+        why = skip_reason(s, adapter)
+        if why is not None:
+            return f"{why} (W={s.world_size})"
+    return None
 
 
 def replay_resume(scenario_json: str, save_world_size: int, save_after: int, *,

@@ -19,6 +19,7 @@ from typing import Any, Optional
 
 import torch
 
+from verify.case.severity import case_severity, gradient_tolerance, step_severity, tensors_severity
 from verify.compare import TIERS, compare_step, diff_stats, int_view, tier_for, verdict
 from verify.plan.units import plan_problems
 from verify.results import CaseResult, StepRecord, held_verdict
@@ -35,10 +36,16 @@ class Check:
     step: Optional[int] = None  # None: the whole case (backend, padding after init)
     rank: Optional[int] = None  # the first rank it failed on, where one rank is to blame
     detail: str = ""            # for a failure: what and where, torch.testing style
+    severity: str = ""          # a failing numerical check: "last-bit" | "beyond tolerance"
+    excess: Optional[float] = None   # its worst |d| / (atol + rtol |e|) (verify/case/severity.py)
+    ulp: Optional[int] = None        # its greatest ULP distance
 
     def to_dict(self) -> dict[str, Any]:
-        return dict(check=self.check, status=self.status, step=self.step, rank=self.rank,
-                    detail=self.detail)
+        out = dict(check=self.check, status=self.status, step=self.step, rank=self.rank,
+                   detail=self.detail)
+        if self.severity:
+            out.update(severity=self.severity, excess=self.excess, ulp=self.ulp)
+        return out
 
 
 def mesh_label(s: Scenario) -> str:
@@ -136,9 +143,10 @@ def _reassembly(values: list[dict], step: int, full: dict) -> Optional[list[str]
     return bad
 
 
-def _gradients(values: list[dict], step: int, ref_grads: Optional[dict]) -> Optional[list[str]]:
+def _gradients(values: list[dict], step: int, ref_grads: Optional[dict]) -> Optional[tuple[list[str], list]]:
     """Parameters whose reduced gradient, reassembled from the ranks' pieces, is not bitwise
-    equal to the reference's step gradient; None when there is nothing to compare.
+    equal to the reference's step gradient, and the (reassembled, reference) pairs of those
+    that differ; None when there is nothing to compare.
 
     Parameters are compared after the update too, but a last-bit gradient error (a summation
     order, one ulp) is mostly absorbed by ``p - lr * g``: only this check sees it reliably."""
@@ -146,17 +154,19 @@ def _gradients(values: list[dict], step: int, ref_grads: Optional[dict]) -> Opti
     if ref_grads is None or any(r is None for r in recs):
         return None
     given = {n for r in recs for n in r}
-    bad = []
+    bad, pairs = [], []
     for name in list(ref_grads) + sorted(given - set(ref_grads)):
         want = ref_grads.get(name)
         if want is None or name not in given:
             bad.append(f"{name} (a gradient on one side only)")
+            pairs.append(None)
             continue
         flat, problem = reassemble(recs, name, want.numel(), want.dtype)
         d = diff_stats(flat, want.reshape(-1))
         if problem or not d.bitwise:
             bad.append(f"{name} ({problem or f'{d.n_diff}/{d.numel} elements differ, max ULP {d.max_ulp}'})")
-    return bad
+            pairs.append(None if problem else (flat, want.reshape(-1)))
+    return bad, pairs
 
 
 def _ranked(values: list[dict], get) -> tuple[list[str], Optional[int]]:
@@ -205,6 +215,7 @@ def evaluate(s: Scenario, sharder, spec: str, result, ref, wall: float, *,
     if not result.ok:
         case.verdict, case.reason = "error", result.error or "the case did not complete"
         case.checks.append(Check("error", "fail", detail=case.reason).to_dict())
+        case.severity = "error"
         return case
     values = result.values
     checks: list[Check] = []
@@ -233,7 +244,13 @@ def evaluate(s: Scenario, sharder, spec: str, result, ref, wall: float, *,
         if unexpected:
             structural.append(f"{where}: unexpected parameters (not in the unsharded model): "
                               f"{unexpected[:5]}")
-        checks.append(Check(tier, "fail" if numeric else "pass", step, detail=numeric))
+        if numeric:
+            sev = step_severity(s, tier, loss=rec0["loss"], loss_ref=ref_step.loss, params=params,
+                                params_ref=params_ref)
+            checks.append(Check(tier, "fail", step, detail=f"{numeric}\n{where}: {sev.line}",
+                                severity=sev.cls, excess=sev.excess, ulp=sev.ulp))
+        else:
+            checks.append(Check(tier, "pass", step))
         checks.append(Check("structure", "fail" if structural else "pass", step,
                             detail="\n".join(structural)))
         pad_ok = None
@@ -260,10 +277,19 @@ def evaluate(s: Scenario, sharder, spec: str, result, ref, wall: float, *,
                             "fail" if not_reassembled else "pass", step,
                             detail=f"{where}: shards do not reassemble for {not_reassembled[:5]}"
                             if not_reassembled else ""))
-        grads_bad = _gradients(values, i, ref_step.grads) if tier == "bitwise" else None
-        checks.append(Check("gradients", "n/a" if grads_bad is None else "fail" if grads_bad else "pass",
-                            step, detail=f"{where}: reduced gradients not bitwise equal to the "
-                                         f"reference's: {grads_bad[:5]}" if grads_bad else ""))
+        graded = _gradients(values, i, ref_step.grads) if tier == "bitwise" else None
+        grads_bad = None if graded is None else graded[0]
+        if grads_bad:
+            dtype = next(iter(ref_step.grads.values())).dtype
+            sev = tensors_severity([p for p in graded[1] if p is not None], gradient_tolerance(dtype),
+                                   f"the {'bf16' if dtype == torch.bfloat16 else 'fp32'} torch.testing "
+                                   "tolerance",
+                                   last_bit_possible=None not in graded[1])
+            checks.append(Check("gradients", "fail", step, detail=f"{where}: reduced gradients not "
+                                f"bitwise equal to the reference's: {grads_bad[:5]}\n{where}: "
+                                f"{sev.line}", severity=sev.cls, excess=sev.excess, ulp=sev.ulp))
+        else:
+            checks.append(Check("gradients", "n/a" if grads_bad is None else "pass", step))
         coll, expected = rec0["collectives"], rec0.get("expected_collectives")
         coll_ok = None
         if expected is not None:
@@ -297,4 +323,5 @@ def evaluate(s: Scenario, sharder, spec: str, result, ref, wall: float, *,
     case.verdict = held_verdict(tier)
     if failed:
         case.verdict, case.reason = "fail", "\n".join(c.detail for c in failed)
+    case.severity, case.excess = case_severity(case.checks, case.verdict)
     return case
