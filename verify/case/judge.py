@@ -6,8 +6,9 @@ otherwise; nothing here knows a sharder's name. Checks: ``backend`` (the collect
 inputs), the numerical comparison named by the tier (``bitwise`` / ``tolerance`` /
 ``reported``: loss and every parameter after the step), ``padding`` (after init, the reduction
 and the step), ``resharded``, ``reassembly`` (local pieces vs the gathered parameters),
-``gradients`` (the reduced gradient, bitwise tier only), ``collectives`` (vs the adapter's
-formula).
+``gradients`` (the reduced gradient) and ``optimizer_state`` (exp_avg, exp_avg_sq,
+momentum_buffer), both in every tier (verify/case/state_check.py), ``collectives`` (vs the
+adapter's formula).
 """
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ from typing import Any, Optional
 
 import torch
 
-from verify.compare import TIERS, compare_step, diff_stats, int_view, tier_for, verdict
+from verify.case.state_check import gradient_problems, reassemble, state_problems
+from verify.compare import TIERS, compare_step, tier_for, verdict
 from verify.plan.units import plan_problems
 from verify.results import CaseResult, StepRecord, held_verdict
 from verify.scenarios import Scenario, build_model
@@ -96,30 +98,6 @@ def _align(s: Scenario, params: dict, ref: dict) -> tuple[dict, dict, list[str]]
     return {n: params[n] for n in want if n in params}, want, unexpected
 
 
-def reassemble(pieces: list[Optional[dict]], name: str, numel: int, dtype) -> tuple[torch.Tensor, str]:
-    """The flat tensor the ranks' (start, values) pieces of ``name`` make, NaN where no rank
-    gave an element, and what is wrong with the pieces ("" if nothing): a piece outside the
-    tensor, or two ranks giving different values for one element."""
-    flat = torch.full((numel,), float("nan"), dtype=dtype)
-    seen = torch.zeros(numel, dtype=torch.bool)
-    for rank, mine in enumerate(pieces):
-        if not mine or name not in mine:
-            continue
-        start, vals = mine[name]
-        vals = vals.detach().reshape(-1).to(dtype)
-        if vals.numel() == 0:   # this rank holds only padding of this parameter
-            continue
-        if start < 0 or start + vals.numel() > numel:
-            return flat, f"rank {rank}'s piece [{start}, {start + vals.numel()}) is outside {numel}"
-        sl = slice(start, start + vals.numel())
-        overlap = seen[sl]
-        if overlap.any() and not torch.equal(int_view(flat[sl][overlap]), int_view(vals[overlap])):
-            return flat, f"ranks disagree on the elements of rank {rank}'s piece at {start}"
-        flat[sl] = vals
-        seen[sl] = True
-    return flat, ""
-
-
 def _reassembly(values: list[dict], step: int, full: dict) -> Optional[list[str]]:
     pieces = [v["records"][step].get("pieces") for v in values]
     if any(p is None for p in pieces):
@@ -133,29 +111,6 @@ def _reassembly(values: list[dict], step: int, full: dict) -> Optional[list[str]
         flat, problem = reassemble(pieces, name, want.numel(), torch.float32)
         if problem or not torch.equal(flat, want.reshape(-1).float()):
             bad.append(f"{name} ({problem or 'pieces differ from the gathered tensor or leave gaps'})")
-    return bad
-
-
-def _gradients(values: list[dict], step: int, ref_grads: Optional[dict]) -> Optional[list[str]]:
-    """Parameters whose reduced gradient, reassembled from the ranks' pieces, is not bitwise
-    equal to the reference's step gradient; None when there is nothing to compare.
-
-    Parameters are compared after the update too, but a last-bit gradient error (a summation
-    order, one ulp) is mostly absorbed by ``p - lr * g``: only this check sees it reliably."""
-    recs = [v["records"][step].get("grads") for v in values]
-    if ref_grads is None or any(r is None for r in recs):
-        return None
-    given = {n for r in recs for n in r}
-    bad = []
-    for name in list(ref_grads) + sorted(given - set(ref_grads)):
-        want = ref_grads.get(name)
-        if want is None or name not in given:
-            bad.append(f"{name} (a gradient on one side only)")
-            continue
-        flat, problem = reassemble(recs, name, want.numel(), want.dtype)
-        d = diff_stats(flat, want.reshape(-1))
-        if problem or not d.bitwise:
-            bad.append(f"{name} ({problem or f'{d.n_diff}/{d.numel} elements differ, max ULP {d.max_ulp}'})")
     return bad
 
 
@@ -260,10 +215,15 @@ def evaluate(s: Scenario, sharder, spec: str, result, ref, wall: float, *,
                             "fail" if not_reassembled else "pass", step,
                             detail=f"{where}: shards do not reassemble for {not_reassembled[:5]}"
                             if not_reassembled else ""))
-        grads_bad = _gradients(values, i, ref_step.grads) if tier == "bitwise" else None
+        held_to = "bitwise equal to" if tier == "bitwise" else f"within the {tier} tier of"
+        grads_bad = gradient_problems(values, i, ref_step.grads, tier, s.dtype)
         checks.append(Check("gradients", "n/a" if grads_bad is None else "fail" if grads_bad else "pass",
-                            step, detail=f"{where}: reduced gradients not bitwise equal to the "
+                            step, detail=f"{where}: reduced gradients not {held_to} the "
                                          f"reference's: {grads_bad[:5]}" if grads_bad else ""))
+        state_bad = state_problems(values, i, getattr(ref_step, "optim", None), tier, s.dtype)
+        checks.append(Check("optimizer_state", "n/a" if state_bad is None else "fail" if state_bad
+                            else "pass", step, detail=f"{where}: optimizer state not {held_to} the "
+                            f"reference's: {state_bad[:10]}" if state_bad else ""))
         coll, expected = rec0["collectives"], rec0.get("expected_collectives")
         coll_ok = None
         if expected is not None:

@@ -16,9 +16,9 @@ the reduced gradient goes through the offload branch. `pin_memory` needs an acce
 (`Tensor.pin_memory()` raises without one), so it is asked for only where CUDA is available.
 Neither changes a value: offload cases are held to the same tiers as the others.
 
-Probes: the local pieces and the reduced gradient of every DTensor (Shard(0): a contiguous run
-of the flattened parameter starting at the rank's dim-0 offset), so the reassembly and the
-bitwise gradient checks run for FSDP2 as for ours; no padding views (FSDP2 pads internally and
+Probes: the local pieces, the reduced gradient and the optimizer state of every DTensor
+(Shard(0): a contiguous run of the flattened parameter starting at the rank's dim-0 offset), so
+the reassembly, gradient and optimizer-state checks run for FSDP2 as for ours; no padding views (FSDP2 pads internally and
 exposes only unpadded local tensors) and no collective formula.
 
 [Note: peer tiers]
@@ -48,15 +48,21 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import (CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy,
                                     fully_shard)
+from torch.distributed.fsdp._fully_shard._fsdp_state import FSDPState
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 from torch.utils._pytree import tree_leaves
 
 from fsdp_core import hsdp_mesh
 from verify.compare import tier_for
-from verify.scenarios import build_model, loss_fn, make_batch, wrap_units
+from verify.reference import param_state
+from verify.scenarios import build_model, loss_fn, make_batch, split_ties, wrap_units
 from verify.sharders.base import Sharder, WrapPlan
 
-__all__ = ["TorchFSDP2", "shared_unit_inputs"]
+__all__ = ["TorchFSDP2", "shared_unit_inputs", "REFUSES_SPLIT_TIES"]
+
+# torch >= 2.12 checks at lazy init that no parameter is managed by two FSDP groups (a tie split
+# across fully_shard calls) and raises; torch <= 2.11 silently unties the pair (pytorch#176076).
+REFUSES_SPLIT_TIES = hasattr(FSDPState, "_validate_no_duplicate_params")
 
 
 class TorchFSDP2(Sharder):
@@ -73,6 +79,10 @@ class TorchFSDP2(Sharder):
         if zero_d:
             return (f"FSDP2 shards every parameter on dim 0 and refuses 0-d parameters "
                     f"({', '.join(zero_d[:3])})")
+        if scenario.ties != "kept" and REFUSES_SPLIT_TIES and split_ties(scenario):
+            return (f"FSDP2 (torch {torch.__version__}) refuses a parameter tied across two "
+                    f"fully_shard groups ({', '.join(split_ties(scenario)[:2])}): ValueError at "
+                    "the first forward, since torch 2.12 (pytorch#176076)")
         return None
 
     def tier(self, scenario) -> Optional[str]:
@@ -108,6 +118,9 @@ class TorchFSDP2(Sharder):
 
     def reduced_gradients(self, model):
         return {name: _piece(p.grad) for name, p in model.named_parameters() if p.grad is not None}
+
+    def optimizer_state(self, model, optimizer):
+        return param_state(optimizer, model.named_parameters(), lambda _p, t: _piece(t))
 
     # -- checkpoints: the guide's recipe --------------------------------------------------------
     options = None   # StateDictOptions(); None: the default (sharded DTensor state dicts)
