@@ -7,6 +7,9 @@ scenarios and checks that catch them where they exist:
 - a tie split across two wrap units (pytorch#176076: silently untied up to torch 2.11, refused
   since 2.12) is drawn for the families that tie; a sharder that refuses it is skipped where its
   adapter declares so and an error where not, never a pass;
+- Stateful app state resumed twice (load -> train -> save -> load) is the uninterrupted run, and
+  a save of the state as loaded (what `dcp.load` left behind in torch 2.4-2.5, pytorch#138575)
+  fails the second load.
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from verify import strategies
+from verify.campaign.resume import ResumeCase, draw_resume_cases, run_resume
 from verify.campaign.run import run_one
 from verify.case.state_check import NORM_RTOL, norm_problems
 from verify.scenarios import TIES, Scenario, build_model, split_ties, wrap_units
@@ -127,3 +131,41 @@ def test_a_refusal_the_adapter_does_not_declare_is_an_error_naming_it(rank_pool)
     case = run_one(rank_pool, s, sharder="tests.foreign_sharders:FSDP2Undeclared")
     assert case.verdict == "error", case.reason
     assert "already managed by another FSDP group" in case.reason
+
+
+# -- Stateful app state, resumed twice -----------------------------------------------------------
+
+# fast fp32 Adam at W = 2 (bitwise tier): saved after step 1 at W = 2, loaded at W = 2, trained to
+# step 3, saved again through the same adapter instance, loaded by a third run, finished.
+DOUBLE = ResumeCase(Scenario("gpt", (("tied", False),), 2, optimizer="adam", steps=4,
+                             micro_batches=2), save_world_size=2, save_after=1, resume_again_after=3)
+STATEFUL = "verify.sharders.torch_fsdp2:TorchFSDP2Stateful"
+
+
+@pytest.mark.parametrize("sharder", [STATEFUL, "fsdp_core", "ddp"])
+def test_a_double_resume_is_the_uninterrupted_run(rank_pool, sharder):
+    result = run_resume(rank_pool, DOUBLE, sharder=sharder, timeout_s=240.0)
+    assert result.verdict == "pass", result.reason
+    assert len(result.steps) == 4 and all(st.bitwise for st in result.steps)
+    loaded = [c for c in result.checks if c["check"] == "loaded"]
+    assert [(c["step"], c["status"]) for c in loaded] == [(1, "pass"), (3, "pass")]
+    assert "--resume-again-after 3" in result.replay
+
+
+def test_a_save_of_the_state_as_loaded_rolls_training_back_and_fails(rank_pool):
+    """pytorch#138575, planted: a single resume passes, the second load finds the state of the
+    first load instead of the trained one."""
+    single = dataclasses.replace(DOUBLE, resume_again_after=None)
+    plant = "tests.resume_plants:FSDP2StaleAppState"
+    assert run_resume(rank_pool, single, sharder=plant, timeout_s=240.0).verdict == "pass"
+    result = run_resume(rank_pool, DOUBLE, sharder=plant, timeout_s=240.0)
+    assert result.verdict == "fail", result.reason
+    assert "differ from the state saved after step 2" in result.reason
+    assert result.first_divergence is not None and result.first_divergence[0] == 3
+
+
+def test_every_second_drawn_resume_case_resumes_twice():
+    cases = draw_resume_cases(n=6, seed=5, world_sizes=[1, 2, 4], profile="dev")
+    assert [c.resume_again_after is not None for c in cases] == [False, True] * 3
+    for c in cases[1::2]:
+        assert c.save_after < c.resume_again_after < c.scenario.steps
