@@ -328,7 +328,9 @@ def draw_resume_cases(*, n: int, seed: int, world_sizes: Sequence[int],
                                **({} if families is None else {"families": families}))
         for j, i in enumerate(idxs):
             s = drawn[j % len(drawn)]
-            s = dataclasses.replace(s, steps=max(s.steps, 2))
+            # ties kept: a resume case is about the checkpoint, not the wrap plan (run_resume
+            # does not ask unsupported(), and fsdp_core refuses a split tie)
+            s = dataclasses.replace(s, steps=max(s.steps, 2), ties="kept")
             cut = rng.randint(1, s.steps - 1)
             again = None
             if i % 2:   # every second case resumes twice; its own RNG leaves the others as drawn

@@ -89,7 +89,7 @@ def norm_problems(pairs: dict[str, tuple[torch.Tensor, torch.Tensor]], dtype: st
     ratio = f"{math.sqrt(out2) / ref:.4f}x the reference's norm" if ref else "the reference is 0"
     bad.append(f"{label}: relative norm error {err / ref if ref else math.inf:.3g} > "
                f"{NORM_RTOL[dtype]} ({ratio})")
-    for d, name, na, ne in sorted(contrib, reverse=True)[:4]:
+    for d, name, na, ne in sorted((c for c in contrib if c[0] > 0), reverse=True)[:4]:
         bad.append(f"{name} ({na / ne:.4f}x)" if ne else f"{name} (reference 0, |actual| {na:.3g})")
     return bad
 
