@@ -220,7 +220,7 @@ def evaluate(s: Scenario, sharder, spec: str, result, ref, wall: float, *,
         checks.append(Check("gradients", "n/a" if grads_bad is None else "fail" if grads_bad else "pass",
                             step, detail=f"{where}: reduced gradients not {held_to} the "
                                          f"reference's: {grads_bad[:5]}" if grads_bad else ""))
-        state_bad = state_problems(values, i, getattr(ref_step, "optim", None), tier, s.dtype)
+        state_bad = state_problems(values, i, ref_step.optim, tier, s.dtype)
         checks.append(Check("optimizer_state", "n/a" if state_bad is None else "fail" if state_bad
                             else "pass", step, detail=f"{where}: optimizer state not {held_to} the "
                             f"reference's: {state_bad[:10]}" if state_bad else ""))

@@ -49,7 +49,6 @@ from torch.distributed.checkpoint.stateful import Stateful
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import (CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy,
                                     fully_shard)
-from torch.distributed.fsdp._fully_shard._fsdp_state import FSDPState
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 from torch.utils._pytree import tree_leaves
 
@@ -63,7 +62,11 @@ __all__ = ["TorchFSDP2", "TorchFSDP2Stateful", "shared_unit_inputs", "REFUSES_SP
 
 # torch >= 2.12 checks at lazy init that no parameter is managed by two FSDP groups (a tie split
 # across fully_shard calls) and raises; torch <= 2.11 silently unties the pair (pytorch#176076).
-REFUSES_SPLIT_TIES = hasattr(FSDPState, "_validate_no_duplicate_params")
+try:   # the check's home is private: where it moved, the version decides
+    from torch.distributed.fsdp._fully_shard._fsdp_state import FSDPState
+    REFUSES_SPLIT_TIES = hasattr(FSDPState, "_validate_no_duplicate_params")
+except ImportError:
+    REFUSES_SPLIT_TIES = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 12)
 
 
 class TorchFSDP2(Sharder):
