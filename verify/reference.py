@@ -23,6 +23,7 @@ bf16: an fp32 master model is trained; each step's forward/backward runs on a co
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
 from typing import Callable, NamedTuple, Optional
 
 import torch
@@ -78,12 +79,15 @@ def run_reference(s: Scenario, *, world_size_at: Optional[Callable[[int], int]] 
     return out
 
 
-def param_state(optimizer, named_params, piece=None) -> dict[str, dict]:
+def param_state(optimizer, named_params, piece=None) -> Optional[dict[str, dict]]:
     """The optimizer state shaped like each parameter, by name and key: every tensor entry
     with as many elements as the parameter (Adam's step count and SGD's ``momentum_buffer=None``
     are left out; a 0-d parameter's moments are kept, as one element). ``piece(param, tensor)``: what to record of it (default: a CPU copy); an
-    adapter's ``optimizer_state`` passes one that gives its (start, elements) piece."""
-    state = getattr(optimizer, "state", None) or {}
+    adapter's ``optimizer_state`` passes one that gives its (start, elements) piece. None (the
+    check is n/a) for an optimizer without a ``state`` mapping (a wrapper)."""
+    state = getattr(optimizer, "state", None)
+    if not isinstance(state, Mapping):
+        return None
     out = {}
     for name, p in named_params:
         entries = state.get(p) or {}
