@@ -10,6 +10,7 @@ A case, in the order it runs (each step's module):
     blas         MKL_CBWR=AUTO,STRICT, set on import (bitwise means the sharding, not alignment)
     reference    the unsharded run                              compare     bitwise / ULP / tiers
     case/judge   the records against the reference: structured checks, one verdict
+                 (case/state_check: the gradients and the optimizer state, in every tier)
     results      the records that cross processes               report/     tables and plots
     campaign/    draw -> run -> judge -> report (resume: checkpoint-resume cases; console: replay)
     diagnosis/   after a failure: shrink (smallest failing case), locate (first divergent phase

@@ -25,11 +25,11 @@ from verify.results import SEVERITY_CLASSES
 
 __all__ = ["LAST_BIT", "BEYOND", "INVARIANT", "ERROR", "CLASSES", "NUMERIC_CHECKS", "Severity",
            "excess", "step_severity", "tensors_severity", "case_severity", "rank",
-           "gradient_tolerance"]
+           "gradient_tolerance", "state_severity"]
 
 LAST_BIT, BEYOND, INVARIANT, ERROR = "last-bit", "beyond tolerance", "invariant", "error"
 CLASSES = SEVERITY_CLASSES      # worst first: (BEYOND, INVARIANT, ERROR, LAST_BIT)
-NUMERIC_CHECKS = ("bitwise", "tolerance", "reported", "gradients")
+NUMERIC_CHECKS = ("bitwise", "tolerance", "reported", "gradients", "optimizer_state")
 
 
 class Severity(NamedTuple):
@@ -92,6 +92,22 @@ def step_severity(s, tier: str, *, loss: torch.Tensor, loss_ref: torch.Tensor,
 
 def gradient_tolerance(dtype: torch.dtype) -> Tolerance:
     return TOLERANCES.get(dtype, TOLERANCES[torch.float32])
+
+
+def state_severity(tier: str, dtype: str, failed: list) -> Severity:
+    """The severity of a failing ``gradients`` or ``optimizer_state`` check
+    (verify/case/state_check.py): in the bitwise tier, the (reassembled, reference) pairs that
+    differ against the dtype's torch.testing tolerance (last-bit only where every failing tensor
+    could be compared); in a looser tier the check failed its own relative-norm bound, so it is
+    beyond tolerance, with no per-element excess."""
+    pairs = [p for p in failed if p is not None]
+    if tier == "bitwise" and pairs:
+        tdtype = pairs[0][1].dtype
+        return tensors_severity(pairs, gradient_tolerance(tdtype), f"the {dtype} torch.testing "
+                                "tolerance", last_bit_possible=None not in failed)
+    why = ("the pieces could not be compared element by element" if tier == "bitwise"
+           else f"the {tier} tier")
+    return Severity(BEYOND, math.inf, 0, f"severity: beyond tolerance ({why})")
 
 
 def rank(cls: str) -> int:

@@ -42,7 +42,7 @@ from verify.tools.plants import planted
 
 __all__ = ["probe_case", "reference_probe", "locate_divergence", "first_step", "describe_diff"]
 
-_NUMERIC = ("bitwise", "tolerance", "reported", "gradients")
+_NUMERIC = ("bitwise", "tolerance", "reported", "gradients", "optimizer_state")
 
 
 def _leaves(out: Any) -> list[torch.Tensor]:

@@ -16,11 +16,11 @@ predictable. Candidates, in order (each one field changed, invalid ones skipped)
   -> fp32 -> no CPU offload
 
 A candidate is accepted when it fails the same way (`same_failure`: the same verdict and the
-original's first failing check among its failing checks; the three numerical tiers and the
-gradients check count as one check, so a W=4 tolerance failure may shrink to a W=2 bitwise
-one and a last-bit error may move from the parameters to the gradients, but a gradients-only
-failure never shrinks to a W=4 case whose tier has no gradients check; a numerical failure keeps
-its severity class, so a gross failure never shrinks to a last-bit one). After an acceptance the
+original's first failing check among its failing checks; the three numerical tiers, the
+gradients check and the optimizer-state check count as one check, so a W=4 tolerance failure
+may shrink to a W=2 bitwise one and a last-bit error may move from the parameters to the
+gradients; a numerical failure keeps its severity class, so a gross failure never shrinks to a
+last-bit one). After an acceptance the
 candidates are generated afresh from the smaller scenario; the reducer stops at a fixpoint
 (no candidate is accepted) or when the deadline passes.
 """
@@ -120,9 +120,9 @@ def signature(case: CaseResult, plant: Optional[str] = None) -> str:
 
 
 def _numeric_class(name: str) -> str:
-    # The numerical checks and the gradients check see one thing (the numbers differ from the
+    # The numerical, gradients and optimizer-state checks see one thing (the numbers differ from the
     # reference's): a last-bit error shows in one or the other depending on the model's size.
-    return "numerics" if name in ("numerics", "gradients") else name
+    return "numerics" if name in ("numerics", "gradients", "optimizer_state") else name
 
 
 def same_failure(original: CaseResult, candidate: CaseResult) -> bool:

@@ -1,7 +1,7 @@
 """`DistributedDataParallel` through the adapter protocol, on the case's group: the whole model
-replicated (the wrap plan does not apply), fp32, fast mode. Probes: the reduced gradient (every
-rank holds all of it). DDP's all-reduces are issued by its C++ reducer, which the collective
-recorder does not see, so there is no collective formula.
+replicated (the wrap plan does not apply), fp32, fast mode. Probes: the reduced gradient and the
+optimizer state (every rank holds all of both). DDP's all-reduces are issued by its C++ reducer,
+which the collective recorder does not see, so there is no collective formula.
 
 Checkpoints: a full state dict. Every rank holds the whole model and optimizer, so rank 0 alone
 writes ``{"model": module.state_dict(), "optim": optimizer.state_dict()}`` with `torch.save`;
@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
+from verify.reference import param_state
 from verify.sharders.base import Sharder, WrapPlan
 
 __all__ = ["DDP"]
@@ -50,6 +51,10 @@ class DDP(Sharder):
     def reduced_gradients(self, model):
         return {n: (0, p.grad.detach().reshape(-1).cpu().clone())
                 for n, p in model.module.named_parameters() if p.grad is not None}
+
+    def optimizer_state(self, model, optimizer):
+        return param_state(optimizer, model.module.named_parameters(),
+                           lambda _p, t: (0, t.detach().reshape(-1).cpu().clone()))
 
     def unsupported(self, scenario) -> Optional[str]:
         return None

@@ -26,7 +26,8 @@ def reduce_scale_2pow20(ctx) -> Undo:
 
 def no_divide_by_world(ctx) -> Undo:
     """The gradient reduction sums over ranks but never divides by the world size W (the step
-    uses W times the gradient). Invisible at W = 1, and to Adam (scale-invariant)."""
+    uses W times the gradient). Invisible at W = 1; Adam's parameters barely move (it is
+    scale-invariant), its moments are W and W^2 times the reference's."""
 
     @torch.no_grad()
     def reduce_scatter_sum(flat, group):
