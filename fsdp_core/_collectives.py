@@ -35,8 +35,8 @@ that is one two-term sum, bitwise the data-parallel reference.
 
 [Note: in-flight reductions]
 The fast-mode reductions take ``async_op=True``: the reduce-scatter is started and a ``Pending``
-comes back; its ``wait()`` waits, finishes (the replicate-group all-reduce on a 2-D mesh, the
-division by W) and returns the shard. The same collectives with the same bytes, issued at the
+comes back; its ``wait()`` waits and finishes: it divides by W and returns the shard, or on a
+2-D mesh starts the replicate-group all-reduce and returns the ``Pending`` of that. The same collectives with the same bytes, issued at the
 same point of the program on every rank; only the wait moves later (``_grad_reduce`` waits at
 the next unit's reduction or at the end of backward), so the result is bitwise unchanged.
 """
@@ -78,7 +78,8 @@ def _reduce_scatter_sum(out: torch.Tensor, flat: torch.Tensor, group, async_op: 
 
 class Pending:
     """A reduction in flight (see [Note: in-flight reductions]): ``wait()`` waits for the
-    collective, runs ``finish`` (which returns the result tensor) and returns its result. The
+    collective, runs ``finish`` and returns its result: the result tensor, or the ``Pending``
+    of the reduction's next collective, which ``finish`` started. The
     collective's input is not held: the backend's work object references what it reads until
     it completes (gloo copies a reduce-scatter's input when the call is made), so the caller's
     flat gradient is freed as soon as the caller drops it."""
@@ -97,7 +98,7 @@ class Pending:
     def then(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "Pending":
         """This reduction with ``fn`` applied to its result when waited on."""
         finish = self._finish
-        self._finish = lambda: fn(finish())
+        self._finish = lambda: then(finish(), fn)
         return self
 
 
@@ -162,12 +163,13 @@ def hsdp_reduce_scatter_mean(flat: torch.Tensor, shard_group, replicate_group, w
                              async_op: bool = False):
     """Fast mode on a 2-D mesh: reduce-scatter in the shard group, all-reduce over the replicate
     group, / W (see [Note: HSDP reduction order]). With ``async_op`` the first collective is
-    started and a ``Pending`` returned; its ``wait()`` runs the rest."""
+    started and a ``Pending`` returned; its ``wait()`` starts the all-reduce and returns the
+    ``Pending`` of that (two stages in flight)."""
     S = dist.get_world_size(shard_group)
 
-    def rest(out: torch.Tensor) -> torch.Tensor:
-        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=replicate_group)
-        return out.div_(world)
+    def rest(out: torch.Tensor):
+        work = dist.all_reduce(out, op=dist.ReduceOp.SUM, group=replicate_group, async_op=async_op)
+        return Pending(work, lambda: out.div_(world)) if async_op else out.div_(world)
 
     if S > 1:
         out = torch.empty(flat.numel() // S, dtype=flat.dtype, device=flat.device)
@@ -175,9 +177,6 @@ def hsdp_reduce_scatter_mean(flat: torch.Tensor, shard_group, replicate_group, w
         if work is not None:
             return Pending(work, lambda: rest(out))
         return rest(out)
-    if async_op:
-        work = dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=replicate_group, async_op=True)
-        return Pending(work, lambda: flat.div_(world))
     return rest(flat)
 
 

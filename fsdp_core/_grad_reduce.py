@@ -30,17 +30,27 @@ __all__ = ["GradReduction", "finish_reductions"]
 # alive while the collective runs. In fast mode the reduce-scatter is started asynchronously
 # ([Note: in-flight reductions] in ``_collectives``) and overlaps the backward of the units
 # before it; it is waited on, and the shard gradient assigned, when the next reduction is
-# started (at most one in flight: its buffers are bounded by one unit) or at the end of the
-# backward pass (``finish_reductions``, called by the end-of-backward callback), so gradients
-# are complete when ``backward()`` returns. Every rank starts and waits in the same order.
+# started (at most one in flight: its buffers are bounded by one unit; on a 2-D mesh the wait
+# starts its replicate-group all-reduce, which stays in flight until the next reduction) or at
+# the end of the backward pass (``finish_reductions``, called by the end-of-backward callback),
+# so gradients are complete when ``backward()`` returns. Every rank starts and waits in the
+# same order.
 _in_flight: list = []  # (unit, Pending, had_grad), in start order
 
 
-def finish_reductions() -> None:
-    """Wait for every reduction in flight in this process and assign its shard gradients."""
-    while _in_flight:
+def finish_reductions(one_stage: bool = False) -> None:
+    """Wait for every reduction in flight in this process and assign its shard gradients, in
+    start order. With ``one_stage``, a reduction of several collectives (HSDP: reduce-scatter,
+    then all-reduce) only moves on to its next one, which stays in flight."""
+    for _ in range(len(_in_flight)):
         unit, pending, had_grad = _in_flight.pop(0)
-        unit._assign_sharded_grads(pending.wait(), had_grad)
+        result = pending.wait()
+        while isinstance(result, C.Pending) and not one_stage:
+            result = result.wait()
+        if isinstance(result, C.Pending):
+            _in_flight.append((unit, result, had_grad))
+        else:
+            unit._assign_sharded_grads(result, had_grad)
 
 
 class GradReduction:
@@ -132,7 +142,7 @@ class GradReduction:
             # One rank: the sum over ranks is the gradient itself and / 1 is exact.
             reduced = flat if self.world_size == 1 else C.reduce_scatter_mean(flat, self.group, async_op=True)
         if isinstance(reduced, C.Pending):
-            finish_reductions()  # at most one in flight
+            finish_reductions(one_stage=True)  # at most one collective per reduction in flight
             _in_flight.append((self, reduced, had_grad))
         else:
             self._assign_sharded_grads(reduced, had_grad)
