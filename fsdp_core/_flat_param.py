@@ -272,11 +272,6 @@ class FlatUnit(GradReduction):
                         return
         self._finish_unshard()
 
-    def wait_gather(self) -> None:
-        """Complete an in-flight prefetch now; the unit stays marked ``prefetched``."""
-        if self.state is ShardState.GATHERING:
-            self._wait_gather()
-
     def _wait_gather(self) -> None:
         work, _src, version = self._pending
         work.wait()

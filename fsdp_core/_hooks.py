@@ -43,10 +43,11 @@ __all__ = ["new_orders"]  # and the hooks _module installs: _pre_forward, _post_
 # [Note: prefetch at the activation peak]
 # Activation memory peaks where backward begins: every saved activation is alive while the first
 # block's gradients are computed. A gather in flight holds the unit's buffer *and* the backend's
-# staging copy of it (gloo gathers into a temporary and copies out), so the prefetch started by
-# the first non-root unit of a backward pass is waited on at once: its staging copy is gone
-# before that block's compute. Every later prefetch overlaps compute (activations have been
-# freed by then). Forward prefetches overlap compute from the first.
+# staging copy of it (gloo gathers into a temporary and copies out), so the first non-root unit
+# of a backward pass starts no prefetch: its successor is gathered at its own pre-backward, once
+# this unit's activations, gradients and unsharded parameters are freed (its reduce-scatter in
+# flight meanwhile). Every later prefetch overlaps compute (activations have been freed by
+# then), and forward prefetches overlap compute from the first.
 
 
 class _Order:
@@ -76,7 +77,7 @@ class _Order:
         self.active = None
         self.peak_done = False
 
-    def observe(self, unit: FlatUnit, prefetch: bool, wait: bool = False) -> None:
+    def observe(self, unit: FlatUnit, prefetch: bool) -> None:
         if self.seen and self.seen[-1]() is unit:
             return
         i = len(self.seen)
@@ -90,8 +91,6 @@ class _Order:
         if prefetch and nxt is not None and nxt.state is ShardState.SHARDED:
             nxt.unshard(async_op=True)
             self.pending.append(weakref.ref(nxt))
-            if wait:
-                nxt.wait_gather()
 
 
 def _root_of(module: nn.Module) -> nn.Module:
@@ -197,7 +196,7 @@ def _observe_backward(module: nn.Module, unit: FlatUnit) -> None:
     at_peak = root is not module and not order.peak_done
     if at_peak:
         order.peak_done = True
-    order.observe(unit, root.__dict__["_fsdp_prefetch"], wait=at_peak)
+    order.observe(unit, root.__dict__["_fsdp_prefetch"] and not at_peak)
 
 
 def _pre_forward(module: nn.Module, args: tuple, kwargs: dict):
