@@ -10,7 +10,11 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-__all__ = ["StepRecord", "CaseResult", "VERDICTS", "PASSING", "held_verdict"]
+__all__ = ["StepRecord", "CaseResult", "VERDICTS", "PASSING", "held_verdict", "UNSEEN"]
+
+# The collective kind under which a step records the collectives its process groups ran that
+# the recorder could not see (issued below Python): [count, 0]; the step's bytes are unknown.
+UNSEEN = "not_seen"
 
 # pass: every check held, in the bitwise or the tolerance tier (`tier` says which). reported:
 # every check held in the reported tier (fast mode, Adam family, W >= 4): figures within the
