@@ -7,7 +7,8 @@ optimizer steps the original parameters, as views into each unit's flat shard),
 ``device_id=torch.device("cpu")`` (with None FSDP1 raises "FSDP needs a non-CPU accelerator
 device"). Fast mode only (its gradient reduction is a reduce-scatter in the backend's order);
 its switch for accumulation without communication is the ``no_sync()`` context, which
-`gradient_sync` returns.
+`gradient_sync` returns. It refuses 0-d parameters ("FSDP doesn't support scalar parameters"):
+such cases are skipped with that reason (`unsupported`).
 
 Probes: the padding at the tail of each unit's local flat shard (FSDP1 pads the flat parameter
 with zeros to a multiple of W: checked bitwise zero after the reduction and after the step),
@@ -19,11 +20,18 @@ Checkpoints: DCP with sharded state dicts, as for FSDP2 (`get_state_dict` / `set
 `dcp.save` / `dcp.load`), so a checkpoint saved at one world size loads at another.
 
 [Note: FSDP1 DCP resume and ranks that hold nothing of a parameter]
-With ``use_orig_params=True`` a rank whose shard of a unit's flat parameter holds no element
-of some original parameter has no optimizer state for it, and the sharded optimizer state dict
-(`get_state_dict`) of that rank leaves the parameter out entirely. At W = 4 on small models a
-rank then lists fewer keys than another, and ``dcp.load`` of such a state dict fails with a
-misleading "Missing key ... optim.param_groups". docs/peers.md has the replay and what was found.
+FSDP1's sharded state dicts hold ``ShardedTensor``s. A rank whose flat shard holds no element
+of some parameter (small parameters at W = 4) gets ShardedTensors with no local shard, and
+``DefaultLoadPlanner``'s ``_flatten_sharded_tensors`` drops those keys from that rank's plan
+(torch 2.13, checkpoint/_sharded_tensor_utils.py: ``if len(shards) == 0: return``). The planner
+then sees checkpoint keys the rank lacks, takes it for a checkpoint older than torch 2.4 and
+re-flattens the state dict the old way (default_planner.py, ``_derived_version = "2_3"``),
+where the list ``optim.param_groups`` is one leaf, and fails with "Missing key in checkpoint
+state_dict: optim.param_groups." on those ranks only: a torch defect, not a use error (the
+recipe is the documented one; the rank really has nothing to read for those keys, and the
+message names a key that is in the checkpoint). `load` passes
+``DefaultLoadPlanner(flatten_sharded_tensors=False)`` (FSDP1 alone never nests
+ShardedTensors, so flattening them does nothing else here). docs/peers.md has the replay.
 """
 from __future__ import annotations
 
@@ -34,11 +42,13 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import DefaultLoadPlanner
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_state_dict, set_state_dict)
 from torch.distributed.fsdp import (CPUOffload, FullyShardedDataParallel, MixedPrecision,
                                     ShardingStrategy)
 
+from verify.scenarios import build_model
 from verify.sharders.base import Sharder, WrapPlan
 
 __all__ = ["FSDP1"]
@@ -50,6 +60,14 @@ class FSDP1(Sharder):
     modes = ("fast",)
     dtypes = ("fp32", "bf16")
     offload = False
+
+    def unsupported(self, scenario) -> Optional[str]:
+        zero_d = [n for n, p in build_model(scenario, device="meta").named_parameters()
+                  if p.dim() == 0]
+        if zero_d:   # _init_utils.py: "FSDP doesn't support scalar parameters"
+            return (f"FSDP1 flattens every unit's parameters and refuses 0-d parameters "
+                    f"({', '.join(zero_d[:3])})")
+        return None
 
     def shard(self, model, plan: WrapPlan, group):
         if dist.get_backend(group) == "nccl":
@@ -116,7 +134,8 @@ class FSDP1(Sharder):
 
     def load(self, path, model, optimizer):
         state = self._state(model, optimizer)
-        dcp.load(state, checkpoint_id=path, process_group=self._group)
+        dcp.load(state, checkpoint_id=path, process_group=self._group,   # see the [Note] above
+                 planner=DefaultLoadPlanner(flatten_sharded_tensors=False))
         set_state_dict(model, optimizer, model_state_dict=state["model"],
                        optim_state_dict=state["optim"], options=StateDictOptions())
 
