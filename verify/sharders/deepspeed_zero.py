@@ -56,7 +56,7 @@ gradient-requiring tensor feeds two or more modules, autograd then accumulates t
 gradient contributions in another order than the plain model does, so gradients differ in the
 last bits even at W = 1 (measured on cs336: 1 to 48 ULP). As for FSDP2
 (`verify.sharders.torch_fsdp2`), `tier` finds such a tensor with one forward of the reference
-model over every module and only then holds stage 3 to the tier fsdp_core has at W >= 4
+model (`fanned_out_inputs`) and only then holds stage 3 to the tier fsdp_core has at W >= 4
 (tolerance with SGD, reported with Adam); every other case keeps section 3's tier.
 """
 from __future__ import annotations
@@ -68,11 +68,11 @@ import warnings
 from typing import Optional
 
 import torch
+from torch.utils._pytree import tree_leaves
 
 from verify.compare import tier_for
-from verify.scenarios import build_model
+from verify.scenarios import build_model, loss_fn, make_batch
 from verify.sharders.base import Sharder, WrapPlan
-from verify.sharders.torch_fsdp2 import shared_unit_inputs
 
 if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
     os.environ["DS_ACCELERATOR"] = "cpu"   # what DeepSpeed detects anyway, without its warning
@@ -86,7 +86,8 @@ except ImportError as exc:   # the optional extra is not installed
 else:
     MISSING = None
 
-__all__ = ["DeepSpeedZero1", "DeepSpeedZero2", "DeepSpeedZero3", "EngineOptimizer", "MISSING"]
+__all__ = ["DeepSpeedZero1", "DeepSpeedZero2", "DeepSpeedZero3", "EngineOptimizer", "MISSING",
+           "fanned_out_inputs"]
 
 
 class EngineOptimizer:
@@ -241,7 +242,7 @@ class DeepSpeedZero3(_DeepSpeedZero):
         """See [Note: ZeRO-3 summation order]."""
         if MISSING is not None or tier_for(scenario) != "bitwise" or scenario.mode != "fast":
             return None
-        if not shared_unit_inputs(scenario, modules=lambda model: list(model.modules())):
+        if not fanned_out_inputs(scenario):
             return None
         return "tolerance" if scenario.optimizer in ("sgd", "sgd_momentum") else "reported"
 
@@ -262,3 +263,45 @@ class DeepSpeedZero3(_DeepSpeedZero):
             real = max(0, min(part.numel(), p.ds_numel - start))
             out[n] = (start, part[:real].cpu().clone())
         return out
+
+
+def fanned_out_inputs(s) -> list[str]:
+    """Modules (by name) that, with ZeRO-3's hooks on every module, would receive one and the
+    same gradient-requiring tensor, found in the first micro-batch's forward of the reference
+    model. A module's hook wraps what it receives, and its submodules receive the wrapped
+    tensor: so the consumers of one tensor are grouped by their nearest ancestor that received
+    it too, and a group of two or more reads one tensor (q, k and v of one attention); a
+    submodule that receives its parent's input (a block's first linear) is a chain, not a
+    fan-out. Conservative like `verify.sharders.torch_fsdp2.shared_unit_inputs`: two consumers
+    already count, though only three can reorder a sum."""
+    model = build_model(s)
+    names = {id(m): n or "<root>" for n, m in model.named_modules()}
+    parent = {id(c): id(m) for m in model.modules() for c in m.children()}
+    consumers: dict[int, list[int]] = {}
+    alive: list[torch.Tensor] = []   # keeps every seen tensor alive, so no id is reused
+
+    def pre_hook(module, args, kwargs):
+        for t in tree_leaves((args, kwargs)):
+            if isinstance(t, torch.Tensor) and t.requires_grad:
+                alive.append(t)
+                consumers.setdefault(id(t), []).append(id(module))
+
+    handles = [m.register_forward_pre_hook(pre_hook, with_kwargs=True) for m in model.modules()]
+    try:
+        with torch.random.fork_rng(devices=[]):
+            loss_fn(s, model, make_batch(s, 0, 0))
+    finally:
+        for h in handles:
+            h.remove()
+    fanned: set[str] = set()
+    for mods in consumers.values():
+        scopes: dict = {}
+        for m in mods:
+            scope = parent.get(m)
+            while scope is not None and scope not in mods:
+                scope = parent.get(scope)
+            scopes.setdefault(scope, []).append(m)
+        for group in scopes.values():
+            if len(group) >= 2:
+                fanned.update(names[m] for m in group)
+    return sorted(fanned)

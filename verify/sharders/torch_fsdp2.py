@@ -153,12 +153,10 @@ def _piece(t: torch.Tensor) -> tuple[int, torch.Tensor]:
     return int(start), local.reshape(-1).cpu().clone()
 
 
-def shared_unit_inputs(s, modules=None) -> list[str]:
+def shared_unit_inputs(s) -> list[str]:
     """Units (by module name) that receive one and the same gradient-requiring tensor in the
     first micro-batch's forward of the reference model: where FSDP2's per-unit autograd
-    function on the inputs can reorder the gradient accumulation into that tensor.
-    ``modules(model)``: the modules to watch instead of the wrap units (a sharder that hooks
-    other modules' inputs)."""
+    function on the inputs can reorder the gradient accumulation into that tensor."""
     model = build_model(s)
     names = {id(m): n or "<root>" for n, m in model.named_modules()}
     consumers: dict[int, list[str]] = {}
@@ -170,8 +168,7 @@ def shared_unit_inputs(s, modules=None) -> list[str]:
                 alive.append(t)
                 consumers.setdefault(id(t), []).append(names[id(module)])
 
-    watched = wrap_units(s, model) if modules is None else modules(model)
-    handles = [u.register_forward_pre_hook(pre_hook, with_kwargs=True) for u in watched]
+    handles = [u.register_forward_pre_hook(pre_hook, with_kwargs=True) for u in wrap_units(s, model)]
     try:
         with torch.random.fork_rng(devices=[]):
             loss_fn(s, model, make_batch(s, 0, 0))
