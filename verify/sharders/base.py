@@ -23,6 +23,7 @@ processes as a launcher sets them (`verify.case.train.launcher_env`).
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Iterable, Optional
 
