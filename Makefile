@@ -1,9 +1,16 @@
 # Two commands for users: `make verify` (the equivalence campaign, tables under reports/) and
-# `make test` (the test suite). Both create .venv on first use.
+# `make test` (the test suite, then its `multigpu` tests under torchrun). Both create .venv on
+# first use.
 #
 # torch is installed pinned, and only when the venv cannot import it: an unpinned
 # `pip install torch` would pull the multi-GB CUDA build. Override TORCH_SPEC or add
 # TORCH_PIP_ARGS (e.g. an --index-url) for another build.
+#
+# Another torch, in a venv of its own (the pinned .venv untouched): `make verify-torch
+# TORCH=2.8.0` sets up .venv-torch2.8.0 with torch==2.8.0 (its default wheel, CUDA or not, runs
+# on the CPU) and runs TORCH_CAMPAIGN there, reports under reports/torch-2.8.0/; the same as
+# `make verify VENV=.venv-torch2.8.0 TORCH_SPEC=torch==2.8.0 REPORTS=reports/torch-2.8.0`.
+# docs/real_bugs.md lists what the older versions get wrong and the commands that show it.
 
 PYTHON      ?= python3
 VENV        ?= .venv
@@ -12,14 +19,18 @@ TORCH_SPEC  ?= torch==2.13.0
 TORCH_PIP_ARGS ?=
 STAMP       := $(VENV)/.setup-stamp
 PYTEST_ARGS ?=
+TORCHRUN_NPROCS ?= 2 4
 REPORTS     ?= reports
 CAMPAIGN    := --world-sizes 1,2,4,8 --examples 12 --seed 7 --resume-cases 4 --out $(REPORTS)
 NIGHTLY_EXAMPLES ?= 20
 NIGHTLY_SEED     ?= 1
 SOAK_EXAMPLES    ?= 63
 SOAK_SEED        ?= 1
+TORCH            ?=
+TORCH_CAMPAIGN   ?= --sharder fsdp_core,torch_fsdp2 --world-sizes 1,2,4 --examples 6 --seed 2 \
+                    --resume-cases 4
 
-.PHONY: setup test verify nightly soak fsdp2-integration bench peers converge mutants clean distclean
+.PHONY: setup test test-torchrun verify verify-torch nightly soak fsdp2-integration bench peers converge mutants clean distclean
 
 setup: $(STAMP)
 
@@ -29,16 +40,32 @@ $(STAMP): pyproject.toml
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install $(TORCH_PIP_ARGS) "$(TORCH_SPEC)"
 	$(PY) -m pip install -e '.[test,hf,deepspeed]' "$(TORCH_SPEC)"   # torch named again: never upgraded
 	@touch $@
+	@$(PY) -c "import torch; print('torch', torch.__version__, 'in $(VENV)')"
 
+# The suite (its `multigpu` tests on the rank pool), then the same `multigpu` tests under torchrun
+# at each of TORCHRUN_NPROCS processes, the pytest processes themselves the ranks (`make test
+# TORCHRUN_NPROCS=` skips those). Both run even if the first fails; either failing fails the target.
 # Exit code 5 (no tests collected) is not a failure of the suite.
 test: setup
 	@export HYPOTHESIS_PROFILE=$${HYPOTHESIS_PROFILE:-ci}; \
 	echo "HYPOTHESIS_PROFILE=$$HYPOTHESIS_PROFILE $(PY) -m pytest -q $(PYTEST_ARGS)"; \
 	$(PY) -m pytest -q $(PYTEST_ARGS); rc=$$?; \
-	if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 0; fi; exit $$rc
+	if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; rc=0; fi; \
+	$(MAKE) --no-print-directory test-torchrun || rc=1; exit $$rc
+
+# `pytest -m multigpu` under torchrun at each of TORCHRUN_NPROCS (README "Running under torchrun"),
+# in a network namespace of its own where `unshare -rn` works: .ci/torchrun-multigpu.
+test-torchrun: setup
+	@if [ -n "$(strip $(TORCHRUN_NPROCS))" ]; then \
+	  VENV=$(VENV) TORCHRUN_NPROCS="$(TORCHRUN_NPROCS)" .ci/torchrun-multigpu; fi
 
 verify: setup
 	$(PY) -m verify run $(CAMPAIGN)
+
+verify-torch:
+	@test -n "$(TORCH)" || { echo "usage: make verify-torch TORCH=2.8.0 [TORCH_CAMPAIGN='...']"; exit 2; }
+	$(MAKE) setup VENV=.venv-torch$(TORCH) TORCH_SPEC=torch==$(TORCH)
+	.venv-torch$(TORCH)/bin/python -m verify run $(TORCH_CAMPAIGN) --out $(REPORTS)/torch-$(TORCH)
 
 # The nightly matrix, as .github/workflows/nightly.yml runs it: world size x mode x dtype, each
 # cell a campaign with the nightly Hypothesis profile and CPU offload drawn (--offload both),

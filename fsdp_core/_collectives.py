@@ -32,6 +32,13 @@ would move about 2: the price of an order no backend chooses.
 Fast mode on a 2-D mesh: reduce-scatter (sum) in the shard group, all-reduce (sum) over the
 replicate group, one division by W (``hsdp_reduce_scatter_mean``). At W = 2 ((2, 1) or (1, 2))
 that is one two-term sum, bitwise the data-parallel reference.
+
+[Note: in-flight reductions]
+The fast-mode reductions take ``async_op=True``: the reduce-scatter is started and a ``Pending``
+comes back; its ``wait()`` waits and finishes: it divides by W and returns the shard, or on a
+2-D mesh starts the replicate-group all-reduce and returns the ``Pending`` of that. The same collectives with the same bytes, issued at the
+same point of the program on every rank; only the wait moves later (``_grad_reduce`` waits at
+the next unit's reduction or at the end of backward), so the result is bitwise unchanged.
 """
 from __future__ import annotations
 
@@ -40,7 +47,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 import torch.distributed as dist
 
-__all__ = ["tree_sum", "all_gather_flat", "reduce_scatter_mean", "tree_reduce_mean", "all_reduce_sum",
+__all__ = ["Pending", "then", "tree_sum", "all_gather_flat", "reduce_scatter_mean", "tree_reduce_mean", "all_reduce_sum",
            "all_reduce_max", "hsdp_reduce_scatter_mean", "hsdp_tree_reduce_mean", "all_gather_object",
            "scatter", "broadcast", "initialized", "world_size", "rank", "comm_device", "agree",
            "describe", "GATHER_KIND", "REDUCE_SCATTER_KIND"]
@@ -62,8 +69,42 @@ def _gather_into(out: torch.Tensor, shard: torch.Tensor, group, async_op: bool =
     return None
 
 
-def _reduce_scatter_sum(out: torch.Tensor, flat: torch.Tensor, group) -> None:
+def _reduce_scatter_sum(out: torch.Tensor, flat: torch.Tensor, group, async_op: bool = False):
+    if async_op:
+        return getattr(dist, REDUCE_SCATTER_KIND)(out, flat, op=dist.ReduceOp.SUM, group=group, async_op=True)
     getattr(dist, REDUCE_SCATTER_KIND)(out, flat, op=dist.ReduceOp.SUM, group=group)
+    return None
+
+
+class Pending:
+    """A reduction in flight (see [Note: in-flight reductions]): ``wait()`` waits for the
+    collective, runs ``finish`` and returns its result: the result tensor, or the ``Pending``
+    of the reduction's next collective, which ``finish`` started. The
+    collective's input is not held: the backend's work object references what it reads until
+    it completes (gloo copies a reduce-scatter's input when the call is made), so the caller's
+    flat gradient is freed as soon as the caller drops it."""
+
+    __slots__ = ("_work", "_finish")
+
+    def __init__(self, work, finish: Callable[[], torch.Tensor]):
+        self._work, self._finish = work, finish
+
+    def wait(self) -> torch.Tensor:
+        if self._work is not None:
+            self._work.wait()
+            self._work = None
+        return self._finish()
+
+    def then(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "Pending":
+        """This reduction with ``fn`` applied to its result when waited on."""
+        finish = self._finish
+        self._finish = lambda: then(finish(), fn)
+        return self
+
+
+def then(result, fn: Callable[[torch.Tensor], torch.Tensor]):
+    """``fn(result)`` for a tensor; for a ``Pending``, the same applied when it is waited on."""
+    return result.then(fn) if isinstance(result, Pending) else fn(result)
 
 
 def tree_sum(xs: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -85,11 +126,14 @@ def all_gather_flat(out: torch.Tensor, shard: torch.Tensor, group, *, async_op: 
 
 
 @torch.no_grad()
-def reduce_scatter_mean(flat: torch.Tensor, group) -> torch.Tensor:
-    """Fast mode: this rank's shard of the sum over ranks of ``flat``, divided by W."""
+def reduce_scatter_mean(flat: torch.Tensor, group, *, async_op: bool = False):
+    """Fast mode: this rank's shard of the sum over ranks of ``flat``, divided by W (with
+    ``async_op``, a ``Pending`` of it)."""
     world = dist.get_world_size(group)
     out = torch.empty(flat.numel() // world, dtype=flat.dtype, device=flat.device)
-    _reduce_scatter_sum(out, flat, group)
+    work = _reduce_scatter_sum(out, flat, group, async_op)
+    if work is not None:
+        return Pending(work, lambda: out.div_(world))  # the work holds ``flat`` while it needs it
     return out.div_(world)
 
 
@@ -115,17 +159,25 @@ def all_reduce_max(t: torch.Tensor, group) -> torch.Tensor:
 
 
 @torch.no_grad()
-def hsdp_reduce_scatter_mean(flat: torch.Tensor, shard_group, replicate_group, world: int) -> torch.Tensor:
+def hsdp_reduce_scatter_mean(flat: torch.Tensor, shard_group, replicate_group, world: int, *,
+                             async_op: bool = False):
     """Fast mode on a 2-D mesh: reduce-scatter in the shard group, all-reduce over the replicate
-    group, / W (see [Note: HSDP reduction order])."""
+    group, / W (see [Note: HSDP reduction order]). With ``async_op`` the first collective is
+    started and a ``Pending`` returned; its ``wait()`` starts the all-reduce and returns the
+    ``Pending`` of that (two stages in flight)."""
     S = dist.get_world_size(shard_group)
+
+    def rest(out: torch.Tensor):
+        work = dist.all_reduce(out, op=dist.ReduceOp.SUM, group=replicate_group, async_op=async_op)
+        return Pending(work, lambda: out.div_(world)) if async_op else out.div_(world)
+
     if S > 1:
         out = torch.empty(flat.numel() // S, dtype=flat.dtype, device=flat.device)
-        _reduce_scatter_sum(out, flat, shard_group)
-    else:
-        out = flat
-    dist.all_reduce(out, op=dist.ReduceOp.SUM, group=replicate_group)
-    return out.div_(world)
+        work = _reduce_scatter_sum(out, flat, shard_group, async_op)
+        if work is not None:
+            return Pending(work, lambda: rest(out))
+        return rest(out)
+    return rest(flat)
 
 
 @torch.no_grad()

@@ -22,7 +22,35 @@ import torch
 
 from . import _collectives as C
 
-__all__ = ["GradReduction"]
+__all__ = ["GradReduction", "finish_reductions"]
+
+# [Note: gradient reduction order]
+# A unit's post-backward takes its unsharded gradients into one flat buffer, drops them and
+# reshards (frees the unsharded parameters) *before* it starts the reduction, so neither is
+# alive while the collective runs. In fast mode the reduce-scatter is started asynchronously
+# ([Note: in-flight reductions] in ``_collectives``) and overlaps the backward of the units
+# before it; it is waited on, and the shard gradient assigned, when the next reduction is
+# started (at most one in flight: its buffers are bounded by one unit; on a 2-D mesh the wait
+# starts its replicate-group all-reduce, which stays in flight until the next reduction) or at
+# the end of the backward pass (``finish_reductions``, called by the end-of-backward callback),
+# so gradients are complete when ``backward()`` returns. Every rank starts and waits in the
+# same order.
+_in_flight: list = []  # (unit, Pending, had_grad), in start order
+
+
+def finish_reductions(one_stage: bool = False) -> None:
+    """Wait for every reduction in flight in this process and assign its shard gradients, in
+    start order. With ``one_stage``, a reduction of several collectives (HSDP: reduce-scatter,
+    then all-reduce) only moves on to its next one, which stays in flight."""
+    for _ in range(len(_in_flight)):
+        unit, pending, had_grad = _in_flight.pop(0)
+        result = pending.wait()
+        while isinstance(result, C.Pending) and not one_stage:
+            result = result.wait()
+        if isinstance(result, C.Pending):
+            _in_flight.append((unit, result, had_grad))
+        else:
+            unit._assign_sharded_grads(result, had_grad)
 
 
 class GradReduction:
@@ -40,6 +68,7 @@ class GradReduction:
 
     def abandon_backward(self) -> None:
         """A backward through this unit raised midway: its partial gradients are garbage."""
+        finish_reductions()  # started on every rank before the error: complete them
         self._acc.clear()
         if self.unsharded_params is not None:
             self._clear_unsharded_grads()
@@ -53,47 +82,70 @@ class GradReduction:
 
     @torch.no_grad()
     def post_backward(self) -> None:
-        """Once per backward: reduce this unit's gradients (if syncing) and reshard."""
+        """Once per backward: take this unit's gradients, reshard, then reduce them (if
+        syncing). See [Note: gradient reduction order]."""
         if self.post_backward_done:
             return
         self.post_backward_done = True
-        if self.unsharded_params is not None:
-            grads = [p.grad for p in self.unsharded_params]
-            if any(g is not None for g in grads):
-                self._accumulate_or_reduce(grads)
+        flat, had_grad = self._take_grads()
         self.reshard()
+        if flat is not None:
+            self._reduce(flat, had_grad)
 
-    def _flatten_grads(self, grads: list[Optional[torch.Tensor]]) -> torch.Tensor:
-        flat = torch.zeros(self.layout.padded_numel, dtype=self.reduce_dtype, device=self.compute_device)
-        for off, n, g in zip(self.layout.offsets, self.layout.numels, grads):
-            if g is not None:
-                flat[off: off + n].copy_(g.reshape(-1))  # exact cast to the reduce dtype
-        return flat
-
-    def _accumulate_or_reduce(self, grads: list[Optional[torch.Tensor]]) -> None:
+    def _take_grads(self) -> tuple[Optional[torch.Tensor], Optional[list[bool]]]:
+        """The unsharded gradients as one flat buffer to reduce (None: nothing to reduce now),
+        and which parameters had one. The unsharded gradients are dropped, except in fast mode
+        without gradient sync: there autograd keeps accumulating into them."""
+        if self.unsharded_params is None:
+            return None, None
+        grads = [p.grad for p in self.unsharded_params]
         had_grad = [g is not None for g in grads]
+        if not any(had_grad) or (not self.deterministic and not self.requires_gradient_sync):
+            return None, None
+        flat = self._flatten_grads(grads)
+        del grads
+        self._clear_unsharded_grads()
         if self.deterministic:
             # Each backward is one micro-batch: push its gradient onto the pairwise stack.
-            self._push_microbatch(self._flatten_grads(grads))
-            self._clear_unsharded_grads()
+            self._push_microbatch(flat)
             if not self.requires_gradient_sync:
-                return
-            local = self._pop_local_tree()
+                return None, None
+            flat = self._pop_local_tree()
+        return flat, had_grad
+
+    def _flatten_grads(self, grads: list[Optional[torch.Tensor]]) -> torch.Tensor:
+        layout = self.layout
+        flat = torch.empty(layout.padded_numel, dtype=self.reduce_dtype, device=self.compute_device)
+        end = 0
+        for off, n, g in zip(layout.offsets, layout.numels, grads):
+            if off > end:
+                flat[end:off].zero_()  # alignment gap: padding is zero
+            if g is not None:
+                flat[off: off + n].copy_(g.reshape(-1))  # exact cast to the reduce dtype
+            else:
+                flat[off: off + n].zero_()
+            end = off + n
+        if layout.padded_numel > end:
+            flat[end:].zero_()
+        return flat
+
+    def _reduce(self, flat: torch.Tensor, had_grad: list[bool]) -> None:
+        if self.deterministic:
             if self.replicate_group is not None:  # HSDP: see [Note: HSDP reduction order]
-                reduced = C.hsdp_tree_reduce_mean(local, self.group, self.replicate_group, self.dp_world)
+                reduced = C.hsdp_tree_reduce_mean(flat, self.group, self.replicate_group, self.dp_world)
             else:
-                reduced = local if self.world_size == 1 else C.tree_reduce_mean(local, self.group)
+                reduced = flat if self.world_size == 1 else C.tree_reduce_mean(flat, self.group)
+        elif self.replicate_group is not None:  # HSDP: reduce-scatter, all-reduce, / W
+            reduced = C.hsdp_reduce_scatter_mean(flat, self.group, self.replicate_group, self.dp_world,
+                                                 async_op=True)
         else:
-            if not self.requires_gradient_sync:
-                return  # grads stay on the unsharded params; autograd keeps accumulating
-            flat = self._flatten_grads(grads)
-            self._clear_unsharded_grads()
-            if self.replicate_group is not None:  # HSDP: reduce-scatter, all-reduce, / W
-                reduced = C.hsdp_reduce_scatter_mean(flat, self.group, self.replicate_group, self.dp_world)
-            else:
-                # One rank: the sum over ranks is the gradient itself and / 1 is exact.
-                reduced = flat if self.world_size == 1 else C.reduce_scatter_mean(flat, self.group)
-        self._assign_sharded_grads(reduced, had_grad)
+            # One rank: the sum over ranks is the gradient itself and / 1 is exact.
+            reduced = flat if self.world_size == 1 else C.reduce_scatter_mean(flat, self.group, async_op=True)
+        if isinstance(reduced, C.Pending):
+            finish_reductions(one_stage=True)  # at most one collective per reduction in flight
+            _in_flight.append((self, reduced, had_grad))
+        else:
+            self._assign_sharded_grads(reduced, had_grad)
 
     def _clear_unsharded_grads(self) -> None:
         for p in self.unsharded_params:

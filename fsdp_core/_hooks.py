@@ -23,6 +23,7 @@ import torch.nn as nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ._flat_param import FlatUnit, ShardState
+from ._grad_reduce import finish_reductions
 
 __all__ = ["new_orders"]  # and the hooks _module installs: _pre_forward, _post_forward
 
@@ -39,8 +40,18 @@ __all__ = ["new_orders"]  # and the hooks _module installs: _pre_forward, _post_
 # rank runs the same passes, so every rank issues the same collectives in the same order.
 
 
+# [Note: prefetch at the activation peak]
+# Activation memory peaks where backward begins: every saved activation is alive while the first
+# block's gradients are computed. A gather in flight holds the unit's buffer *and* the backend's
+# staging copy of it (gloo gathers into a temporary and copies out), so the first non-root unit
+# of a backward pass starts no prefetch: its successor is gathered at its own pre-backward, once
+# this unit's activations, gradients and unsharded parameters are freed (its reduce-scatter in
+# flight meanwhile). Every later prefetch overlaps compute (activations have been freed by
+# then), and forward prefetches overlap compute from the first.
+
+
 class _Order:
-    __slots__ = ("learned", "seen", "follows", "pending", "active")
+    __slots__ = ("learned", "seen", "follows", "pending", "active", "peak_done")
 
     def __init__(self) -> None:
         self.learned: list["weakref.ref[FlatUnit]"] = []
@@ -48,6 +59,7 @@ class _Order:
         self.follows = True
         self.pending: list["weakref.ref[FlatUnit]"] = []  # prefetched by this order in this pass
         self.active: Any = None  # forward: True inside a pass; backward: the graph task observed
+        self.peak_done = False   # see [Note: prefetch at the activation peak]
 
     def start(self, active: Any) -> None:
         self.finish()
@@ -63,6 +75,7 @@ class _Order:
             self.learned, self.seen = self.seen, []
         self.follows = True
         self.active = None
+        self.peak_done = False
 
     def observe(self, unit: FlatUnit, prefetch: bool) -> None:
         if self.seen and self.seen[-1]() is unit:
@@ -131,6 +144,10 @@ def _final_callback(task: int) -> None:
             unit.post_backward()
         except Exception as e:  # finish every unit's bookkeeping, then report the first error
             error = error or e
+    try:
+        finish_reductions()  # every shard gradient is assigned when backward() returns
+    except Exception as e:
+        error = error or e
     for unit in units:
         unit.reset_backward_state()
     for order in _task_orders.pop(task, []):
@@ -176,7 +193,10 @@ def _observe_backward(module: nn.Module, unit: FlatUnit) -> None:
     if order.active != task:
         order.start(task)
         _task_orders.setdefault(task, []).append(order)
-    order.observe(unit, root.__dict__["_fsdp_prefetch"])
+    at_peak = root is not module and not order.peak_done
+    if at_peak:
+        order.peak_done = True
+    order.observe(unit, root.__dict__["_fsdp_prefetch"] and not at_peak)
 
 
 def _pre_forward(module: nn.Module, args: tuple, kwargs: dict):

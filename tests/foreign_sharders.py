@@ -1,9 +1,11 @@
 """Adapters that behave like foreign code does (tests/test_adapters.py): they raise, hand the
-harness an optimizer that is not a torch.optim.Optimizer, or are not adapters at all."""
+harness an optimizer that is not a torch.optim.Optimizer, refuse a case without declaring it,
+or are not adapters at all."""
 from __future__ import annotations
 
 from verify import Sharder
 from verify.sharders.fsdp_core import FsdpCore
+from verify.sharders.torch_fsdp2 import TorchFSDP2
 
 
 class RaisesInShard(Sharder):
@@ -88,6 +90,15 @@ class DropsAName(FsdpCore):
         full.pop(next(iter(full)))
         full["not.in.the.model"] = full[next(iter(full))].clone()
         return full
+
+
+class FSDP2Undeclared(TorchFSDP2):
+    """FSDP2 without its declaration that it refuses a tie split across two units: on torch >=
+    2.12 fully_shard raises at the first forward, which must become an 'error' case naming it."""
+    name = "fsdp2_undeclared"
+
+    def unsupported(self, scenario):
+        return None
 
 
 # -- the optional hooks for engines (verify/sharders/base.py) -------------------------------------

@@ -4,7 +4,10 @@ they run, with a replay line, for fsdp_core and for FSDP2 alike. Save is untouch
 is broken, in the two ways integrations most often get it wrong:
 
 - the optimizer state is not restored (the model loads, Adam's moments and step start over);
-- one rank's shard is another rank's (ranks 0 and 1 swap what they loaded of one tensor).
+- one rank's shard is another rank's (ranks 0 and 1 swap what they loaded of one tensor);
+- (double resumes) the app state handed to DCP is left as a plain copy of what was loaded, so the
+  next save writes the state as loaded, not as trained: what `dcp.load` did to Stateful entries
+  in torch 2.4 and 2.5 (pytorch#138575), planted on the pinned torch.
 """
 from __future__ import annotations
 
@@ -12,9 +15,10 @@ import torch
 import torch.distributed as dist
 
 from verify.sharders.fsdp_core import FsdpCore
-from verify.sharders.torch_fsdp2 import TorchFSDP2
+from verify.sharders.torch_fsdp2 import TorchFSDP2, TorchFSDP2Stateful
 
-__all__ = ["CoreSkipOptimState", "CoreSwapShards", "FSDP2SkipOptimState", "FSDP2SwapShards"]
+__all__ = ["CoreSkipOptimState", "CoreSwapShards", "FSDP2SkipOptimState", "FSDP2SwapShards",
+           "FSDP2StaleAppState"]
 
 
 @torch.no_grad()
@@ -74,3 +78,25 @@ class FSDP2SwapShards(TorchFSDP2):
             if p.dim() and p.shape[0] % world == 0:
                 _swap_ranks_0_1(p.to_local(), group)
                 return
+
+
+class FSDP2StaleAppState(TorchFSDP2Stateful):
+    """After a correct load, the {"app": AppState} dict kept for the run holds a plain copy of
+    the state dict as loaded instead of the Stateful (as `dcp.load` left it in torch 2.4-2.5):
+    every later save writes those values. A single resume cannot see it; a double one can."""
+    name = "torch_fsdp2_stateful[load leaves a plain dict]"
+
+    def load(self, path, model, optimizer):
+        super().load(path, model, optimizer)
+        app = self._app(model, optimizer)
+        app["app"] = _cloned(app["app"].state_dict())
+
+
+def _cloned(x):
+    if isinstance(x, torch.Tensor):
+        return x.detach().clone()
+    if isinstance(x, dict):
+        return {k: _cloned(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_cloned(v) for v in x]
+    return x

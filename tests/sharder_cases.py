@@ -360,3 +360,34 @@ def prefetch(payload: dict, ctx) -> dict:
         return dict(steps=steps)
     finally:
         C.all_gather_flat = orig
+
+
+def reduction_order(payload: dict, ctx) -> dict:
+    """Fast mode: what is alive when each unit's reduction starts, whether it is left in flight,
+    and whether every shard gradient is in place when ``backward()`` returns."""
+    import fsdp_core._collectives as C
+    import fsdp_core._grad_reduce as G
+    from fsdp_core._flat_param import FlatUnit, ShardState
+    torch.manual_seed(0)
+    m = _Chain()
+    for b in m.blocks:
+        fully_shard(b, mesh=ctx.group)
+    fully_shard(m, mesh=ctx.group)
+    units = fsdp_core.units_of(m)
+    seen, orig = [], FlatUnit._reduce
+
+    def reduce(self, flat, had_grad):
+        seen.append(dict(sharded=self.state is ShardState.SHARDED,
+                         unsharded_grads=sum(p.grad is not None for u in units
+                                             for p in (u.unsharded_params or []))))
+        orig(self, flat, had_grad)
+        seen[-1]["in_flight"] = any(u is self and isinstance(p, C.Pending) for u, p, _ in G._in_flight)
+
+    FlatUnit._reduce = reduce
+    try:
+        x = torch.randn(4, 16, generator=torch.Generator().manual_seed(ctx.rank))
+        m(x).backward()
+    finally:
+        FlatUnit._reduce = orig
+    return dict(seen=seen, left_in_flight=len(G._in_flight),
+                grads=[p.grad is not None for p in m.parameters()])

@@ -8,6 +8,8 @@ of their own, so that their restarts are cheap and cannot disturb other modules.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -132,7 +134,10 @@ def test_gradient_check_sees_what_the_update_absorbs(rank_pool):
     """A one-ulp gradient or a summation-order bug is usually absorbed by ``p - lr * g``: the
     parameters and losses stay bitwise equal, and only the reduced-gradient check fails."""
     for name in ("dist_reduce_one_ulp", "sequential_cross_rank_sum"):
-        s = BUGS[name].catch[0]
+        # whether ``p - lr * g`` absorbs a last-bit gradient difference depends on the values:
+        # with MKL's strict CNR (verify/blas.py) the data of seed 2 shows it for both plants
+        # (the default seed's data keeps one ulp in one weight of sequential_cross_rank_sum)
+        s = dataclasses.replace(BUGS[name].catch[0], seed=2)
         case = run_one(rank_pool, s, plant=name, backend_check=False)
         assert failed_checks(case) == ("gradients",), (name, case.reason)
         assert all(st.bitwise for st in case.steps)

@@ -114,7 +114,8 @@ def test_summary_table_rows_are_family_world_size_mode(results):
     assert len(body) == 6                     # every (family, W, mode) group is distinct here
     gpt4 = next(ln for ln in body if ln.startswith("| gpt") and "| 4 " in ln)
     cells = [c.strip() for c in gpt4.strip("|").split("|")]
-    assert cells[:8] == ["gpt", "4", "deterministic", "0", "0", "1", "0", "0"]
+    # the failure counted by severity (a record without one: unclassified)
+    assert cells[:8] == ["gpt", "4", "deterministic", "0", "0", "1 (1 unclassified)", "0", "0"]
     inv = invariants_table(results_frame(results))
     assert "padding held" in inv.splitlines()[0] and "max \\|Δ loss\\|" in inv.splitlines()[0]
     gpt4 = next(ln for ln in inv.splitlines()[2:] if ln.startswith("| gpt") and "| 4 " in ln)
@@ -178,7 +179,10 @@ def test_write_reports_and_rerender(tmp_path, results):
     assert {"equivalence.md", "results.csv", "results.json"} <= names
     md = (tmp_path / "equivalence.md").read_text()
     assert md.startswith("# Synthetic")
-    assert "**FAIL**: 6 cases, 4 passed, 2 failed, 1 skipped" in md
+    # every count exact: a skipped case is not a pass, a failure without a severity (a results
+    # file from before severities) is unclassified
+    assert ("**FAIL**: 6 cases: 3 passed (2 bitwise, 1 reported), 2 failed (1 error, "
+            "1 unclassified), 1 skipped.") in md
     assert "## Summary" in md and "## Failing cases" in md and "## Per-step detail" in md
     csv = pd.read_csv(tmp_path / "results.csv")
     assert len(csv) == 6 and "max_abs" in csv
@@ -195,5 +199,5 @@ def test_write_reports_and_rerender(tmp_path, results):
 def test_write_reports_all_pass(tmp_path):
     write_reports([case("mlp", w) for w in (1, 2, 4, 8)], tmp_path)
     md = (tmp_path / "equivalence.md").read_text()
-    assert "**PASS**: 4 cases, 4 passed, 0 failed." in md
+    assert "**PASS**: 4 cases: 4 passed (4 bitwise), 0 failed." in md
     assert "No failing cases." in md

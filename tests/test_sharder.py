@@ -178,3 +178,16 @@ def test_prefetch_is_bitwise_neutral_and_follows_the_learned_order(rank_pool, wo
                 assert on["peak"] > off["peak"], "a prefetched unit is unsharded ahead of use"
             else:
                 assert total_off <= total_on <= total_off + 2, f"step {step}: {on['gathers']} vs {total_off}"
+
+
+def test_reduction_starts_after_reshard_and_is_done_when_backward_returns(rank_pool):
+    """Fast mode at W = 2: each unit's gradients are taken and the unit resharded before its
+    reduce-scatter starts (neither the unsharded parameters nor their gradients are alive while
+    it runs); the reduce-scatter is left in flight, and when ``backward()`` returns none is and
+    every parameter has its shard gradient ([Note: gradient reduction order])."""
+    for rv in run(rank_pool, 2, cases.reduction_order, {}):
+        assert len(rv["seen"]) == 5  # the root and four blocks
+        for s in rv["seen"]:
+            assert s["sharded"] and s["unsharded_grads"] == 0, rv["seen"]
+            assert s["in_flight"], rv["seen"]
+        assert rv["left_in_flight"] == 0 and all(rv["grads"]), rv

@@ -7,8 +7,10 @@ A case, in the order it runs (each step's module):
     case/train   the one training protocol a sharder runs       case/probes what it measures
     ranks/       the persistent ranks: pool, rank, poolset (one pool per W for default-group
                  sharders), torchrun (the same under torchrun), backend_check
+    blas         MKL_CBWR=AUTO,STRICT, set on import (bitwise means the sharding, not alignment)
     reference    the unsharded run                              compare     bitwise / ULP / tiers
     case/judge   the records against the reference: structured checks, one verdict
+                 (case/state_check: the gradients and the optimizer state, in every tier)
     results      the records that cross processes               report/     tables and plots
     campaign/    draw -> run -> judge -> report (resume: checkpoint-resume cases; console: replay)
     diagnosis/   after a failure: shrink (smallest failing case), locate (first divergent phase
@@ -23,6 +25,10 @@ A case, in the order it runs (each step's module):
 `from verify import Sharder, WrapPlan` is the public surface for a sharder of your own (DESIGN
 section 6). This package imports nothing heavy on import; import the submodules you need.
 """
-from verify.sharders.base import Sharder, StepTrace, WrapPlan
+from verify import blas as _blas
+
+_blas.apply()   # before any verify module imports torch: MKL_CBWR=AUTO,STRICT (verify/blas.py)
+
+from verify.sharders.base import Sharder, StepTrace, WrapPlan  # noqa: E402  (after the BLAS setting)
 
 __all__ = ["Sharder", "WrapPlan", "StepTrace"]

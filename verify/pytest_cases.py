@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from verify.campaign.console import failure_message
 from verify.case.draw import draw_scenarios
 from verify.sharders import expand, load_class
 
@@ -20,7 +21,7 @@ def _cases(config: pytest.Config) -> list:
             for mode in cls.modes:
                 drawn = draw_scenarios(world_size=w, mode=mode, seed=config.getoption("verify_seed"),
                                        n=config.getoption("verify_examples"), dtypes=cls.dtypes,
-                                       families=families)
+                                       families=families, sharders=[spec])   # draws it runs
                 out += [pytest.param(spec, s, id=f"{cls.name}-W{w}-{mode}-{i}-{s.family}")
                         for i, s in enumerate(drawn)]
     return out
@@ -39,4 +40,5 @@ def test_drawn_case_trains_like_the_reference(equivalence, rank_pool, sharder_sp
     case = equivalence.check(scenario, sharder=sharder_spec)
     if case.verdict == "skipped":
         pytest.skip(case.reason)
-    assert case.passed, f"{case.sharder} {case.verdict}: {case.reason}\nreplay: {case.replay}"
+    if not case.passed:   # the verdict, the reason and the replay command, not the case's repr
+        pytest.fail(failure_message(case), pytrace=False)

@@ -5,17 +5,21 @@ project's test run.
     torchrun --nproc_per_node=8 -m pytest --sharder mypkg.adapters:MyFSDP -m multigpu
 
 With ``--sharder``, the drawn equivalence cases (`verify.pytest_cases`) are added to the run: one
-test per (sharder, world size, mode, drawn scenario), each asserting the case's verdict and
-failing with its replay command. Fixtures for tests of your own:
+test per (sharder, world size, mode, drawn scenario), each asserting the case's verdict; one
+that fails says the verdict, the reason's first lines and the replay command first
+(`verify.campaign.console.failure_message`). Fixtures for tests of your own:
 
 - ``rank_pool``: the session's ranks (a `verify.ranks.poolset.PoolSet` over a `RankPool` of
   VERIFY_MAX_WORLD_SIZE processes, default 8; under torchrun, the launched processes);
 - ``equivalence``: ``equivalence.check(scenario, sharder=None)`` runs one case through the
   harness and returns its `CaseResult` (``sharder`` defaults to the first ``--sharder``, else
-  fsdp_core); ``equivalence.draw(world_size, mode, n)`` draws scenarios as the CLI does.
+  fsdp_core); ``equivalence.draw(world_size, mode, n, sharder=None)`` draws scenarios as the
+  CLI does, only ones that sharder (default: as ``check``) runs.
 
 Under torchrun every rank draws the same cases and gets the same verdict (the ranks share their
-outcomes before anything is asserted), so no rank fails or hangs alone.
+outcomes before anything is asserted), so no rank fails or hangs alone. A sharder on the default
+process group (``world = "default"``) runs there only at the launched world size; its cases at
+other world sizes are skipped, saying so.
 
 Only this module imports pytest; the work is `verify.campaign.run`'s.
 """
@@ -83,8 +87,13 @@ class Equivalence:
         return run_one(self.pool, scenario, sharder=sharder or self.sharders[0],
                        timeout_s=kw.pop("timeout_s", self.timeout_s), **kw)
 
-    def draw(self, world_size: int, mode: str, n: int, *, seed: Optional[int] = None, **kw):
+    def draw(self, world_size: int, mode: str, n: int, *, seed: Optional[int] = None,
+             sharder: Optional[str] = None, **kw):
+        """``n`` scenarios the sharder runs (``sharder``: a spec; default the first
+        ``--sharder``, else fsdp_core): its declarations and ``unsupported()`` are consulted
+        while drawing (verify/case/draw.py)."""
         from verify.case.draw import draw_scenarios  # lazy: torch, see above
+        kw.setdefault("sharders", [sharder or self.sharders[0]])
         return draw_scenarios(world_size=world_size, mode=mode, n=n,
                               seed=self.config.getoption("verify_seed") if seed is None else seed,
                               **kw)

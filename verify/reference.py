@@ -23,6 +23,7 @@ bf16: an fp32 master model is trained; each step's forward/backward runs on a co
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
 from typing import Callable, NamedTuple, Optional
 
 import torch
@@ -31,7 +32,7 @@ import torch.nn as nn
 from verify.scenarios import (Scenario, build_model, cat_batches, loss_fn, make_batch,
                               make_optimizer, step_loss, tree, wrap_units)
 
-__all__ = ["RefStep", "run_reference"]
+__all__ = ["RefStep", "run_reference", "param_state"]
 
 REDUCE_DTYPE = torch.float32
 
@@ -42,6 +43,9 @@ class RefStep(NamedTuple):
     # The step's gradient (reduce dtype) by parameter name, frozen parameters absent: what the
     # sharder must hand the optimizer, bit for bit in the bitwise tier.
     grads: Optional[dict[str, torch.Tensor]] = None
+    # The optimizer's per-parameter state after the step, by parameter name and key (exp_avg,
+    # exp_avg_sq, momentum_buffer, ...): the tensors shaped like the parameter (`param_state`).
+    optim: Optional[dict[str, dict[str, torch.Tensor]]] = None
 
 
 def run_reference(s: Scenario, *, world_size_at: Optional[Callable[[int], int]] = None
@@ -70,7 +74,28 @@ def run_reference(s: Scenario, *, world_size_at: Optional[Callable[[int], int]] 
         opt.zero_grad(set_to_none=True)
         params = {n: p.detach().clone() for n, p in master.named_parameters(remove_duplicate=False)}
         step_grads = {n: g.detach().clone() for n, g in grads.items() if g is not None}
-        out.append(RefStep(loss.detach().to(torch.float32), params, step_grads))
+        out.append(RefStep(loss.detach().to(torch.float32), params, step_grads,
+                           param_state(opt, master.named_parameters())))
+    return out
+
+
+def param_state(optimizer, named_params, piece=None) -> Optional[dict[str, dict]]:
+    """The optimizer state shaped like each parameter, by name and key: every tensor entry
+    with as many elements as the parameter (Adam's step count and SGD's ``momentum_buffer=None``
+    are left out; a 0-d parameter's moments are kept, as one element). ``piece(param, tensor)``: what to record of it (default: a CPU copy); an
+    adapter's ``optimizer_state`` passes one that gives its (start, elements) piece. None (the
+    check is n/a) for an optimizer without a ``state`` mapping (a wrapper)."""
+    state = getattr(optimizer, "state", None)
+    if not isinstance(state, Mapping):
+        return None
+    out = {}
+    for name, p in named_params:
+        entries = state.get(p) or {}
+        kept = {k: v for k, v in entries.items()
+                if k != "step" and isinstance(v, torch.Tensor) and v.numel() == p.numel()}
+        if kept:
+            out[name] = {k: (piece(p, v) if piece else v.detach().cpu().clone())
+                         for k, v in sorted(kept.items())}
     return out
 
 

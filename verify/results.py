@@ -10,7 +10,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-__all__ = ["StepRecord", "CaseResult", "VERDICTS", "PASSING", "held_verdict", "UNSEEN"]
+__all__ = ["StepRecord", "CaseResult", "VERDICTS", "PASSING", "held_verdict", "headline",
+           "SEVERITY_CLASSES", "worst_first", "severity_label", "UNSEEN"]
 
 # The collective kind under which a step records the collectives its process groups ran that
 # the recorder could not see (issued below Python): [count, 0]; the step's bytes are unknown.
@@ -83,6 +84,11 @@ class CaseResult:
     # Structured check records (verify/case/judge.py `Check`): check, status (pass | fail |
     # n/a), step, rank, detail. The reason is their failures' details, for people.
     checks: list[dict] = field(default_factory=list)
+    # How bad a failure is (verify/case/severity.py): "last-bit" | "beyond tolerance" |
+    # "invariant" | "error" ("" for a case that did not fail), and the worst numerical excess
+    # (|d| / (atol + rtol |e|); at most 1 for last-bit; None where no numerical check failed).
+    severity: str = ""
+    excess: Optional[float] = None
     # Diagnosis of a failing case (verify/diagnosis/diagnose.py; empty / None for a passing one):
     signature: str = ""                # the failure's signature: failures sharing it shrink once
     flaky: Optional[bool] = None       # True: the failure did not reproduce on replay
@@ -107,3 +113,75 @@ class CaseResult:
 def held_verdict(tier: str) -> str:
     """The verdict of a case whose every check held: "reported" in the reported tier."""
     return "reported" if tier == "reported" else "pass"
+
+
+_FAILURE_ORDER = ("last-bit", "beyond tolerance", "invariant", "error")
+# The failure classes of verify/case/severity.py, worst first.
+SEVERITY_CLASSES = ("beyond tolerance", "invariant", "error", "last-bit")
+
+
+def worst_first(case: Any) -> tuple:
+    """Sort key of failing cases (CaseResult or dict), the worst first: the severity class,
+    then the greatest excess over the tolerance, then the greatest ULP distance."""
+    cls = _text(_field(case, "severity"), "")
+    steps = _field(case, "steps") or []
+    ulp = max((_field(st, "max_ulp") or 0 for st in steps), default=0)
+    return (SEVERITY_CLASSES.index(cls) if cls in SEVERITY_CLASSES else len(SEVERITY_CLASSES),
+            -(_field(case, "excess") or 0.0), -ulp)
+
+
+def _field(r: Any, key: str) -> Any:
+    return r.get(key) if isinstance(r, dict) else getattr(r, key, None)
+
+
+def _text(v: Any, default: str) -> str:
+    """A string field of a record, or ``default`` where it is missing (None, NaN, "")."""
+    return v if isinstance(v, str) and v else default
+
+
+def _breakdown(counts: dict[str, int], order: tuple) -> str:
+    keys = [k for k in order if counts.get(k)] + sorted(k for k in counts if k not in order)
+    return " (" + ", ".join(f"{counts[k]} {k}" for k in keys) + ")" if keys else ""
+
+
+def headline(results) -> str:
+    """What a campaign's console and report say first, every count exact: "3 passed (2 bitwise,
+    1 tolerance), 5 reported, 6 failed (2 last-bit, 4 beyond tolerance), 10 skipped".
+    passed: verdict pass, by the tier it passed in; reported: held in the reported tier (not
+    asserted tight); failed: fail or error, by severity (verify/case/severity.py: last-bit,
+    beyond tolerance, invariant, error); skipped: not run. Zero reported or skipped left out."""
+    passed: dict[str, int] = {}
+    failed: dict[str, int] = {}
+    reported = skipped = 0
+    for r in results:
+        v = _field(r, "verdict")
+        if v == "pass":
+            tier = _text(_field(r, "tier"), "?")
+            passed[tier] = passed.get(tier, 0) + 1
+        elif v == "reported":
+            reported += 1
+        elif v == "skipped":
+            skipped += 1
+        else:
+            cls = "error" if v == "error" else _text(_field(r, "severity"), "unclassified")
+            failed[cls] = failed.get(cls, 0) + 1
+    parts = [f"{sum(passed.values())} passed" + _breakdown(passed, ("bitwise", "tolerance"))]
+    parts += [f"{reported} reported"] if reported else []
+    parts += [f"{sum(failed.values())} failed" + _breakdown(failed, _FAILURE_ORDER)]
+    parts += [f"{skipped} skipped"] if skipped else []
+    return ", ".join(parts)
+
+
+def severity_label(case: Any) -> str:
+    """"last-bit, 3 ulp" | "beyond tolerance, 4.2e+04x" | "invariant" | "error" | "" (passed)."""
+    cls = _field(case, "severity") or ""
+    if _field(case, "verdict") == "error":
+        return "error"
+    ulp = max((c.get("ulp") or 0 for c in _field(case, "checks") or []
+               if c.get("status") == "fail"), default=0)
+    excess = _field(case, "excess")
+    if cls == "last-bit":
+        return f"last-bit, {ulp} ulp"
+    if cls == "beyond tolerance" and excess is not None:
+        return f"beyond tolerance, {excess:.3g}x"
+    return cls

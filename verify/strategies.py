@@ -12,8 +12,9 @@ from typing import Any, Optional, Sequence
 
 from hypothesis import strategies as st
 
-from verify.scenarios import (ALL_WORLD_SIZES, CORE_FAMILIES, DTYPES, FAMILIES, MODES, OPTIMIZERS, WORLD_SIZES,
-                              WRAPS, Scenario, family_module, is_family_path)
+from verify.scenarios import (ALL_WORLD_SIZES, CORE_FAMILIES, DTYPES, FAMILIES, MODES, OPTIMIZERS, TIES,
+                              WORLD_SIZES, WRAPS, Scenario, build_model, family_module,
+                              is_family_path, tied_owners)
 
 __all__ = [
     "EDGE_SIZES", "sizes", "mlp_models", "gpt_models", "cs336_models", "convnet_models",
@@ -97,11 +98,12 @@ def convnet_models(draw, *, max_channels: int = 8, max_stages: int = 3, max_imag
 
 
 def special_models(*, max_width: int = 8, max_blocks: int = 3) -> st.SearchStrategy[Model]:
-    """The special family: always a 0-d parameter, a 2-element parameter, frozen, shared and
-    tied modules, persistent and non-persistent buffers."""
+    """The special family: a 2-element parameter, frozen, shared and tied modules, persistent
+    and non-persistent buffers, and a 0-d parameter or not (``scalar`` drawn, so that sharders
+    that refuse 0-d parameters still run the rest)."""
     return st.fixed_dictionaries({
         "width": sizes(max_value=max_width), "n_blocks": st.integers(1, max_blocks),
-        "n_out": st.integers(2, 5),
+        "n_out": st.integers(2, 5), "scalar": st.booleans(),
     }).map(_pairs)
 
 
@@ -179,12 +181,15 @@ def scenarios(*, world_sizes: Sequence[int] = WORLD_SIZES, modes: Sequence[str] 
               families: Optional[Sequence[str]] = None, optimizers: Optional[Sequence[str]] = None,
               dtypes: Sequence[str] = DTYPES, wraps: Sequence[str] = WRAPS,
               max_steps: int = 3, meshes: str = "1d",
-              offloads: Sequence[bool] = (False,)) -> st.SearchStrategy[Scenario]:
+              offloads: Sequence[bool] = (False,),
+              ties: Sequence[str] = TIES) -> st.SearchStrategy[Scenario]:
     """Valid scenarios. Arguments are checked here, eagerly, not at draw time. ``families``
     defaults to the core families (`CORE_FAMILIES`): the HuggingFace ones are drawn only when
     named, so a seed draws the same cases with or without transformers installed.
     ``offloads``: the CPU-offload values to draw; with one value nothing is drawn for it (the
-    default (False,) draws exactly the cases drawn before the field existed, seed for seed)."""
+    default (False,) draws exactly the cases drawn before the field existed, seed for seed).
+    ``ties``: how a model with a tied parameter is wrapped (`TIES`), drawn last and only for
+    such models (half of them keep the tie in one unit); ("kept",) draws none."""
     world_sizes = _subset("world_sizes", world_sizes, ALL_WORLD_SIZES)
     modes = _subset("modes", modes, MODES)
     families = tuple(CORE_FAMILIES) if families is None else tuple(families)
@@ -203,8 +208,9 @@ def scenarios(*, world_sizes: Sequence[int] = WORLD_SIZES, modes: Sequence[str] 
     offloads = tuple(dict.fromkeys(offloads))
     if not offloads or not all(isinstance(o, bool) for o in offloads):
         raise ValueError(f"offloads={offloads!r}: must be a non-empty subset of [False, True]")
+    ties = _subset("ties", ties, TIES)
     return _scenarios(world_sizes, modes, families, optimizers, dtypes, wraps, max_steps, meshes,
-                      offloads)
+                      offloads, ties)
 
 
 MESHES = ("1d", "2d", "both")
@@ -219,7 +225,7 @@ def mesh_shapes(world_size: int, meshes: str) -> list:
 
 @st.composite
 def _scenarios(draw, world_sizes, modes, families, optimizers, dtypes, wraps, max_steps,
-               meshes="1d", offloads=(False,)) -> Scenario:
+               meshes="1d", offloads=(False,), ties=("kept",)) -> Scenario:
     family = draw(st.sampled_from(families))
     world_size = draw(st.sampled_from(world_sizes))
     s = Scenario(
@@ -242,5 +248,8 @@ def _scenarios(draw, world_sizes, modes, families, optimizers, dtypes, wraps, ma
     )
     if meshes != "1d":   # drawn last, so a 1-D campaign draws exactly what it drew before
         s = dataclasses.replace(s, mesh=draw(st.sampled_from(mesh_shapes(world_size, meshes))))
+    if len(ties) > 1 and tied_owners(build_model(s, device="meta")):
+        kept_twice = [t for t in ties if t == "kept"] * 2 + [t for t in ties if t != "kept"]
+        s = dataclasses.replace(s, ties=draw(st.sampled_from(kept_twice)))
     s.validate()
     return s

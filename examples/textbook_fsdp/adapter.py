@@ -7,8 +7,9 @@ the same sharder with that mistake switched on.
 """
 import torch
 
-from examples.textbook_fsdp import fsdp
+from . import fsdp   # relative: the package works under any name (a copy in your project)
 from verify import Sharder
+from verify.scenarios import split_ties
 
 
 class Textbook(Sharder):
@@ -17,6 +18,13 @@ class Textbook(Sharder):
     modes = ("fast",)
     dtypes = ("fp32",)
     mistakes = ()
+
+    def unsupported(self, scenario):
+        split = split_ties(scenario) if scenario.ties != "kept" else []
+        if split:   # each unit flattens its own parameters: a tie across two would be two copies
+            return (f"textbook_fsdp flattens each unit on its own and cannot keep a parameter "
+                    f"tied across two units ({', '.join(split[:2])})")
+        return None
 
     def shard(self, model, plan, group):
         fsdp.reset_globals()   # process-wide state: rank processes are reused across cases

@@ -26,6 +26,13 @@ import torch.nn as nn
 
 MISTAKES = ("no_divide", "stale_padding", "frozen_hook_count", "stale_gather")
 
+# torch 2.13 deprecates all_gather_into_tensor / reduce_scatter_tensor (a FutureWarning per call)
+# for the *_single names, which older torch lacks. Looked up at each call, not bound here, so
+# whatever wraps torch.distributed's functions (the harness's probes) sees the calls.
+_GATHER = "all_gather_single" if hasattr(dist, "all_gather_single") else "all_gather_into_tensor"
+_REDUCE_SCATTER = ("reduce_scatter_single" if hasattr(dist, "reduce_scatter_single")
+                   else "reduce_scatter_tensor")
+
 # One gradient bucket for the whole process, reused by every unit (it saves an allocation per
 # reduction); reset_globals() clears it between runs.
 _BUCKET: list = [None]
@@ -84,7 +91,7 @@ class FlatUnit:
     def before_forward(self) -> None:
         if self.leaves is None:
             full = torch.empty(self.shard_numel * self.world)
-            dist.all_gather_into_tensor(full, self.shard.detach())
+            getattr(dist, _GATHER)(full, self.shard.detach())
             self.leaves = []
             for off, n, shape, grad in zip(self.offsets, self.numels, self.shapes, self.trainable):
                 leaf = full[off: off + n].view(shape).requires_grad_(grad)
@@ -108,7 +115,7 @@ class FlatUnit:
             flat[off: off + n] = 0 if leaf.grad is None else leaf.grad.reshape(-1)
             leaf.grad = None
         out = torch.empty(self.shard_numel)
-        dist.reduce_scatter_tensor(out, flat)
+        getattr(dist, _REDUCE_SCATTER)(out, flat)
         if "no_divide" not in self.mistakes:
             out /= self.world
         if "stale_padding" not in self.mistakes:
@@ -129,7 +136,7 @@ class FlatUnit:
 
     def gather_full(self) -> dict[str, torch.Tensor]:
         full = torch.empty(self.shard_numel * self.world)
-        dist.all_gather_into_tensor(full, self.shard.detach())
+        getattr(dist, _GATHER)(full, self.shard.detach())
         return {fqn: full[self.offsets[i]: self.offsets[i] + self.numels[i]].view(self.shapes[i]).clone()
                 for fqn, _, _, i in self.refs}
 
@@ -153,7 +160,8 @@ class TextbookFSDP:
 
 class FlatOptimizer:
     """Steps the flat shards with ``optimizer_cls``; weight decay per element through a mask
-    (flat shards mix weights and biases), L2 for SGD/Adam, decoupled for AdamW."""
+    (flat shards mix weights, biases and frozen parameters, which torch's optimizers leave
+    alone: no gradient), L2 for SGD/Adam, decoupled for AdamW."""
 
     def __init__(self, fsdp: TextbookFSDP, optimizer_cls, kwargs: dict, decays, decoupled: bool):
         self.fsdp = fsdp
@@ -162,8 +170,8 @@ class FlatOptimizer:
         self.masks = []
         for u in fsdp.units:
             mask = torch.zeros(u.shard_numel * u.world, dtype=torch.bool)
-            for fqn, _, _, i in u.refs:
-                mask[u.offsets[i]: u.offsets[i] + u.numels[i]] = decays(fqn)
+            for fqn, _, _, i in u.refs:   # frozen parameters are never decayed (no gradient)
+                mask[u.offsets[i]: u.offsets[i] + u.numels[i]] = decays(fqn) and u.trainable[i]
             lo = u.rank * u.shard_numel
             self.masks.append(mask[lo: lo + u.shard_numel])
 

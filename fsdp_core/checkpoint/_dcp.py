@@ -138,8 +138,12 @@ class Reader(FileSystemReader):
     code); names the files being read when reading fails (DCP's own error does not)."""
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
-        # FileSystemReader.read_metadata, with load_metadata in place of pickle.load
-        path = self._get_metadata_path(kwargs.get("rank"))
+        # FileSystemReader.read_metadata, with load_metadata in place of pickle.load. torch <
+        # 2.9 has no _get_metadata_path (and no per-rank metadata): ".metadata" in the folder.
+        if hasattr(self, "_get_metadata_path"):
+            path = self._get_metadata_path(kwargs.get("rank"))
+        else:
+            path = self.fs.concat_path(self.path, ".metadata")
         with self.fs.create_stream(path, "rb") as f:
             metadata = load_metadata(f, str(path))
         if not isinstance(metadata, Metadata):

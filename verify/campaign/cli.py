@@ -118,6 +118,9 @@ def add_replay_arguments(replay: argparse.ArgumentParser) -> None:
                              "scenario's world size and finish (with --save-after)")
     replay.add_argument("--save-after", type=positive_int, default=None, metavar="S",
                         help="steps trained at W_A before the checkpoint")
+    replay.add_argument("--resume-again-after", type=positive_int, default=None, metavar="S2",
+                        help="a double resume: the loaded run trains to S2, saves again and a "
+                             "third run loads that and finishes")
 
 
 def add_report_arguments(report: argparse.ArgumentParser) -> None:
@@ -189,6 +192,8 @@ def cmd_replay(args: argparse.Namespace) -> int:
     from verify.scenarios import Scenario  # lazy: imports torch
     if (args.resume_from is None) != (args.save_after is None):
         raise UsageError("--resume-from and --save-after go together (a checkpoint-resume case)")
+    if args.resume_again_after is not None and args.resume_from is None:
+        raise UsageError("--resume-again-after goes with --resume-from and --save-after")
     try:
         Scenario.from_json(args.scenario)
     except (ValueError, TypeError) as exc:
@@ -201,17 +206,20 @@ def cmd_replay(args: argparse.Namespace) -> int:
         if not has_checkpointing(load(spec)):
             raise UsageError(f"--resume-from: the sharder {spec} has no save/load")
         try:
-            ResumeCase(Scenario.from_json(args.scenario), args.resume_from, args.save_after)
+            ResumeCase(Scenario.from_json(args.scenario), args.resume_from, args.save_after,
+                       args.resume_again_after)
         except (ValueError, TypeError) as exc:
             raise UsageError(f"not a checkpoint-resume case: {exc}")
         return replay_resume(args.scenario, args.resume_from, args.save_after,
-                             timeout_s=args.timeout, sharder=spec)
+                             timeout_s=args.timeout, sharder=spec,
+                             resume_again_after=args.resume_again_after)
     return _exit_code(_campaign().replay(args.scenario, timeout_s=args.timeout,
                                          sharder=spec, **_planted(args)))
 
 
 def cmd_report(args: argparse.Namespace) -> int:
     from verify.report import load_results, write_reports  # lazy: pandas
+    from verify.report.write import load_blas, load_declined  # lazy: likewise
     path = args.dir / "results.json"
     if not path.is_file():
         raise UsageError(f"{path} not found; pass a directory written by `python -m verify run`")
@@ -220,7 +228,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     except (ValueError, KeyError) as exc:
         raise UsageError(f"{path} is not a results file: {exc}")
     for p in write_reports(results, args.dir, title=args.title or title,
-                           pool_memory=soak.load_pool_memory(path)):
+                           pool_memory=soak.load_pool_memory(path), blas=load_blas(path),
+                           declined=load_declined(path)):
         print(p)
     passed = all(r.get("passed", r.get("verdict") in PASSING) for r in results)
     return EXIT_OK if passed else EXIT_FAILED

@@ -1,9 +1,10 @@
-"""What a replayed case prints (`python -m verify replay`)."""
+"""What a replayed case prints (`python -m verify replay`), and what a failed drawn case says in a
+test report (the pytest plugin's `failure_message`)."""
 from __future__ import annotations
 
 from verify.results import CaseResult
 
-__all__ = ["print_case"]
+__all__ = ["failure_message", "print_case"]
 
 
 def print_case(case: CaseResult, what: str) -> int:
@@ -16,3 +17,21 @@ def print_case(case: CaseResult, what: str) -> int:
     if case.reason:
         print(case.reason)
     return 0 if case.passed else 1
+
+
+def failure_message(case: CaseResult, head: int = 6) -> str:
+    """A case that did not pass, for a test report: its verdict, the reason's first ``head``
+    lines and the replay command come first (a per-rank traceback can run to hundreds of lines),
+    then the rest of the reason."""
+    lines = case.reason.splitlines() or ["(no reason recorded)"]
+    mesh = f" mesh {case.mesh}" if case.mesh else ""
+    out = [f"{case.verdict.upper()}: {case.sharder} W={case.world_size}{mesh} {case.mode} "
+           f"{case.dtype} {case.family} (tier {case.tier})"]
+    out += ["  " + line for line in lines[:head]]
+    rest = lines[head:]
+    if rest:
+        out.append(f"  ... {len(rest)} more lines of the reason below")
+    if case.divergence:
+        out.append(f"first divergence: {case.divergence}")
+    out.append(f"replay: {case.replay}")
+    return "\n".join(out + ([""] + rest if rest else []))

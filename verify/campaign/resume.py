@@ -9,7 +9,11 @@ adapter's ``save`` into a directory the parent chose), then `load_phase` on rank
 adapter's ``load``, steps ``s..steps-1``). Both train through `verify.case.train.Trainer`, so a
 resumed step records exactly what any case's step records, and `verify.case.judge.evaluate`
 judges each phase; `evaluate_resume` joins the two into one `CaseResult` (family
-``resume:<family>``, ``world_size`` W_b, ``save_world_size`` W_a, ``save_after`` s).
+``resume:<family>``, ``world_size`` W_b, ``save_world_size`` W_a, ``save_after`` s). A double
+resume (``resume_again_after`` s2) splits the loading run in two at W_b: load, train to s2,
+save again through the same adapter instance, then load that in a third run and finish; the
+second load is checked like the first (a save that writes the state as loaded, not as trained,
+rolls training back: pytorch#138575, docs/real_bugs.md).
 
 [Note: the reference of a resumed run]
 deterministic: the step gradient is tree(grad(loss_m / k)) / W with k = M / W. W and k are
@@ -34,7 +38,7 @@ import os
 import random
 import tempfile
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -42,8 +46,9 @@ import torch
 import torch.distributed as dist
 
 from verify.campaign.console import print_case
-from verify.case.draw import draw_scenarios
+from verify.case.draw import declined_by, draw_scenarios, skip_reason
 from verify.case.judge import Check, case_tier, evaluate, state_model_bytes
+from verify.case.severity import case_severity
 from verify.case.train import Trainer
 from verify.ranks.pool import RankPool
 from verify.ranks.poolset import PoolSet, as_pool_set
@@ -60,6 +65,10 @@ class ResumeCase:
     scenario: Scenario        # the case as it finishes: world_size = W_b, steps = the total
     save_world_size: int      # W_a: the world size that trains the first steps and saves
     save_after: int           # s: steps trained before the checkpoint, 1 <= s < steps
+    # s2 (s < s2 < steps), or None: a double resume. The loading phase trains to s2, saves again
+    # with the same adapter instance (so Stateful app state it keeps is reused), and a third
+    # phase loads that at W_b and finishes: load -> train -> save -> load (pytorch#138575).
+    resume_again_after: Optional[int] = None
 
     def __post_init__(self) -> None:
         s = self.scenario
@@ -72,6 +81,10 @@ class ResumeCase:
                              "train on different data")
         if not (isinstance(self.save_after, int) and 1 <= self.save_after < s.steps):
             raise ValueError(f"save_after={self.save_after!r}: must be in [1, steps={s.steps})")
+        again = self.resume_again_after
+        if again is not None and not (isinstance(again, int) and self.save_after < again < s.steps):
+            raise ValueError(f"resume_again_after={again!r}: must be in (save_after="
+                             f"{self.save_after}, steps={s.steps})")
 
     @property
     def scenario_a(self) -> Scenario:
@@ -80,8 +93,10 @@ class ResumeCase:
 
     @property
     def label(self) -> str:
+        again = "" if self.resume_again_after is None else \
+            f", saved and resumed again after {self.resume_again_after}"
         return (f"W={self.save_world_size} -> {self.scenario.world_size} after "
-                f"{self.save_after}/{self.scenario.steps} steps")
+                f"{self.save_after}/{self.scenario.steps} steps{again}")
 
 
 # -- rank side ----------------------------------------------------------------------------------
@@ -111,7 +126,9 @@ def load_phase(payload: dict, ctx) -> dict:
     buffers overwritten with another seed's (so that whatever the load misses shows), then
     loaded from payload["path"] through the adapter's ``load`` and trained on steps
     [s, steps). ``pad_init`` is the padding checked right after the load; ``loaded`` (rank 0)
-    the full parameters as loaded."""
+    the full parameters as loaded. With ``save_again_after`` (a double resume's middle phase)
+    it trains only to that step and saves again, through the same adapter instance, to
+    payload["path_again"]."""
     path = _shared_path(payload, ctx)
     s = Scenario.from_json(payload["scenario_b"])
     model = build_model(s)
@@ -121,7 +138,11 @@ def load_phase(payload: dict, ctx) -> dict:
     trainer.sharder.load(path, trainer.model, trainer.optimizer)
     pad_init = trainer.padding()
     loaded = trainer.sharder.full_parameters(trainer.model, trainer.optimizer)   # collective
-    records = trainer.steps(range(payload["save_after"], s.steps))
+    end = payload.get("save_again_after") or s.steps
+    records = trainer.steps(range(payload["save_after"], end))
+    if end < s.steps:
+        again = _shared_path(dict(payload, path=payload["path_again"]), ctx)
+        trainer.sharder.save(again, trainer.model, trainer.optimizer)
     return dict(rank=ctx.rank, pad_init=pad_init, records=records,
                 loaded=loaded if ctx.rank == 0 else None)
 
@@ -139,8 +160,10 @@ def resume_reference(case: ResumeCase):
 
 def resume_replay_command(case: ResumeCase, sharder: str = DEFAULT_SHARDER) -> str:
     extra = "" if sharder == DEFAULT_SHARDER else f" --sharder {sharder}"
+    again = "" if case.resume_again_after is None else \
+        f" --resume-again-after {case.resume_again_after}"
     return (f"python -m verify replay{extra} --resume-from {case.save_world_size} "
-            f"--save-after {case.save_after} '{case.scenario.to_json()}'")
+            f"--save-after {case.save_after}{again} '{case.scenario.to_json()}'")
 
 
 def run_resume(pool, case: ResumeCase, *, sharder: str = DEFAULT_SHARDER,
@@ -157,6 +180,17 @@ def run_resume(pool, case: ResumeCase, *, sharder: str = DEFAULT_SHARDER,
     if not has_checkpointing(adapter):
         raise ValueError(f"{adapter.name} has no save/load: no resume cases for it")
     s = case.scenario
+    try:   # the adapter's parent side, at both world sizes (foreign code: a raise is an error)
+        declined = _declined(case, adapter)
+    except Exception as exc:
+        out = _resume_result(case, spec, adapter)
+        out.verdict, out.severity = "error", "error"
+        out.reason = f"the adapter {spec}'s parent side raised: {type(exc).__name__}: {exc}"
+        return (out, None, None) if keep_values else out
+    if declined is not None:
+        out = _resume_result(case, spec, adapter)
+        out.verdict, out.reason = "skipped", declined
+        return (out, None, None) if keep_values else out
     pools = as_pool_set(pool)
     pool_a, why_a = pools.for_world(adapter.world, case.save_world_size)
     pool_b, why_b = pools.for_world(adapter.world, s.world_size)
@@ -170,11 +204,30 @@ def run_resume(pool, case: ResumeCase, *, sharder: str = DEFAULT_SHARDER,
                    "save_after": case.save_after, "path": os.path.join(tmp, "ckpt"),
                    "sharder": spec}
         res_a = pool_a.run(case.save_world_size, save_phase, payload, timeout_s=timeout_s)
-        res_b = pool_b.run(s.world_size, load_fn or load_phase, payload,
-                           timeout_s=timeout_s) if res_a.ok else None
+        again = case.resume_again_after
+        if again is not None and res_a.ok:   # load -> train -> save, then load -> finish
+            payload.update(save_again_after=again, path_again=os.path.join(tmp, "ckpt2"))
+            res_mid = pool_b.run(s.world_size, load_fn or load_phase, payload, timeout_s=timeout_s)
+            last = dict(payload, save_after=again, path=payload["path_again"],
+                        save_again_after=None)
+            res_b = _joined(res_mid, pool_b.run(s.world_size, load_fn or load_phase, last,
+                                                timeout_s=timeout_s) if res_mid.ok else None)
+        else:
+            res_b = pool_b.run(s.world_size, load_fn or load_phase, payload,
+                               timeout_s=timeout_s) if res_a.ok else None
     ref = resume_reference(case) if res_a.ok and res_b.ok else None
     result = evaluate_resume(case, res_a, res_b, ref, time.perf_counter() - t0, sharder=spec)
     return (result, res_a, res_b) if keep_values else result
+
+
+def _joined(mid, last):
+    """A double resume's two loading phases as one: the records of both, each rank's
+    ``loaded`` the first load's, ``loaded_again`` the second's; not ok if either failed."""
+    if last is None or not last.ok:
+        return mid if last is None else last
+    values = [dict(m, records=m["records"] + z["records"], loaded_again=z["loaded"])
+              for m, z in zip(mid.values, last.values)]
+    return dataclasses.replace(last, values=values, wall_time_s=mid.wall_time_s + last.wall_time_s)
 
 
 def _looser(case: ResumeCase) -> Scenario:
@@ -219,8 +272,10 @@ def evaluate_resume(case: ResumeCase, res_a, res_b, ref, wall: float, *,
         failed, what = (res_a, f"the save phase (W={w_a}, steps 0..{cut - 1})") if not res_a.ok \
             else (res_b, f"the load phase (W={s.world_size}, steps {cut}..{s.steps - 1})")
         out.verdict = "error"
-        out.reason = f"{case.label}: {what} did not complete:\n{failed.error or ''}"
+        out.reason = (f"{case.label}: {what} did not complete:\n"
+                      f"{failed.error or 'no reason given (the ranks reported none)'}")
         out.checks = [Check("error", "fail", detail=out.reason).to_dict()]
+        out.severity = "error"
         return out
     before = evaluate(case.scenario_a, adapter, sharder, res_a, ref[:cut], wall,
                       tier=case_tier(case.scenario_a, adapter), plan=False)
@@ -237,6 +292,12 @@ def evaluate_resume(case: ResumeCase, res_a, res_b, ref, wall: float, *,
     loaded = _loaded_problems(res_a.values[0]["records"][-1]["params"], res_b.values[0]["loaded"], cut)
     checks.append(Check("loaded", "fail" if loaded else "pass", cut, 0, "\n".join(loaded)).to_dict()
                   | {"phase": "load"})
+    again = case.resume_again_after
+    if again is not None:   # the second load against the state the middle phase saved
+        saved = res_b.values[0]["records"][again - cut - 1]["params"]
+        loaded = _loaded_problems(saved, res_b.values[0]["loaded_again"], again)
+        checks.append(Check("loaded", "fail" if loaded else "pass", again, 0,
+                            "\n".join(loaded)).to_dict() | {"phase": "load"})
     out.checks = checks
     out.steps = before.steps + after.steps
     out.first_divergence = before.first_divergence or after.first_divergence
@@ -250,6 +311,7 @@ def evaluate_resume(case: ResumeCase, res_a, res_b, ref, wall: float, *,
     if problems:
         out.verdict = "fail"
         out.reason = f"{case.label}\n" + "\n".join(problems)
+    out.severity, out.excess = case_severity(out.checks, out.verdict)
     return out
 
 
@@ -257,11 +319,15 @@ def draw_resume_cases(*, n: int, seed: int, world_sizes: Sequence[int],
                       modes: Sequence[str] = ("fast", "deterministic"), profile: str = "ci",
                       dtypes: Sequence[str] = ("fp32", "bf16"),
                       families: Optional[Sequence[str]] = None,
-                      offloads: Sequence[bool] = (False,)) -> list[ResumeCase]:
+                      offloads: Sequence[bool] = (False,), sharders: Sequence = (),
+                      declined: Optional[Counter] = None) -> list[ResumeCase]:
     """``n`` resume cases, the same for the same arguments: modes in turn, (W_a, W_b) two
     different world sizes of ``world_sizes`` (equal only when there is one), scenarios drawn by
     the campaign's strategy at max(W_a, W_b) (so M serves both) with at least 2 steps, and the
-    checkpoint after a step drawn in [1, steps)."""
+    checkpoint after a step drawn in [1, steps). Every second case is a double resume (saved
+    again after a step in (s, steps), steps raised to s + 2 where needed). ``sharders``: the
+    adapters that will run them; a scenario one of them declines at either world size is drawn
+    again (verify/case/draw.py; ``declined`` counts the reasons)."""
     if n <= 0:
         return []
     sizes = sorted(set(world_sizes))
@@ -274,22 +340,56 @@ def draw_resume_cases(*, n: int, seed: int, world_sizes: Sequence[int],
     for i, (w_a, w_b, mode) in enumerate(picks):
         groups[(max(w_a, w_b), mode)].append(i)
     cases: list[Optional[ResumeCase]] = [None] * n
+    check = declined_by(sharders) if sharders else None
     for (w, mode), idxs in sorted(groups.items()):
+        sizes_here = {picks[i][0] for i in idxs} | {picks[i][1] for i in idxs}
         drawn = draw_scenarios(world_size=w, mode=mode, n=len(idxs), seed=seed + 1009,
                                profile=profile, dtypes=dtypes, offloads=offloads,
+                               accept=_at_both(check, sizes_here) if sharders else None,
+                               declined=declined,
                                **({} if families is None else {"families": families}))
         for j, i in enumerate(idxs):
             s = drawn[j % len(drawn)]
-            s = dataclasses.replace(s, steps=max(s.steps, 2))
-            cases[i] = ResumeCase(s.with_world_size(picks[i][1]), picks[i][0],
-                                  rng.randint(1, s.steps - 1))
+            # ties kept: a resume case is about the checkpoint, not the wrap plan
+            s = dataclasses.replace(s, steps=max(s.steps, 2), ties="kept")
+            cut = rng.randint(1, s.steps - 1)
+            again = None
+            if i % 2:   # every second case resumes twice; its own RNG leaves the others as drawn
+                s = dataclasses.replace(s, steps=max(s.steps, cut + 2))
+                again = random.Random(f"resume-again/{seed}/{i}").randint(cut + 1, s.steps - 1)
+            cases[i] = ResumeCase(s.with_world_size(picks[i][1]), picks[i][0], cut, again)
     return [c for c in cases if c is not None]
 
 
+def _at_both(check, sizes):
+    """``accept`` for a resume draw: the scenario (at least 2 steps) at every world size its
+    cases save or load at."""
+    def accept(s: Scenario) -> Optional[str]:
+        s = dataclasses.replace(s, steps=max(s.steps, 2))
+        for w in sorted(sizes):
+            why = check(s.with_world_size(w))
+            if why is not None:
+                return f"{why} (W={w})"
+        return None
+    return accept
+
+
+def _declined(case: ResumeCase, adapter) -> Optional[str]:
+    """Why the adapter does not run this resume case at one of its world sizes, or None."""
+    for s in (case.scenario_a, case.scenario):
+        why = skip_reason(s, adapter)
+        if why is not None:
+            return f"{why} (W={s.world_size})"
+    return None
+
+
 def replay_resume(scenario_json: str, save_world_size: int, save_after: int, *,
-                  timeout_s: float = 120.0, sharder: str = DEFAULT_SHARDER) -> int:
-    """`python -m verify replay [--sharder X] --resume-from W_A --save-after S '<json>'`."""
-    case = ResumeCase(Scenario.from_json(scenario_json), save_world_size, save_after)
+                  timeout_s: float = 120.0, sharder: str = DEFAULT_SHARDER,
+                  resume_again_after: Optional[int] = None) -> int:
+    """`python -m verify replay [--sharder X] --resume-from W_A --save-after S
+    [--resume-again-after S2] '<json>'`."""
+    case = ResumeCase(Scenario.from_json(scenario_json), save_world_size, save_after,
+                      resume_again_after)
     main = RankPool(max(case.scenario.world_size, save_world_size), timeout_s=timeout_s)
     with PoolSet(main, timeout_s=timeout_s) as pool:
         result = run_resume(pool, case, sharder=sharder, timeout_s=timeout_s)

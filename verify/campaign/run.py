@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import time
 import traceback
+from collections import Counter
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
 import torch
 
+from verify import blas
 from verify.campaign.console import print_case
 from verify.campaign.resume import draw_resume_cases, run_resume
-from verify.case.draw import draw_scenarios
+from verify.case.draw import draw_scenarios, skip_reason
 from verify.case.judge import case_tier, evaluate, mesh_label
 from verify.case.train import run_case
 from verify.compare import tier_for
@@ -27,7 +29,7 @@ from verify.ranks.poolset import PoolSet, as_pool_set
 from verify.ranks.torchrun import ProcessGroupLost, TorchrunContext, is_torchrun
 from verify.reference import run_reference
 from verify.report import write_peers_report, write_reports
-from verify.results import CaseResult
+from verify.results import CaseResult, headline, severity_label, worst_first
 from verify.scenarios import Scenario
 from verify.sharders import (DEFAULT_SHARDER, display_name, expand_checked, has_checkpointing, load,
                              load_class, resolve)
@@ -51,21 +53,6 @@ def replay_command(s: Scenario, sharder: str = DEFAULT_SHARDER, plant: Optional[
     extra = "" if sharder == DEFAULT_SHARDER else f" --sharder {sharder}"
     extra += f" --plant {plant}" if plant else ""
     return f"python -m verify replay{extra} '{s.to_json()}'"
-
-
-def skip_reason(s: Scenario, sharder) -> Optional[str]:
-    """Why the adapter does not run ``s`` (outside its declared modes, dtypes or offload, or its
-    ``unsupported()``), or None. Parent side, before anything runs."""
-    if s.mode not in sharder.modes:
-        return f"{sharder.name} declares modes {tuple(sharder.modes)}, not {s.mode!r}"
-    if s.dtype not in sharder.dtypes:
-        return f"{sharder.name} declares dtypes {tuple(sharder.dtypes)}, not {s.dtype!r}"
-    if getattr(s, "offload", False) and not sharder.offload:
-        return f"{sharder.name} does not declare offload = True"
-    if s.mesh is not None and not getattr(sharder, "hsdp", False):
-        return f"{sharder.name} does not declare hsdp = True (a {s.mesh[0]}x{s.mesh[1]} mesh)"
-    reason = sharder.unsupported(s)
-    return None if reason is None else str(reason)
 
 
 def _result(s: Scenario, spec: str, verdict: str, reason: str, replay: str, tier: str) -> CaseResult:
@@ -126,7 +113,8 @@ def _progress(i: int, n: int, case: CaseResult, started: float, show_sharder: bo
     who = f"{case.sharder:<11} " if show_sharder else ""
     print(f"[{bar}] {i}/{n} {who}W={case.world_size} {case.mode:<13} {case.family:<8} {case.dtype} "
           f"{case.optimizer:<12} {case.verdict.upper():<5} {case.wall_time_s:5.2f}s  "
-          f"({rate:.0f} cases/min)", flush=True)
+          f"({rate:.0f} cases/min)" + (f": {first_line(case.reason) or 'no reason given'}"
+                                       if case.verdict == "error" else ""), flush=True)
 
 
 def _runnable(sharders: list[str], modes: Sequence[str], dtypes: Sequence[str],
@@ -166,17 +154,19 @@ def run_campaign(*, world_sizes: Sequence[int], examples: int, seed: int, sharde
     profile = profile or "ci"
     sharders = expand_checked(sharders)
     modes, dtypes, offloads, dropped = _runnable(sharders, modes, dtypes, offloads)
+    declined: Counter = Counter()   # draws an adapter declined, by reason (redrawn: see case/draw)
     plan = [(sh, s) for w in world_sizes for mode in modes
             for s in draw_scenarios(world_size=w, mode=mode, n=examples, seed=seed, profile=profile,
                                     dtypes=dtypes, families=families, meshes=meshes,
-                                    offloads=offloads)
+                                    offloads=offloads, sharders=sharders, declined=declined)
             for sh in sharders]
     if interleave:
         plan = soak.round_robin(plan, key=lambda item: (item[1].world_size, item[1].mode))
     savers = [sh for sh in sharders if has_checkpointing(load(sh))]
     drawn = draw_resume_cases(n=resume_cases, seed=seed, world_sizes=world_sizes, modes=modes,
                               profile=profile, dtypes=dtypes, families=families,
-                              offloads=offloads) if resume_cases and plant is None and savers else []
+                              offloads=offloads, sharders=savers, declined=declined
+                              ) if resume_cases and plant is None and savers else []
     resumes = [(sh, rc) for rc in drawn for sh in savers]
     cap = 120.0 if timeout_s is None else timeout_s   # None: each case's `auto_timeout`
     pool = PoolSet(_ranks(max(world_sizes), cap), timeout_s=cap)
@@ -186,7 +176,14 @@ def run_campaign(*, world_sizes: Sequence[int], examples: int, seed: int, sharde
           f"seed {seed}, profile {profile})"
           + (f" and {len(resumes)} checkpoint-resume cases" if resumes else "")
           + (f"; not drawn, no chosen sharder runs them: {', '.join(dropped)}" if dropped else "")
+          + (f"; {sum(declined.values())} draws declined by the adapter and drawn again"
+             if declined else "")
           + "; starting the rank pool", flush=True)
+    say(blas.describe(), flush=True)
+    if declined:
+        say("declined while drawing (drawn again): " + "; ".join(
+            f"{n} x {why}" for why, n in declined.most_common(5))
+            + (f"; and {len(declined) - 5} other reasons" if len(declined) > 5 else ""), flush=True)
     if plant is not None:
         say(f"PLANTED BUG {plant!r} is installed in every case (a demo: failures are expected)",
             flush=True)
@@ -227,18 +224,20 @@ def run_campaign(*, world_sizes: Sequence[int], examples: int, seed: int, sharde
     title = f"Equivalence campaign: seed {seed}, world sizes {','.join(map(str, world_sizes))}"
     paths = write_reports([c.to_dict() for c in results], Path(out_dir), title=title,
                           pool_memory={"samples": memory, "cache_env": soak.cache_env(),
-                                       "default_group_pools": startups})
+                                       "default_group_pools": startups}, blas=blas.describe(),
+                          declined=dict(declined))
     if len(sharders) > 1:  # the sharders side by side on the same cases (resume cases too)
         paths.append(write_peers_report([c.to_dict() for c in results], Path(out_dir), title=title))
-    print(f"{len(results) - len(failed)}/{len(results)} cases passed in {elapsed:.1f}s "
-          f"({len(results) / max(elapsed, 1e-9) * 60:.1f} cases/min); wrote "
-          + ", ".join(str(p) for p in paths))
+    print(f"{len(results)} cases run in {elapsed:.1f}s ({len(results) / max(elapsed, 1e-9) * 60:.1f} "
+          f"cases/min): {headline(results)}; wrote " + ", ".join(str(p) for p in paths))
     if startups:
         print("pools of exactly W processes for default-group sharders (spawned once each): "
               + ", ".join(f"W={w} {sec:.1f}s" for w, sec in sorted(startups.items())))
-    for c in failed:
-        print(f"\nFAILED ({c.verdict}) {c.sharder} W={c.world_size} {c.mode} {c.family}: "
-              f"{first_line(c.reason)}\n  replay: {c.replay}")
+    for c in sorted(failed, key=worst_first):   # the worst first, as the diagnosis runs
+        how = c.verdict if c.verdict == "error" or not c.severity else \
+            f"{c.verdict}, {severity_label(c)}"
+        print(f"\nFAILED ({how}) {c.sharder} W={c.world_size} {c.mode} {c.family}: "
+              f"{first_line(c.reason) or 'no reason given'}\n  replay: {c.replay}")
     for line in console_lines(groups):
         print(line)
     return results

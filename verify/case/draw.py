@@ -1,39 +1,71 @@
 """Drawing cases: the Hypothesis strategy of verify/strategies.py turned into a fixed list of
 scenarios per world size and mode, the same for the same seed (the campaign, resume cases, the
-pytest plugin and the bench all draw here)."""
+pytest plugin and the bench all draw here).
+
+Draws that run: given the adapters that will run the cases (``sharders``) or any other check
+(``accept``), a drawn scenario that one of them declines (`skip_reason`: outside its declared
+modes, dtypes, offload or meshes, or its ``unsupported()``) is set aside and counted (by reason,
+in ``declined``), and the n cases are picked among the rest; where too few are left, up to
+`REDRAWS` more rounds are drawn (bounded), and only then are declined ones used to make up n
+(they run as ``skipped``). With nothing declined the draw is exactly the plain one.
+"""
 from __future__ import annotations
 
 import random
-from typing import Optional, Sequence
+from collections import Counter
+from typing import Callable, Optional, Sequence
 
 from hypothesis import HealthCheck, Phase, given, seed as hyp_seed, settings
 
 from verify import strategies
 from verify.scenarios import Scenario
+from verify.sharders import load
 
-__all__ = ["PROFILE_MAX_STEPS", "draw_scenarios"]
+__all__ = ["PROFILE_MAX_STEPS", "REDRAWS", "draw_scenarios", "skip_reason", "declined_by"]
 
 # How large drawn cases get, per profile (steps per case).
 PROFILE_MAX_STEPS = {"dev": 2, "ci": 3, "nightly": 4}
+REDRAWS = 3     # extra rounds of drawing where the adapters declined too many draws
 
 
-def draw_scenarios(*, world_size: int, mode: str, n: int, seed: int, profile: str = "ci",
-                   dtypes: Sequence[str] = ("fp32", "bf16"),
-                   families: Optional[Sequence[str]] = None, meshes: str = "1d",
-                   offloads: Sequence[bool] = (False,)) -> list[Scenario]:
-    """``n`` distinct scenarios for one world size and mode, the same for the same seed
-    (``offloads``: the CPU-offload values drawn; the default draws none, as before it existed).
+def skip_reason(s: Scenario, sharder) -> Optional[str]:
+    """Why the adapter does not run ``s`` (outside its declared modes, dtypes, offload or
+    meshes, or its ``unsupported()``), or None. Parent side, before anything runs."""
+    if s.mode not in sharder.modes:
+        return f"{sharder.name} declares modes {tuple(sharder.modes)}, not {s.mode!r}"
+    if s.dtype not in sharder.dtypes:
+        return f"{sharder.name} declares dtypes {tuple(sharder.dtypes)}, not {s.dtype!r}"
+    if getattr(s, "offload", False) and not sharder.offload:
+        return f"{sharder.name} does not declare offload = True"
+    if s.mesh is not None and not getattr(sharder, "hsdp", False):
+        return f"{sharder.name} does not declare hsdp = True (a {s.mesh[0]}x{s.mesh[1]} mesh)"
+    reason = sharder.unsupported(s)
+    return None if reason is None else str(reason)
 
-    Hypothesis generates small examples first; drawing 8n and sampling n of them (seeded)
-    spreads the cases over the whole strategy instead of its simplest corner."""
-    strategy = strategies.scenarios(world_sizes=(world_size,), modes=(mode,), dtypes=tuple(dtypes),
-                                    max_steps=PROFILE_MAX_STEPS.get(profile, 3),
-                                    families=None if families is None else tuple(families),
-                                    meshes=meshes, offloads=tuple(offloads))
+
+def declined_by(sharders: Sequence) -> Callable[[Scenario], Optional[str]]:
+    """The ``accept`` check of adapters (instances or specs): the first one's reason for not
+    running a scenario, or None when every one runs it. An adapter whose parent side raises is
+    taken at its word later: the case is drawn and run_one reports the error."""
+    adapters = [load(a) if isinstance(a, str) else a for a in sharders]
+
+    def check(s: Scenario) -> Optional[str]:
+        for a in adapters:
+            try:
+                reason = skip_reason(s, a)
+            except Exception:
+                continue
+            if reason is not None:
+                return reason
+        return None
+    return check
+
+
+def _collect(strategy, seed: int, n_examples: int) -> list[Scenario]:
     drawn: list[Scenario] = []
 
-    @hyp_seed(seed * 1_000 + world_size * 10 + (mode == "deterministic"))
-    @settings(max_examples=max(8 * n, 20), database=None, phases=[Phase.generate], deadline=None,
+    @hyp_seed(seed)
+    @settings(max_examples=n_examples, database=None, phases=[Phase.generate], deadline=None,
               suppress_health_check=list(HealthCheck), derandomize=False)
     @given(strategy)
     def collect(s: Scenario) -> None:
@@ -41,5 +73,54 @@ def draw_scenarios(*, world_size: int, mode: str, n: int, seed: int, profile: st
             drawn.append(s)
 
     collect()
-    picked = sorted(random.Random(seed).sample(range(len(drawn)), min(n, len(drawn))))
-    return [drawn[i] for i in picked]
+    return drawn
+
+
+def draw_scenarios(*, world_size: int, mode: str, n: int, seed: int, profile: str = "ci",
+                   dtypes: Sequence[str] = ("fp32", "bf16"),
+                   families: Optional[Sequence[str]] = None, meshes: str = "1d",
+                   offloads: Sequence[bool] = (False,), sharders: Sequence = (),
+                   accept: Optional[Callable[[Scenario], Optional[str]]] = None,
+                   declined: Optional[Counter] = None) -> list[Scenario]:
+    """``n`` distinct scenarios for one world size and mode, the same for the same seed
+    (``offloads``: the CPU-offload values drawn; the default draws none, as before it existed).
+    ``sharders`` / ``accept``: see the module docstring; ``declined`` (a Counter) is added the
+    reasons of the draws set aside.
+
+    Hypothesis generates small examples first; drawing 8n and sampling n of them (seeded)
+    spreads the cases over the whole strategy instead of its simplest corner."""
+    strategy = strategies.scenarios(world_sizes=(world_size,), modes=(mode,), dtypes=tuple(dtypes),
+                                    max_steps=PROFILE_MAX_STEPS.get(profile, 3),
+                                    families=None if families is None else tuple(families),
+                                    meshes=meshes, offloads=tuple(offloads))
+    base = seed * 1_000 + world_size * 10 + (mode == "deterministic")
+    drawn = _collect(strategy, base, max(8 * n, 20))
+    checks = [c for c in (accept, declined_by(sharders) if sharders else None) if c is not None]
+    if not checks:
+        picked = sorted(random.Random(seed).sample(range(len(drawn)), min(n, len(drawn))))
+        return [drawn[i] for i in picked]
+    runnable, refused, reasons = [], [], Counter()
+    seen: set = set()
+    for round_ in range(REDRAWS + 1):
+        if round_:   # another round, elsewhere in the strategy: only where too few are left
+            if len(runnable) >= n:
+                break
+            drawn = _collect(strategy, base + 7_919 * round_, max(8 * n, 20) * (round_ + 1))
+        for s in drawn:
+            if s in seen:
+                continue
+            seen.add(s)
+            why = next((r for r in (c(s) for c in checks) if r is not None), None)
+            if why is None:
+                runnable.append(s)
+            else:
+                refused.append(s)
+                reasons[why] += 1
+    if declined is not None:
+        declined.update(reasons)
+    rng = random.Random(seed)
+    picked = [runnable[i] for i in sorted(rng.sample(range(len(runnable)), min(n, len(runnable))))]
+    short = n - len(picked)
+    if short > 0 and refused:   # bounded redraws spent: the rest run as skipped, and say why
+        picked += [refused[i] for i in sorted(rng.sample(range(len(refused)), min(short, len(refused))))]
+    return picked

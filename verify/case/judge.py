@@ -6,8 +6,9 @@ otherwise; nothing here knows a sharder's name. Checks: ``backend`` (the collect
 inputs), the numerical comparison named by the tier (``bitwise`` / ``tolerance`` /
 ``reported``: loss and every parameter after the step), ``padding`` (after init, the reduction
 and the step), ``resharded``, ``reassembly`` (local pieces vs the gathered parameters),
-``gradients`` (the reduced gradient, bitwise tier only), ``collectives`` (vs the adapter's
-formula).
+``gradients`` (the reduced gradient) and ``optimizer_state`` (exp_avg, exp_avg_sq,
+momentum_buffer), both in every tier (verify/case/state_check.py), ``collectives`` (vs the
+adapter's formula).
 """
 from __future__ import annotations
 
@@ -19,7 +20,9 @@ from typing import Any, Optional
 
 import torch
 
-from verify.compare import TIERS, compare_step, diff_stats, int_view, tier_for, verdict
+from verify.case.severity import case_severity, state_severity, step_severity
+from verify.case.state_check import gradient_problems, reassemble, state_problems
+from verify.compare import TIERS, compare_step, tier_for, verdict
 from verify.plan.units import plan_problems
 from verify.results import CaseResult, StepRecord, held_verdict
 from verify.scenarios import Scenario, build_model
@@ -35,10 +38,16 @@ class Check:
     step: Optional[int] = None  # None: the whole case (backend, padding after init)
     rank: Optional[int] = None  # the first rank it failed on, where one rank is to blame
     detail: str = ""            # for a failure: what and where, torch.testing style
+    severity: str = ""          # a failing numerical check: "last-bit" | "beyond tolerance"
+    excess: Optional[float] = None   # its worst |d| / (atol + rtol |e|) (verify/case/severity.py)
+    ulp: Optional[int] = None        # its greatest ULP distance
 
     def to_dict(self) -> dict[str, Any]:
-        return dict(check=self.check, status=self.status, step=self.step, rank=self.rank,
-                    detail=self.detail)
+        out = dict(check=self.check, status=self.status, step=self.step, rank=self.rank,
+                   detail=self.detail)
+        if self.severity:
+            out.update(severity=self.severity, excess=self.excess, ulp=self.ulp)
+        return out
 
 
 def mesh_label(s: Scenario) -> str:
@@ -96,30 +105,6 @@ def _align(s: Scenario, params: dict, ref: dict) -> tuple[dict, dict, list[str]]
     return {n: params[n] for n in want if n in params}, want, unexpected
 
 
-def reassemble(pieces: list[Optional[dict]], name: str, numel: int, dtype) -> tuple[torch.Tensor, str]:
-    """The flat tensor the ranks' (start, values) pieces of ``name`` make, NaN where no rank
-    gave an element, and what is wrong with the pieces ("" if nothing): a piece outside the
-    tensor, or two ranks giving different values for one element."""
-    flat = torch.full((numel,), float("nan"), dtype=dtype)
-    seen = torch.zeros(numel, dtype=torch.bool)
-    for rank, mine in enumerate(pieces):
-        if not mine or name not in mine:
-            continue
-        start, vals = mine[name]
-        vals = vals.detach().reshape(-1).to(dtype)
-        if vals.numel() == 0:   # this rank holds only padding of this parameter
-            continue
-        if start < 0 or start + vals.numel() > numel:
-            return flat, f"rank {rank}'s piece [{start}, {start + vals.numel()}) is outside {numel}"
-        sl = slice(start, start + vals.numel())
-        overlap = seen[sl]
-        if overlap.any() and not torch.equal(int_view(flat[sl][overlap]), int_view(vals[overlap])):
-            return flat, f"ranks disagree on the elements of rank {rank}'s piece at {start}"
-        flat[sl] = vals
-        seen[sl] = True
-    return flat, ""
-
-
 def _reassembly(values: list[dict], step: int, full: dict) -> Optional[list[str]]:
     pieces = [v["records"][step].get("pieces") for v in values]
     if any(p is None for p in pieces):
@@ -133,29 +118,6 @@ def _reassembly(values: list[dict], step: int, full: dict) -> Optional[list[str]
         flat, problem = reassemble(pieces, name, want.numel(), torch.float32)
         if problem or not torch.equal(flat, want.reshape(-1).float()):
             bad.append(f"{name} ({problem or 'pieces differ from the gathered tensor or leave gaps'})")
-    return bad
-
-
-def _gradients(values: list[dict], step: int, ref_grads: Optional[dict]) -> Optional[list[str]]:
-    """Parameters whose reduced gradient, reassembled from the ranks' pieces, is not bitwise
-    equal to the reference's step gradient; None when there is nothing to compare.
-
-    Parameters are compared after the update too, but a last-bit gradient error (a summation
-    order, one ulp) is mostly absorbed by ``p - lr * g``: only this check sees it reliably."""
-    recs = [v["records"][step].get("grads") for v in values]
-    if ref_grads is None or any(r is None for r in recs):
-        return None
-    given = {n for r in recs for n in r}
-    bad = []
-    for name in list(ref_grads) + sorted(given - set(ref_grads)):
-        want = ref_grads.get(name)
-        if want is None or name not in given:
-            bad.append(f"{name} (a gradient on one side only)")
-            continue
-        flat, problem = reassemble(recs, name, want.numel(), want.dtype)
-        d = diff_stats(flat, want.reshape(-1))
-        if problem or not d.bitwise:
-            bad.append(f"{name} ({problem or f'{d.n_diff}/{d.numel} elements differ, max ULP {d.max_ulp}'})")
     return bad
 
 
@@ -205,6 +167,7 @@ def evaluate(s: Scenario, sharder, spec: str, result, ref, wall: float, *,
     if not result.ok:
         case.verdict, case.reason = "error", result.error or "the case did not complete"
         case.checks.append(Check("error", "fail", detail=case.reason).to_dict())
+        case.severity = "error"
         return case
     values = result.values
     checks: list[Check] = []
@@ -233,7 +196,13 @@ def evaluate(s: Scenario, sharder, spec: str, result, ref, wall: float, *,
         if unexpected:
             structural.append(f"{where}: unexpected parameters (not in the unsharded model): "
                               f"{unexpected[:5]}")
-        checks.append(Check(tier, "fail" if numeric else "pass", step, detail=numeric))
+        if numeric:
+            sev = step_severity(s, tier, loss=rec0["loss"], loss_ref=ref_step.loss, params=params,
+                                params_ref=params_ref)
+            checks.append(Check(tier, "fail", step, detail=f"{numeric}\n{where}: {sev.line}",
+                                severity=sev.cls, excess=sev.excess, ulp=sev.ulp))
+        else:
+            checks.append(Check(tier, "pass", step))
         checks.append(Check("structure", "fail" if structural else "pass", step,
                             detail="\n".join(structural)))
         pad_ok = None
@@ -260,10 +229,24 @@ def evaluate(s: Scenario, sharder, spec: str, result, ref, wall: float, *,
                             "fail" if not_reassembled else "pass", step,
                             detail=f"{where}: shards do not reassemble for {not_reassembled[:5]}"
                             if not_reassembled else ""))
-        grads_bad = _gradients(values, i, ref_step.grads) if tier == "bitwise" else None
-        checks.append(Check("gradients", "n/a" if grads_bad is None else "fail" if grads_bad else "pass",
-                            step, detail=f"{where}: reduced gradients not bitwise equal to the "
-                                         f"reference's: {grads_bad[:5]}" if grads_bad else ""))
+        held_to = "bitwise equal to" if tier == "bitwise" else f"within the {tier} tier of"
+        grads_ok = None
+        for check, what, bad_of in (
+                ("gradients", "reduced gradients", lambda out: gradient_problems(
+                    values, i, ref_step.grads, tier, s.dtype, out)),
+                ("optimizer_state", "optimizer state", lambda out: state_problems(
+                    values, i, ref_step.optim, tier, s.dtype, out))):
+            differing: list = []
+            wrong = bad_of(differing)
+            if check == "gradients":
+                grads_ok = None if wrong is None else not wrong
+            if not wrong:
+                checks.append(Check(check, "n/a" if wrong is None else "pass", step))
+                continue
+            sev = state_severity(tier, s.dtype, differing)
+            checks.append(Check(check, "fail", step, detail=f"{where}: {what} not {held_to} the "
+                                f"reference's: {wrong[:10]}\n{where}: {sev.line}",
+                                severity=sev.cls, excess=sev.excess, ulp=sev.ulp))
         coll, expected = rec0["collectives"], rec0.get("expected_collectives")
         coll_ok = None
         if expected is not None:
@@ -286,7 +269,7 @@ def evaluate(s: Scenario, sharder, spec: str, result, ref, wall: float, *,
             bitwise=diff.loss.bitwise and pd_.bitwise, n_params_differ=pd_.n_params_differ,
             worst_param=pd_.worst_param, padding_ok=pad_ok, padding_bad=bad[:10],
             reassembly_ok=None if not_reassembled is None else not not_reassembled,
-            grads_ok=None if grads_bad is None else not grads_bad, resharded_ok=held_ok,
+            grads_ok=grads_ok, resharded_ok=held_ok,
             collectives=coll, collectives_expected=expected or {}, collectives_ok=coll_ok,
             state_bytes=state if all(b is not None for b in state) else [],
             state_bytes_model=state_model_bytes(s, ref_step.params),
@@ -297,4 +280,5 @@ def evaluate(s: Scenario, sharder, spec: str, result, ref, wall: float, *,
     case.verdict = held_verdict(tier)
     if failed:
         case.verdict, case.reason = "fail", "\n".join(c.detail for c in failed)
+    case.severity, case.excess = case_severity(case.checks, case.verdict)
     return case

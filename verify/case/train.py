@@ -14,8 +14,8 @@ micro-batch losses in global order; fast = tree over the ranks' local mean losse
 
 `Trainer.step(..., probes=True)` also records, per step, what the adapter's optional probes
 return (None where it has none: the check is n/a): padding after the reduction and after the
-step, units still unsharded after backward, the reduced gradient pieces, the local pieces; and
-what the harness measures itself: collectives by kind, state bytes, step time (the probes'
+step, units still unsharded after backward, the reduced gradient pieces, the local pieces,
+the optimizer state's pieces after the step; and what the harness measures itself: collectives by kind, state bytes, step time (the probes'
 time left out).
 """
 from __future__ import annotations
@@ -31,8 +31,9 @@ import torch.distributed as dist
 from verify.case.probes import CollectiveRecorder, nonzero_padding, watch_units
 from verify.diagnosis.collective_log import CollectiveLog
 from verify.ranks.backend_check import backend_problem
-from verify.sharders import DEFAULT_SHARDER, StepTrace, load, plan_for
-from verify.scenarios import Scenario, build_model, cat_batches, loss_fn, make_batch, step_loss, tree
+from verify.sharders import DEFAULT_SHARDER, Sharder, StepTrace, load, plan_for
+from verify.scenarios import (Scenario, build_model, cat_batches, loss_fn, make_batch, step_loss,
+                              tie_weights, tree)
 from verify.tools.plants import planted
 
 # The pinned torch deprecates all_gather_into_tensor for all_gather_single; older torch lacks it.
@@ -107,7 +108,19 @@ class Trainer:
         if optimizer_kwargs:  # the bench gives every sharder one optimizer implementation
             self.plan = dataclasses.replace(
                 self.plan, optimizer_kwargs={**self.plan.optimizer_kwargs, **optimizer_kwargs})
-        self.model, self.optimizer = self.sharder.shard_with_optimizer(model, self.plan, self.group)
+        if s.ties == "split_retie" and (type(self.sharder).shard_with_optimizer
+                                        is Sharder.shard_with_optimizer):
+            # as transformers re-ties a wrapped model (docs/real_bugs.md): after the wrapping,
+            # before the optimizer is built
+            sharded = self.sharder.shard(model, self.plan, self.group)
+            self.model = model if sharded is None else sharded
+            tie_weights(self.model)
+            self.optimizer = self.sharder.optimizer(self.model, self.plan)
+        else:   # an engine that builds its optimizer with the model re-ties after both
+            self.model, self.optimizer = self.sharder.shard_with_optimizer(model, self.plan,
+                                                                           self.group)
+            if s.ties == "split_retie":
+                tie_weights(self.model)
         self.batch_fn = batch_fn or (lambda step, m: make_batch(s, step, m))
         self.recorder = CollectiveRecorder()
 
@@ -180,6 +193,7 @@ class Trainer:
             for h in handles:
                 h.remove()
         pad_step = self.padding()
+        optim = sh.optimizer_state(model, opt)   # local: after the step, before zero_grad
         _zero_grad(opt, model)
         collectives = self.recorder.take()
         passes = len(mine) if self.s.mode == "deterministic" else 1
@@ -191,7 +205,8 @@ class Trainer:
         return dict(step=step, loss=loss, params=full if self.ctx.rank == 0 else None,
                     pieces=sh.local_pieces(model), grads=grads, pad_reduce=pad_reduce,
                     pad_step=pad_step, unsharded=unsharded, collectives=collectives,
-                    expected_collectives=expected, state_bytes=nbytes, step_time_s=step_time)
+                    expected_collectives=expected, state_bytes=nbytes, step_time_s=step_time,
+                    optim=optim)
 
     def steps(self, steps) -> list[dict]:
         return [self.step(i) for i in steps]

@@ -8,6 +8,10 @@ each group, once, within the campaign's shrink budget:
 3. the first divergence is located (`verify.diagnosis.locate`), in the original scenario and in the
    minimal one: the step, the phase (forward / backward / optimizer) and the unit.
 
+Groups run worst first (`worst_first`: beyond tolerance, then other invariants, errors, last-bit;
+within a class the greatest excess over the tolerance), each led by its worst case, so the budget
+goes to the failure that matters most and every signature gets a minimal case of its own.
+
 A hung case's first divergent collective (`verify.diagnosis.hangs`) comes with the case itself, from the
 pool, and needs no re-run. Every case of a group gets the group's fields (`CaseResult`:
 signature, flaky, minimal_scenario_json, minimal_replay, minimal_reason, shrink_note,
@@ -18,12 +22,12 @@ from __future__ import annotations
 import time
 from typing import Callable, Optional
 
-from verify.results import CaseResult
+from verify.results import CaseResult, worst_first
 from verify.scenarios import Scenario
 from verify.diagnosis.locate import locate_divergence
 from verify.diagnosis.shrink import first_line, same_failure, shrink, signature, size_line
 
-__all__ = ["diagnose_failures", "console_lines", "first_line", "DEFAULT_SHRINK_BUDGET_S"]
+__all__ = ["diagnose_failures", "console_lines", "first_line", "worst_first", "DEFAULT_SHRINK_BUDGET_S"]
 
 DEFAULT_SHRINK_BUDGET_S = 300.0
 
@@ -39,11 +43,9 @@ def diagnose_failures(pool, results: list[CaseResult], *, run_one: Callable[...,
     ``replay_command`` are verify.campaign.run's (passed in: this module does not import the
     campaign, which imports it; `verify.campaign.run.diagnose` passes them)."""
     groups: dict[str, list[CaseResult]] = {}
-    for c in results:
-        if c.passed or c.save_world_size is not None:
-            continue
+    for c in sorted((c for c in results if not c.passed and c.save_world_size is None), key=worst_first):
         c.signature = signature(c, plant)
-        groups.setdefault(c.signature, []).append(c)
+        groups.setdefault(c.signature, []).append(c)   # worst first: the group's worst case leads
     if not groups or budget_s <= 0:
         return list(groups.values())
     deadline = time.monotonic() + budget_s

@@ -9,7 +9,10 @@ forward    the output of every wrap unit (`WrapPlan.units`), in execution order 
            hook fires when a unit's output is ready, inner units first), for each forward pass
            of each rank: rank r's pass i is the reference's pass r (fast: rank r's k
            micro-batches concatenated) or r*k + i (deterministic: one micro-batch each). The
-           first output that is not bitwise equal names the unit.
+           first output that is not bitwise equal names the unit, unless the unit's inputs and
+           the parameters it owns were bitwise equal to the reference's when its forward began:
+           then the line says "same inputs, different outputs: a kernel difference, not the
+           sharding" (a BLAS path chosen by memory alignment, a fused kernel) instead.
 backward   the reduced gradient of every parameter (the adapter's ``reduced_gradients``
            probe, reassembled from the ranks' pieces) against the reference's step gradient;
            "n/a" where the adapter has no probe.
@@ -39,7 +42,7 @@ from verify.tools.plants import planted
 
 __all__ = ["probe_case", "reference_probe", "locate_divergence", "first_step", "describe_diff"]
 
-_NUMERIC = ("bitwise", "tolerance", "reported", "gradients")
+_NUMERIC = ("bitwise", "tolerance", "reported", "gradients", "optimizer_state")
 
 
 def _leaves(out: Any) -> list[torch.Tensor]:
@@ -52,27 +55,66 @@ def _leaves(out: Any) -> list[torch.Tensor]:
 
 class _Outputs:
     """Forward hooks on the wrap units: per forward pass (a pass begins with the root unit's
-    forward), the (unit name, output tensors) in the order the outputs were ready."""
+    forward), the (unit name, output tensors) in the order the outputs were ready, and beside
+    them (``given``) what the unit computed them from: its input tensors and the parameters it
+    owns (not those of a wrap unit inside it), as the forward pre-hook saw them (after the
+    sharder's own pre-hooks: gathered); None where a parameter is a DTensor (still sharded)."""
 
     def __init__(self, units):
         self.passes: list[list[tuple[str, list[torch.Tensor]]]] = []
+        self.given: list[list[Optional[tuple[list[torch.Tensor], Optional[dict]]]]] = []
         self.handles = []
+        self._open: dict[str, list] = {}
         root = units[-1][1] if units else None
+        inner = {name: _owned(name, m, units) for name, m in units}
         for name, m in units:
             if m is root:
-                self.handles.append(m.register_forward_pre_hook(lambda *_a: self.passes.append([])))
+                self.handles.append(m.register_forward_pre_hook(lambda *_a: self._new_pass()))
+            self.handles.append(m.register_forward_pre_hook(
+                lambda _m, args, kwargs, name=name: self._enter(name, args, kwargs, inner[name]),
+                with_kwargs=True))
             self.handles.append(m.register_forward_hook(
                 lambda _m, _i, out, name=name: self._record(name, out)))
 
+    def _new_pass(self) -> None:
+        self.passes.append([])
+        self.given.append([])
+
+    def _enter(self, name: str, args, kwargs, owned: list) -> None:
+        params: Optional[dict] = {}
+        for pname, p in owned:
+            if type(p).__name__ == "DTensor" or hasattr(p, "full_tensor"):
+                params = None   # still sharded here: the comparison cannot be made
+                break
+            params[pname] = p.detach().clone()
+        self._open.setdefault(name, []).append((_leaves((args, kwargs)), params))
+
     def _record(self, name: str, out: Any) -> None:
         if not self.passes:
-            self.passes.append([])
+            self._new_pass()
         self.passes[-1].append((name, _leaves(out)))
+        stack = self._open.get(name)
+        self.given[-1].append(stack.pop() if stack else None)
 
     def remove(self) -> None:
         for h in self.handles:
             h.remove()
         self.handles.clear()
+
+
+def _owned(name: str, module, units) -> list:
+    """The (name within the unit, parameter) pairs the unit owns: those of its subtree that are
+    not inside another wrap unit nested in it."""
+    nested = {id(m) for n, m in units if m is not module}
+    out, stack = [], [("", module)]
+    while stack:
+        prefix, m = stack.pop()
+        for pname, p in m.named_parameters(recurse=False):
+            out.append((prefix + pname, p))
+        for cname, child in m.named_children():
+            if id(child) not in nested:
+                stack.append((f"{prefix}{cname}.", child))
+    return sorted(out, key=lambda np_: np_[0])
 
 
 def probe_case(payload: dict, ctx) -> dict:
@@ -96,7 +138,7 @@ def probe_case(payload: dict, ctx) -> dict:
         trainer.zero_grad()
         trainer.step_loss(losses)
         full = sh.full_parameters(model, opt)
-        return dict(rank=ctx.rank, outputs=hooks.passes, grads=grads,
+        return dict(rank=ctx.rank, outputs=hooks.passes, given=hooks.given, grads=grads,
                     params=full if ctx.rank == 0 else None)
 
 
@@ -123,7 +165,7 @@ def reference_probe(s: Scenario, d: int) -> dict:
         opt.step()
         opt.zero_grad(set_to_none=True)
         if step == d:
-            out = dict(outputs=hooks.passes,
+            out = dict(outputs=hooks.passes, given=hooks.given,
                        grads={n: g.detach().clone() for n, g in grads.items() if g is not None},
                        params={n: p.detach().clone()
                                for n, p in master.named_parameters(remove_duplicate=False)})
@@ -221,7 +263,8 @@ def locate_divergence(pool, s: Scenario, case, *, sharder: str, plant: Optional[
 
 
 def _first_output_diff(passes, ref_passes, r: int, k: int, mode: str):
-    """((pass, position, rank), unit, what) of rank r's first unit output that differs."""
+    """((pass, position, rank), unit, what, reference pass) of rank r's first unit output that
+    differs."""
     for i, outputs in enumerate(passes):
         index = r * k + i if mode == "deterministic" else r
         if index >= len(ref_passes):
@@ -230,8 +273,31 @@ def _first_output_diff(passes, ref_passes, r: int, k: int, mode: str):
             for t, u in zip(tensors, ref_tensors):
                 what = describe_diff(t, u)
                 if what is not None:
-                    return (i, j, r), name, what
+                    return (i, j, r), name, what, index
     return None
+
+
+def _bitwise_same(a: list, b: list) -> bool:
+    return len(a) == len(b) and all(
+        x.shape == y.shape and x.dtype == y.dtype and torch.equal(int_view(x), int_view(y))
+        for x, y in zip(a, b))
+
+
+def _same_given(given, ref_given) -> bool:
+    """True when a unit's inputs and own parameters are known and bitwise equal to the
+    reference's (a kernel then computed different outputs from the same operands)."""
+    if not given or not ref_given or given[1] is None or ref_given[1] is None:
+        return False
+    (inputs, params), (ref_inputs, ref_params) = given, ref_given
+    if set(params) != set(ref_params):
+        return False   # named otherwise by the sharder (a flat parameter): cannot tell
+    names = sorted(params)
+    return _bitwise_same(inputs, ref_inputs) and _bitwise_same(
+        [params[n] for n in names], [ref_params[n] for n in names])
+
+
+def _at(given: list, i: int, j: int):
+    return given[i][j] if i < len(given) and j < len(given[i]) else None
 
 
 def _compare(s: Scenario, d: int, values: list[dict], ref: dict) -> str:
@@ -245,9 +311,15 @@ def _compare(s: Scenario, d: int, values: list[dict], ref: dict) -> str:
             found = mine
     units = [n for n, _ in ref["outputs"][0]] if ref["outputs"] else []
     if found is not None:
-        (i, _, r), name, what = found
+        (i, j, r), name, what, index = found
         unit = name or "<root>"
         micro = f" (micro-batch {r * k + i})" if s.mode == "deterministic" else ""
+        mine = next(v for v in values if v["rank"] == r).get("given")
+        theirs = ref.get("given")
+        if mine and theirs and _same_given(_at(mine, i, j), _at(theirs, index, j)):
+            return (f"{where}, {unit} forward: same inputs, different outputs: a kernel "
+                    f"difference, not the sharding (the inputs and parameters of {unit} on rank "
+                    f"{r}{micro} equal the reference's bit for bit; its output {what})")
         return f"{where}, {unit} forward: output of {unit} on rank {r}{micro} {what}"
     # backward: the reduced gradients
     recs = [v.get("grads") for v in values]

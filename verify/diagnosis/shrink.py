@@ -16,10 +16,11 @@ predictable. Candidates, in order (each one field changed, invalid ones skipped)
   -> fp32 -> no CPU offload
 
 A candidate is accepted when it fails the same way (`same_failure`: the same verdict and the
-original's first failing check among its failing checks; the three numerical tiers and the
-gradients check count as one check, so a W=4 tolerance failure may shrink to a W=2 bitwise
-one and a last-bit error may move from the parameters to the gradients, but a gradients-only
-failure never shrinks to a W=4 case whose tier has no gradients check). After an acceptance the
+original's first failing check among its failing checks; the three numerical tiers, the
+gradients check and the optimizer-state check count as one check, so a W=4 tolerance failure
+may shrink to a W=2 bitwise one and a last-bit error may move from the parameters to the
+gradients; a numerical failure keeps its severity class, so a gross failure never shrinks to a
+last-bit one). After an acceptance the
 candidates are generated afresh from the smaller scenario; the reducer stops at a fixpoint
 (no candidate is accepted) or when the deadline passes.
 """
@@ -30,10 +31,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Optional
 
+from verify.case.severity import BEYOND, LAST_BIT
 from verify.results import CaseResult
 from verify.scenarios import WORLD_SIZES, Scenario, build_model, wrap_units
 
-__all__ = ["NUMERIC", "failing_checks", "primary_check", "error_kind", "signature",
+__all__ = ["NUMERIC", "failing_checks", "primary_check", "error_kind", "signature", "first_phase",
            "same_failure", "candidates", "shrink", "ShrinkResult", "n_units", "size_line",
            "small_enough", "first_line"]
 
@@ -46,10 +48,14 @@ def _norm(check: str) -> str:
 
 def first_line(reason: str) -> str:
     """The line of a reason that says the most: for a hang the "timed out after" line, for a
-    rank's traceback its last line, else the first non-empty line."""
+    rank's traceback its last line, else the first non-empty line (a line ending in ":" with
+    the first line of what follows it)."""
     lines = [ln.strip() for ln in (reason or "").splitlines() if ln.strip()]
     if not lines:
         return ""
+    if lines[0].endswith(":") and len(lines) > 1 and not (
+            lines[0].startswith("rank ") and " raised in " in lines[0]):  # "...:" then the reason
+        return f"{lines[0]} {first_line(chr(10).join(lines[1:]))}"
     for ln in lines:
         if ln.startswith("timed out after") or " did not finish within " in ln:
             return ln
@@ -87,22 +93,45 @@ def error_kind(case: CaseResult) -> str:
     return "raised"
 
 
+def first_phase(case: CaseResult) -> str:
+    """Where the first failing step's numbers first differ, read from the check records: the
+    loss ("forward"), else the reduced gradients ("backward"), else the parameters after the
+    step ("optimizer"); "" where no numerical check failed."""
+    fails = [c for c in case.checks or [] if c.get("status") == "fail" and c.get("step") is not None
+             and c.get("check") in NUMERIC + ("gradients",)]
+    if not fails:
+        return ""
+    at = [c for c in fails if c["step"] == min(c["step"] for c in fails)]
+    if any(c["check"] in NUMERIC and ": loss: " in (c.get("detail") or "") for c in at):
+        return "forward"
+    return "backward" if any(c["check"] == "gradients" for c in at) else "optimizer"
+
+
 def signature(case: CaseResult, plant: Optional[str] = None) -> str:
     """The check that failed and where: the sharder, the plant, the verdict, the failing checks
-    (the error kind for an error). Failures with one signature are shrunk once."""
+    (the error kind for an error), and for a numerical failure its severity (last-bit or beyond
+    tolerance, verify/case/severity.py) and first divergent phase (`first_phase`). Failures
+    with one signature are shrunk once."""
     what = error_kind(case) if case.verdict == "error" else "+".join(failing_checks(case))
+    numeric = case.severity if case.severity in (LAST_BIT, BEYOND) else ""
     return " ".join(x for x in (case.sharder_spec or case.sharder,
-                                f"plant={plant}" if plant else "", case.verdict, what) if x)
+                                f"plant={plant}" if plant else "", case.verdict, what, numeric,
+                                first_phase(case) if numeric else "") if x)
 
 
 def _numeric_class(name: str) -> str:
-    # The numerical checks and the gradients check see one thing (the numbers differ from the
+    # The numerical, gradients and optimizer-state checks see one thing (the numbers differ from the
     # reference's): a last-bit error shows in one or the other depending on the model's size.
-    return "numerics" if name in ("numerics", "gradients") else name
+    return "numerics" if name in ("numerics", "gradients", "optimizer_state") else name
 
 
 def same_failure(original: CaseResult, candidate: CaseResult) -> bool:
+    """The candidate fails the way the original does: the same verdict, the original's first
+    failing check among its own, and for a numerical failure the same severity class (a gross
+    failure never shrinks to a last-bit one, nor the other way)."""
     if candidate.passed or candidate.verdict != original.verdict:
+        return False
+    if original.severity in (LAST_BIT, BEYOND) and candidate.severity != original.severity:
         return False
     if original.verdict == "error":
         return error_kind(candidate) == error_kind(original)

@@ -65,8 +65,8 @@ class PoolSet:
             return self.main, ""
         if not isinstance(self.main, RankPool):   # under torchrun: the launched processes only
             return None, (f"the sharder uses the default process group, which here has "
-                          f"{self.main.max_world_size} ranks; launch {world_size} processes for "
-                          f"W={world_size}")
+                          f"{self.main.max_world_size} ranks; launch {world_size} "
+                          f"process{'es' if world_size > 1 else ''} for W={world_size}")
         if world_size not in self._default:
             t0 = time.perf_counter()
             pool = RankPool(world_size, timeout_s=self.timeout_s or self.main.timeout_s)

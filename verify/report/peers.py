@@ -8,6 +8,7 @@ from typing import Any, Iterable
 
 import pandas as pd
 
+from verify.results import headline
 from verify.report._format import _FAILED, _as_dict, _bytes, _cell, _md, _missing, _num
 from verify.report.frames import results_frame
 from verify.report.tables import _yes, failures_table
@@ -123,10 +124,8 @@ def write_peers_report(results: Iterable[Any], out_dir: str | Path, *,
     counts = []
     for sh in sharders:
         g = df[df["sharder"] == sh]
-        counts.append(f"{sh}: {int(g['verdict'].eq('pass').sum())} passed, "
-                      f"{int(g['verdict'].eq('skipped').sum())} skipped, "
-                      f"{int(g['verdict'].isin(_FAILED).sum())} failed")
-    status = "PASS" if bool(df["passed"].all()) else "FAIL"
+        counts.append(f"{sh}: {headline(g.to_dict('records'))}")
+    status = "FAIL" if bool(df["verdict"].isin(_FAILED).any()) else "PASS"
     lines = [f"# Peers: {title}", "",
              f"**{status}**: {df['scenario_json'].nunique()} cases x {len(sharders)} "
              f"sharder(s). " + "; ".join(counts) + f". Generated {now}.", "",

@@ -6,6 +6,7 @@ from typing import Any, Optional
 import numpy as np
 import pandas as pd
 
+from verify.results import worst_first
 from verify.report._format import (
     _GROUP, _as_dict, _bytes, _cell, _held, _int, _md, _missing, _num, _ratio)
 
@@ -32,10 +33,24 @@ def _passes(g: pd.DataFrame) -> str:
     return f"{len(ok)} (" + ", ".join(f"{n} {t}" for t, n in tiers.items()) + ")"
 
 
+def _fails(g: pd.DataFrame) -> str:
+    """'3 (1 last-bit, 2 beyond tolerance)': the failing cases by severity
+    (verify/case/severity.py; none given: unclassified)."""
+    bad = g[g["verdict"] == "fail"]
+    if bad.empty:
+        return "0"
+    sev = bad["severity"].fillna("").replace("", "unclassified") if "severity" in bad else \
+        pd.Series(["unclassified"] * len(bad))
+    counts = sev.value_counts()
+    order = [c for c in ("last-bit", "beyond tolerance", "invariant") if c in counts]
+    order += sorted(c for c in counts.index if c not in order)
+    return f"{len(bad)} (" + ", ".join(f"{counts[c]} {c}" for c in order) + ")"
+
+
 def summary_table(df: pd.DataFrame) -> str:
     """Markdown: a row per (sharder if several) x family x world size x mode, the verdicts in
-    one vocabulary (pass, saying in which tier; reported; fail; error; skipped) and the worst
-    differences. The invariants are `invariants_table`'s."""
+    one vocabulary (pass, saying in which tier; reported; fail, by severity; error; skipped) and
+    the worst differences. The invariants are `invariants_table`'s."""
     if df.empty:
         return "No cases."
     df, keys = _keys(df)
@@ -44,8 +59,9 @@ def summary_table(df: pd.DataFrame) -> str:
     rows = []
     for key, g in df.sort_values(keys).groupby(keys, sort=False):
         key = key if isinstance(key, tuple) else (key,)
-        row = [str(k) for k in key] + [_passes(g)]
-        row += [str(int(g["verdict"].eq(v).sum())) for v in ("reported", "fail", "error", "skipped")]
+        row = [str(k) for k in key] + [_passes(g), str(int(g["verdict"].eq("reported").sum())),
+                                       _fails(g)]
+        row += [str(int(g["verdict"].eq(v).sum())) for v in ("error", "skipped")]
         row += [_int(g["max_ulp"].max()), _num(g["max_abs"].max())]
         rows.append(row)
     return _md(rows, headers)
@@ -141,7 +157,7 @@ def diagnosis_section(results: list[dict]) -> str:
     scenario, how each fails, a replay command for both, flakiness, the first divergence and,
     for a hang, the first divergent collective. "" when no case was diagnosed."""
     seen, parts = set(), []
-    for r in results:
+    for r in sorted(results, key=worst_first):   # the worst signature first, led by its worst case
         sig = r.get("signature")
         if not sig or sig in seen:
             continue
@@ -224,7 +240,9 @@ the reference bit for bit; tolerance: within the dtype's `torch.testing` toleran
 fast mode with an Adam-family optimizer at W >= 4, where last-bit gradient differences may flip
 tiny updates, so the figures are reported and held only to the bound of what Adam can do
 (`verify/compare.py`, [Note: reported tier bounds]), not asserted tight; *fail*: a check failed
-(the failing cases below say which); *error*: the case did not complete (a rank raised, died or
+(the failing cases below say which), counted by severity: *last-bit* (every difference within the
+dtype's `torch.testing` tolerance), *beyond tolerance*, *invariant* (a non-numerical check);
+*error*: the case did not complete (a rank raised, died or
 hung); *skipped*: the sharder does not run the case (outside its declared modes, dtypes,
 offload or mesh support, or its `unsupported()`), with the reason. *max ULP* and *max |Δ param|*
 are the worst over the group's cases and steps."""

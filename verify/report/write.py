@@ -4,9 +4,10 @@ from __future__ import annotations
 import json
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Optional
 
 from verify.report._format import _FAILED, _as_dict
+from verify.results import headline
 from verify.report.frames import results_frame
 from verify.report.plots import _write_plots
 from verify.report.sections import (
@@ -18,6 +19,26 @@ from verify.report.tables import (
 
 # -- files ------------------------------------------------------------------------------------
 
+def load_blas(path: str | Path) -> Any:
+    """The BLAS line results.json was written with (verify/blas.py), or None."""
+    data = json.loads(Path(path).read_text())
+    return data.get("blas") if isinstance(data, dict) else None
+
+
+def load_declined(path: str | Path) -> Optional[dict]:
+    """The draws declined while drawing, by reason, as results.json saved them, or None."""
+    data = json.loads(Path(path).read_text())
+    return data.get("declined") if isinstance(data, dict) else None
+
+
+def declined_line(declined: dict) -> str:
+    """One line: how many draws the adapters declined, and why (the most frequent first)."""
+    parts = [f"{n}: {reason}" for reason, n in sorted(declined.items(), key=lambda kv: -kv[1])]
+    return (f"Declined while drawing (drawn again, so that the cases run): "
+            f"{sum(declined.values())} draws; " + "; ".join(parts[:8])
+            + (f"; and {len(parts) - 8} other reasons" if len(parts) > 8 else ""))
+
+
 def load_results(path: str | Path) -> tuple[str, list[dict]]:
     """Read results.json (as `write_reports` writes it, or a bare list) -> (title, results)."""
     data = json.loads(Path(path).read_text())
@@ -28,11 +49,14 @@ def load_results(path: str | Path) -> tuple[str, list[dict]]:
 
 def write_reports(results: Iterable[Any], out_dir: str | Path, *,
                   title: str = "Equivalence report", detail_cases: int = 4,
-                  pool_memory: Any = None) -> list[Path]:
+                  pool_memory: Any = None, blas: Any = None,
+                  declined: Optional[dict] = None) -> list[Path]:
     """Write equivalence.md, results.csv, results.json (+ PNG plots when matplotlib is
     installed) into `out_dir`; return the paths written. ``pool_memory``: the RSS samples of
     the pool's ranks after every case (verify/tools/soak.py), saved in results.json under that key
-    and rendered as the "Pool memory" section."""
+    and rendered as the "Pool memory" section. ``blas``: what the campaign set for the BLAS's
+    reproducibility (`verify.blas.describe`), saved and said under the headline. ``declined``:
+    {reason: draws} the adapters declined while drawing (verify/case/draw.py), likewise."""
     results = [_as_dict(r) for r in results]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -44,6 +68,10 @@ def write_reports(results: Iterable[Any], out_dir: str | Path, *,
     saved: dict[str, Any] = {"title": title, "generated": now, "results": results}
     if pool_memory is not None:
         saved["pool_memory"] = pool_memory
+    if blas is not None:
+        saved["blas"] = blas
+    if declined:
+        saved["declined"] = declined
     path.write_text(json.dumps(saved, indent=1, default=list) + "\n")
     written.append(path)
     path = out / "results.csv"
@@ -54,16 +82,14 @@ def write_reports(results: Iterable[Any], out_dir: str | Path, *,
     written += plots
 
     n = len(df)
-    passed = int(df["passed"].sum()) if n else 0
     failed = int(df["verdict"].isin(_FAILED).sum()) if n else 0
-    skipped = int((df["verdict"] == "skipped").sum()) if n else 0
-    reported = int((df["verdict"] == "reported").sum()) if n else 0
-    status = "PASS" if passed == n else "FAIL"
-    lines = [f"# {title}", "",
-             f"**{status}**: {n} cases, {passed} passed, {failed} failed"
-             + (f" ({reported} of the passed reported, not asserted tight)" if reported else "")
-             + (f", {skipped} skipped" if skipped else "") + f". Generated {now}.",
+    status = "FAIL" if failed else "PASS"
+    lines = [f"# {title}", "", f"**{status}**: {n} cases: {headline(results)}. Generated {now}.",
              ""]
+    if blas:
+        lines += [str(blas), ""]
+    if declined:
+        lines += [declined_line(declined), ""]
     if n:
         lines += [_describe_run(df), ""]
     lines += ["## Summary", "", summary_table(df), "", _VERDICTS_LEGEND, "",

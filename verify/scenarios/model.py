@@ -12,7 +12,8 @@ import torch.nn as nn
 from verify.scenarios.families import family_module
 from verify.scenarios.scenario import WRAPS, Scenario, _derive_seed
 
-__all__ = ["build_model", "init_weights", "param_names", "wrap_units"]
+__all__ = ["build_model", "init_weights", "param_names", "wrap_units", "tied_owners", "tie_weights",
+           "split_ties"]
 
 
 # -- model --------------------------------------------------------------------------------------
@@ -54,9 +55,7 @@ def init_weights(model: nn.Module, s: Scenario) -> None:
     Ties are first restored by calling `tie_weights()` on every module that defines it, since
     Module.to_empty() (materialising a meta model) gives each alias its own tensor.
     """
-    for module in model.modules():
-        if hasattr(module, "tie_weights"):
-            module.tie_weights()
+    tie_weights(model)
     seen: set[int] = set()
     for prefix, module in model.named_modules():
         dot = prefix + "." if prefix else ""
@@ -92,6 +91,25 @@ def _fill(t: torch.Tensor, value: torch.Tensor) -> None:
     t.copy_(value)
 
 
+def tie_weights(model: nn.Module) -> None:
+    """``tie_weights()`` on every module that defines it: restores the model's ties (after
+    Module.to_empty(), or after sharding for a scenario whose ties are "split_retie", as
+    transformers re-ties a model once it is wrapped)."""
+    for module in model.modules():
+        if hasattr(module, "tie_weights"):
+            module.tie_weights()
+
+
+def tied_owners(model: nn.Module) -> list[list[nn.Module]]:
+    """For every parameter registered directly on two or more modules (a tie), those modules
+    in `named_modules()` order."""
+    owners: dict[int, list[nn.Module]] = {}
+    for _, m in model.named_modules():
+        for p in dict.fromkeys(m.parameters(recurse=False)):
+            owners.setdefault(id(p), []).append(m)
+    return [ms for ms in owners.values() if len(ms) >= 2]
+
+
 def param_names(model: nn.Module) -> list[str]:
     """Parameter names as model.state_dict() has them: tied parameters under every name."""
     return [name for name, _ in model.named_parameters(remove_duplicate=False)]
@@ -105,6 +123,10 @@ def wrap_units(s: Scenario, model: nn.Module) -> list[nn.Module]:
     per_block: each block of the family. root_only: [model]. every_leaf: every module that
     directly owns parameters, except modules sharing a parameter with another module (a tied
     pair must stay inside one unit, so it falls to the nearest enclosing unit), then the root.
+    Unless the scenario keeps its ties (``ties`` "split" or "split_retie"), the first module
+    owning each tied parameter (the input embedding) is added as a unit of its own, so the tie
+    spans two units: accelerate's FSDP2 preparation, which wrapped the embedding (with the final
+    norm) and left the tied head to the root (pytorch#176076, docs/real_bugs.md).
     Order is post-order (children before parents), so no unit precedes a unit inside it.
     """
     post = list(_post_order(model))
@@ -122,9 +144,32 @@ def wrap_units(s: Scenario, model: nn.Module) -> list[nn.Module]:
                  and all(owners[id(p)] == 1 for p in m.parameters(recurse=False))]
     else:
         raise ValueError(f"wrap={s.wrap!r}: allowed values are {list(WRAPS)}")
+    if s.ties != "kept":   # the first owner of each tie (an input embedding) in a unit of its own
+        units = list(units) + [next(m for m in ms if m is not model) for ms in tied_owners(model)]
     position = {id(m): i for i, m in enumerate(post)}
+    units = list({id(m): m for m in units}.values())
     units = sorted((m for m in units if m is not model), key=lambda m: position[id(m)])
     return units + [model]
+
+
+def split_ties(s: Scenario) -> list[str]:
+    """Names of the tied parameters whose owning modules fall in different wrap units under the
+    scenario's plan (built on the meta device): what a sharder that refuses split ties refuses."""
+    model = build_model(s, device="meta")
+    units = {id(m) for m in wrap_units(s, model)}
+    unit_of: dict[int, int] = {}
+
+    def walk(m: nn.Module, unit: int) -> None:   # each module's innermost enclosing unit
+        unit = id(m) if id(m) in units else unit
+        unit_of.setdefault(id(m), unit)
+        for child in m.children():
+            walk(child, unit)
+    walk(model, id(model))
+    owners: dict[int, list] = {}   # parameter -> (its name, its unit) per module owning it
+    for name, m in model.named_modules():
+        for attr, p in m.named_parameters(recurse=False):
+            owners.setdefault(id(p), []).append((f"{name}.{attr}".lstrip("."), unit_of[id(m)]))
+    return [regs[0][0] for regs in owners.values() if len({u for _, u in regs}) > 1]
 
 
 def _post_order(module: nn.Module, seen: set[int] | None = None):

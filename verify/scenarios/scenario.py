@@ -12,12 +12,18 @@ from typing import Any
 
 from verify.scenarios.families import family_module
 
-__all__ = ["Scenario", "MODES", "OPTIMIZERS", "DTYPES", "WRAPS", "WORLD_SIZES", "ALL_WORLD_SIZES"]
+__all__ = ["Scenario", "MODES", "OPTIMIZERS", "DTYPES", "WRAPS", "TIES", "WORLD_SIZES",
+           "ALL_WORLD_SIZES"]
 
 MODES = ("fast", "deterministic")
 OPTIMIZERS = ("sgd", "sgd_momentum", "adam", "adamw")
 DTYPES = ("fp32", "bf16")
 WRAPS = ("per_block", "root_only", "every_leaf")
+# How the wrap plan treats a parameter tied across modules (verify/scenarios/model.py wrap_units):
+# kept inside one unit; split across two units the way accelerate's FSDP2 preparation did (the
+# input embedding in a unit of its own, the tied head left to the enclosing one); or split and
+# then re-tied after sharding (`tie_weights()`, as transformers does after wrapping).
+TIES = ("kept", "split", "split_retie")
 WORLD_SIZES = (1, 2, 4, 8)            # what campaigns draw by default
 ALL_WORLD_SIZES = tuple(2**i for i in range(11))   # what a scenario may have (1 .. 1024)
 
@@ -42,10 +48,12 @@ class Scenario:
                                           # None: the 1-D group (the JSON leaves it out)
     offload: bool = False       # CPU offload (CPUOffloadPolicy): drawn only for adapters that
                                 #   declare `offload = True`; numerics are unchanged by it
+    ties: str = "kept"          # "kept" | "split" | "split_retie" (TIES); a model without a
+                                #   tied parameter is the same at every value
 
     # -- serialisation ------------------------------------------------------------------------
     def to_json(self) -> str:
-        """Compact JSON. ``offload`` appears only when True, so a case without it prints the
+        """Compact JSON. ``offload`` appears only when True (``ties`` only when not "kept"), so a case without it prints the
         same replay line as before the field existed (and old lines load: it defaults False)."""
         d = dataclasses.asdict(self)
         d["model"] = dict(self.model)
@@ -55,6 +63,8 @@ class Scenario:
             d["mesh"] = list(d["mesh"])
         if not d["offload"]:
             del d["offload"]
+        if d["ties"] == "kept":   # likewise: a case with its ties kept prints as before
+            del d["ties"]
         return json.dumps(d, separators=(",", ":"))
 
     @classmethod
@@ -119,6 +129,7 @@ class Scenario:
         _one_of("optimizer", self.optimizer, OPTIMIZERS)
         _one_of("dtype", self.dtype, DTYPES)
         _one_of("wrap", self.wrap, WRAPS)
+        _one_of("ties", self.ties, TIES)
         if not (isinstance(self.lr, float) and math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"lr={self.lr!r}: must be a finite float > 0")
         if not (isinstance(self.weight_decay, float) and 0 <= self.weight_decay < math.inf):

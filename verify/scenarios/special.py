@@ -6,7 +6,10 @@ Each block holds, side by side:
   - `tie_a`, `tie_b`: two Linears sharing one weight Parameter (tied inside the block);
   - `gate`: a 2-element Parameter (fewer elements than ranks);
   - `scale` (persistent) and `ramp` (non-persistent) buffers, read but never written.
-The root owns a 0-d Parameter `logit_scale` (a learned temperature). Blocks: root.blocks[i].
+With ``scalar`` (the default) the root owns a 0-d Parameter `logit_scale` (a learned
+temperature); without it the head's output is not scaled, so that sharders that refuse 0-d
+parameters (FSDP2, FSDP1, DeepSpeed) still run the frozen, shared and tied checks (the strategy
+draws both). Blocks: root.blocks[i].
 """
 from __future__ import annotations
 
@@ -14,13 +17,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-DEFAULTS = dict(width=4, n_blocks=2, n_out=3)
+DEFAULTS = dict(width=4, n_blocks=2, n_out=3, scalar=True)
 
 
 def check(kw: dict) -> None:
-    for key in DEFAULTS:
+    for key in ("width", "n_blocks", "n_out"):
         if kw[key] < 1:
             raise ValueError(f"model.{key}={kw[key]!r}: must be >= 1")
+    if not isinstance(kw["scalar"], bool):
+        raise ValueError(f"model.scalar={kw['scalar']!r}: must be a bool")
 
 
 class SpecialBlock(nn.Module):
@@ -49,16 +54,18 @@ class SpecialBlock(nn.Module):
 
 
 class Special(nn.Module):
-    def __init__(self, *, width: int, n_blocks: int, n_out: int):
+    def __init__(self, *, width: int, n_blocks: int, n_out: int, scalar: bool = True):
         super().__init__()
-        self.logit_scale = nn.Parameter(torch.tensor(1.0))  # 0-d
+        if scalar:
+            self.logit_scale = nn.Parameter(torch.tensor(1.0))  # 0-d
         self.blocks = nn.ModuleList(SpecialBlock(width) for _ in range(n_blocks))
         self.head = nn.Linear(width, n_out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for block in self.blocks:
             x = block(x)                           # (B, d)
-        return self.head(x) * self.logit_scale     # (B, n_out)
+        out = self.head(x)                         # (B, n_out)
+        return out * self.logit_scale if hasattr(self, "logit_scale") else out
 
 
 def build(**kw) -> Special:

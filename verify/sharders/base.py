@@ -8,7 +8,8 @@ check runs where the adapter provides its probe and is reported as ``n/a`` where
 
 Beyond section 6, optional methods with defaults that change nothing (a user's adapter may
 ignore them): `unsharded_units` (the ``resharded`` check: which units still hold a gathered copy
-once backward is done), `planned` (the ``plan`` check: a planner's exact per-rank bytes and
+once backward is done), `optimizer_state` (the ``optimizer_state`` check: the optimizer's
+moments and momentum buffers against the reference's), `planned` (the ``plan`` check: a planner's exact per-rank bytes and
 collectives against the measured ones) and `tier` (a tier looser than section 3's for cases
 where the sharder provably cannot owe it, with the reason in a [Note]; it can never tighten a
 tier). For engines that own the training loop's pieces (DeepSpeed, FSDP1):
@@ -147,6 +148,13 @@ class Sharder:
         return None
 
     def reduced_gradients(self, model):
+        return None
+
+    def optimizer_state(self, model, optimizer):
+        """After the step: {parameter name: {state key: (flat offset, this rank's real
+        elements)}} of every state tensor shaped like the parameter (exp_avg, exp_avg_sq,
+        momentum_buffer), the ``local_pieces`` form (check ``optimizer_state``, in every
+        tier). `verify.reference.param_state` builds it from any ``optimizer.state``."""
         return None
 
     def expected_collectives(self, model, trace: StepTrace):

@@ -1,8 +1,9 @@
 """`DistributedDataParallel` through the adapter protocol, on the case's group: the whole model
-replicated (the wrap plan does not apply), fp32, fast mode. Probes: the reduced gradient (every
-rank holds all of it). DDP's all-reduces are issued by its C++ reducer, which no Python
-wrapper sees: the recorder counts them from the process group's sequence number as unseen
-(verify/case/recorder.py), so the reports say "not seen" for DDP's bytes; no collective formula.
+replicated (the wrap plan does not apply), fp32, fast mode. Probes: the reduced gradient and the
+optimizer state (every rank holds all of both). DDP's all-reduces are issued by its C++ reducer,
+which no Python wrapper sees: the recorder counts them from the process group's sequence number
+as unseen (verify/case/recorder.py), so the reports say "not seen" for DDP's bytes; no
+collective formula.
 
 Checkpoints: a full state dict. Every rank holds the whole model and optimizer, so rank 0 alone
 writes ``{"model": module.state_dict(), "optim": optimizer.state_dict()}`` with `torch.save`;
@@ -20,6 +21,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
+from verify.reference import param_state
 from verify.sharders.base import Sharder, WrapPlan
 
 __all__ = ["DDP"]
@@ -51,6 +53,10 @@ class DDP(Sharder):
     def reduced_gradients(self, model):
         return {n: (0, p.grad.detach().reshape(-1).cpu().clone())
                 for n, p in model.module.named_parameters() if p.grad is not None}
+
+    def optimizer_state(self, model, optimizer):
+        return param_state(optimizer, model.module.named_parameters(),
+                           lambda _p, t: (0, t.detach().reshape(-1).cpu().clone()))
 
     def unsupported(self, scenario) -> Optional[str]:
         return None

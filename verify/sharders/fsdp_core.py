@@ -5,6 +5,8 @@ from __future__ import annotations
 import fsdp_core
 from fsdp_core._collectives import GATHER_KIND, REDUCE_SCATTER_KIND
 from verify.plan.units import plan_scenario
+from verify.reference import param_state
+from verify.scenarios import split_ties
 from verify.sharders.base import Sharder, StepTrace, WrapPlan
 
 __all__ = ["FsdpCore", "FsdpCoreNoPrefetch"]
@@ -17,6 +19,13 @@ class FsdpCore(Sharder):
     dtypes = ("fp32", "bf16")
     offload = True
     hsdp = True
+
+    def unsupported(self, scenario):
+        split = split_ties(scenario) if scenario.ties != "kept" else []
+        if split:
+            return (f"fsdp_core refuses a parameter tied across two units ({', '.join(split[:2])}): "
+                    "fully_shard raises ValueError; shard the tie's common ancestor instead")
+        return None
 
     def shard(self, model, plan: WrapPlan, group):
         mp = None
@@ -57,6 +66,16 @@ class FsdpCore(Sharder):
                 piece = unit.pieces[p._fsdp_index]
                 out[name] = (piece.param_start, p.grad.detach()[: piece.real_numel].clone())
         return out
+
+    def optimizer_state(self, model, optimizer):
+        """The state is shaped like the local flat shard: its first real_numel elements."""
+        def piece(p, t):
+            unit = getattr(p, "_fsdp_unit", None)
+            if unit is None:
+                return 0, t.detach().reshape(-1).cpu().clone()
+            at = unit.pieces[p._fsdp_index]
+            return at.param_start, t.detach()[: at.real_numel].cpu().clone()
+        return param_state(optimizer, model.named_parameters(), piece)
 
     def unsharded_units(self, model):
         return [f"{u.module_name}[{u.names[0]}...]" for u in fsdp_core.units_of(model)

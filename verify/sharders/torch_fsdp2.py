@@ -16,9 +16,9 @@ the reduced gradient goes through the offload branch. `pin_memory` needs an acce
 (`Tensor.pin_memory()` raises without one), so it is asked for only where CUDA is available.
 Neither changes a value: offload cases are held to the same tiers as the others.
 
-Probes: the local pieces and the reduced gradient of every DTensor (Shard(0): a contiguous run
-of the flattened parameter starting at the rank's dim-0 offset), so the reassembly and the
-bitwise gradient checks run for FSDP2 as for ours; no padding views (FSDP2 pads internally and
+Probes: the local pieces, the reduced gradient and the optimizer state of every DTensor
+(Shard(0): a contiguous run of the flattened parameter starting at the rank's dim-0 offset), so
+the reassembly, gradient and optimizer-state checks run for FSDP2 as for ours; no padding views (FSDP2 pads internally and
 exposes only unpadded local tensors) and no collective formula.
 
 [Note: peer tiers]
@@ -45,6 +45,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_state_dict, set_state_dict)
+from torch.distributed.checkpoint.stateful import Stateful
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import (CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy,
                                     fully_shard)
@@ -53,10 +54,19 @@ from torch.utils._pytree import tree_leaves
 
 from fsdp_core import hsdp_mesh
 from verify.compare import tier_for
-from verify.scenarios import build_model, loss_fn, make_batch, wrap_units
+from verify.reference import param_state
+from verify.scenarios import build_model, loss_fn, make_batch, split_ties, wrap_units
 from verify.sharders.base import Sharder, WrapPlan
 
-__all__ = ["TorchFSDP2", "shared_unit_inputs"]
+__all__ = ["TorchFSDP2", "TorchFSDP2Stateful", "shared_unit_inputs", "REFUSES_SPLIT_TIES"]
+
+# torch >= 2.12 checks at lazy init that no parameter is managed by two FSDP groups (a tie split
+# across fully_shard calls) and raises; torch <= 2.11 silently unties the pair (pytorch#176076).
+try:   # the check's home is private: where it moved, the version decides
+    from torch.distributed.fsdp._fully_shard._fsdp_state import FSDPState
+    REFUSES_SPLIT_TIES = hasattr(FSDPState, "_validate_no_duplicate_params")
+except ImportError:
+    REFUSES_SPLIT_TIES = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 12)
 
 
 class TorchFSDP2(Sharder):
@@ -73,6 +83,10 @@ class TorchFSDP2(Sharder):
         if zero_d:
             return (f"FSDP2 shards every parameter on dim 0 and refuses 0-d parameters "
                     f"({', '.join(zero_d[:3])})")
+        if scenario.ties != "kept" and REFUSES_SPLIT_TIES and split_ties(scenario):
+            return (f"FSDP2 (torch {torch.__version__}) refuses a parameter tied across two "
+                    f"fully_shard groups ({', '.join(split_ties(scenario)[:2])}): ValueError at "
+                    "the first forward, since torch 2.12 (pytorch#176076)")
         return None
 
     def tier(self, scenario) -> Optional[str]:
@@ -108,6 +122,9 @@ class TorchFSDP2(Sharder):
 
     def reduced_gradients(self, model):
         return {name: _piece(p.grad) for name, p in model.named_parameters() if p.grad is not None}
+
+    def optimizer_state(self, model, optimizer):
+        return param_state(optimizer, model.named_parameters(), lambda _p, t: _piece(t))
 
     # -- checkpoints: the guide's recipe --------------------------------------------------------
     options = None   # StateDictOptions(); None: the default (sharded DTensor state dicts)
@@ -177,3 +194,42 @@ def shared_unit_inputs(s) -> list[str]:
             h.remove()
     shared = [units for units in consumers.values() if len(units) >= 2]
     return sorted({u for units in shared for u in units})
+
+
+class _AppState(Stateful):
+    """The DCP recipe's application state: model and optimizer state dicts produced and
+    consumed through `get_state_dict` / `set_state_dict` when DCP asks."""
+
+    def __init__(self, adapter: "TorchFSDP2", model, optimizer):
+        self.adapter, self.model, self.optimizer = adapter, model, optimizer
+
+    def state_dict(self) -> dict:
+        return self.adapter._state(self.model, self.optimizer)
+
+    def load_state_dict(self, state: dict) -> None:
+        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
+                       optim_state_dict=state["optim"],
+                       options=self.adapter.options or StateDictOptions())
+
+
+class TorchFSDP2Stateful(TorchFSDP2):
+    """FSDP2 checkpointed as the DCP recipe does it: one ``{"app": AppState}`` dict, a
+    `Stateful`, kept for the run and handed to every `dcp.save` and `dcp.load`. Where
+    `dcp.load` replaces the Stateful entries of that dict with plain state dicts (torch 2.4 and
+    2.5, pytorch#138575), the next save writes the values as loaded: a double resume
+    (verify/campaign/resume.py) shows it. Not a built-in: ``--sharder
+    verify.sharders.torch_fsdp2:TorchFSDP2Stateful``."""
+    name = "torch_fsdp2_stateful"
+
+    def _app(self, model, optimizer) -> dict:
+        if getattr(self, "_app_state", None) is None:
+            self._app_state = {"app": _AppState(self, model, optimizer)}
+        return self._app_state
+
+    def save(self, path, model, optimizer):
+        dcp.save(self._app(model, optimizer), checkpoint_id=path,
+                 process_group=self._group_of(model))
+
+    def load(self, path, model, optimizer):
+        dcp.load(self._app(model, optimizer), checkpoint_id=path,
+                 process_group=self._group_of(model))

@@ -6,6 +6,9 @@ step, with a barrier around each step; the median of the steps after warm-up is 
 Deterministic mode runs with k = 1 micro-batch per rank (M = W), so it does exactly the work of
 fast mode and its extra cost is the all-to-all plus the ordered sum.
 
+The compute floor is the same model trained unsharded (no collectives, no hooks) by every rank
+on its own batch, interleaved with the others: ours over it is the distance to the limit.
+
 Per rank and variant it also measures the bytes of parameters + gradients + optimizer state
 (against the ZeRO-3 model 16N/W + the largest unit's unsharded bytes), the peak bytes of
 unsharded parameters alive at once (fsdp_core), and the collectives of one step by kind
@@ -15,6 +18,7 @@ is measured in the same run.
 from __future__ import annotations
 
 import dataclasses
+import os
 import statistics
 import time
 from pathlib import Path
@@ -30,12 +34,25 @@ from verify.case.train import Trainer
 from verify.ranks.pool import RankPool
 from verify.ranks.poolset import PoolSet
 from verify.scenarios import Scenario
-from verify.sharders import StepTrace, display_name, load_class, resolve
+from verify.sharders import Sharder, StepTrace, display_name, load_class, resolve
 from verify.tools.bench_memory import FSDP2Unsharded, peak_allocated, uses_fsdp2
 from verify.tools.bench_overhead import harness_cost
 from verify.tools.bench_report import fmt_bytes, write_performance_report
 
-__all__ = ["bench_case", "run_bench"]
+__all__ = ["bench_case", "run_bench", "Unsharded"]
+
+
+class Unsharded(Sharder):
+    """The compute floor: the model as it is, trained by each rank alone on its own batch (the
+    same per-rank batch as the sharded variants); nothing is communicated."""
+    name = "unsharded"
+
+    def shard(self, model, plan, group):
+        return model
+
+    def set_gradient_sync(self, model, flag: bool) -> None:
+        pass
+
 
 # label -> (sharder spec, mode): every variant trains the same model on the same data through
 # the one training protocol (verify/case/train.py), interleaved step by step. `--sharder` adds
@@ -45,6 +62,7 @@ VARIANTS = {
     "fsdp_core_noprefetch": ("verify.sharders.fsdp_core:FsdpCoreNoPrefetch", "fast"),
     "fsdp_core_det": ("fsdp_core", "deterministic"),
     "fsdp2": ("torch_fsdp2", "fast"),
+    "floor": ("verify.tools.bench:Unsharded", "fast"),
 }
 # HSDP at W = 8: fsdp_core and FSDP2 on the same (replicate, shard) mesh.
 HSDP_MESHES = ((2, 4), (4, 2))
@@ -139,6 +157,7 @@ def _row(w: int, values: list[dict]) -> dict:
     return dict(
         world_size=w, n_params=n, ms=ms,
         ours_over_fsdp2=ms["fsdp_core"] / ms["fsdp2"],
+        ours_over_floor=ms["fsdp_core"] / ms["floor"], fsdp2_over_floor=ms["fsdp2"] / ms["floor"],
         noprefetch_over_ours=ms["fsdp_core_noprefetch"] / ms["fsdp_core"],
         det_over_fast=ms["fsdp_core_det"] / ms["fsdp_core"],
         state=state, state_over_fsdp2=state["fsdp_core"] / state["fsdp2"],
@@ -151,6 +170,7 @@ def _row(w: int, values: list[dict]) -> dict:
                               if peak_unsharded["fsdp2"] else None),
         collectives=ours["collectives"], expected=ours["expected"],
         collectives_ok=all(_same_traffic(v[k]) for k in v if v[k].get("expected") is not None),
+        floor_peak_over_fsdp2=peak_alloc["floor"] / peak_alloc["fsdp2"],
         det_collectives=v["fsdp_core_det"]["collectives"], det_expected=v["fsdp_core_det"]["expected"],
         fsdp2_collectives=v["fsdp2"]["collectives"],
     )
@@ -226,24 +246,30 @@ def run_bench(*, world_sizes: Sequence[int] = (1, 2, 4, 8), steps: int = 10, war
                       f"{fmt_bytes(r['fsdp2_state'])}", flush=True)
             s = bench_scenario(w, width=width, layers=layers, vocab=vocab, seq=seq, batch=batch)
             print(f"bench: W={w} ({', '.join(VARIANTS)}), {warmup} warm-up + {steps} timed steps", flush=True)
+            load0 = os.getloadavg()[0]
             rows.append(_row(w, _bench_run(pool, s, steps, warmup, None, timeout_s, f"W={w}")))
             row = rows[-1]
+            row["load"] = (load0, os.getloadavg()[0])  # the machine's 1-minute load, before and after
             print(f"  ours {row['ms']['fsdp_core']:.1f} ms, FSDP2 {row['ms']['fsdp2']:.1f} ms, ours/FSDP2 "
-                  f"{row['ours_over_fsdp2']:.2f}; no-prefetch/prefetch {row['noprefetch_over_ours']:.2f}; "
+                  f"{row['ours_over_fsdp2']:.2f}; ours/floor {row['ours_over_floor']:.2f}; no-prefetch/prefetch {row['noprefetch_over_ours']:.2f}; "
                   f"deterministic/fast {row['det_over_fast']:.2f}; state ours/FSDP2 {row['state_over_fsdp2']:.3f}, "
                   f"ours/(16N/W) {row['state_over_zero3']:.3f}; peak step memory ours/FSDP2 "
-                  f"{row['peak_alloc_over_fsdp2']:.2f}; collectives = formula: {row['collectives_ok']}", flush=True)
+                  f"{row['peak_alloc_over_fsdp2']:.2f}; collectives = formula: {row['collectives_ok']}; load "
+                  f"{row['load'][0]:.1f} -> {row['load'][1]:.1f}", flush=True)
         hsdp_rows = []
         for mesh in HSDP_MESHES if max(world_sizes) >= 8 else ():
             s = dataclasses.replace(bench_scenario(8, width=width, layers=layers, vocab=vocab,
                                                    seq=seq, batch=batch), mesh=mesh)
             pool.prepare_hsdp(pool.main)
+            load0 = os.getloadavg()[0]
             hsdp_rows.append(_hsdp_row(mesh, _bench_run(pool, s, steps, warmup, HSDP_VARIANTS,
                                                         timeout_s, f"HSDP {mesh}")))
             r = hsdp_rows[-1]
+            r["load"] = (load0, os.getloadavg()[0])
             print(f"bench: HSDP {mesh[0]}x{mesh[1]}: ours {r['ms']:.1f} ms, FSDP2 {r['fsdp2_ms']:.1f} ms, "
                   f"ours/FSDP2 {r['over_fsdp2']:.2f}; state ours/FSDP2 {r['state_over_fsdp2']:.3f}; "
-                  f"collectives = formula: {r['collectives_ok']}", flush=True)
+                  f"collectives = formula: {r['collectives_ok']}; load {r['load'][0]:.1f} -> {r['load'][1]:.1f}",
+                  flush=True)
         overhead = harness_cost(pool, min(4, max(world_sizes)), harness_cases, spawn_cases)
         print(f"  harness at W={overhead['world_size']}: {overhead['pool_same_cases_s']:.3f} s per drawn case "
               f"through the pool vs {overhead['spawn_case_s']:.2f} s on freshly spawned ranks: "

@@ -26,15 +26,16 @@ from verify.tools.plants import BUGS, FAULTS, PLANTS
 __all__ = ["failed_checks", "describe", "MutantOutcome", "run_mutants", "main"]
 
 # Checks, in the order they are named. Numerical checks are named after the tier that held them.
-CHECKS = ("error", "bitwise", "tolerance", "reported", "structure", "gradients", "padding",
-          "resharded", "reassembly", "collectives", "backend")
+CHECKS = ("error", "bitwise", "tolerance", "reported", "structure", "gradients", "optimizer_state",
+          "padding", "resharded", "reassembly", "collectives", "backend")
 
 
 def failed_checks(case: CaseResult) -> tuple[str, ...]:
     """Which checks a case failed: 'error' (a rank raised, died or hung), the numerical tier
     that failed ('bitwise', 'tolerance', 'reported'), 'structure' (missing or unexpected
-    parameters), 'gradients' (the reduced gradient, bitwise tier), 'padding', 'resharded' (a
-    unit still unsharded after backward), 'reassembly', 'collectives', 'backend' (a
+    parameters), 'gradients' (the reduced gradient), 'optimizer_state' (the optimizer's moments
+    and momentum buffers), 'padding', 'resharded' (a unit still unsharded after backward),
+    'reassembly', 'collectives', 'backend' (a
     torch.distributed collective failed verify/ranks/backend_check.py)."""
     if case.verdict == "error":
         return ("error",)

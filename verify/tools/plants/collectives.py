@@ -17,8 +17,8 @@ def reduce_scale_2pow20(ctx) -> Undo:
     scale = 1.0 + 2.0**-20
 
     def make(orig):
-        def fn(flat, group):
-            return orig(flat, group).mul_(scale)
+        def fn(flat, group, **kwargs):  # fast mode's is async (a Pending): scale when waited on
+            return C.then(orig(flat, group, **kwargs), lambda t: t.mul_(scale))
         return fn
     return undo_all([patch(C, "reduce_scatter_mean", make(C.reduce_scatter_mean)),
                      patch(C, "tree_reduce_mean", make(C.tree_reduce_mean))])
@@ -26,14 +26,16 @@ def reduce_scale_2pow20(ctx) -> Undo:
 
 def no_divide_by_world(ctx) -> Undo:
     """The gradient reduction sums over ranks but never divides by the world size W (the step
-    uses W times the gradient). Invisible at W = 1, and to Adam (scale-invariant)."""
+    uses W times the gradient). Invisible at W = 1; Adam's parameters barely move (it is
+    scale-invariant), its moments are W and W^2 times the reference's."""
 
     @torch.no_grad()
-    def reduce_scatter_sum(flat, group):
+    def reduce_scatter_sum(flat, group, *, async_op=False):
         world = dist.get_world_size(group)
         out = torch.empty(flat.numel() // world, dtype=flat.dtype, device=flat.device)
-        getattr(dist, C.REDUCE_SCATTER_KIND)(out, flat, op=dist.ReduceOp.SUM, group=group)
-        return out
+        work = getattr(dist, C.REDUCE_SCATTER_KIND)(out, flat, op=dist.ReduceOp.SUM, group=group,
+                                                    async_op=async_op)
+        return C.Pending(work, lambda: out) if async_op else out
 
     @torch.no_grad()
     def tree_reduce_sum(flat, group):

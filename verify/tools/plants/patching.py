@@ -31,11 +31,30 @@ def group_rank(kwargs: dict) -> int:
     return dist.get_rank(kwargs.get("group"))
 
 
+class _Waited:
+    """A work already waited on, handed back to the caller in its place: its ``wait()`` returns
+    at once. (gloo's async reduce-scatter copies its result into the output on *every*
+    ``wait()``: the caller's own wait would undo the plant's edit.)"""
+
+    def __init__(self, work):
+        self._work = work
+
+    def wait(self, *args, **kwargs) -> bool:
+        return True
+
+    def is_completed(self) -> bool:
+        return True
+
+    def __getattr__(self, name):
+        return getattr(self._work, name)
+
+
 def completed(work):
     """An async collective's output is written only by its end: a plant that edits the output
-    waits first (the caller's own later ``wait()`` then returns at once)."""
+    waits first, and hands back a work whose ``wait()`` returns at once."""
     if work is not None:
         work.wait()
+        return _Waited(work)
     return work
 
 

@@ -1,0 +1,87 @@
+"""Planted adapters for the verdict tests (tests/test_verdicts.py).
+
+`Misaligned`: correct, but every parameter lives in a flat buffer at an odd storage offset (the
+way flat-parameter sharders hold them), so MKL's alignment-dependent code paths would show unless
+MKL_CBWR is strict (verify/blas.py). `TwoFaults`: a last-bit fault (one element one ulp off) in
+models without frozen parameters and a gross one (a parameter off by 0.5) in models with them,
+so that one campaign fails with two signatures. `DeclinesDecay`: declines weight decay by name,
+as an adapter of a course FSDP does. `NoScalars`: refuses 0-d parameters, as FSDP2 does.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from verify.scenarios import build_model
+from verify.sharders.ddp import DDP
+
+
+def _into_flat_buffer(model: torch.nn.Module) -> None:
+    """Every distinct parameter's data moved into one flat buffer, each at an odd offset."""
+    params = list(dict.fromkeys(model.parameters()))
+    total = sum(p.numel() + 2 for p in params) + 1
+    buf = torch.zeros(total, dtype=torch.float32)
+    at = 1
+    for p in params:
+        view = buf[at: at + p.numel()].view(p.shape)
+        view.copy_(p.detach())
+        p.data = view
+        at += p.numel() + (2 if p.numel() % 2 == 0 else 1)   # the next one at an odd offset
+        assert p.data.storage_offset() % 2 == 1
+
+
+class Misaligned(DDP):
+    name = "misaligned"
+
+    def shard(self, model, plan, group):
+        _into_flat_buffer(model)
+        return super().shard(model, plan, group)
+
+
+class TwoFaults(DDP):
+    name = "two_faults"
+
+    def shard(self, model, plan, group):
+        self.gross = any(not p.requires_grad for p in model.parameters())
+        return super().shard(model, plan, group)
+
+    def full_parameters(self, model, optimizer):
+        full = super().full_parameters(model, optimizer)
+        name = next(iter(full))
+        t = full[name].reshape(-1)
+        if self.gross:
+            t[0] += 0.5
+        else:
+            t[0] = torch.nextafter(t[0], torch.tensor(float("inf")))
+        return full
+
+
+class DeclinesDecay(DDP):
+    name = "declines_decay"
+
+    def unsupported(self, scenario) -> Optional[str]:
+        return "no weight decay (declined by name)" if scenario.weight_decay else None
+
+
+class NoScalars(DDP):
+    name = "no_scalars"
+
+    def unsupported(self, scenario) -> Optional[str]:
+        zero_d = [n for n, p in build_model(scenario, device="meta").named_parameters() if p.dim() == 0]
+        return f"refuses 0-d parameters ({', '.join(zero_d)})" if zero_d else None
+
+
+class OtherKernel(DDP):
+    """Correct sharding, another kernel: the first Linear wrap unit computes in float64 and
+    rounds once (the reference's fp32 GEMM rounds as it accumulates)."""
+    name = "other_kernel"
+
+    def shard(self, model, plan, group):
+        linear = next(m for _, m in plan.units if isinstance(m, torch.nn.Linear))
+
+        def forward(x, m=linear):
+            bias = None if m.bias is None else m.bias.double()
+            return torch.nn.functional.linear(x.double(), m.weight.double(), bias).to(x.dtype)
+        linear.forward = forward
+        return super().shard(model, plan, group)
