@@ -38,7 +38,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install $(TORCH_PIP_ARGS) "$(TORCH_SPEC)"
-	$(PY) -m pip install -e '.[test,hf]' "$(TORCH_SPEC)"   # torch named again: never upgraded
+	$(PY) -m pip install -e '.[test,hf,deepspeed]' "$(TORCH_SPEC)"   # torch named again: never upgraded
 	@touch $@
 	@$(PY) -c "import torch; print('torch', torch.__version__, 'in $(VENV)')"
 

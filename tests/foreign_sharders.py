@@ -99,3 +99,62 @@ class FSDP2Undeclared(TorchFSDP2):
 
     def unsupported(self, scenario):
         return None
+
+
+# -- the optional hooks for engines (verify/sharders/base.py) -------------------------------------
+
+from verify.sharders.ddp import DDP  # noqa: E402  (the hooks below are DDP's, changed one at a time)
+
+
+class HalfBackward(DDP):
+    """`backward` halves the loss: the harness must run it, so the case fails."""
+    name = "half_backward"
+
+    def backward(self, model, loss):
+        (loss * 0.5).backward()
+
+
+class NoSyncOnly(DDP):
+    """Deterministic mode through `gradient_sync` alone (DDP's ``no_sync()``): the flag
+    setter raises, so a pass proves the harness used the context."""
+    name = "no_sync_only"
+    modes = ("fast", "deterministic")
+
+    def set_gradient_sync(self, model, flag):
+        raise RuntimeError("the harness must use gradient_sync, not set_gradient_sync")
+
+    def gradient_sync(self, model, flag):
+        import contextlib  # reason: only this test adapter needs it
+        return contextlib.nullcontext() if flag else model.no_sync()
+
+
+class EngineBuilt(DDP):
+    """No `shard`: the model and its optimizer come from `shard_with_optimizer` together, and
+    `state_bytes` is the adapter's own figure (the parameters' bytes, counted here)."""
+    name = "engine_built"
+    shard = Sharder.shard   # not overridden: shard_with_optimizer alone must do
+
+    def shard_with_optimizer(self, model, plan, group):
+        engine = DDP.shard(self, model, plan, group)
+        return engine, plan.make_optimizer(engine.module.named_parameters())
+
+    def state_bytes(self, model, optimizer):
+        return 7 * sum(p.numel() for p in model.module.parameters())
+
+
+class LauncherEnv(DDP):
+    """A default-group sharder that reads the launcher's variables as DeepSpeed does."""
+    name = "launcher_env"
+    world = "default"
+
+    def shard(self, model, plan, group):
+        import os  # reason: only this test adapter reads the environment
+        import torch.distributed as dist  # reason: likewise
+        env = {k: os.environ.get(k) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE",
+                                              "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+        want = {"RANK": str(dist.get_rank()), "LOCAL_RANK": str(dist.get_rank()),
+                "WORLD_SIZE": str(dist.get_world_size()),
+                "LOCAL_WORLD_SIZE": str(dist.get_world_size()), "MASTER_ADDR": "127.0.0.1"}
+        if any(env[k] != v for k, v in want.items()) or not (env["MASTER_PORT"] or "").isdigit():
+            raise RuntimeError(f"launcher variables {env}, wanted {want}")
+        return DDP.shard(self, model, plan, group)

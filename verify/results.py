@@ -11,7 +11,11 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 __all__ = ["StepRecord", "CaseResult", "VERDICTS", "PASSING", "held_verdict", "headline",
-           "SEVERITY_CLASSES", "worst_first", "severity_label"]
+           "SEVERITY_CLASSES", "worst_first", "severity_label", "UNSEEN"]
+
+# The collective kind under which a step records the collectives its process groups ran that
+# the recorder could not see (issued below Python): [count, 0]; the step's bytes are unknown.
+UNSEEN = "not_seen"
 
 # pass: every check held, in the bitwise or the tolerance tier (`tier` says which). reported:
 # every check held in the reported tier (fast mode, Adam family, W >= 4): figures within the

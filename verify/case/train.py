@@ -6,7 +6,10 @@ fast: rank r concatenates its k = M/W micro-batches [r*k, (r+1)*k) into one loca
 forward/backward with gradient sync. deterministic: k forward/backwards, loss_m / k each,
 ``set_gradient_sync(i == k - 1)`` before the i-th. Then ``optimizer.step()`` and
 ``optimizer.zero_grad(set_to_none=True)``. Both are what the reference (verify/reference.py)
-mirrors. The step loss is gathered over the ranks: deterministic = step_loss over all M
+mirrors. The adapter's optional hooks stand in where an engine owns a piece
+(`verify.sharders.base`): ``shard_with_optimizer`` builds model and optimizer, ``backward(model,
+loss)`` runs each backward, ``gradient_sync(model, flag)`` is the context around each
+deterministic micro-batch, ``state_bytes(model, optimizer)`` measures the state. The step loss is gathered over the ranks: deterministic = step_loss over all M
 micro-batch losses in global order; fast = tree over the ranks' local mean losses / W.
 
 `Trainer.step(..., probes=True)` also records, per step, what the adapter's optional probes
@@ -18,16 +21,17 @@ time left out).
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from typing import Any, Callable, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 
-from verify.case.probes import CollectiveRecorder, nonzero_padding, state_bytes, watch_units
+from verify.case.probes import CollectiveRecorder, nonzero_padding, watch_units
 from verify.diagnosis.collective_log import CollectiveLog
 from verify.ranks.backend_check import backend_problem
-from verify.sharders import DEFAULT_SHARDER, StepTrace, load, plan_for
+from verify.sharders import DEFAULT_SHARDER, Sharder, StepTrace, load, plan_for
 from verify.scenarios import (Scenario, build_model, cat_batches, loss_fn, make_batch, step_loss,
                               tie_weights, tree)
 from verify.tools.plants import planted
@@ -35,7 +39,25 @@ from verify.tools.plants import planted
 # The pinned torch deprecates all_gather_into_tensor for all_gather_single; older torch lacks it.
 _GATHER = "all_gather_single" if hasattr(dist, "all_gather_single") else "all_gather_into_tensor"
 
-__all__ = ["Trainer", "run_case", "case_group"]
+__all__ = ["Trainer", "run_case", "case_group", "launcher_env"]
+
+# MASTER_PORT as a launcher would set it; nothing listens on it (see launcher_env).
+LAUNCHER_PORT = 29500
+
+
+def launcher_env(group) -> dict[str, str]:
+    """Set (where unset) the variables a launcher (torchrun, the deepspeed launcher) gives each
+    process, for the default group ``group`` this process is a rank of: RANK, LOCAL_RANK,
+    WORLD_SIZE, LOCAL_WORLD_SIZE (every rank is on this machine), MASTER_ADDR (loopback) and
+    MASTER_PORT. The default group exists already, so no library needs them to rendezvous and
+    nothing is opened for them; one that rendezvoused through ``env://`` anyway would listen on
+    loopback only (README "Security"). Under torchrun they are set already and kept."""
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    values = {"RANK": rank, "LOCAL_RANK": rank, "WORLD_SIZE": world, "LOCAL_WORLD_SIZE": world,
+              "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": LAUNCHER_PORT}
+    for key, value in values.items():
+        os.environ.setdefault(key, str(value))
+    return {k: os.environ[k] for k in values}
 
 
 def case_group(sharder, ctx):
@@ -49,6 +71,7 @@ def case_group(sharder, ctx):
             f"{sharder.name} uses the default process group (world = 'default'), which has "
             f"{dist.get_world_size()} ranks, but the case runs on {ctx.world_size}: the harness "
             "must run it on a pool of exactly the case's world size")
+    launcher_env(dist.group.WORLD)
     return dist.group.WORLD
 
 
@@ -85,11 +108,19 @@ class Trainer:
         if optimizer_kwargs:  # the bench gives every sharder one optimizer implementation
             self.plan = dataclasses.replace(
                 self.plan, optimizer_kwargs={**self.plan.optimizer_kwargs, **optimizer_kwargs})
-        sharded = self.sharder.shard(model, self.plan, self.group)
-        self.model = model if sharded is None else sharded
-        if s.ties == "split_retie":   # as transformers re-ties a wrapped model (docs/real_bugs.md)
+        if s.ties == "split_retie" and (type(self.sharder).shard_with_optimizer
+                                        is Sharder.shard_with_optimizer):
+            # as transformers re-ties a wrapped model (docs/real_bugs.md): after the wrapping,
+            # before the optimizer is built
+            sharded = self.sharder.shard(model, self.plan, self.group)
+            self.model = model if sharded is None else sharded
             tie_weights(self.model)
-        self.optimizer = self.sharder.optimizer(self.model, self.plan)
+            self.optimizer = self.sharder.optimizer(self.model, self.plan)
+        else:   # an engine that builds its optimizer with the model re-ties after both
+            self.model, self.optimizer = self.sharder.shard_with_optimizer(model, self.plan,
+                                                                           self.group)
+            if s.ties == "split_retie":
+                tie_weights(self.model)
         self.batch_fn = batch_fn or (lambda step, m: make_batch(s, step, m))
         self.recorder = CollectiveRecorder()
 
@@ -108,13 +139,13 @@ class Trainer:
         if s.mode == "deterministic":
             losses = []
             for i, batch in enumerate(mine):
-                self.sharder.set_gradient_sync(self.model, i == k - 1)
-                loss = loss_fn(s, self.model, batch)
-                (loss / k).backward()
+                with self.sharder.gradient_sync(self.model, i == k - 1):
+                    loss = loss_fn(s, self.model, batch)
+                    self.sharder.backward(self.model, loss / k)
                 losses.append(loss.detach().float())
             return losses
         loss = loss_fn(s, self.model, cat_batches(mine))
-        loss.backward()
+        self.sharder.backward(self.model, loss)
         return [loss.detach().float()]
 
     def step_loss(self, losses: list[torch.Tensor]) -> torch.Tensor:
@@ -154,7 +185,7 @@ class Trainer:
                     pad_reduce = self.padding()
                     unsharded = sh.unsharded_units(model)
                     grads = sh.reduced_gradients(model)
-                    nbytes = state_bytes(opt)
+                    nbytes = sh.state_bytes(model, opt)
                 t_probe = time.perf_counter() - t_probe  # not the sharder's time: left out
                 opt.step()
             step_time = time.perf_counter() - t0 - t_probe

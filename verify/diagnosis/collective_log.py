@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 from torch.utils._pytree import tree_leaves
 
-from verify.case.probes import tensor_bytes
+from verify.case.recorder import tensor_bytes
 
 __all__ = ["CollectiveLog", "LOGGED", "LOG_ENV"]
 
@@ -41,7 +41,7 @@ LOGGED = ("all_gather_into_tensor", "all_gather_single", "all_gather", "reduce_s
 # Frames skipped for ``where``: torch's own and the harness's wrappers around the collectives.
 _SKIP_FILES = (os.sep + "torch" + os.sep, os.path.join("verify", "diagnosis", "collective_log.py"),
                os.path.join("verify", "tools", "plants") + os.sep,
-               os.path.join("verify", "case", "probes.py"))
+               os.path.join("verify", "case", "recorder.py"))
 
 
 def _dtype(x: Any) -> str:

@@ -8,6 +8,7 @@ from typing import Any, Iterable, Optional
 import pandas as pd
 
 from verify.report._format import _as_dict, _fmt_divergence, _passed, _scalar
+from verify.results import UNSEEN
 
 
 # -- frames -----------------------------------------------------------------------------------
@@ -17,7 +18,8 @@ def results_frame(results: Iterable[Any]) -> pd.DataFrame:
     e.g. a formula to compare against, flow through); the per-step records are reduced to:
     n_steps, max_loss_diff, max_abs, max_rel, max_ulp, bitwise (every step), bitwise_steps,
     padding_ok, reassembly_ok, collectives_ok (every step; None without steps), coll_count and
-    coll_bytes (per step, summed over kinds, median over steps), coll_bytes_expected (the same
+    coll_bytes (per step, summed over kinds, median over steps; coll_bytes None and coll_seen
+    False where a step ran collectives the recorder could not see, `verify.results.UNSEEN`), coll_bytes_expected (the same
     for the formula, when recorded), state_bytes (largest rank, largest step), state_bytes_model
     (the ZeRO-3 model, when recorded), step_time_s (median)."""
     rows = []
@@ -39,6 +41,9 @@ def results_frame(results: Iterable[Any]) -> pd.DataFrame:
         colls = [list(s.get("collectives", {}).values()) for s in steps]
         row["coll_count"] = _median([sum(c for c, _ in kinds) for kinds in colls if kinds])
         row["coll_bytes"] = _median([sum(b for _, b in kinds) for kinds in colls if kinds])
+        row["coll_seen"] = not any(UNSEEN in s.get("collectives", {}) for s in steps)
+        if not row["coll_seen"]:   # some traffic ran below the recorder: no byte count is right
+            row["coll_bytes"] = None
         expected = [list(s.get("collectives_expected", {}).values()) for s in steps]
         row["coll_bytes_expected"] = _median([sum(b for _, b in kinds)
                                               for kinds in expected if kinds])

@@ -91,7 +91,7 @@ def invariants_table(df: pd.DataFrame) -> str:
         row = [_yes(k) if isinstance(k, (bool, np.bool_)) else str(k) for k in key]
         row += [str(int(g["bitwise"].sum())), _num(g["max_loss_diff"].max()),
                 _num(g["max_rel"].max()), _held(g["padding_ok"]), _held(g["reassembly_ok"]),
-                _bytes(g["coll_bytes"].median())]
+                _coll_bytes(g)]
         if has["coll_bytes_expected"]:
             row += [_ratio(g["coll_bytes"], g["coll_bytes_expected"]),
                     _held(g["collectives_ok"])]
@@ -102,6 +102,14 @@ def invariants_table(df: pd.DataFrame) -> str:
         row += ["-" if _missing(step) else f"{step * 1e3:.1f}"]
         rows.append(row)
     return _md(rows, headers)
+
+
+def _coll_bytes(g: pd.DataFrame) -> str:
+    """The median bytes per step, or "not seen" where a case's traffic ran below the recorder
+    (verify/case/recorder.py, [Note: three layers of recording])."""
+    if "coll_seen" in g and not g["coll_seen"].fillna(True).astype(bool).all():
+        return "not seen"
+    return _bytes(g["coll_bytes"].median())
 
 
 def _has_offload(df: pd.DataFrame) -> bool:
@@ -244,7 +252,8 @@ Columns: *bitwise* counts cases whose loss and every parameter equal the referen
 at every step; *max |Δ loss|*, *max |Δ param|*, *max rel* and *max ULP* are the worst over the
 group's cases and steps; *padding held* and *reassembly held* count cases whose padding stayed
 bitwise zero and whose shards reassembled to the reference at every step; *coll bytes/step* is
-the median communication per step on rank 0; *state/rank* the largest per-rank bytes of
+the median communication per step on rank 0 ("not seen" where some of it ran below the
+recorder, e.g. DDP's C++ reducer: the process groups' own counts said so); *state/rank* the largest per-rank bytes of
 parameters + gradients + optimizer state; *coll vs formula* and *state vs model* (when
 recorded) are the worst ratios of measured to expected (the state model is the ZeRO-3
 (parameters + gradients + optimizer state) / W; on these tiny models the per-parameter alignment

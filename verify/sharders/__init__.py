@@ -1,6 +1,7 @@
 """The sharders the harness runs, each an adapter of the protocol in `verify.sharders.base`.
 
-Built-ins (`fsdp_core`, `torch_fsdp2` alias `fsdp2`, `ddp`) are short modules here and are
+Built-ins (`fsdp_core`, `torch_fsdp2` alias `fsdp2`, `ddp`, `fsdp1`, `deepspeed_zero1`,
+`deepspeed_zero2`, `deepspeed_zero3`) are short modules here and are
 loaded through the same import path a user's adapter is (``pkg.module:Name``): nothing else in
 the harness knows their names. `load(spec)` returns a fresh adapter instance; `resolve(spec)`
 the canonical spelling of a spec (a built-in name or a path), as replay lines print it.
@@ -20,6 +21,10 @@ BUILTINS = {
     "fsdp_core": "verify.sharders.fsdp_core:FsdpCore",
     "torch_fsdp2": "verify.sharders.torch_fsdp2:TorchFSDP2",
     "ddp": "verify.sharders.ddp:DDP",
+    "fsdp1": "verify.sharders.fsdp1:FSDP1",
+    "deepspeed_zero1": "verify.sharders.deepspeed_zero:DeepSpeedZero1",
+    "deepspeed_zero2": "verify.sharders.deepspeed_zero:DeepSpeedZero2",
+    "deepspeed_zero3": "verify.sharders.deepspeed_zero:DeepSpeedZero3",
 }
 ALIASES = {"fsdp2": "torch_fsdp2"}
 DEFAULT_SHARDER = "fsdp_core"   # what --sharder defaults to (replay lines leave it out)
@@ -85,7 +90,7 @@ def _check_declarations(spec: str, cls: type) -> None:
         problems.append(f"modes = {cls.modes!r} (a non-empty subset of ('fast', 'deterministic'))")
     if not set(cls.dtypes) <= {"fp32", "bf16"} or not cls.dtypes:
         problems.append(f"dtypes = {cls.dtypes!r} (a non-empty subset of ('fp32', 'bf16'))")
-    if cls.shard is Sharder.shard:
+    if cls.shard is Sharder.shard and cls.shard_with_optimizer is Sharder.shard_with_optimizer:
         problems.append("no shard() method")
     if problems:
         raise SharderSpecError(f"--sharder {spec}: {cls.__name__} declares " + "; ".join(problems))

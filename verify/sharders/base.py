@@ -12,10 +12,19 @@ once backward is done), `optimizer_state` (the ``optimizer_state`` check: the op
 moments and momentum buffers against the reference's), `planned` (the ``plan`` check: a planner's exact per-rank bytes and
 collectives against the measured ones) and `tier` (a tier looser than section 3's for cases
 where the sharder provably cannot owe it, with the reason in a [Note]; it can never tighten a
-tier).
+tier). For engines that own the training loop's pieces (DeepSpeed, FSDP1):
+`shard_with_optimizer` (build the sharded model and its optimizer together: an engine that
+needs the optimizer to wrap the model), `backward(model, loss)` (an engine's own backward),
+`gradient_sync(model, flag)` (a context around one micro-batch's forward and backward, for a
+sharder whose only switch is a ``no_sync()`` context) and `state_bytes(model, optimizer)` (the
+per-rank state probe, for an optimizer whose state the harness cannot read). A sharder that
+uses the default process group (``world = "default"``) finds ``RANK``, ``LOCAL_RANK``,
+``WORLD_SIZE``, ``LOCAL_WORLD_SIZE``, ``MASTER_ADDR`` and ``MASTER_PORT`` set in its rank
+processes as a launcher sets them (`verify.case.train.launcher_env`).
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Iterable, Optional
 
@@ -91,8 +100,28 @@ class Sharder:
     def optimizer(self, model, plan: WrapPlan):
         return plan.make_optimizer(model.named_parameters())
 
+    def shard_with_optimizer(self, model, plan: WrapPlan, group):
+        """(the sharded model, its optimizer): what the harness calls. Default: `shard`, then
+        `optimizer` on what it returned; an engine that must see the optimizer to wrap the
+        model (``deepspeed.initialize``) overrides this instead of `shard`."""
+        sharded = self.shard(model, plan, group)
+        model = model if sharded is None else sharded
+        return model, self.optimizer(model, plan)
+
+    def backward(self, model, loss) -> None:
+        """One backward pass of ``loss`` (already divided by the micro-batches per rank).
+        Default: ``loss.backward()``."""
+        loss.backward()
+
     def set_gradient_sync(self, model, flag: bool) -> None:
         model.set_requires_gradient_sync(flag)
+
+    def gradient_sync(self, model, flag: bool):
+        """A context around one micro-batch's forward and backward: gradients synchronised
+        (``flag``) or only accumulated. Default: `set_gradient_sync` before it, nothing around
+        it; a sharder whose switch is a context (``with model.no_sync(): ...``) returns that."""
+        self.set_gradient_sync(model, flag)
+        return contextlib.nullcontext()
 
     def full_parameters(self, model, optimizer) -> dict[str, "torch.Tensor"]:
         """Collective: the full parameters by the unsharded model's names. Default: each of
@@ -102,6 +131,14 @@ class Sharder:
             full = p.full_tensor() if hasattr(p, "full_tensor") else p
             out[name] = full.detach().cpu().clone()
         return out
+
+    def state_bytes(self, model, optimizer) -> Optional[int]:
+        """This rank's bytes of parameters, gradients and optimizer state, read after backward
+        and before the step; None: n/a. Default: measured from ``optimizer.param_groups`` and
+        ``optimizer.state`` (`verify.case.probes.state_bytes`)."""
+        # lazy: verify.case.probes imports torch, and `from verify import Sharder` must not
+        from verify.case.probes import state_bytes
+        return state_bytes(optimizer)
 
     # Optional probes: None means "not provided" and the check is reported as n/a.
     def padding_views(self, model, optimizer):

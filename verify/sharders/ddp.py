@@ -1,7 +1,9 @@
 """`DistributedDataParallel` through the adapter protocol, on the case's group: the whole model
 replicated (the wrap plan does not apply), fp32, fast mode. Probes: the reduced gradient and the
 optimizer state (every rank holds all of both). DDP's all-reduces are issued by its C++ reducer,
-which the collective recorder does not see, so there is no collective formula.
+which no Python wrapper sees: the recorder counts them from the process group's sequence number
+as unseen (verify/case/recorder.py), so the reports say "not seen" for DDP's bytes; no
+collective formula.
 
 Checkpoints: a full state dict. Every rank holds the whole model and optimizer, so rank 0 alone
 writes ``{"model": module.state_dict(), "optim": optimizer.state_dict()}`` with `torch.save`;
