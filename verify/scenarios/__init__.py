@@ -16,7 +16,7 @@ from __future__ import annotations
 from verify.scenarios.families import (CORE_FAMILIES, FAMILIES, HF_FAMILIES, family_module,
                                        is_family_path)
 from verify.scenarios.model import (_post_order, build_model, init_weights, param_names, split_ties,
-                                    tie_weights, split_ties, tied_owners, wrap_units)
+                                    tie_weights, tied_owners, wrap_units)
 from verify.scenarios.scenario import (ALL_WORLD_SIZES, DTYPES, MODES, OPTIMIZERS, WORLD_SIZES,
                                        TIES, WRAPS, Scenario, _derive_seed)
 from verify.scenarios.training import (cat_batches, grouped_optimizer, loss_fn, make_batch,

@@ -68,10 +68,10 @@ import warnings
 from typing import Optional
 
 import torch
-from torch.utils._pytree import tree_leaves
 
 from verify.compare import tier_for
-from verify.scenarios import build_model, loss_fn, make_batch
+from verify.scenarios import build_model
+from verify.sharders._inputs import input_consumers
 from verify.sharders.base import Sharder, WrapPlan
 
 if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
@@ -274,27 +274,12 @@ def fanned_out_inputs(s) -> list[str]:
     submodule that receives its parent's input (a block's first linear) is a chain, not a
     fan-out. Conservative like `verify.sharders.torch_fsdp2.shared_unit_inputs`: two consumers
     already count, though only three can reorder a sum."""
-    model = build_model(s)
+    model, modules = input_consumers(s, lambda model: model.modules())
     names = {id(m): n or "<root>" for n, m in model.named_modules()}
     parent = {id(c): id(m) for m in model.modules() for c in m.children()}
-    consumers: dict[int, list[int]] = {}
-    alive: list[torch.Tensor] = []   # keeps every seen tensor alive, so no id is reused
-
-    def pre_hook(module, args, kwargs):
-        for t in tree_leaves((args, kwargs)):
-            if isinstance(t, torch.Tensor) and t.requires_grad:
-                alive.append(t)
-                consumers.setdefault(id(t), []).append(id(module))
-
-    handles = [m.register_forward_pre_hook(pre_hook, with_kwargs=True) for m in model.modules()]
-    try:
-        with torch.random.fork_rng(devices=[]):
-            loss_fn(s, model, make_batch(s, 0, 0))
-    finally:
-        for h in handles:
-            h.remove()
+    consumers = [[id(m) for m in mods] for mods in modules]
     fanned: set[str] = set()
-    for mods in consumers.values():
+    for mods in consumers:
         scopes: dict = {}
         for m in mods:
             scope = parent.get(m)

@@ -50,12 +50,12 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import (CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy,
                                     fully_shard)
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-from torch.utils._pytree import tree_leaves
 
 from fsdp_core import hsdp_mesh
 from verify.compare import tier_for
 from verify.reference import param_state
-from verify.scenarios import build_model, loss_fn, make_batch, split_ties, wrap_units
+from verify.scenarios import build_model, split_ties, wrap_units
+from verify.sharders._inputs import input_consumers
 from verify.sharders.base import Sharder, WrapPlan
 
 __all__ = ["TorchFSDP2", "TorchFSDP2Stateful", "shared_unit_inputs", "REFUSES_SPLIT_TIES"]
@@ -174,25 +174,9 @@ def shared_unit_inputs(s) -> list[str]:
     """Units (by module name) that receive one and the same gradient-requiring tensor in the
     first micro-batch's forward of the reference model: where FSDP2's per-unit autograd
     function on the inputs can reorder the gradient accumulation into that tensor."""
-    model = build_model(s)
+    model, consumers = input_consumers(s, lambda model: wrap_units(s, model))
     names = {id(m): n or "<root>" for n, m in model.named_modules()}
-    consumers: dict[int, list[str]] = {}
-    alive: list[torch.Tensor] = []   # keeps every seen tensor alive, so no id is reused
-
-    def pre_hook(module, args, kwargs):
-        for t in tree_leaves((args, kwargs)):
-            if isinstance(t, torch.Tensor) and t.requires_grad:
-                alive.append(t)
-                consumers.setdefault(id(t), []).append(names[id(module)])
-
-    handles = [u.register_forward_pre_hook(pre_hook, with_kwargs=True) for u in wrap_units(s, model)]
-    try:
-        with torch.random.fork_rng(devices=[]):
-            loss_fn(s, model, make_batch(s, 0, 0))
-    finally:
-        for h in handles:
-            h.remove()
-    shared = [units for units in consumers.values() if len(units) >= 2]
+    shared = [[names[id(m)] for m in units] for units in consumers if len(units) >= 2]
     return sorted({u for units in shared for u in units})
 
 

@@ -1,0 +1,38 @@
+"""Which modules of a scenario's reference model receive one and the same tensor: the input a
+sharder's per-module autograd function may wrap, and so where it may reorder the gradient
+accumulation into that tensor (the FSDP2 and DeepSpeed ZeRO-3 adapters' `tier`)."""
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+import torch
+from torch.utils._pytree import tree_leaves
+
+from verify.scenarios import build_model, loss_fn, make_batch
+
+__all__ = ["input_consumers"]
+
+
+def input_consumers(s, watched: Callable[[torch.nn.Module], Iterable[torch.nn.Module]]
+                    ) -> tuple[torch.nn.Module, list[list[torch.nn.Module]]]:
+    """(the reference model built from ``s``, for every gradient-requiring tensor that a module
+    of ``watched(model)`` receives in the first micro-batch's forward: those modules, in call
+    order)."""
+    model = build_model(s)
+    consumers: dict[int, list[torch.nn.Module]] = {}
+    alive: list[torch.Tensor] = []   # keeps every seen tensor alive, so no id is reused
+
+    def pre_hook(module, args, kwargs):
+        for t in tree_leaves((args, kwargs)):
+            if isinstance(t, torch.Tensor) and t.requires_grad:
+                alive.append(t)
+                consumers.setdefault(id(t), []).append(module)
+
+    handles = [m.register_forward_pre_hook(pre_hook, with_kwargs=True) for m in watched(model)]
+    try:
+        with torch.random.fork_rng(devices=[]):
+            loss_fn(s, model, make_batch(s, 0, 0))
+    finally:
+        for h in handles:
+            h.remove()
+    return model, list(consumers.values())
