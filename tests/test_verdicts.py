@@ -144,6 +144,27 @@ def test_a_failing_check_says_last_bit_or_beyond_tolerance_by_how_much():
     assert held.cls == BEYOND and "the tolerance tier's bound" in held.line  # a looser tier's failure
 
 
+def test_a_scaled_gradient_is_beyond_tolerance_even_below_atol():
+    """A gradient 2x the reference's whose elements are all below the fp32 atol is within the
+    torch.testing tolerance element by element, yet no last-bit difference: the relative-norm
+    bound over all gradients classes it beyond tolerance; a 1-ulp difference stays last-bit."""
+    import torch
+    from verify.case.severity import BEYOND, LAST_BIT, state_severity
+    from verify.case.state_check import gradient_problems
+    ref = {"a": torch.linspace(1e-7, 2e-6, 8), "b": torch.linspace(-3e-7, 3e-7, 5)}
+
+    def judged(grads):
+        values = [{"records": [{"grads": {n: (0, g) for n, g in grads.items()}}]}]
+        out: list = []
+        bad = gradient_problems(values, 0, ref, "bitwise", "fp32", out)
+        return bad, state_severity("bitwise", "fp32", out)
+
+    bad, scaled = judged({n: 2 * g for n, g in ref.items()})
+    assert bad and scaled.cls == BEYOND and scaled.excess > 50 and "relative-norm bound" in scaled.line
+    bad, near = judged({"a": _ulps_off(ref["a"], 1), "b": ref["b"]})
+    assert bad and near.cls == LAST_BIT and near.ulp == 1
+
+
 def test_the_headline_counts_every_verdict_exactly():
     from verify.results import headline
     rows = ([dict(verdict="pass", tier="bitwise")] * 2 + [dict(verdict="pass", tier="tolerance")]

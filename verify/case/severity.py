@@ -96,18 +96,24 @@ def gradient_tolerance(dtype: torch.dtype) -> Tolerance:
 
 def state_severity(tier: str, dtype: str, failed: list) -> Severity:
     """The severity of a failing ``gradients`` or ``optimizer_state`` check
-    (verify/case/state_check.py): in the bitwise tier, the (reassembled, reference) pairs that
-    differ against the dtype's torch.testing tolerance (last-bit only where every failing tensor
-    could be compared); in a looser tier the check failed its own relative-norm bound, so it is
-    beyond tolerance, with no per-element excess."""
-    pairs = [p for p in failed if p is not None]
-    if tier == "bitwise" and pairs:
+    (verify/case/state_check.py), from what it collected in ``failed``: (reassembled, reference)
+    pairs that differ bit for bit, None for a tensor that could not be compared, a group's
+    relative norm error over its bound (a float). In the bitwise tier the pairs are held to the
+    dtype's torch.testing tolerance (last-bit only where every failing tensor could be
+    compared, and where no group of them is off by more than the tolerance tier's relative-norm
+    bound: a gradient scaled by 2 is not last-bit even where its elements are below atol); in a
+    looser tier the check failed its own relative-norm bound: beyond tolerance, by that ratio."""
+    pairs = [p for p in failed if isinstance(p, tuple)]
+    ratios = [r for r in failed if isinstance(r, float)]
+    if tier == "bitwise" and pairs and not ratios:
         tdtype = pairs[0][1].dtype
         return tensors_severity(pairs, gradient_tolerance(tdtype), f"the {dtype} torch.testing "
                                 "tolerance", last_bit_possible=None not in failed)
-    why = ("the pieces could not be compared element by element" if tier == "bitwise"
-           else f"the {tier} tier")
-    return Severity(BEYOND, math.inf, 0, f"severity: beyond tolerance ({why})")
+    worst = max(ratios) if ratios else math.inf
+    bound = "the tolerance tier's" if tier == "bitwise" else f"the {tier} tier's"
+    why = (f"{_figure(worst)}x {bound} relative-norm bound over all such tensors" if ratios
+           else "the pieces could not be compared element by element")
+    return Severity(BEYOND, worst, 0, f"severity: beyond tolerance, {why}")
 
 
 def rank(cls: str) -> int:

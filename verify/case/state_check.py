@@ -67,7 +67,7 @@ def bitwise_problem(actual: torch.Tensor, expected: torch.Tensor) -> str:
 
 
 def norm_problems(pairs: dict[str, tuple[torch.Tensor, torch.Tensor]], dtype: str,
-                  label: str) -> list[str]:
+                  label: str, failed: Optional[list] = None) -> list[str]:
     """The non-bitwise tiers' comparison of a group of tensors of one kind (every gradient, or
     every exp_avg): non-finite elements by tensor, then the group's relative norm error against
     `NORM_RTOL`, naming the tensors that contribute most to it with their norm ratios (a scale
@@ -86,6 +86,8 @@ def norm_problems(pairs: dict[str, tuple[torch.Tensor, torch.Tensor]], dtype: st
     err, ref = math.sqrt(err2), math.sqrt(ref2)
     if err <= NORM_RTOL[dtype] * ref + _ZERO_FLOOR * math.sqrt(max(len(contrib), 1)):
         return bad
+    if failed is not None:   # the excess over the bound (verify/case/severity.py)
+        failed.append(err / ref / NORM_RTOL[dtype] if ref else math.inf)
     ratio = f"{math.sqrt(out2) / ref:.4f}x the reference's norm" if ref else "the reference is 0"
     bad.append(f"{label}: relative norm error {err / ref if ref else math.inf:.3g} > "
                f"{NORM_RTOL[dtype]} ({ratio})")
@@ -98,7 +100,8 @@ def _compare(recs: list[dict], want: dict[str, torch.Tensor], tier: str, dtype: 
              what: str, group=lambda name: "", failed: Optional[list] = None) -> list[str]:
     """The problems of ``recs`` against ``want`` in ``tier``; ``failed``, where given, collects
     (reassembled, reference) of each tensor that failed bit for bit, None for one that could not
-    be compared (the severity's input: verify/case/severity.py)."""
+    be compared, and a group's relative norm error over its bound where that failed (the
+    severity's input: verify/case/severity.py)."""
     given = {n for r in recs for n in r}
     bad, groups = [], {}
     for name in list(want) + sorted(given - set(want)):
@@ -111,16 +114,21 @@ def _compare(recs: list[dict], want: dict[str, torch.Tensor], tier: str, dtype: 
         flat, problem = reassemble(recs, name, ref.numel(), ref.dtype)
         if not problem and tier == "bitwise":
             problem = bitwise_problem(flat, ref)
+        comparable = not problem.startswith(("rank", "ranks")) and bool(flat.isfinite().all())
         if problem:
             bad.append(f"{name} ({problem})")
             if failed is not None:
-                failed.append((flat, ref.reshape(-1)) if tier == "bitwise" and flat.isfinite().all()
-                              and not problem.startswith(("rank", "ranks")) else None)
-        else:
+                failed.append((flat, ref.reshape(-1)) if tier == "bitwise" and comparable else None)
+        if not problem or (tier == "bitwise" and comparable):
             groups.setdefault(group(name), {})[name] = (flat, ref)
     if tier != "bitwise":
         for key, pairs in groups.items():
-            bad += norm_problems(pairs, dtype, f"all {key or what.split()[-1] + 's'}")
+            bad += norm_problems(pairs, dtype, f"all {key or what.split()[-1] + 's'}", failed)
+    elif bad and failed is not None:
+        # how bad a bitwise failure is: a group off by more than the relative-norm bound (a
+        # scaled gradient) is beyond tolerance however small its elements are
+        for key, pairs in groups.items():
+            norm_problems(pairs, dtype, "", failed)
     return bad
 
 
