@@ -10,6 +10,11 @@ from pathlib import Path
 
 import pytest
 
+from verify.ranks.torchrun import is_torchrun
+
+# each rank would run its own campaign in a subprocess; the pool run covers it
+NOT_UNDER_TORCHRUN = pytest.mark.skipif(is_torchrun(), reason="each rank would run its own campaign in a subprocess; the pool run covers it")
+
 from verify import blas
 from verify.campaign.run import draw_scenarios, run_one
 from verify.diagnosis.locate import locate_divergence
@@ -85,6 +90,7 @@ _UNALIGNED_CASE = ('{"family":"special","model":{"n_blocks":1,"n_out":2,"width":
 
 
 @pytest.mark.multigpu
+@NOT_UNDER_TORCHRUN
 def test_without_the_strict_setting_the_misaligned_sharder_fails_where_the_cpu_shows_it():
     argv = [sys.executable, "-m", "verify", "replay", "--sharder", V + "Misaligned",
             _UNALIGNED_CASE]
@@ -187,6 +193,7 @@ def test_an_error_line_always_carries_its_first_reason_line():
 
 
 @pytest.mark.multigpu
+@NOT_UNDER_TORCHRUN
 def test_a_campaign_with_a_last_bit_and_a_gross_failure_diagnoses_the_gross_one_first(tmp_path):
     import json
     argv = [sys.executable, "-m", "verify", "run", "--sharder", V + "TwoFaults", "--world-sizes",
@@ -271,6 +278,7 @@ def test_the_plugin_draws_only_what_the_chosen_sharder_runs():
 
 
 @pytest.mark.multigpu
+@NOT_UNDER_TORCHRUN
 def test_a_campaign_of_an_adapter_that_declines_some_draws_skips_at_most_a_tenth(tmp_path):
     import json
     argv = [sys.executable, "-m", "verify", "run", "--sharder", V + "DeclinesDecay",
