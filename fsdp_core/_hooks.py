@@ -50,6 +50,15 @@ __all__ = ["new_orders"]  # and the hooks _module installs: _pre_forward, _post_
 # then), and forward prefetches overlap compute from the first.
 
 
+# [Note: two gathers at a pass's start]
+# A forward pass's first unit (the root) has no predecessor to prefetch it: its gather would run
+# alone, and its successor's prefetch start only once it is done. So in forward a unit that
+# prefetches starts its own gather first and waits for it after issuing the prefetch: both are in
+# flight together (the same collectives in the same order on every rank; only the waits move).
+# Forward is not the step's memory peak (that is where backward begins, see below); backward
+# keeps gather-then-prefetch.
+
+
 class _Order:
     __slots__ = ("learned", "seen", "follows", "pending", "active", "peak_done")
 
@@ -77,7 +86,10 @@ class _Order:
         self.active = None
         self.peak_done = False
 
-    def observe(self, unit: FlatUnit, prefetch: bool) -> None:
+    def observe(self, unit: FlatUnit, prefetch: bool, own_first: bool = False) -> None:
+        """``unit`` is used now; prefetch its successor in the learned order. With
+        ``own_first``, ``unit``'s own gather (if it has none in flight) is started before that
+        prefetch, so the two are in flight together (see [Note: two gathers at a pass's start])."""
         if self.seen and self.seen[-1]() is unit:
             return
         i = len(self.seen)
@@ -89,6 +101,8 @@ class _Order:
             return
         nxt = self.learned[i + 1]() if i + 1 < len(self.learned) else None
         if prefetch and nxt is not None and nxt.state is ShardState.SHARDED:
+            if own_first:
+                unit.unshard(async_op=True)
             nxt.unshard(async_op=True)
             self.pending.append(weakref.ref(nxt))
 
@@ -183,7 +197,7 @@ def _observe_forward(module: nn.Module, unit: Optional[FlatUnit]) -> None:
         if backward.active is not None:
             backward.finish()  # a backward that raised before its end left prefetches behind
     if unit is not None and order.active:
-        order.observe(unit, root.__dict__["_fsdp_prefetch"])
+        order.observe(unit, root.__dict__["_fsdp_prefetch"], own_first=True)
 
 
 def _observe_backward(module: nn.Module, unit: FlatUnit) -> None:
@@ -201,9 +215,9 @@ def _observe_backward(module: nn.Module, unit: FlatUnit) -> None:
 
 def _pre_forward(module: nn.Module, args: tuple, kwargs: dict):
     unit: Optional[FlatUnit] = module._fsdp_unit
-    if unit is not None:
-        unit.unshard()
     _observe_forward(module, unit)
+    if unit is not None:
+        unit.unshard()  # waits for its gather (started by a prefetch or by _observe_forward)
     if unit is None:
         return args, kwargs
     flat, spec = tree_flatten((args, kwargs))
