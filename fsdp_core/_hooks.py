@@ -216,10 +216,9 @@ def _observe_backward(module: nn.Module, unit: FlatUnit) -> None:
 def _pre_forward(module: nn.Module, args: tuple, kwargs: dict):
     unit: Optional[FlatUnit] = module._fsdp_unit
     _observe_forward(module, unit)
-    if unit is not None:
-        unit.unshard()  # waits for its gather (started by a prefetch or by _observe_forward)
     if unit is None:
         return args, kwargs
+    unit.unshard()  # waits for its gather (started by a prefetch or by _observe_forward)
     flat, spec = tree_flatten((args, kwargs))
     mp = unit.mp_policy
     if mp.param_dtype is not None and mp.cast_forward_inputs:
