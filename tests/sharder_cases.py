@@ -391,3 +391,37 @@ def reduction_order(payload: dict, ctx) -> dict:
         FlatUnit._reduce = orig
     return dict(seen=seen, left_in_flight=len(G._in_flight),
                 grads=[p.grad is not None for p in m.parameters()])
+
+
+def forward_start_gathers(payload: dict, ctx) -> list:
+    """Per step, the forward's first wait on a gather: which unit waits (0 = root, 1 + i = block
+    i) and which units have a gather in flight at that moment ([Note: two gathers at a pass's
+    start]). ``None`` where the forward waited on no gather (it gathered synchronously)."""
+    from fsdp_core._flat_param import FlatUnit, ShardState
+    torch.manual_seed(0)
+    m = _Chain()
+    for b in m.blocks:
+        fully_shard(b, mesh=ctx.group)
+    fully_shard(m, mesh=ctx.group)
+    units = [m._fsdp_unit] + [b._fsdp_unit for b in m.blocks]
+    first: list = []
+    orig = FlatUnit._wait_gather
+
+    def wait(self):
+        if not first:
+            first.append((units.index(self),
+                          [i for i, u in enumerate(units) if u.state is ShardState.GATHERING]))
+        return orig(self)
+
+    FlatUnit._wait_gather = wait
+    seen = []
+    try:
+        for step in range(3):
+            first.clear()
+            x = torch.randn(4, 16, generator=torch.Generator().manual_seed(step + ctx.rank))
+            loss = m(x)
+            seen.append(first[0] if first else None)
+            loss.backward()
+    finally:
+        FlatUnit._wait_gather = orig
+    return seen

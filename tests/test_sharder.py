@@ -191,3 +191,16 @@ def test_reduction_starts_after_reshard_and_is_done_when_backward_returns(rank_p
             assert s["sharded"] and s["unsharded_grads"] == 0, rv["seen"]
             assert s["in_flight"], rv["seen"]
         assert rv["left_in_flight"] == 0 and all(rv["grads"]), rv
+
+
+def test_forward_starts_the_roots_and_first_blocks_gathers_together(rank_pool):
+    """[Note: two gathers at a pass's start] at W = 2: once the order is learned, the forward's
+    first wait is the root's, with the first block's prefetch already in flight beside it (not
+    a synchronous root gather followed by the prefetch). The first forward learns the order:
+    it prefetches nothing."""
+    for seen in run(rank_pool, 2, cases.forward_start_gathers, {}):
+        assert seen[0] is None, seen
+        for step in seen[1:]:
+            assert step is not None, f"the forward gathered the root synchronously: {seen}"
+            unit, gathering = step
+            assert unit == 0 and gathering == [0, 1], seen
