@@ -3,10 +3,51 @@ checks structurally (state memory, collectives against the formula) holds. Timin
 by the bench itself, never asserted here."""
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from fsdp_core._collectives import GATHER_KIND
-from verify.tools.bench import run_bench
+from verify.tools.bench import median_interval, paired_ratio, run_bench
+from verify.tools.bench_report import fmt_paired
+
+
+def _coverage(n: int, k: int) -> float:
+    """P(x_(k) <= median <= x_(n+1-k)) for n independent draws: 1 - 2 P(Binomial(n, 1/2) < k)."""
+    return 1 - 2 * sum(math.comb(n, j) for j in range(k)) / 2 ** n
+
+
+@pytest.mark.parametrize("n,k", [(6, 1), (10, 2), (20, 6), (50, 18)])
+def test_median_interval_takes_the_narrowest_order_statistics_that_reach_95_percent(n, k):
+    """Known order-statistic intervals for the median at 95 %: n = 10 -> (2nd, 9th), n = 20 ->
+    (6th, 15th), n = 50 -> (18th, 33rd); one step narrower would fall under 95 %."""
+    xs = [float(i) for i in reversed(range(1, n + 1))]   # x_(i) = i, given unsorted
+    med, lo, hi, cov = median_interval(xs)
+    assert (lo, hi) == (k, n + 1 - k) and med == (n + 1) / 2
+    assert cov == pytest.approx(_coverage(n, k)) and cov >= 0.95 > _coverage(n, k + 1)
+
+
+def test_median_interval_with_too_few_steps_says_its_coverage_is_short():
+    med, lo, hi, cov = median_interval([3.0, 1.0, 2.0])
+    assert (med, lo, hi) == (2.0, 1.0, 3.0) and cov == pytest.approx(0.75)
+    assert median_interval([5.0])[1:] == (5.0, 5.0, 0.0)
+    with pytest.raises(ValueError):
+        median_interval([])
+
+
+def test_paired_ratio_pairs_steps_of_the_same_round():
+    """Each step is divided by the other sharder's step of the same round, not by its median:
+    a slow round slows both and cancels out."""
+    ours = [1.0, 2.0, 1.0, 4.0, 1.0, 2.0]
+    theirs = [1.25, 2.5, 1.25, 5.0, 1.25, 2.5]
+    p = paired_ratio(ours, theirs)
+    assert p["median"] == p["lo"] == p["hi"] == pytest.approx(0.8) and p["n"] == 6
+    assert fmt_paired(p) == "0.80 [0.80, 0.80] (97 %)"
+    # pairing matters: the ratio of medians (2 / 2) and a sorted pairing both say 1.0 here
+    p = paired_ratio([1.0, 2.0, 10.0, 1.0, 2.0, 10.0], [2.0, 1.0, 3.0, 2.0, 1.0, 3.0])
+    assert p["median"] == 2.0 and (p["lo"], p["hi"]) == (0.5, pytest.approx(10 / 3))
+    with pytest.raises(ValueError):
+        paired_ratio(ours, theirs[:-1])
 
 
 @pytest.mark.slow
@@ -17,6 +58,7 @@ def test_bench_writes_the_tables_and_structural_targets_hold(tmp_path):
     for heading in ("## Step time", "## Distance to the limit", "## Memory per rank",
                     "## Collectives of one step", "## Harness"):
         assert heading in text
+    assert "per step: median [interval]" in text and "(0 %)" in text   # one timed step: no interval
     rows = {r["world_size"]: r for r in report["rows"]}
     assert set(rows) == {1, 2}
     for r in rows.values():
@@ -25,6 +67,7 @@ def test_bench_writes_the_tables_and_structural_targets_hold(tmp_path):
         assert all(v > 0 for v in r["ms"].values())
         assert r["ours_over_floor"] == r["ms"]["fsdp_core"] / r["ms"]["floor"]
         assert r["floor_peak_over_fsdp2"] > 0 and len(r["load"]) == 2
+        assert r["paired"]["n"] == 1 and r["paired"]["lo"] == r["paired"]["median"] == r["paired"]["hi"]
     assert rows[1]["collectives"] == {} and rows[1]["peak_unsharded"]["fsdp_core"] == 0  # W=1 aliases
     two = rows[2]
     assert two["collectives"][GATHER_KIND][0] == 2 * 3   # 3 units, re-gathered in backward

@@ -2,7 +2,10 @@
 
 Measured as ratios in one run (DESIGN section 5): at each world size the variants (fsdp_core
 fast, fsdp_core deterministic, FSDP2) train the same model on the same data, interleaved step by
-step, with a barrier around each step; the median of the steps after warm-up is reported.
+step, with a barrier around each step; the median of the steps after warm-up is reported. So is
+the median of the per-step ratios ours/FSDP2 (each timed step paired with FSDP2's step of the
+same round) with a distribution-free confidence interval for that median (`median_interval`):
+how far a ratio near a target is from it, measured in the run's own noise.
 Deterministic mode runs with k = 1 micro-batch per rank (M = W), so it does exactly the work of
 fast mode and its extra cost is the all-to-all plus the ordered sum.
 
@@ -18,6 +21,7 @@ is measured in the same run.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import statistics
 import time
@@ -37,9 +41,39 @@ from verify.scenarios import Scenario
 from verify.sharders import Sharder, StepTrace, display_name, load_class, resolve
 from verify.tools.bench_memory import FSDP2Unsharded, peak_allocated, uses_fsdp2
 from verify.tools.bench_overhead import harness_cost
-from verify.tools.bench_report import fmt_bytes, write_performance_report
+from verify.tools.bench_report import fmt_bytes, fmt_paired, write_performance_report
 
-__all__ = ["bench_case", "run_bench", "Unsharded"]
+__all__ = ["bench_case", "run_bench", "Unsharded", "median_interval", "paired_ratio"]
+
+
+def median_interval(xs: Sequence[float], level: float = 0.95) -> tuple[float, float, float, float]:
+    """(median, lo, hi, coverage): the sample median of ``xs`` and the order-statistic interval
+    ``[x_(k), x_(n+1-k)]`` (sorted, 1-based) for the population median, with k the largest
+    integer whose two-sided miss probability ``2 * P(Binomial(n, 1/2) <= k - 1)`` is at most
+    ``1 - level`` (no assumption on the distribution; steps taken as independent). ``coverage``
+    is that interval's own probability of holding the median; with too few values for ``level``
+    (n <= 5 at 0.95) the interval is the full range and ``coverage`` says how much less it is."""
+    xs = sorted(xs)
+    n = len(xs)
+    if n == 0:
+        raise ValueError("median_interval of no values")
+
+    def miss(k: int) -> float:   # P(the median lies outside [x_(k), x_(n+1-k)])
+        return 2 * sum(math.comb(n, j) for j in range(k)) / 2 ** n
+
+    k = 1
+    while k + 1 <= (n + 1) // 2 and miss(k + 1) <= 1 - level:
+        k += 1
+    return statistics.median(xs), xs[k - 1], xs[n - k], 1 - miss(k)
+
+
+def paired_ratio(ours: Sequence[float], theirs: Sequence[float]) -> dict:
+    """Per-step ratios ``ours[i] / theirs[i]`` (steps of the same round) summarized by
+    `median_interval`: ``{"median", "lo", "hi", "coverage", "n"}``."""
+    if len(ours) != len(theirs):
+        raise ValueError(f"paired_ratio: {len(ours)} steps against {len(theirs)}")
+    med, lo, hi, cov = median_interval([a / b for a, b in zip(ours, theirs)])
+    return dict(median=med, lo=lo, hi=hi, coverage=cov, n=len(ours))
 
 
 class Unsharded(Sharder):
@@ -137,6 +171,7 @@ def bench_case(payload: dict, ctx) -> dict:
             tr.zero_grad()
     for v in variants:
         out["variants"][v]["step_s"] = statistics.median(times[v])
+        out["variants"][v]["steps_s"] = times[v]
     if "fsdp_core" in trainers:
         units = fsdp_core.units_of(trainers["fsdp_core"].model)
         out["n_params"] = sum(sum(u.layout.numels) for u in units)
@@ -157,6 +192,7 @@ def _row(w: int, values: list[dict]) -> dict:
     return dict(
         world_size=w, n_params=n, ms=ms,
         ours_over_fsdp2=ms["fsdp_core"] / ms["fsdp2"],
+        paired=paired_ratio(v["fsdp_core"]["steps_s"], v["fsdp2"]["steps_s"]),
         ours_over_floor=ms["fsdp_core"] / ms["floor"], fsdp2_over_floor=ms["fsdp2"] / ms["floor"],
         noprefetch_over_ours=ms["fsdp_core_noprefetch"] / ms["fsdp_core"],
         det_over_fast=ms["fsdp_core_det"] / ms["fsdp_core"],
@@ -194,6 +230,7 @@ def _extra_row(w: int, label: str, values: list[dict]) -> dict:
     return dict(world_size=w, sharder=label, ms=1e3 * v[label]["step_s"],
                 fsdp2_ms=1e3 * v["fsdp2"]["step_s"],
                 over_fsdp2=v[label]["step_s"] / v["fsdp2"]["step_s"],
+                paired=paired_ratio(v[label]["steps_s"], v["fsdp2"]["steps_s"]),
                 state=None if None in state else max(state),
                 fsdp2_state=max(rv["variants"]["fsdp2"]["state_bytes"] for rv in values),
                 collectives=v[label]["collectives"], expected=v[label]["expected"])
@@ -205,6 +242,7 @@ def _hsdp_row(mesh, values: list[dict]) -> dict:
     state = {k: max(rv["variants"][k]["state_bytes"] for rv in values) for k in v}
     return dict(mesh=f"{mesh[0]}x{mesh[1]}", ms=1e3 * ours["step_s"], fsdp2_ms=1e3 * theirs["step_s"],
                 over_fsdp2=ours["step_s"] / theirs["step_s"], state=state["fsdp_core_hsdp"],
+                paired=paired_ratio(ours["steps_s"], theirs["steps_s"]),
                 fsdp2_state=state["fsdp2_hsdp"],
                 state_over_fsdp2=state["fsdp_core_hsdp"] / state["fsdp2_hsdp"],
                 collectives=ours["collectives"], expected=ours["expected"],
@@ -242,7 +280,7 @@ def run_bench(*, world_sizes: Sequence[int] = (1, 2, 4, 8), steps: int = 10, war
                 extra_rows.append(_extra_row(w, label, values))
                 r = extra_rows[-1]
                 print(f"  {label} {r['ms']:.1f} ms, FSDP2 {r['fsdp2_ms']:.1f} ms, {label}/FSDP2 "
-                      f"{r['over_fsdp2']:.2f}; state {fmt_bytes(r['state'])} vs FSDP2 "
+                      f"{r['over_fsdp2']:.2f} (per step {fmt_paired(r['paired'])}); state {fmt_bytes(r['state'])} vs FSDP2 "
                       f"{fmt_bytes(r['fsdp2_state'])}", flush=True)
             s = bench_scenario(w, width=width, layers=layers, vocab=vocab, seq=seq, batch=batch)
             print(f"bench: W={w} ({', '.join(VARIANTS)}), {warmup} warm-up + {steps} timed steps", flush=True)
@@ -251,7 +289,7 @@ def run_bench(*, world_sizes: Sequence[int] = (1, 2, 4, 8), steps: int = 10, war
             row = rows[-1]
             row["load"] = (load0, os.getloadavg()[0])  # the machine's 1-minute load, before and after
             print(f"  ours {row['ms']['fsdp_core']:.1f} ms, FSDP2 {row['ms']['fsdp2']:.1f} ms, ours/FSDP2 "
-                  f"{row['ours_over_fsdp2']:.2f}; ours/floor {row['ours_over_floor']:.2f}; no-prefetch/prefetch {row['noprefetch_over_ours']:.2f}; "
+                  f"{row['ours_over_fsdp2']:.2f} (per step {fmt_paired(row['paired'])}); ours/floor {row['ours_over_floor']:.2f}; no-prefetch/prefetch {row['noprefetch_over_ours']:.2f}; "
                   f"deterministic/fast {row['det_over_fast']:.2f}; state ours/FSDP2 {row['state_over_fsdp2']:.3f}, "
                   f"ours/(16N/W) {row['state_over_zero3']:.3f}; peak step memory ours/FSDP2 "
                   f"{row['peak_alloc_over_fsdp2']:.2f}; collectives = formula: {row['collectives_ok']}; load "
@@ -267,7 +305,7 @@ def run_bench(*, world_sizes: Sequence[int] = (1, 2, 4, 8), steps: int = 10, war
             r = hsdp_rows[-1]
             r["load"] = (load0, os.getloadavg()[0])
             print(f"bench: HSDP {mesh[0]}x{mesh[1]}: ours {r['ms']:.1f} ms, FSDP2 {r['fsdp2_ms']:.1f} ms, "
-                  f"ours/FSDP2 {r['over_fsdp2']:.2f}; state ours/FSDP2 {r['state_over_fsdp2']:.3f}; "
+                  f"ours/FSDP2 {r['over_fsdp2']:.2f} (per step {fmt_paired(r['paired'])}); state ours/FSDP2 {r['state_over_fsdp2']:.3f}; "
                   f"collectives = formula: {r['collectives_ok']}; load {r['load'][0]:.1f} -> {r['load'][1]:.1f}",
                   flush=True)
         overhead = harness_cost(pool, min(4, max(world_sizes)), harness_cases, spawn_cases)

@@ -7,7 +7,7 @@ from typing import Optional
 
 import torch
 
-__all__ = ["fmt_bytes", "write_performance_report"]
+__all__ = ["fmt_bytes", "fmt_paired", "write_performance_report"]
 
 
 def fmt_bytes(n: Optional[float]) -> str:
@@ -18,6 +18,11 @@ def fmt_bytes(n: Optional[float]) -> str:
             return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
         n /= 1024
     return str(n)
+
+
+def fmt_paired(p: dict) -> str:
+    """A `paired_ratio` summary: ``0.80 [0.77, 0.82] (98 %)``."""
+    return f"{p['median']:.2f} [{p['lo']:.2f}, {p['hi']:.2f}] ({100 * p['coverage']:.0f} %)"
 
 
 def _load(row: dict) -> str:
@@ -41,15 +46,18 @@ def write_performance_report(report: dict, out: Path) -> None:
         "",
         "Load: the machine's 1-minute load average before and after the world size ran (other "
         "processes share the cores: ratios of interleaved variants, not absolute times, are the result).",
+        "Per step: the median of the per-step ratios ours/FSDP2 (each step against FSDP2's step of the "
+        "same round), with a distribution-free confidence interval for that median (order "
+        "statistics; its coverage in parentheses): the run's own noise around the ratio.",
         "",
-        "| W | params | ours ms | FSDP2 ms | ours/FSDP2 | ours without prefetch ms | without/with prefetch | det ms | det/fast | load |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| W | params | ours ms | FSDP2 ms | ours/FSDP2 | per step: median [interval] | ours without prefetch ms | without/with prefetch | det ms | det/fast | load |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         ms = r["ms"]
         lines.append(
             f"| {r['world_size']} | {r['n_params']:,} | {ms['fsdp_core']:.1f} | {ms['fsdp2']:.1f} | "
-            f"{r['ours_over_fsdp2']:.2f} | {ms['fsdp_core_noprefetch']:.1f} | {r['noprefetch_over_ours']:.2f} | "
+            f"{r['ours_over_fsdp2']:.2f} | {fmt_paired(r['paired'])} | {ms['fsdp_core_noprefetch']:.1f} | {r['noprefetch_over_ours']:.2f} | "
             f"{ms['fsdp_core_det']:.1f} | {r['det_over_fast']:.2f} | {_load(r)} |")
     lines += [
         "",
@@ -103,11 +111,11 @@ def write_performance_report(report: dict, out: Path) -> None:
                   "fsdp_core and FSDP2 on the same 2-D (replicate, shard) mesh: parameters sharded "
                   "over S, replicated over R; gradients reduce-scattered in the shard group and "
                   "all-reduced over the replicate group. Same GPT, data and optimizer.", "",
-                  "| mesh RxS | ours ms | FSDP2 ms | ours/FSDP2 | state ours | state FSDP2 | ours/FSDP2 | collectives = formula | load |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+                  "| mesh RxS | ours ms | FSDP2 ms | ours/FSDP2 | per step: median [interval] | state ours | state FSDP2 | ours/FSDP2 | collectives = formula | load |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         for r in report["hsdp_rows"]:
             lines.append(f"| {r['mesh']} | {r['ms']:.1f} | {r['fsdp2_ms']:.1f} | {r['over_fsdp2']:.2f} | "
-                         f"{fmt_bytes(r['state'])} | {fmt_bytes(r['fsdp2_state'])} | "
+                         f"{fmt_paired(r['paired'])} | {fmt_bytes(r['state'])} | {fmt_bytes(r['fsdp2_state'])} | "
                          f"{r['state_over_fsdp2']:.3f} | {'yes' if r['collectives_ok'] else 'NO'} | {_load(r)} |")
         for r in report["hsdp_rows"]:
             lines.append(f"- {r['mesh']}: ours {r['collectives']} (formula {r['expected']}); FSDP2 "
@@ -116,11 +124,11 @@ def write_performance_report(report: dict, out: Path) -> None:
         lines += ["", "## Other sharders against FSDP2", "",
                   "Each named with `--sharder`, timed against FSDP2 interleaved step by step on the "
                   "same ranks, the same GPT, data and optimizer options.", "",
-                  "| sharder | W | ms | FSDP2 ms | sharder/FSDP2 | state/rank | FSDP2 state/rank |",
-                  "|---|---|---|---|---|---|---|"]
+                  "| sharder | W | ms | FSDP2 ms | sharder/FSDP2 | per step: median [interval] | state/rank | FSDP2 state/rank |",
+                  "|---|---|---|---|---|---|---|---|"]
         for r in report["extra_rows"]:
             lines.append(f"| {r['sharder']} | {r['world_size']} | {r['ms']:.1f} | {r['fsdp2_ms']:.1f} | "
-                         f"{r['over_fsdp2']:.2f} | {fmt_bytes(r['state'])} | "
+                         f"{r['over_fsdp2']:.2f} | {fmt_paired(r['paired'])} | {fmt_bytes(r['state'])} | "
                          f"{fmt_bytes(r['fsdp2_state'])} |")
     every = ov["spawn_cases"] == ov["cases"]
     lines += ["", "## Harness", "",
