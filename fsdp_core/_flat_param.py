@@ -109,6 +109,7 @@ class FlatUnit(GradReduction):
         self.requires_grad = [p.requires_grad for p in params]
         self.layout: FlatLayout = make_layout([p.numel() for p in params], self.world_size)
         self.pieces = self.layout.local_pieces(self.rank)
+        self.padding_ranges = self.layout.padding_ranges(self.rank)  # shard-relative [start, end)
         self.requires_gradient_sync = True
         self.generation = -1                        # see [Note: backward bookkeeping] in _hooks
         self.state = ShardState.SHARDED
@@ -195,7 +196,7 @@ class FlatUnit(GradReduction):
 
     @torch.no_grad()
     def zero_padding(self) -> None:
-        for start, end in self.layout.padding_ranges(self.rank):
+        for start, end in self.padding_ranges:
             self.shard[start:end].zero_()
 
     # ------------------------------------------------------------------ unshard / reshard

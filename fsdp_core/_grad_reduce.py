@@ -55,8 +55,8 @@ def finish_reductions(one_stage: bool = False) -> None:
 
 class GradReduction:
     """Backward bookkeeping and gradient reduction of a ``FlatUnit`` (a mixin: it uses the
-    unit's ``layout``, ``pieces``, ``unsharded_params``, ``sharded_params``, ``shard``, dtypes,
-    groups and ``reshard``)."""
+    unit's ``layout``, ``pieces``, ``padding_ranges``, ``unsharded_params``, ``sharded_params``,
+    ``shard``, dtypes, groups and ``reshard``)."""
 
     def reset_backward_state(self) -> None:
         self.calls_with_hook = 0       # forward calls whose inputs carry the post-backward hook
@@ -171,7 +171,7 @@ class GradReduction:
 
     def _assign_sharded_grads(self, reduced: torch.Tensor, had_grad: list[bool]) -> None:
         grad = reduced.to(device=self.shard.device, dtype=self.master_dtype)  # 1-D padded shard
-        for start, end in self.layout.padding_ranges(self.rank):
+        for start, end in self.padding_ranges:
             grad[start:end].zero_()
         for piece, p, has in zip(self.pieces, self.sharded_params, had_grad):
             if not has:
