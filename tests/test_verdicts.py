@@ -293,7 +293,7 @@ def test_a_campaign_of_an_adapter_that_declines_some_draws_skips_at_most_a_tenth
     assert data["declined"] and set(data["declined"]) <= {"no weight decay (declined by name)",
                                                           "no weight decay (declined by name) (W=1)",
                                                           "no weight decay (declined by name) (W=2)"}
-    assert "draws declined by the adapter and drawn again" in out.stdout
+    assert "candidate draws declined by the adapter, set aside" in out.stdout
     assert "Declined while drawing" in (tmp_path / "equivalence.md").read_text()
 
 

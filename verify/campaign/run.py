@@ -176,12 +176,12 @@ def run_campaign(*, world_sizes: Sequence[int], examples: int, seed: int, sharde
           f"seed {seed}, profile {profile})"
           + (f" and {len(resumes)} checkpoint-resume cases" if resumes else "")
           + (f"; not drawn, no chosen sharder runs them: {', '.join(dropped)}" if dropped else "")
-          + (f"; {sum(declined.values())} draws declined by the adapter and drawn again"
-             if declined else "")
+          + (f"; {sum(declined.values())} candidate draws declined by the adapter, set aside "
+             "(the cases were picked among the others)" if declined else "")
           + "; starting the rank pool", flush=True)
     say(blas.describe(), flush=True)
     if declined:
-        say("declined while drawing (drawn again): " + "; ".join(
+        say("declined while drawing (set aside): " + "; ".join(
             f"{n} x {why}" for why, n in declined.most_common(5))
             + (f"; and {len(declined) - 5} other reasons" if len(declined) > 5 else ""), flush=True)
     if plant is not None:

@@ -34,8 +34,8 @@ def load_declined(path: str | Path) -> Optional[dict]:
 def declined_line(declined: dict) -> str:
     """One line: how many draws the adapters declined, and why (the most frequent first)."""
     parts = [f"{n}: {reason}" for reason, n in sorted(declined.items(), key=lambda kv: -kv[1])]
-    return (f"Declined while drawing (drawn again, so that the cases run): "
-            f"{sum(declined.values())} draws; " + "; ".join(parts[:8])
+    return (f"Declined while drawing (set aside; the cases were picked among the other candidates, "
+            f"so that they run): {sum(declined.values())} candidate draws; " + "; ".join(parts[:8])
             + (f"; and {len(parts) - 8} other reasons" if len(parts) > 8 else ""))
 
 
