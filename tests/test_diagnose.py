@@ -114,6 +114,56 @@ def test_first_line_of_a_hang_is_the_timeout_line():
     assert _reason_line("Traceback\n  File x\nRuntimeError: boom") == "RuntimeError: boom"
 
 
+_RAISED_THEN_STALLED = (
+    "rank 1 raised in verify.case.train.run_case at world size 2:\n"
+    "Traceback (most recent call last):\n"
+    '  File "/work/main/verify/ranks/rank.py", line 244, in serve\n'
+    "    ok, value = True, fn(payload, contexts[world_size])\n"
+    "                      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^\n"
+    '  File "/tmp/x/mysharder/edge.py", line 74, in shard\n'
+    '    raise RuntimeError("planted: shard() failed")\n'
+    "RuntimeError: planted: shard() failed on rank 1\n\n\n"
+    "ranks [0] did not finish within 2 s of the first error (likely waiting in a collective the "
+    "failed rank never joined); the pool restarts\n\n"
+    "rank 0 was stuck here:\n"
+    '  File "/venv/lib/python3.11/site-packages/torch/distributed/distributed_c10d.py", line 4394 in all_gather_single\n')
+
+
+def test_the_line_of_a_rank_that_raised_names_its_exception_and_line_before_the_stall():
+    # The stalled peers are a consequence: the line leads with what rank 1 raised and where.
+    line = first_line(_RAISED_THEN_STALLED)
+    assert line.startswith("rank 1 raised RuntimeError: planted: shard() failed on rank 1 "
+                           "(at /tmp/x/mysharder/edge.py:74 in shard)"), line
+    assert "then ranks [0] did not finish within 2 s" in line, line
+    from verify.report.tables import _reason_line
+    assert _reason_line(_RAISED_THEN_STALLED) == line
+
+
+def test_the_line_of_an_error_inside_torch_points_at_the_caller_and_follows_chained_errors():
+    reason = ("rank 0 raised in verify.case.train.run_case at world size 1:\n"
+              "Traceback (most recent call last):\n"
+              '  File "/repo/verify/scenarios/special.py", line 45, in tie_weights\n'
+              "    self.head.weight = self.emb.weight\n"
+              '  File "/venv/lib/python3.11/site-packages/torch/nn/modules/module.py", line 1962, in __getattr__\n'
+              "    raise AttributeError(\n"
+              "KeyError: 'weight'\n\n"
+              "During handling of the above exception, another exception occurred:\n\n"
+              "Traceback (most recent call last):\n"
+              '  File "/repo/verify/scenarios/special.py", line 45, in tie_weights\n'
+              "    self.head.weight = self.emb.weight\n"
+              '  File "/venv/lib/python3.11/site-packages/torch/nn/modules/module.py", line 1964, in __getattr__\n'
+              "    raise AttributeError(\n"
+              "AttributeError: 'Linear' object has no attribute 'weight'\n")
+    assert first_line(reason) == ("rank 0 raised AttributeError: 'Linear' object has no attribute "
+                                  "'weight' (at /repo/verify/scenarios/special.py:45 in tie_weights)")
+    parent = ("the adapter m:A's parent side raised:\nTraceback (most recent call last):\n"
+              '  File "/repo/verify/campaign/run.py", line 76, in run_one\n    why = adapter.unsupported(s)\n'
+              '  File "/tmp/m.py", line 9, in unsupported\n    raise KeyError(\"n_embd\")\n'
+              "KeyError: 'n_embd'\n")
+    assert first_line(parent) == ("the adapter m:A's parent side raised: KeyError: 'n_embd' "
+                                  "(at /tmp/m.py:9 in unsupported)")
+
+
 def test_explain_names_the_first_divergent_collective(tmp_path):
     def log(rank, lines):
         (tmp_path / f"collectives.{rank}").write_text("".join(lines))

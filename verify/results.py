@@ -7,11 +7,13 @@ report only ever read these records (as dicts, through `to_dict`).
 from __future__ import annotations
 
 import dataclasses
+import os
+import re
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 __all__ = ["StepRecord", "CaseResult", "VERDICTS", "PASSING", "held_verdict", "headline",
-           "SEVERITY_CLASSES", "worst_first", "severity_label", "UNSEEN"]
+           "SEVERITY_CLASSES", "worst_first", "severity_label", "UNSEEN", "reason_line"]
 
 # The collective kind under which a step records the collectives its process groups ran that
 # the recorder could not see (issued below Python): [count, 0]; the step's bytes are unknown.
@@ -185,3 +187,81 @@ def severity_label(case: Any) -> str:
     if cls == "beyond tolerance" and excess is not None:
         return f"beyond tolerance, {excess:.3g}x"
     return cls
+
+
+# -- one line of a reason ---------------------------------------------------------------------
+
+_RAISED = re.compile(r"^rank (\d+) raised in \S+ at world size \d+:$")
+_FRAME = re.compile(r'^\s+File "([^"]+)", line (\d+), in (.+)$')
+_CHAINED = ("During handling of the above exception", "The above exception was the direct cause")
+_TORCH_FRAME = re.compile(r"[/\\](site|dist)-packages[/\\]torch[/\\]")
+
+
+def _where(path: str, line: str, fn: str) -> str:
+    try:
+        rel = os.path.relpath(path)
+        path = rel if not rel.startswith("..") else path
+    except ValueError:
+        pass
+    return f"{path}:{line} in {fn}"
+
+
+def _exception_at(raw: list[str], start: int) -> Optional[str]:
+    """The exception of the traceback whose header is ``raw[start]`` (following chained
+    tracebacks to the last), with where it was raised: the innermost frame outside torch's own
+    package (the user's or the harness's line that called into torch), else the innermost."""
+    exc: Optional[str] = None
+    frames: list[tuple[str, str, str]] = []
+    for ln in raw[start:]:
+        s = ln.strip()
+        if s.startswith("Traceback"):
+            exc, frames = None, []
+        elif _FRAME.match(ln):
+            frames.append(_FRAME.match(ln).groups())
+        elif s and not ln[:1].isspace():   # tracebacks indent frames and code, not the exception
+            if exc is None:
+                exc = s
+            elif not s.startswith(_CHAINED):
+                break
+    if exc is None:
+        return None
+    if not frames:
+        return exc
+    outside = [f for f in frames if not _TORCH_FRAME.search(f[0])]
+    return f"{exc} (at {_where(*(outside or frames)[-1])})"
+
+
+def reason_line(reason: str) -> str:
+    """The one line of a case's reason that says the most (console, report tables, diagnosis):
+    a rank's exception with the rank and where it was raised, followed by which ranks were then
+    left waiting; a hang's "timed out after" line; a traceback's exception; a "...:" heading
+    with the line of what follows it; else the first line."""
+    raw = [ln for ln in (reason or "").splitlines() if ln.strip()]
+    lines = [ln.strip() for ln in raw]
+    if not lines:
+        return ""
+    raised = [i for i, ln in enumerate(lines) if _RAISED.match(ln)]
+    if lines[0].endswith(":") and len(lines) > 1 and not raised[:1] == [0] \
+            and not lines[0].startswith("Traceback"):
+        return f"{lines[0]} {reason_line(chr(10).join(raw[1:]))}"
+    if raised:
+        i = raised[0]
+        tb = next((j for j in range(i + 1, len(lines)) if lines[j].startswith("Traceback")), None)
+        exc = _exception_at(raw, tb) if tb is not None else (lines[i + 1] if i + 1 < len(lines) else None)
+        rank = _RAISED.match(lines[i]).group(1)
+        out = f"rank {rank} raised {exc}" if exc else lines[i]
+        others = [_RAISED.match(lines[j]).group(1) for j in raised[1:]]
+        if others:
+            out += f" (ranks {', '.join(others)} raised too)"
+        stalled = next((ln for ln in lines if " did not finish within " in ln), None)
+        if stalled:
+            out += "; then " + stalled.split("; the pool restarts")[0]
+        return out
+    hang = next((ln for ln in lines if ln.startswith("timed out after")
+                 or " did not finish within " in ln), None)
+    if hang:
+        return hang
+    tb = next((j for j, ln in enumerate(lines) if ln.startswith("Traceback")), None)
+    if tb is not None:
+        return _exception_at(raw, tb) or lines[0]
+    return lines[0]

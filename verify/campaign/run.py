@@ -107,13 +107,14 @@ def run_one(pool, s: Scenario, *, sharder: str = DEFAULT_SHARDER, timeout_s: Opt
 
 
 def _progress(i: int, n: int, case: CaseResult, started: float, show_sharder: bool) -> None:
-    rate = i / max(time.perf_counter() - started, 1e-9) * 60
+    elapsed = time.perf_counter() - started
+    rate = f"  ({i / elapsed * 60:.0f} cases/min)" if elapsed >= 1.0 else ""  # none from a blink
     width = 24
     bar = "#" * round(width * i / n) + "." * (width - round(width * i / n))
     who = f"{case.sharder:<11} " if show_sharder else ""
     print(f"[{bar}] {i}/{n} {who}W={case.world_size} {case.mode:<13} {case.family:<8} {case.dtype} "
-          f"{case.optimizer:<12} {case.verdict.upper():<5} {case.wall_time_s:5.2f}s  "
-          f"({rate:.0f} cases/min)" + (f": {first_line(case.reason) or 'no reason given'}"
+          f"{case.optimizer:<12} {case.verdict.upper():<5} {case.wall_time_s:5.2f}s"
+          f"{rate}" + (f": {first_line(case.reason) or 'no reason given'}"
                                        if case.verdict == "error" else ""), flush=True)
 
 

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterator, Optional
 
 from verify.case.severity import BEYOND, LAST_BIT
-from verify.results import CaseResult
+from verify.results import CaseResult, reason_line
 from verify.scenarios import WORLD_SIZES, Scenario, build_model, wrap_units
 
 __all__ = ["NUMERIC", "failing_checks", "primary_check", "error_kind", "signature", "first_phase",
@@ -47,23 +47,8 @@ def _norm(check: str) -> str:
 
 
 def first_line(reason: str) -> str:
-    """The line of a reason that says the most: for a hang the "timed out after" line, for a
-    rank's traceback its last line, else the first non-empty line (a line ending in ":" with
-    the first line of what follows it)."""
-    lines = [ln.strip() for ln in (reason or "").splitlines() if ln.strip()]
-    if not lines:
-        return ""
-    if lines[0].endswith(":") and len(lines) > 1 and not (
-            lines[0].startswith("rank ") and " raised in " in lines[0]):  # "...:" then the reason
-        return f"{lines[0]} {first_line(chr(10).join(lines[1:]))}"
-    for ln in lines:
-        if ln.startswith("timed out after") or " did not finish within " in ln:
-            return ln
-    if lines[0].startswith("rank ") and " raised in " in lines[0]:
-        tb_end = next((ln for ln in lines[1:] if not ln.startswith(("File ", "Traceback", "^", "~"))
-                       and ":" in ln and not ln.startswith("rank ")), None)
-        return f"{lines[0]} {tb_end}" if tb_end else lines[0]
-    return lines[0]
+    """The line of a reason that says the most (`verify.results.reason_line`)."""
+    return reason_line(reason)
 
 
 def failing_checks(case: CaseResult) -> list[str]:

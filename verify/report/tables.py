@@ -6,7 +6,7 @@ from typing import Any, Optional
 import numpy as np
 import pandas as pd
 
-from verify.results import worst_first
+from verify.results import reason_line, worst_first
 from verify.report._format import (
     _GROUP, _as_dict, _bytes, _cell, _held, _int, _md, _missing, _num, _ratio)
 
@@ -143,13 +143,7 @@ def failures_table(df: pd.DataFrame, *, reason_chars: int = 160) -> str:
 
 
 def _reason_line(reason: str) -> str:
-    """A traceback's last line says the most; a hang's first line ("timed out after ...")."""
-    lines = [ln for ln in reason.strip().splitlines() if ln.strip()]
-    if not lines:
-        return ""
-    hang = next((ln for ln in lines if ln.startswith("timed out after")
-                 or " did not finish within " in ln), None)
-    return hang or lines[-1]
+    return reason_line(reason)
 
 
 def diagnosis_section(results: list[dict]) -> str:
