@@ -144,3 +144,13 @@ def test_family_bounds_are_respected(strategy, family, maxima):
         assert set(dict(model)) == set(FAMILIES[family].DEFAULTS)  # complete: replays never depend on defaults
         assert all(dict(model)[k] <= v for k, v in maxima.items()), model
     check()
+
+
+def test_gpt_widths_are_never_one_and_reach_two():
+    """n_embd = 1 makes every LayerNorm output its bias: a constant loss, zero gradients."""
+    @FAST
+    @given(gpt_models())
+    def check(model):
+        assert dict(model)["n_embd"] >= 2, model
+    check()
+    find(gpt_models(), lambda m: dict(m)["n_embd"] == 2, settings=SEARCH)

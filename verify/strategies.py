@@ -63,13 +63,17 @@ def _with_width(kw: dict, *, unit: str, count: str, width: str, factor: int = 1)
 
 
 def gpt_models(*, max_vocab: int = 64, max_layers: int = 3, max_seq: int = 8) -> st.SearchStrategy[Model]:
-    """nanoGPT shapes: n_embd = n_head * head_dim <= 32, odd vocabularies, tied or untied head."""
+    """nanoGPT shapes: n_embd = n_head * head_dim in 2..32, odd vocabularies, tied or untied
+    head. Never n_embd = 1: a LayerNorm over one element outputs its bias whatever its input, so
+    the loss is constant and every gradient zero (a case that checks nothing); the one head of
+    size 1 is drawn as size 2 instead (a map, not a filter: the other draws stay as they were)."""
     return st.fixed_dictionaries({
         "vocab_size": sizes(min_value=2, max_value=max_vocab),
         "n_head": st.integers(1, 4), "head_dim": st.integers(1, 8),
         "n_layer": st.integers(1, max_layers), "block_size": st.integers(1, max_seq),
         "tied": st.booleans(), "bias": st.booleans(),
-    }).map(lambda kw: _with_width(kw, unit="head_dim", count="n_head", width="n_embd"))
+    }).map(lambda kw: _with_width({**kw, "head_dim": max(kw["head_dim"], 2 // kw["n_head"])},
+                                  unit="head_dim", count="n_head", width="n_embd"))
 
 
 def cs336_models(*, max_vocab: int = 64, max_layers: int = 3, max_seq: int = 8) -> st.SearchStrategy[Model]:
