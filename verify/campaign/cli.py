@@ -13,7 +13,7 @@ from verify._args import (EXIT_FAILED, EXIT_OK, MAX_WORLD_SIZE, MODES, UsageErro
                           check_out_dir, count, families, load_sharders, plant, positive_int,
                           scenario_json, seconds, seed, sharder, sharders, world_size, world_sizes)
 from verify.results import PASSING
-from verify.sharders import has_checkpointing, load
+from verify.sharders import ALIASES, BUILTINS, has_checkpointing, load
 from verify.tools import soak
 
 __all__ = ["add_run_arguments", "add_replay_arguments", "add_report_arguments",
@@ -21,7 +21,7 @@ __all__ = ["add_run_arguments", "add_replay_arguments", "add_report_arguments",
 
 # Built-in sharders (verify/sharders/; "all" is every one of them, side by side); any other is
 # named by import path, pkg.module:Name.
-SHARDERS = ("fsdp_core", "torch_fsdp2", "fsdp2", "ddp", "all")
+SHARDERS = (*BUILTINS, *ALIASES, "all")
 PROFILES = ("dev", "ci", "nightly")
 DTYPES = {"fp32": ("fp32",), "bf16": ("bf16",), "both": ("fp32", "bf16")}
 OFFLOADS = {"no": (False,), "yes": (True,), "both": (False, True)}
