@@ -158,3 +158,47 @@ class LauncherEnv(DDP):
         if any(env[k] != v for k, v in want.items()) or not (env["MASTER_PORT"] or "").isdigit():
             raise RuntimeError(f"launcher variables {env}, wanted {want}")
         return DDP.shard(self, model, plan, group)
+
+
+class FullDiffersOnRank1(DDP):
+    """Trains correctly; its `full_parameters` on ranks other than 0 is off by one (a probe that
+    gathers differently there): rank 0's, which the judge compares, is right."""
+    name = "full_differs_on_rank1"
+
+    def full_parameters(self, model, optimizer):
+        import torch.distributed as dist  # reason: only this test adapter asks for its rank
+        full = super().full_parameters(model, optimizer)
+        return full if dist.get_rank() == 0 else {n: t + 1 for n, t in full.items()}
+
+
+class FullOnRank0Only(DDP):
+    """Correct; like a rank-0-only state dict, ranks other than 0 return no full parameters."""
+    name = "full_on_rank0_only"
+
+    def full_parameters(self, model, optimizer):
+        import torch.distributed as dist  # reason: likewise
+        full = super().full_parameters(model, optimizer)
+        return full if dist.get_rank() == 0 else {}
+
+
+class RaisesOnLastRank(DDP):
+    """shard() raises on the last rank only: its peers wait in DDP's first collective."""
+    name = "raises_on_last_rank"
+
+    def shard(self, model, plan, group):
+        import torch.distributed as dist  # reason: likewise
+        if dist.get_rank(group) == dist.get_world_size(group) - 1:
+            raise RuntimeError("boom: the last rank cannot shard")
+        return DDP.shard(self, model, plan, group)
+
+
+class TakesEmbeddingWeight(DDP):
+    """Takes the embedding's weight out of its module after wrapping (as a flat-parameter sharder
+    does) and declines nothing: a case that re-ties after shard() ("split_retie") cannot, and
+    its error says what the harness was doing."""
+    name = "takes_embedding_weight"
+
+    def shard(self, model, plan, group):
+        ddp = DDP.shard(self, model, plan, group)
+        del ddp.module.wte._parameters["weight"]
+        return ddp

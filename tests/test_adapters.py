@@ -110,6 +110,44 @@ def test_a_raising_adapter_is_an_error_case_with_every_ranks_traceback(rank_pool
     assert after.verdict in ("pass", "reported")
 
 
+@pytest.mark.multigpu
+def test_one_rank_raising_leads_the_line_with_its_exception_not_the_peers_wait(rank_pool):
+    """The peers left waiting in a collective are a consequence: the console's and the report's
+    line for the case names the rank that raised, its exception and its line first."""
+    from verify.results import reason_line
+    case = run_one(rank_pool, mlp_scenario(2), sharder="tests.foreign_sharders:RaisesOnLastRank",
+                   timeout_s=60.0)
+    assert case.verdict == "error"
+    line = reason_line(case.reason)
+    assert line.startswith("rank 1 raised RuntimeError: boom: the last rank cannot shard (at "), line
+    assert "foreign_sharders.py:" in line and " in shard)" in line, line
+    if "did not finish" in case.reason:   # rank 0 was still waiting in DDP's first collective
+        assert "then ranks [0] did not finish within" in line, line
+
+
+@pytest.mark.multigpu
+def test_full_parameters_that_differ_between_ranks_fail_and_a_rank0_only_dict_passes(rank_pool):
+    """Rank 0's full parameters are compared with the reference; every other rank's must be
+    the same tensors (fingerprints), where it gives any."""
+    bad = run_one(rank_pool, mlp_scenario(2), sharder="tests.foreign_sharders:FullDiffersOnRank1")
+    assert bad.verdict == "fail" and _failed(bad) == {"structure"}, bad.reason
+    assert "rank 1's full parameters differ from rank 0's" in bad.reason, bad.reason
+    ok = run_one(rank_pool, mlp_scenario(2), sharder="tests.foreign_sharders:FullOnRank0Only")
+    assert ok.verdict in ("pass", "reported"), ok.reason
+
+
+@pytest.mark.multigpu
+def test_a_retie_the_sharded_model_does_not_allow_is_an_error_that_says_what_was_done(rank_pool):
+    s = Scenario.from_json('{"family":"gpt","model":{"tied":true},"world_size":1,"mode":"fast",'
+                           '"optimizer":"sgd","steps":1,"micro_batches":1,"ties":"split_retie"}')
+    case = run_one(rank_pool, s, sharder="tests.foreign_sharders:TakesEmbeddingWeight")
+    assert case.verdict == "error"
+    from verify.results import reason_line
+    line = reason_line(case.reason)
+    assert "re-ties the model's tied parameters after shard() (ties='split_retie'" in line, line
+    assert "decline these cases in unsupported()" in line, line
+
+
 def test_a_raising_parent_side_is_an_error_case():
     case = run_one(None, mlp_scenario(2), sharder="tests.foreign_sharders:RaisesInUnsupported")
     assert case.verdict == "error" and "looked for something" in case.reason

@@ -129,6 +129,33 @@ def _ulps_off(t, n: int):
     return out.reshape(t.shape)
 
 
+_ADAMW_W4 = ('{"family":"gpt","model":{"bias":false,"block_size":6,"n_embd":28,"n_head":4,"n_layer":1,'
+             '"tied":false,"vocab_size":7},"world_size":4,"mode":"fast","optimizer":"adamw","lr":0.01,'
+             '"weight_decay":0.0,"steps":1,"micro_batches":8,"micro_batch_size":1,"dtype":"fp32",'
+             '"wrap":"per_block","reshard_after_forward":false,"seed":18425}')
+
+
+@pytest.mark.multigpu
+def test_a_wrong_learning_rate_within_the_reported_bound_fails_against_the_replayed_step(rank_pool):
+    """Fast AdamW at W = 4 is held to what Adam can do from any gradients (2 lr per step), which
+    a 1.5x learning rate stays within; the first step replayed from the adapter's own reduced
+    gradients is not, so the case fails, in the optimizer phase. The correct adapter on the
+    same case stays reported."""
+    _skip_unless(rank_pool, 4)
+    s = Scenario.from_json(_ADAMW_W4)
+    ok = run_one(rank_pool, s, sharder="ddp", timeout_s=120.0)
+    assert ok.verdict == "reported", f"{ok.reason}\nreplay: {ok.replay}"
+    bad = run_one(rank_pool, s, sharder=V + "FastLr", timeout_s=120.0)
+    assert bad.verdict == "fail", bad.reason
+    assert "not what adamw computes from the initial parameters and this sharder's own reduced " \
+           "gradients" in bad.reason, bad.reason
+    from verify.diagnosis.shrink import first_phase
+    assert first_phase(bad) == "optimizer" and bad.severity == "beyond tolerance"
+    # without the replay (the physical bound alone) the same parameters pass: what it adds
+    from verify.compare import bounds_for
+    assert 1.5 * s.lr - s.lr < bounds_for(s, "reported").params.atol
+
+
 def test_a_failing_check_says_last_bit_or_beyond_tolerance_by_how_much():
     import torch
     from verify.case.severity import BEYOND, LAST_BIT, step_severity

@@ -85,3 +85,16 @@ class OtherKernel(DDP):
             return torch.nn.functional.linear(x.double(), m.weight.double(), bias).to(x.dtype)
         linear.forward = forward
         return super().shard(model, plan, group)
+
+
+class FastLr(DDP):
+    """Correct gradients, and Adam's steps taken with 1.5x the scenario's learning rate: every
+    parameter moves by 1.5 lr where the reference moves by lr, within the 2 lr per step that the
+    reported tier's physical bound admits; the replayed first step (verify/case/judge.py) sees it."""
+    name = "fast_lr"
+
+    def optimizer(self, model, plan):
+        opt = super().optimizer(model, plan)
+        for group in opt.param_groups:
+            group["lr"] *= 1.5
+        return opt

@@ -32,7 +32,7 @@ import torch.nn as nn
 from verify.scenarios import (Scenario, build_model, cat_batches, loss_fn, make_batch,
                               make_optimizer, step_loss, tree, wrap_units)
 
-__all__ = ["RefStep", "run_reference", "param_state"]
+__all__ = ["RefStep", "run_reference", "param_state", "replay_first_step"]
 
 REDUCE_DTYPE = torch.float32
 
@@ -77,6 +77,22 @@ def run_reference(s: Scenario, *, world_size_at: Optional[Callable[[int], int]] 
         out.append(RefStep(loss.detach().to(torch.float32), params, step_grads,
                            param_state(opt, master.named_parameters())))
     return out
+
+
+def replay_first_step(s: Scenario, grads: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The parameters after step 0 that the scenario's optimizer computes from the initial
+    parameters (the reference's, fp32) and ``grads`` (by parameter name; a parameter without
+    one is frozen): what a sharder whose reduced gradients were ``grads`` holds after its first
+    step, up to its optimizer implementation's rounding. Named as `RefStep.params`."""
+    if s.dtype != "fp32":
+        raise ValueError("replay_first_step replays fp32 training only")
+    model = build_model(s)
+    opt = make_optimizer(s, model.named_parameters())
+    for name, p in model.named_parameters():
+        g = grads.get(name)
+        p.grad = None if g is None else g.detach().reshape(p.shape).to(p.dtype).clone()
+    opt.step()
+    return {n: p.detach().clone() for n, p in model.named_parameters(remove_duplicate=False)}
 
 
 def param_state(optimizer, named_params, piece=None) -> Optional[dict[str, dict]]:

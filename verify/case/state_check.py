@@ -29,7 +29,8 @@ import torch
 
 from verify.compare import diff_stats, int_view
 
-__all__ = ["NORM_RTOL", "reassemble", "norm_problems", "gradient_problems", "state_problems"]
+__all__ = ["NORM_RTOL", "reassemble", "norm_problems", "gradient_problems", "state_problems",
+           "reassembled_gradients"]
 
 # The relative norm error allowed in the non-bitwise tiers, by compute dtype: 2000x the worst
 # measured (see the Note), and any constant scale c with |c - 1| > 1% is caught.
@@ -145,6 +146,24 @@ def gradient_problems(values: list[dict], step: int, ref_grads: Optional[dict], 
     if ref_grads is None or any(r is None for r in recs):
         return None
     return _compare(recs, ref_grads, tier, dtype, "a gradient", failed=failed)
+
+
+def reassembled_gradients(values: list[dict], step: int, ref_grads: Optional[dict]
+                          ) -> Optional[dict[str, torch.Tensor]]:
+    """The sharder's reduced gradients of ``step``, reassembled from every rank's pieces and
+    shaped like the reference's, by name; None where the adapter has no ``reduced_gradients``
+    probe or any of them is missing, not finite or does not reassemble (the ``gradients`` check
+    reports that)."""
+    recs = [v["records"][step].get("grads") for v in values]
+    if ref_grads is None or any(r is None for r in recs):
+        return None
+    out = {}
+    for name, ref in ref_grads.items():
+        flat, problem = reassemble(recs, name, ref.numel(), ref.dtype)
+        if problem or not bool(flat.isfinite().all()):
+            return None
+        out[name] = flat.view(ref.shape)
+    return out
 
 
 def state_problems(values: list[dict], step: int, ref_state: Optional[dict], tier: str,

@@ -21,6 +21,7 @@ time left out).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 import time
 from typing import Any, Callable, Optional, Sequence
@@ -114,13 +115,13 @@ class Trainer:
             # before the optimizer is built
             sharded = self.sharder.shard(model, self.plan, self.group)
             self.model = model if sharded is None else sharded
-            tie_weights(self.model)
+            _retie(self.model)
             self.optimizer = self.sharder.optimizer(self.model, self.plan)
         else:   # an engine that builds its optimizer with the model re-ties after both
             self.model, self.optimizer = self.sharder.shard_with_optimizer(model, self.plan,
                                                                            self.group)
             if s.ties == "split_retie":
-                tie_weights(self.model)
+                _retie(self.model)
         self.batch_fn = batch_fn or (lambda step, m: make_batch(s, step, m))
         self.recorder = CollectiveRecorder()
 
@@ -203,6 +204,7 @@ class Trainer:
         loss = self.step_loss(losses)
         full = sh.full_parameters(model, opt)   # collective: every rank gathers
         return dict(step=step, loss=loss, params=full if self.ctx.rank == 0 else None,
+                    digests=digests(full),
                     pieces=sh.local_pieces(model), grads=grads, pad_reduce=pad_reduce,
                     pad_step=pad_step, unsharded=unsharded, collectives=collectives,
                     expected_collectives=expected, state_bytes=nbytes, step_time_s=step_time,
@@ -210,6 +212,35 @@ class Trainer:
 
     def steps(self, steps) -> list[dict]:
         return [self.step(i) for i in steps]
+
+
+def _retie(model) -> None:
+    """``tie_weights()`` on the sharded model (``ties`` "split_retie"), with what the harness was
+    doing in the error if the model does not allow it."""
+    try:
+        tie_weights(model)
+    except Exception as e:
+        raise RuntimeError(
+            "the case re-ties the model's tied parameters after shard() (ties='split_retie', as "
+            "transformers does after wrapping: each module's tie_weights() assigns one module's "
+            "parameter to another's attribute), and on the sharded model that raised "
+            f"{type(e).__name__}: {e}; a sharder that removes or replaces module parameters "
+            "can decline these cases in unsupported() (scenario.ties)") from e
+
+
+def digests(full: Any) -> Optional[dict[str, str]]:
+    """A fingerprint of each full parameter a rank's ``full_parameters`` gave (its dtype, shape and
+    bytes): the judge holds every rank's to rank 0's, whose tensors it compares (a rank that
+    returns nothing, as a rank-0-only state dict does, is not compared)."""
+    if not isinstance(full, dict):
+        return None
+    out = {}
+    for name, t in full.items():
+        if isinstance(t, torch.Tensor):
+            flat = t.detach().cpu().reshape(-1).contiguous()
+            raw = flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b""
+            out[name] = f"{t.dtype} {tuple(t.shape)} " + hashlib.blake2b(raw, digest_size=16).hexdigest()
+    return out
 
 
 def run_case(payload: dict, ctx) -> dict:
