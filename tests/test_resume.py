@@ -92,6 +92,9 @@ def test_a_broken_resume_fails(rank_pool, load_fn, expect):
     assert result.verdict == "fail", result.reason
     assert expect in result.reason
     assert "after resuming at W=2" in result.reason
+    from verify.results import reason_line   # the one line leads with what the load got wrong
+    line = reason_line(result.reason)
+    assert line.startswith(f"{case.label}: after resuming at W=2: ") and expect in line, line
     assert all(st.bitwise for st in result.steps[:3])           # before the checkpoint: fine
     assert not all(st.bitwise for st in result.steps[3:])
     assert result.first_divergence is not None and result.first_divergence[0] >= 3

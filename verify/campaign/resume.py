@@ -305,12 +305,13 @@ def evaluate_resume(case: ResumeCase, res_a, res_b, ref, wall: float, *,
     problems = []
     if before.verdict == "fail":
         problems.append(f"before the checkpoint (W={w_a}):\n{before.reason}")
-    after_fails = [c["detail"] for c in checks if c["phase"] == "load" and c["status"] == "fail"]
+    after_fails = [c for c in checks if c["phase"] == "load" and c["status"] == "fail"]
+    after_fails.sort(key=lambda c: c["check"] != "loaded")   # what the load got wrong leads
     if after_fails:
-        problems.append(f"after resuming at W={s.world_size}:\n" + "\n".join(after_fails))
-    if problems:
+        problems.append(f"after resuming at W={s.world_size}:\n" + "\n".join(c["detail"] for c in after_fails))
+    if problems:   # "label:" then the problems: the case's one line is the label and the first
         out.verdict = "fail"
-        out.reason = f"{case.label}\n" + "\n".join(problems)
+        out.reason = f"{case.label}:\n" + "\n".join(problems)
     out.severity, out.excess = case_severity(out.checks, out.verdict)
     return out
 
