@@ -198,6 +198,14 @@ def test_a_scaled_gradient_is_beyond_tolerance_even_below_atol():
     assert bad and near.cls == LAST_BIT and near.ulp == 1
 
 
+def test_a_last_bit_label_between_values_near_zero_gives_the_tolerance_fraction_not_ulps():
+    from verify.results import severity_label
+    near = dict(verdict="fail", severity="last-bit", excess=0.31,
+                checks=[dict(status="fail", ulp=1617829889)])
+    assert severity_label(near) == "last-bit, 0.31 of the tolerance (values near 0, 1617829889 ulp apart)"
+    assert severity_label(dict(near, checks=[dict(status="fail", ulp=3)])) == "last-bit, 3 ulp"
+
+
 def test_the_headline_counts_every_verdict_exactly():
     from verify.results import headline
     rows = ([dict(verdict="pass", tier="bitwise")] * 2 + [dict(verdict="pass", tier="tolerance")]

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 __all__ = ["StepRecord", "CaseResult", "VERDICTS", "PASSING", "held_verdict", "headline",
-           "SEVERITY_CLASSES", "worst_first", "severity_label", "UNSEEN", "reason_line"]
+           "SEVERITY_CLASSES", "worst_first", "severity_label", "UNSEEN", "reason_line", "NEAR_ZERO_ULP"]
 
 # The collective kind under which a step records the collectives its process groups ran that
 # the recorder could not see (issued below Python): [count, 0]; the step's bytes are unknown.
@@ -174,6 +174,12 @@ def headline(results) -> str:
     return ", ".join(parts)
 
 
+# Beyond this many ulp a difference that is still within the tolerance is between values near 0
+# (of either sign: every tiny float lies between them), where an ulp count says nothing about
+# size; the label gives the fraction of the tolerance instead.
+NEAR_ZERO_ULP = 1 << 16
+
+
 def severity_label(case: Any) -> str:
     """"last-bit, 3 ulp" | "beyond tolerance, 4.2e+04x" | "invariant" | "error" | "" (passed)."""
     cls = _field(case, "severity") or ""
@@ -183,6 +189,8 @@ def severity_label(case: Any) -> str:
                if c.get("status") == "fail"), default=0)
     excess = _field(case, "excess")
     if cls == "last-bit":
+        if ulp > NEAR_ZERO_ULP and excess is not None:   # see NEAR_ZERO_ULP
+            return f"last-bit, {excess:.2g} of the tolerance (values near 0, {ulp} ulp apart)"
         return f"last-bit, {ulp} ulp"
     if cls == "beyond tolerance" and excess is not None:
         return f"beyond tolerance, {excess:.3g}x"

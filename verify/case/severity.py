@@ -21,7 +21,7 @@ from typing import Mapping, NamedTuple, Optional
 import torch
 
 from verify.compare import TOLERANCES, Tolerance, bounds_for, int_view, ulp_distance
-from verify.results import SEVERITY_CLASSES
+from verify.results import NEAR_ZERO_ULP, SEVERITY_CLASSES
 
 __all__ = ["LAST_BIT", "BEYOND", "INVARIANT", "ERROR", "CLASSES", "NUMERIC_CHECKS", "Severity",
            "excess", "step_severity", "tensors_severity", "case_severity", "rank",
@@ -58,8 +58,9 @@ def _figure(x: float) -> str:
 def _line(cls: str, ratio: float, ulp: int, what: str, tol: Tolerance) -> str:
     bound = f"{what} (rtol {tol.rtol:g}, atol {tol.atol:g})"
     if cls == LAST_BIT:
-        return (f"severity: last-bit, {ulp} ulp at most, within {bound}: the worst difference is "
-                f"{_figure(ratio)} of it")
+        near = " (between values near 0, where ulps say nothing of size)" if ulp > NEAR_ZERO_ULP else ""
+        return (f"severity: last-bit, {ulp} ulp at most{near}, within {bound}: the worst difference "
+                f"is {_figure(ratio)} of it")
     return f"severity: beyond tolerance, {_figure(ratio)}x {bound} at the worst element"
 
 
