@@ -345,3 +345,20 @@ def test_overhead_is_far_below_spawning(small_pool):
     assert m.pool_s > 0 and m.spawn_s > 0
     assert m.ratio == pytest.approx(m.spawn_s / m.pool_s)
     assert m.ratio >= 20, m
+
+
+def test_the_stderr_pump_forwards_a_warning_once_over_ranks_and_keeps_the_rest():
+    """[Note: a warning once]: the second rank's copy of a warning (and its source line) is not
+    forwarded again; other lines, and output that is not whole lines, are."""
+    from verify.ranks.stderr import StderrPump
+    pump = StderrPump(2)
+    warn = (b"/v/torch/distributed/c10d_logger.py:83: FutureWarning: `torch.distributed."
+            b"all_gather_into_tensor` is deprecated.\n  return func(*args, **kwargs)\n")
+    assert pump._once(0, warn) == warn
+    assert pump._once(1, warn) == b""
+    assert pump._once(1, b"  File \"x\", line 1\nrank 1 about to abort\n") == \
+        b"  File \"x\", line 1\nrank 1 about to abort\n"
+    assert pump._once(0, warn + b"progress\n") == b"progress\n"
+    other = warn.replace(b"FutureWarning", b"UserWarning")
+    assert pump._once(1, other) == other
+    assert pump._once(0, warn[:40]) == warn[:40]          # a partial line goes through as it is

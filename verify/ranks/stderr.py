@@ -5,6 +5,7 @@ the tail of each rank's output in the current run, for the report of a rank that
 from __future__ import annotations
 
 import os
+import re
 import selectors
 import threading
 import time
@@ -13,6 +14,14 @@ from typing import Any, Iterable, Optional
 __all__ = ["StderrPump"]
 
 _TAIL_BYTES = 16384       # per rank: what a failed run reports of the rank's stderr
+
+# [Note: a warning once]
+# Python prints a warning once per call site per process, so W ranks, and every pool restart
+# after a failed case, print the same one again: a sharder calling a name torch deprecates
+# (all_gather_into_tensor in 2.13) would bury the progress lines. The pump forwards a warning
+# line ("file:line: SomeWarning: message") and the indented source line after it the first time
+# any rank writes it, and keeps later copies in the ranks' tails only (what a failure reports).
+_WARNING = re.compile(rb"^\S.*:\d+: \w*Warning: ")
 
 
 class StderrPump:
@@ -26,6 +35,8 @@ class StderrPump:
         self._open = [False] * n
         self._muted = [False] * n
         self._lock = threading.Lock()
+        self._warned: set[bytes] = set()       # see [Note: a warning once]
+        self._skip_source = [False] * n
 
     def add(self, rank: int, conn: Any) -> None:
         self._conns[rank] = conn
@@ -56,11 +67,33 @@ class StderrPump:
                     tail += data
                     del tail[:-_TAIL_BYTES]
                 if not self._muted[rank]:
+                    data = self._once(rank, data)
                     try:
-                        os.write(2, data)
+                        if data:
+                            os.write(2, data)
                     except OSError:
                         pass
         sel.close()
+
+    def _once(self, rank: int, data: bytes) -> bytes:
+        """``data`` without the warnings forwarded before (see [Note: a warning once]); output
+        that is not whole lines goes through as it is."""
+        if not data.endswith(b"\n"):
+            self._skip_source[rank] = False
+            return data
+        out = []
+        for line in data.splitlines(keepends=True):
+            if self._skip_source[rank] and line.startswith(b"  "):
+                self._skip_source[rank] = False
+                continue
+            self._skip_source[rank] = False
+            if _WARNING.match(line):
+                if line in self._warned:
+                    self._skip_source[rank] = True
+                    continue
+                self._warned.add(line)
+            out.append(line)
+        return b"".join(out)
 
     def mute(self, ranks: Iterable[int]) -> None:
         """Keep the ranks' further output for the report only (no forwarding)."""
