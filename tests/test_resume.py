@@ -144,6 +144,27 @@ def test_drawn_resume_cases_are_valid_reproducible_and_varied():
     assert draw_resume_cases(**dict(kw, n=0)) == []
 
 
+def test_every_resume_draw_of_two_or_more_has_a_case_with_optimizer_state():
+    """[Note: a resume draw with optimizer state]: a checkpoint that drops Adam's state must be
+    exercised whatever the seed; the draws that had one are left as they were."""
+    from verify.campaign.resume import _with_stateful_optimizer
+    for seed in range(12):
+        kw = dict(n=3, seed=seed, world_sizes=[1, 2, 4], modes=("fast",), profile="dev")
+        cases = draw_resume_cases(**kw)
+        assert any(c.scenario.optimizer in ("adam", "adamw") for c in cases), (seed, cases)
+        for c in cases:
+            assert 1 <= c.save_after < c.scenario.steps
+    sgd = Scenario(family="mlp", model=(), world_size=2, mode="fast", optimizer="sgd", steps=3,
+                   micro_batches=4)
+    two = [ResumeCase(sgd, 4, 1), ResumeCase(sgd, 1, 1, 2)]
+    out = _with_stateful_optimizer(two, None)
+    assert [c.scenario.optimizer for c in out] == ["sgd", "adamw"]   # the double resume
+    assert out[1].resume_again_after == 2 and out[0] == two[0]
+    declines = lambda s: "no adam here" if s.optimizer == "adamw" else None
+    assert _with_stateful_optimizer(two, declines) == two
+    assert _with_stateful_optimizer(two[:1], None) == two[:1]
+
+
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_deterministic_reference_does_not_depend_on_the_world_size(dtype):
     """[Note: the reference of a resumed run]: tree(grad(loss_m / k)) / W is the same bits for

@@ -359,7 +359,27 @@ def draw_resume_cases(*, n: int, seed: int, world_sizes: Sequence[int],
                 s = dataclasses.replace(s, steps=max(s.steps, cut + 2))
                 again = random.Random(f"resume-again/{seed}/{i}").randint(cut + 1, s.steps - 1)
             cases[i] = ResumeCase(s.with_world_size(picks[i][1]), picks[i][0], cut, again)
-    return [c for c in cases if c is not None]
+    out = [c for c in cases if c is not None]
+    return _with_stateful_optimizer(out, check)
+
+
+# [Note: a resume draw with optimizer state]
+# A checkpoint that drops the optimizer's moments or its step count shows only under Adam (SGD
+# keeps no state, momentum restarts loudly); with 4 optimizers drawn uniformly, n resume cases are
+# all SGD-family one time in 2^n. So where two or more were drawn and none is Adam-family, the last
+# double resume (else the last case) trains with AdamW instead, unless an adapter declines that.
+_STATEFUL = ("adam", "adamw")
+
+
+def _with_stateful_optimizer(cases: list[ResumeCase], check) -> list[ResumeCase]:
+    if len(cases) < 2 or any(c.scenario.optimizer in _STATEFUL for c in cases):
+        return cases
+    i = max((j for j, c in enumerate(cases) if c.resume_again_after is not None), default=len(cases) - 1)
+    c = cases[i]
+    s = dataclasses.replace(c.scenario, optimizer="adamw")
+    if check is not None and _at_both(check, {c.save_world_size, s.world_size})(s) is not None:
+        return cases
+    return cases[:i] + [dataclasses.replace(c, scenario=s)] + cases[i + 1:]
 
 
 def _at_both(check, sizes):
