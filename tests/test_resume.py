@@ -147,7 +147,7 @@ def test_drawn_resume_cases_are_valid_reproducible_and_varied():
 def test_every_resume_draw_of_two_or_more_has_a_case_with_optimizer_state():
     """[Note: a resume draw with optimizer state]: a checkpoint that drops Adam's state must be
     exercised whatever the seed; the draws that had one are left as they were."""
-    from verify.campaign.resume import _with_stateful_optimizer
+    from verify.case.draw import with_stateful_optimizer as _with_stateful_optimizer
     for seed in range(12):
         kw = dict(n=3, seed=seed, world_sizes=[1, 2, 4], modes=("fast",), profile="dev")
         cases = draw_resume_cases(**kw)
@@ -160,8 +160,7 @@ def test_every_resume_draw_of_two_or_more_has_a_case_with_optimizer_state():
     out = _with_stateful_optimizer(two, None)
     assert [c.scenario.optimizer for c in out] == ["sgd", "adamw"]   # the double resume
     assert out[1].resume_again_after == 2 and out[0] == two[0]
-    declines = lambda s: "no adam here" if s.optimizer == "adamw" else None
-    assert _with_stateful_optimizer(two, declines) == two
+    assert _with_stateful_optimizer(two, lambda c, s: s.optimizer != "adamw") == two
     assert _with_stateful_optimizer(two[:1], None) == two[:1]
 
 

@@ -46,7 +46,7 @@ import torch
 import torch.distributed as dist
 
 from verify.campaign.console import print_case
-from verify.case.draw import declined_by, draw_scenarios, skip_reason
+from verify.case.draw import declined_by, draw_scenarios, skip_reason, with_stateful_optimizer
 from verify.case.judge import Check, case_tier, evaluate, state_model_bytes
 from verify.case.severity import case_severity
 from verify.case.train import Trainer
@@ -360,26 +360,8 @@ def draw_resume_cases(*, n: int, seed: int, world_sizes: Sequence[int],
                 again = random.Random(f"resume-again/{seed}/{i}").randint(cut + 1, s.steps - 1)
             cases[i] = ResumeCase(s.with_world_size(picks[i][1]), picks[i][0], cut, again)
     out = [c for c in cases if c is not None]
-    return _with_stateful_optimizer(out, check)
-
-
-# [Note: a resume draw with optimizer state]
-# A checkpoint that drops the optimizer's moments or its step count shows only under Adam (SGD
-# keeps no state, momentum restarts loudly); with 4 optimizers drawn uniformly, n resume cases are
-# all SGD-family one time in 2^n. So where two or more were drawn and none is Adam-family, the last
-# double resume (else the last case) trains with AdamW instead, unless an adapter declines that.
-_STATEFUL = ("adam", "adamw")
-
-
-def _with_stateful_optimizer(cases: list[ResumeCase], check) -> list[ResumeCase]:
-    if len(cases) < 2 or any(c.scenario.optimizer in _STATEFUL for c in cases):
-        return cases
-    i = max((j for j, c in enumerate(cases) if c.resume_again_after is not None), default=len(cases) - 1)
-    c = cases[i]
-    s = dataclasses.replace(c.scenario, optimizer="adamw")
-    if check is not None and _at_both(check, {c.save_world_size, s.world_size})(s) is not None:
-        return cases
-    return cases[:i] + [dataclasses.replace(c, scenario=s)] + cases[i + 1:]
+    return with_stateful_optimizer(out, None if check is None else (
+        lambda c, s: _at_both(check, {c.save_world_size, s.world_size})(s) is None))
 
 
 def _at_both(check, sizes):

@@ -11,6 +11,7 @@ in ``declined``), and the n cases are picked among the rest; where too few are l
 """
 from __future__ import annotations
 
+import dataclasses
 import random
 from collections import Counter
 from typing import Callable, Optional, Sequence
@@ -21,7 +22,8 @@ from verify import strategies
 from verify.scenarios import Scenario
 from verify.sharders import load
 
-__all__ = ["PROFILE_MAX_STEPS", "REDRAWS", "draw_scenarios", "skip_reason", "declined_by"]
+__all__ = ["PROFILE_MAX_STEPS", "REDRAWS", "draw_scenarios", "skip_reason", "declined_by",
+           "with_stateful_optimizer"]
 
 # How large drawn cases get, per profile (steps per case).
 PROFILE_MAX_STEPS = {"dev": 2, "ci": 3, "nightly": 4}
@@ -124,3 +126,25 @@ def draw_scenarios(*, world_size: int, mode: str, n: int, seed: int, profile: st
     if short > 0 and refused:   # bounded redraws spent: the rest run as skipped, and say why
         picked += [refused[i] for i in sorted(rng.sample(range(len(refused)), min(short, len(refused))))]
     return picked
+
+
+# [Note: a resume draw with optimizer state]
+# A checkpoint that drops the optimizer's moments or its step count shows only under Adam (SGD
+# keeps no state, momentum restarts loudly); with 4 optimizers drawn uniformly, n resume cases are
+# all SGD-family one time in 2^n. So where two or more were drawn and none is Adam-family, the last
+# double resume (else the last case) trains with AdamW instead, unless an adapter declines that.
+_STATEFUL = ("adam", "adamw")
+
+
+def with_stateful_optimizer(cases: list, accepts: Optional[Callable] = None) -> list:
+    """Resume cases (verify/campaign/resume.py ``ResumeCase``) with one switched to AdamW where
+    two or more have no Adam-family optimizer (see the Note); ``accepts(case, scenario)``: whether
+    the adapters run the case with that scenario."""
+    if len(cases) < 2 or any(c.scenario.optimizer in _STATEFUL for c in cases):
+        return cases
+    i = max((j for j, c in enumerate(cases) if c.resume_again_after is not None), default=len(cases) - 1)
+    c = cases[i]
+    s = dataclasses.replace(c.scenario, optimizer="adamw")
+    if accepts is not None and not accepts(c, s):
+        return cases
+    return cases[:i] + [dataclasses.replace(c, scenario=s)] + cases[i + 1:]
