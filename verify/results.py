@@ -224,8 +224,8 @@ def _exception_at(raw: list[str], start: int) -> Optional[str]:
         s = ln.strip()
         if s.startswith("Traceback"):
             exc, frames = None, []
-        elif _FRAME.match(ln):
-            frames.append(_FRAME.match(ln).groups())
+        elif frame := _FRAME.match(ln):
+            frames.append(frame.groups())
         elif s and not ln[:1].isspace():   # tracebacks indent frames and code, not the exception
             if exc is None:
                 exc = s
@@ -249,7 +249,7 @@ def reason_line(reason: str) -> str:
     if not lines:
         return ""
     raised = [i for i, ln in enumerate(lines) if _RAISED.match(ln)]
-    if lines[0].endswith(":") and len(lines) > 1 and not raised[:1] == [0] \
+    if lines[0].endswith(":") and len(lines) > 1 and raised[:1] != [0] \
             and not lines[0].startswith("Traceback"):
         return f"{lines[0]} {reason_line(chr(10).join(raw[1:]))}"
     if raised:

@@ -142,8 +142,7 @@ def failures_table(df: pd.DataFrame, *, reason_chars: int = 160) -> str:
     return table + "\n\nReplay commands:\n\n```sh\n" + "\n".join(replays) + "\n```"
 
 
-def _reason_line(reason: str) -> str:
-    return reason_line(reason)
+_reason_line = reason_line   # the console's line (verify/results.py)
 
 
 def diagnosis_section(results: list[dict]) -> str:
