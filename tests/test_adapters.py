@@ -282,3 +282,12 @@ def test_missing_and_unexpected_parameter_names_fail_the_structure_check(rank_po
     case = run_one(rank_pool, mlp_scenario(1), sharder="tests.foreign_sharders:DropsAName")
     assert case.verdict == "fail" and _failed(case) == {"structure", "reassembly"}, case.reason
     assert "missing parameters" in case.reason and "not.in.the.model" in case.reason
+
+
+def test_fingerprints_cover_readable_tensors_and_skip_the_rest():
+    import torch
+    from verify.case.train import digests
+    d = digests({"w": torch.ones(3), "m": torch.empty(2, device="meta"), "n": 1.0})
+    assert set(d) == {"w"} and d["w"].startswith("torch.float32 (3,) ")
+    assert digests({"w": torch.ones(3)}) == d and digests({"w": torch.zeros(3)}) != d
+    assert digests(None) is None

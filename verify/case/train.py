@@ -236,10 +236,14 @@ def digests(full: Any) -> Optional[dict[str, str]]:
         return None
     out = {}
     for name, t in full.items():
-        if isinstance(t, torch.Tensor):
+        if not isinstance(t, torch.Tensor):
+            continue
+        try:   # a tensor whose bytes cannot be read here (a DTensor, meta) is not fingerprinted
             flat = t.detach().cpu().reshape(-1).contiguous()
             raw = flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b""
-            out[name] = f"{t.dtype} {tuple(t.shape)} " + hashlib.blake2b(raw, digest_size=16).hexdigest()
+        except Exception:
+            continue
+        out[name] = f"{t.dtype} {tuple(t.shape)} " + hashlib.blake2b(raw, digest_size=16).hexdigest()
     return out
 
 
