@@ -98,3 +98,22 @@ class FastLr(DDP):
         for group in opt.param_groups:
             group["lr"] *= 1.5
         return opt
+
+
+try:
+    from verify.sharders.deepspeed_zero import DeepSpeedZero3
+except ImportError:   # pragma: no cover - the module imports without DeepSpeed
+    DeepSpeedZero3 = None
+
+if DeepSpeedZero3 is not None:
+    class FastLrZero3(DeepSpeedZero3):
+        """DeepSpeed ZeRO-3 with its torch optimizer's learning rate raised 1.5x after
+        ``deepspeed.initialize``: the gradients are right, the update is not, within the reported
+        tier's 2 lr bound; the first step replayed from ``reduced_gradients`` sees it."""
+        name = "fast_lr_zero3"
+
+        def shard_with_optimizer(self, model, plan, group):
+            engine, opt = super().shard_with_optimizer(model, plan, group)
+            for g in opt.inner.param_groups:
+                g["lr"] *= 1.5
+            return engine, opt

@@ -39,7 +39,10 @@ What is declared, and why:
 
 Probes: no padding views (DeepSpeed allocates its partition padding with ``torch.empty`` and
 never zeroes it, so there is no invariant to check: n/a, not a pass); stage 3's local pieces
-(``param.ds_tensor``, this rank's slice of the flattened parameter: the reassembly check);
+(``param.ds_tensor``, this rank's slice of the flattened parameter: the reassembly check) and
+reduced gradients (``safe_get_local_grad``, the averaged gradient partition: the `gradients`
+check, and the first step replayed from them in the tolerance and reported tiers; stages 1 and
+2 have no such probe, since their ``.grad`` may still hold the unreduced local gradient);
 `state_bytes` (the engine's optimizer state lives in DeepSpeed's flat fp32 partitions, which
 the generic probe cannot see; see its docstring).
 
@@ -262,6 +265,23 @@ class DeepSpeedZero3(_DeepSpeedZero):
             start = rank * part.numel()
             real = max(0, min(part.numel(), p.ds_numel - start))
             out[n] = (start, part[:real].cpu().clone())
+        return out
+
+    def reduced_gradients(self, model):
+        """{name: (flat offset, this rank's reduced gradient)}: DeepSpeed's own accessor of the
+        averaged gradient partition (``safe_get_local_grad``), laid out as `local_pieces`; a
+        parameter without a gradient partition (frozen) is left out."""
+        from deepspeed.utils import safe_get_local_grad
+        rank = torch.distributed.get_rank()
+        out = {}
+        for n, p in model.module.named_parameters():
+            grad = safe_get_local_grad(p) if p.requires_grad else None
+            if grad is None:
+                continue
+            grad = grad.detach().reshape(-1)
+            start = rank * p.ds_tensor.numel()
+            real = max(0, min(grad.numel(), p.ds_numel - start))
+            out[n] = (start, grad[:real].cpu().clone())
         return out
 
 
