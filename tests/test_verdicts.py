@@ -156,6 +156,41 @@ def test_a_wrong_learning_rate_within_the_reported_bound_fails_against_the_repla
     assert 1.5 * s.lr - s.lr < bounds_for(s, "reported").params.atol
 
 
+@pytest.mark.multigpu
+def test_adam_state_dropped_after_each_step_fails_against_the_replayed_steps(rank_pool):
+    """Every step after the first is a fresh Adam's (its state dropped on every rank): within
+    the reported bound, and caught by the replay of the later steps from the adapter's own
+    reduced gradients, at step 1, in the optimizer phase."""
+    _skip_unless(rank_pool, 4)
+    import dataclasses
+    s = dataclasses.replace(Scenario.from_json(_ADAMW_W4), steps=3)
+    ok = run_one(rank_pool, s, sharder="ddp", timeout_s=120.0)
+    assert ok.verdict == "reported", f"{ok.reason}\nreplay: {ok.replay}"
+    bad = run_one(rank_pool, s, sharder=V + "ResetsAdam", timeout_s=120.0)
+    assert bad.verdict == "fail", bad.reason
+    assert "step 1: the parameters after step 1 are not what adamw computes" in bad.reason, bad.reason
+    from verify.diagnosis.shrink import first_phase
+    assert first_phase(bad) == "optimizer"
+
+
+@pytest.mark.multigpu
+def test_optimizer_state_lost_in_a_checkpoint_fails_after_the_load(rank_pool):
+    """A resume case (fast AdamW, saved at W = 4, loaded at W = 2) whose checkpoint loses the
+    optimizer state: the parameters load right, the next step is within Adam's reported bound,
+    and the replay carried through the checkpoint fails it at the first step after the load."""
+    _skip_unless(rank_pool, 4)
+    import dataclasses
+    from verify.campaign.resume import ResumeCase, run_resume
+    s = dataclasses.replace(Scenario.from_json(_ADAMW_W4), world_size=2, steps=3)
+    case = ResumeCase(scenario=s, save_world_size=4, save_after=1)
+    ok = run_resume(rank_pool, case, sharder="ddp")
+    assert ok.verdict == "reported", ok.reason
+    bad = run_resume(rank_pool, case, sharder=V + "SavesNoOptimizerState")
+    assert bad.verdict == "fail", bad.reason
+    assert "first step after the load" in bad.reason, bad.reason
+    assert not [c for c in bad.checks if c["check"] == "loaded" and c["status"] == "fail"]
+
+
 def test_a_failing_check_says_last_bit_or_beyond_tolerance_by_how_much():
     import torch
     from verify.case.severity import BEYOND, LAST_BIT, step_severity

@@ -32,7 +32,7 @@ import torch.nn as nn
 from verify.scenarios import (Scenario, build_model, cat_batches, loss_fn, make_batch,
                               make_optimizer, step_loss, tree, wrap_units)
 
-__all__ = ["RefStep", "run_reference", "param_state", "replay_first_step"]
+__all__ = ["RefStep", "Replayer", "run_reference", "param_state", "replay_first_step"]
 
 REDUCE_DTYPE = torch.float32
 
@@ -79,20 +79,34 @@ def run_reference(s: Scenario, *, world_size_at: Optional[Callable[[int], int]] 
     return out
 
 
+class Replayer:
+    """The scenario's optimizer replayed in the parent from the initial parameters (the
+    reference's, fp32) and a sharder's own reduced gradients, one step at a time: what a sharder
+    whose reduced gradients were those holds after each step, up to its optimizer
+    implementation's rounding (verify/case/judge.py, [Note: the replayed steps]). ``alive`` turns
+    False when a step's gradients are not known, since the steps after it cannot be replayed."""
+
+    def __init__(self, s: Scenario):
+        if s.dtype != "fp32":
+            raise ValueError("Replayer replays fp32 training only")
+        self.model = build_model(s)
+        self.optimizer = make_optimizer(s, self.model.named_parameters())
+        self.alive = True
+
+    def step(self, grads: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """One step from ``grads`` (by parameter name; a parameter without one is frozen this
+        step); the parameters after it, named as `RefStep.params`."""
+        for name, p in self.model.named_parameters():
+            g = grads.get(name)
+            p.grad = None if g is None else g.detach().reshape(p.shape).to(p.dtype).clone()
+        self.optimizer.step()
+        return {n: p.detach().clone() for n, p in self.model.named_parameters(remove_duplicate=False)}
+
+
 def replay_first_step(s: Scenario, grads: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The parameters after step 0 that the scenario's optimizer computes from the initial
-    parameters (the reference's, fp32) and ``grads`` (by parameter name; a parameter without
-    one is frozen): what a sharder whose reduced gradients were ``grads`` holds after its first
-    step, up to its optimizer implementation's rounding. Named as `RefStep.params`."""
-    if s.dtype != "fp32":
-        raise ValueError("replay_first_step replays fp32 training only")
-    model = build_model(s)
-    opt = make_optimizer(s, model.named_parameters())
-    for name, p in model.named_parameters():
-        g = grads.get(name)
-        p.grad = None if g is None else g.detach().reshape(p.shape).to(p.dtype).clone()
-    opt.step()
-    return {n: p.detach().clone() for n, p in model.named_parameters(remove_duplicate=False)}
+    parameters and ``grads``: `Replayer`'s first step."""
+    return Replayer(s).step(grads)
 
 
 def param_state(optimizer, named_params, piece=None) -> Optional[dict[str, dict]]:

@@ -47,12 +47,12 @@ import torch.distributed as dist
 
 from verify.campaign.console import print_case
 from verify.case.draw import declined_by, draw_scenarios, skip_reason, with_stateful_optimizer
-from verify.case.judge import Check, case_tier, evaluate, state_model_bytes
+from verify.case.judge import Check, case_tier, evaluate, replays, state_model_bytes
 from verify.case.severity import case_severity
-from verify.case.train import Trainer
+from verify.case.train import Trainer, snapshot
 from verify.ranks.pool import RankPool
 from verify.ranks.poolset import PoolSet, as_pool_set
-from verify.reference import run_reference
+from verify.reference import Replayer, run_reference
 from verify.results import CaseResult, held_verdict
 from verify.scenarios import ALL_WORLD_SIZES, Scenario, build_model
 from verify.sharders import DEFAULT_SHARDER, has_checkpointing, load, resolve
@@ -137,7 +137,7 @@ def load_phase(payload: dict, ctx) -> dict:
     trainer = Trainer(payload["sharder"], s, ctx, model=model)
     trainer.sharder.load(path, trainer.model, trainer.optimizer)
     pad_init = trainer.padding()
-    loaded = trainer.sharder.full_parameters(trainer.model, trainer.optimizer)   # collective
+    loaded = snapshot(trainer.sharder.full_parameters(trainer.model, trainer.optimizer))   # collective
     end = payload.get("save_again_after") or s.steps
     records = trainer.steps(range(payload["save_after"], end))
     if end < s.steps:
@@ -277,10 +277,11 @@ def evaluate_resume(case: ResumeCase, res_a, res_b, ref, wall: float, *,
         out.checks = [Check("error", "fail", detail=out.reason).to_dict()]
         out.severity = "error"
         return out
+    replayer = Replayer(s) if replays(s, out.tier) else None   # through the checkpoint
     before = evaluate(case.scenario_a, adapter, sharder, res_a, ref[:cut], wall,
-                      tier=case_tier(case.scenario_a, adapter), plan=False)
+                      tier=case_tier(case.scenario_a, adapter), plan=False, replayer=replayer)
     after = evaluate(loose, adapter, sharder, res_b, ref[cut:], wall, step_offset=cut,
-                     tier=out.tier, plan=False)
+                     tier=out.tier, plan=False, replayer=replayer)
     for st in after.steps:
         st.state_bytes_model = state_model_bytes(s, ref[st.step].params)
     checks = [dict(c, phase="save") for c in before.checks]

@@ -24,7 +24,7 @@ from verify.case.severity import BEYOND, case_severity, state_severity, step_sev
 from verify.case.state_check import gradient_problems, reassemble, reassembled_gradients, state_problems
 from verify.compare import TIERS, TOLERANCES, compare_step, diff_stats, format_diff, tier_for, verdict
 from verify.plan.units import plan_problems
-from verify.reference import replay_first_step
+from verify.reference import Replayer
 from verify.results import CaseResult, StepRecord, held_verdict
 from verify.scenarios import Scenario, build_model
 from verify.sharders import display_name
@@ -106,28 +106,38 @@ def _align(s: Scenario, params: dict, ref: dict) -> tuple[dict, dict, list[str]]
     return {n: params[n] for n in want if n in params}, want, unexpected
 
 
-# [Note: the replayed first step]
+# [Note: the replayed steps]
 # The reported tier holds parameters to what Adam can do from any gradients (compare.py,
-# [Note: reported tier bounds]): up to 2 * lr per element, which also admits a step skipped on
-# one rank, a shard updated twice, a wrong learning rate. Before the first step both runs hold the
-# same parameters and a fresh optimizer, so where the adapter reports its reduced gradients the
-# step itself is known: the scenario's optimizer applied in the parent to the initial parameters
-# and *this sharder's own* gradients gives what its parameters must be, whatever its reduction
-# order did to the gradients (the gradients check judges those). So at step 0 of the tolerance
-# and reported tiers (fp32; not a resumed phase, whose first step starts from differing
-# parameters) the parameters are also held to that replay within the fp32 torch.testing
-# tolerance: what is left between them is the optimizer implementation's rounding.
+# [Note: reported tier bounds]): up to 2 * lr per element and step, which also admits a step
+# skipped on one rank, a shard updated twice, a wrong learning rate, optimizer state reset or not
+# restored by a checkpoint. Where the adapter reports its reduced gradients, the steps themselves
+# are known: the scenario's optimizer, run in the parent from the initial parameters over *this
+# sharder's own* gradients step after step (`verify.reference.Replayer`), gives what its
+# parameters must be after each step, whatever its reduction order did to the gradients (the
+# gradients check judges those). So in the tolerance and reported tiers (fp32) the parameters
+# are also held to that replay within the fp32 torch.testing tolerance: what is left between
+# them is the optimizer implementation's rounding, which the replay does not amplify (both apply
+# the same gradients). A resume case replays through the checkpoint (`verify.campaign.resume`
+# hands the phases one replay), so optimizer state lost in save or load shows at the first step
+# after the load. The replay stops at the first step whose gradients are not reported or do not
+# reassemble.
 
 
-def _replayed_first_step(s: Scenario, values: list[dict], ref_grads: Optional[dict],
-                         params: dict, where: str) -> tuple[list[str], list]:
-    """The problems of the step-0 parameters against the replayed first step (see the Note), and
-    the (actual, replayed) pairs of the parameters that failed; nothing where the adapter's
-    gradients are not reported or do not reassemble."""
-    grads = reassembled_gradients(values, 0, ref_grads)
+def replays(s: Scenario, tier: str) -> bool:
+    """Whether a case's parameters are held to the replayed steps (see the Note)."""
+    return tier in ("tolerance", "reported") and s.dtype == "fp32"
+
+
+def _against_replay(s: Scenario, values: list[dict], i: int, step: int, ref_grads: Optional[dict],
+                    params: dict, where: str, replayer, resumed_at: Optional[int]
+                    ) -> tuple[list[str], list]:
+    """Step ``i``'s parameters against the replayed step (see the Note), and the (actual,
+    replayed) pairs of the parameters that failed; nothing where the replay cannot go on."""
+    grads = reassembled_gradients(values, i, ref_grads)
     if grads is None:
+        replayer.alive = False
         return [], []
-    want = replay_first_step(s, grads)
+    want = replayer.step(grads)
     tol = TOLERANCES[torch.float32]
     problems, pairs = [], []
     for name, actual in params.items():
@@ -140,22 +150,30 @@ def _replayed_first_step(s: Scenario, values: list[dict], ref_grads: Optional[di
                                                        "tolerance"))
             pairs.append((actual, expected))
     if problems:
-        problems.insert(0, f"{where}: the parameters after the first step are not what "
-                           f"{s.optimizer} computes from the initial parameters and this sharder's "
-                           "own reduced gradients (the step replayed in the parent, held to the "
-                           "fp32 torch.testing tolerance):")
+        steps = "the first step" if step == 0 else f"step {step}"
+        problems.insert(0, f"{where}: the parameters after {steps} are not what {s.optimizer} "
+                           "computes from the initial parameters and this sharder's own reduced "
+                           f"gradients (steps 0..{step} replayed in the parent, held to the fp32 "
+                           "torch.testing tolerance):" + (
+                               " this is the first step after the load: optimizer state (moments, "
+                               "step counts) that the checkpoint did not restore shows here"
+                               if resumed_at is not None and step == resumed_at else ""))
     return problems, pairs
 
 
-def _ranks_disagree(values: list[dict], step: int, where: str) -> list[str]:
+def _ranks_disagree(s: Scenario, values: list[dict], step: int, where: str) -> list[str]:
     """Full parameters that some rank's ``full_parameters`` gave differently from rank 0's (the
-    ones compared with the reference): by their fingerprints (verify/case/train.py, `digests`)."""
+    ones compared with the reference): by their fingerprints (verify/case/train.py, `digests`).
+    Parameters only: a buffer a state dict carries (BatchNorm's running statistics) is each
+    rank's own in data-parallel training."""
     mine = [v["records"][step].get("digests") for v in values]
     if not mine or not mine[0]:
         return []
+    names = {n for group in _names(s.to_json())[0] for n in group}
     out = []
     for v, theirs in zip(values[1:], mine[1:]):
-        differ = sorted(n for n, d in (theirs or {}).items() if n in mine[0] and d != mine[0][n])
+        differ = sorted(n for n, d in (theirs or {}).items()
+                        if n in names and n in mine[0] and d != mine[0][n])
         if differ:
             out.append(f"{where}: rank {v['rank']}'s full parameters differ from rank 0's "
                        f"(full_parameters is the same model on every rank): {differ[:5]}")
@@ -211,12 +229,16 @@ def _checked(values: list[dict], get) -> bool:
 
 def evaluate(s: Scenario, sharder, spec: str, result, ref, wall: float, *,
              step_offset: int = 0, replay: str = "", tier: Optional[str] = None,
-             plan: bool = True) -> CaseResult:
+             plan: bool = True, replayer: Optional[Replayer] = None) -> CaseResult:
     """A pool result against the reference, step by step. ``sharder``: the adapter (for its
     tier and its planner); ``spec``: how the replay line names it; ``step_offset``: the global
     step of the first record (a resumed run's second phase); ``plan``: run the ``plan`` check
-    (not for a resumed phase: the planner models a run from step 0)."""
+    (not for a resumed phase: the planner models a run from step 0); ``replayer``: the replay
+    of the steps before (a resumed phase's; see [Note: the replayed steps]), or None: a fresh one
+    where this case is judged by it."""
     tier = tier or case_tier(s, sharder)
+    if replayer is None and step_offset == 0 and replays(s, tier):
+        replayer = Replayer(s)
     case = CaseResult(scenario_json=s.to_json(), sharder=display_name(spec), family=s.family,
                       world_size=s.world_size, mode=s.mode, dtype=s.dtype, optimizer=s.optimizer,
                       tier=tier, verdict="pass", replay=replay, wall_time_s=wall, sharder_spec=spec,
@@ -253,16 +275,19 @@ def evaluate(s: Scenario, sharder, spec: str, result, ref, wall: float, *,
         if unexpected:
             structural.append(f"{where}: unexpected parameters (not in the unsharded model): "
                               f"{unexpected[:5]}")
-        structural += _ranks_disagree(values, i, where)
+        structural += _ranks_disagree(s, values, i, where)
         replayed, replay_pairs = [], []
-        if step == 0 and tier in ("tolerance", "reported") and s.dtype == "fp32":
-            replayed, replay_pairs = _replayed_first_step(s, values, ref_step.grads, params, where)
+        if replayer is not None and replayer.alive:
+            replayed, replay_pairs = _against_replay(s, values, i, step, ref_step.grads, params, where,
+                                                     replayer, step_offset or None)
+            if not replays(s, tier):   # carried through a tighter phase, judged in the looser one
+                replayed, replay_pairs = [], []
         if numeric or replayed:
             sevs = [] if not numeric else [step_severity(
                 s, tier, loss=rec0["loss"], loss_ref=ref_step.loss, params=params, params_ref=params_ref)]
             if replayed:
                 sevs.append(tensors_severity(replay_pairs, TOLERANCES[torch.float32], "the fp32 "
-                                             "torch.testing tolerance of the replayed first step",
+                                             "torch.testing tolerance of the replayed steps",
                                              last_bit_possible=False))
             sev = max(sevs, key=lambda v: (v.cls == BEYOND, v.excess))
             detail = "\n".join([numeric] * bool(numeric) + replayed)

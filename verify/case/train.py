@@ -203,12 +203,12 @@ class Trainer:
         expected = sh.expected_collectives(model, trace)
         loss = self.step_loss(losses)
         full = sh.full_parameters(model, opt)   # collective: every rank gathers
-        return dict(step=step, loss=loss, params=full if self.ctx.rank == 0 else None,
+        return dict(step=step, loss=loss, params=snapshot(full) if self.ctx.rank == 0 else None,
                     digests=digests(full),
-                    pieces=sh.local_pieces(model), grads=grads, pad_reduce=pad_reduce,
-                    pad_step=pad_step, unsharded=unsharded, collectives=collectives,
-                    expected_collectives=expected, state_bytes=nbytes, step_time_s=step_time,
-                    optim=optim)
+                    pieces=snapshot(sh.local_pieces(model)), grads=snapshot(grads),
+                    pad_reduce=pad_reduce, pad_step=pad_step, unsharded=unsharded,
+                    collectives=collectives, expected_collectives=expected, state_bytes=nbytes,
+                    step_time_s=step_time, optim=snapshot(optim))
 
     def steps(self, steps) -> list[dict]:
         return [self.step(i) for i in steps]
@@ -226,6 +226,23 @@ def _retie(model) -> None:
             "parameter to another's attribute), and on the sharded model that raised "
             f"{type(e).__name__}: {e}; a sharder that removes or replaces module parameters "
             "can decline these cases in unsupported() (scenario.ties)") from e
+
+
+def snapshot(obj: Any) -> Any:
+    """A probe's answer with every tensor in it copied to the CPU as it is now: an adapter may
+    hand back live tensors (``DTensor.full_tensor()`` at W = 1 is the parameter itself, a piece
+    may be a view of the shard), and the records are sent to the parent only after the last
+    step, which would have overwritten them."""
+    if isinstance(obj, torch.Tensor):
+        try:
+            return obj.detach().cpu().clone()
+        except Exception:   # a tensor that cannot be read here (meta): kept as it is
+            return obj
+    if isinstance(obj, dict):
+        return {k: snapshot(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)) and not hasattr(obj, "_fields"):
+        return type(obj)(snapshot(v) for v in obj)
+    return obj
 
 
 def digests(full: Any) -> Optional[dict[str, str]]:
