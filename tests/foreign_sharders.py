@@ -202,3 +202,29 @@ class TakesEmbeddingWeight(DDP):
         ddp = DDP.shard(self, model, plan, group)
         del ddp.module.wte._parameters["weight"]
         return ddp
+
+
+class BuffersPerRank(DDP):
+    """Correct; its `full_parameters` is a state dict whose buffers are each rank's own (as
+    BatchNorm's running statistics are in data-parallel training): only parameters are held
+    equal across ranks."""
+    name = "buffers_per_rank"
+
+    def full_parameters(self, model, optimizer):
+        import torch.distributed as dist  # reason: only this test adapter asks for its rank
+        full = super().full_parameters(model, optimizer)
+        buffers = {n for n, _ in model.module.named_buffers()}
+        assert buffers, "the case's model must have a buffer in its state dict"
+        return {n: t + dist.get_rank() if n in buffers else t for n, t in full.items()}
+
+
+class LiveFullParameters(DDP):
+    """Correct; its `full_parameters` and `local_pieces` hand back the live parameters (as
+    ``DTensor.full_tensor()`` does at W = 1), which the next step overwrites in place."""
+    name = "live_full_parameters"
+
+    def full_parameters(self, model, optimizer):
+        return dict(model.module.named_parameters())
+
+    def local_pieces(self, model):
+        return {n: (0, p.detach().view(-1)) for n, p in model.module.named_parameters()}

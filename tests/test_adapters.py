@@ -13,6 +13,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import dataclasses
+
 import pytest
 
 from verify.campaign.run import draw_scenarios, run_one
@@ -137,6 +139,19 @@ def test_full_parameters_that_differ_between_ranks_fail_and_a_rank0_only_dict_pa
     assert "rank 1's full parameters differ from rank 0's" in bad.reason, bad.reason
     ok = run_one(rank_pool, mlp_scenario(2), sharder="tests.foreign_sharders:FullOnRank0Only")
     assert ok.verdict in ("pass", "reported"), ok.reason
+
+
+@pytest.mark.multigpu
+def test_per_rank_buffers_and_live_tensors_from_the_probes_are_no_failure(rank_pool):
+    """A state dict's buffers may differ between ranks (running statistics); probes may hand
+    back live tensors that later steps overwrite: the harness copies what they return."""
+    s = Scenario("special", (("n_blocks", 1),), 2, micro_batches=2, steps=3)
+    case = run_one(rank_pool, s, sharder="tests.foreign_sharders:BuffersPerRank")
+    assert case.verdict in ("pass", "reported"), case.reason
+    case = run_one(rank_pool, dataclasses.replace(s, optimizer="sgd_momentum"),
+                   sharder="tests.foreign_sharders:LiveFullParameters")
+    assert case.verdict == "pass" and case.tier == "bitwise", case.reason
+    assert all(st.reassembly_ok for st in case.steps)
 
 
 @pytest.mark.multigpu
