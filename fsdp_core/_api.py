@@ -83,6 +83,9 @@ def fully_shard(
             p._fsdp_sharded_by = (unit, unit.names[i])
     module._fsdp_unit = unit
     module.__dict__["_fsdp_mesh"] = smesh
+    # On the module, not the unit: a module that owns no parameter (unit None) still casts its
+    # floating inputs and outputs by the policy, as FSDP2 does.
+    module.__dict__["_fsdp_mp_policy"] = mp_policy
     swap_class(module)
     install_hooks(module)
     return module
@@ -149,6 +152,19 @@ def _check_params(module: nn.Module, params: list[nn.Parameter], regs: list[Regi
             f"{type(module).__name__} has parameters on mixed devices ({desc}): move the module to "
             "one device (or build it on meta) before fully_shard"
         )
+    for i, p in enumerate(params):
+        # [Note: contiguous parameters only]
+        # Each parameter is rebuilt as a contiguous view of its unit's flat buffer. A parameter
+        # with other strides (e.g. a transpose registered as is) would come back with new
+        # strides, and with them other kernels for the ops that use it and other last bits:
+        # refuse it, as FSDP2 does, rather than change the numerics silently.
+        if not p.is_contiguous():
+            raise ValueError(
+                f"{type(module).__name__}: parameter {names[i]!r} is not contiguous (shape "
+                f"{tuple(p.shape)}, stride {p.stride()}): fully_shard stores every parameter as a "
+                "contiguous view of a flat buffer, which would change its strides and its numerics; "
+                "make it contiguous before fully_shard, e.g. `param.data = param.data.contiguous()`"
+            )
     dtypes = {}
     for i, p in enumerate(params):
         dtypes.setdefault(p.dtype, names[i])

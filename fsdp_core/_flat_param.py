@@ -23,13 +23,14 @@ prefetches what is decided in ``_hooks`` (see [Note: prefetch order] there).
 from __future__ import annotations
 
 import enum
+import weakref
 from typing import Optional
 
 import torch
 import torch.nn as nn
 
 from . import _collectives as C
-from ._grad_reduce import GradReduction
+from ._grad_reduce import GradReduction, guard_shard_grad
 from ._layout import FlatLayout, make_layout
 from ._mesh import ShardMesh
 from ._policies import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy
@@ -87,6 +88,7 @@ class FlatUnit(GradReduction):
         compute_device: torch.device,
     ):
         self.module_name = type(module).__name__
+        self._module = weakref.ref(module)  # for messages only (describe_param)
         # The flat buffer is sharded over the shard group (S ranks; ``rank`` and ``world_size``
         # are this rank's place in it); on a 2-D mesh the R ranks of the replicate group hold the
         # same shard, and gradients are divided by ``dp_world`` = R * S.
@@ -118,6 +120,7 @@ class FlatUnit(GradReduction):
         self.prefetched = False   # gathered ahead of use and not yet used (see [Note: prefetch])
         self._pending = None      # (work, source) of an in-flight async all-gather
         self._acc: list[tuple[int, torch.Tensor]] = []  # see [Note: pairwise accumulation]
+        self._acc_had_grad: Optional[list[bool]] = None  # parameters with a gradient in _acc
         self.reset_backward_state()
         self._build_shard(params)
 
@@ -164,6 +167,7 @@ class FlatUnit(GradReduction):
         p._fsdp_unit = self  # type: ignore[attr-defined]
         p._fsdp_index = i  # type: ignore[attr-defined]
         p._fsdp_global_shape = self.shapes[i]  # type: ignore[attr-defined]
+        guard_shard_grad(p)  # see [Note: a shard used outside its unit] in _grad_reduce
         return p
 
     @torch.no_grad()
@@ -301,6 +305,19 @@ class FlatUnit(GradReduction):
         self.state = ShardState.SHARDED
 
     # ------------------------------------------------------------------ introspection
+    def describe_param(self, index: int) -> str:
+        """Parameter ``index`` for an error message: its name in the outermost sharded module
+        (the name ``model.named_parameters()`` gives), else its name in this unit's module."""
+        module = self._module()
+        root = module
+        while root is not None and root.__dict__.get("_fsdp_outer") is not None:
+            root = root.__dict__["_fsdp_outer"]()
+        if module is not None and root is not None:
+            for prefix, sub in root.named_modules():
+                if sub is module:
+                    return repr(f"{prefix}.{self.names[index]}" if prefix else self.names[index])
+        return f"{self.names[index]!r} (of the fully_shard unit {self.module_name})"
+
     def state_bytes(self) -> int:
         """Bytes of this rank's parameter shard and sharded gradients."""
         n = self.shard.numel() * self.shard.element_size()

@@ -22,7 +22,7 @@ import torch
 
 from . import _collectives as C
 
-__all__ = ["GradReduction", "finish_reductions"]
+__all__ = ["GradReduction", "finish_reductions", "guard_shard_grad", "raise_missing_grads"]
 
 # [Note: gradient reduction order]
 # A unit's post-backward takes its unsharded gradients into one flat buffer, drops them and
@@ -53,10 +53,87 @@ def finish_reductions(one_stage: bool = False) -> None:
             unit._assign_sharded_grads(result, had_grad)
 
 
+# [Note: a shard used outside its unit]
+# Outside its unit's forward a sharded parameter is this rank's 1-D local shard, not the
+# parameter: a use of it there (an L2 penalty over ``model.parameters()`` in the loss) computes
+# something else on every rank and silently trains wrong. Forward and backward use the unsharded
+# parameters and shard gradients are assigned (``p.grad = ...``, which fires no hook), so the only
+# way autograd reaches a sharded parameter is such a use: a post-accumulate-grad hook on each one
+# (registered once, at sharding; it never fires in normal training) records it. The error is
+# raised at the end of the backward pass, after the end-of-backward callback (the hook queues a
+# callback that queues itself once more, so it runs after every callback queued during the pass):
+# every rank has then issued every collective of the pass, so a use on some ranks only cannot
+# leave the others waiting in one.
+_used_outside: dict[int, list[str]] = {}  # graph task -> names of shards autograd reached
+
+
+def guard_shard_grad(param: torch.Tensor) -> None:
+    """Install the hook of [Note: a shard used outside its unit] on a sharded parameter (once)."""
+    if param.requires_grad and not getattr(param, "_fsdp_guarded", False):
+        param.register_post_accumulate_grad_hook(_shard_reached_by_autograd)
+        param._fsdp_guarded = True  # type: ignore[attr-defined]
+
+
+def _shard_reached_by_autograd(param: torch.Tensor) -> None:
+    name = param._fsdp_unit.describe_param(param._fsdp_index)
+    task = torch._C._current_graph_task_id()  # unique per pass: a stale entry never matches
+    names = _used_outside.get(task)
+    if names is None:
+        names = _used_outside[task] = []
+        torch.autograd.Variable._execution_engine.queue_callback(lambda: _raise_used_outside(task, True))
+    if name not in names:
+        names.append(name)
+
+
+def _raise_used_outside(task: int, again: bool) -> None:
+    if again:  # run once more, after the callbacks queued during the pass
+        torch.autograd.Variable._execution_engine.queue_callback(lambda: _raise_used_outside(task, False))
+        return
+    names = _used_outside.pop(task, [])
+    raise RuntimeError(
+        f"fully_shard: parameter(s) {', '.join(names)} received a gradient from "
+        "autograd as sharded parameters: they were used outside the forward of their fully_shard "
+        "unit, where each is only this rank's 1-D local shard (e.g. a penalty over "
+        "model.parameters() in the loss). Use them inside the forward of their unit (e.g. compute "
+        "the penalty there), or unshard their unit first (module.unshard() after the forward and "
+        "before the use: the use then sees the full parameters, whose gradients are reduced with "
+        "the forward's); an L2 penalty is also the optimizer's weight_decay"
+    )
+
+
+# [Note: gradients on some ranks only]
+# Whether a parameter has a gradient is decided on each rank from its local backward: a rank
+# that saw none assigns no shard gradient, because telling "no rank had one" from "another rank
+# had one" needs a collective. A parameter used on some ranks only (a data-dependent branch)
+# would then never be updated on the ranks that own it but did not use it. A rank that saw no
+# gradient for a parameter checks the reduced piece it owns (only then: free when every
+# parameter has a gradient): not all zeros means another rank produced one, and the backward
+# pass ends with an error (recorded here and raised by the end-of-backward callback once every
+# reduction is done, so no peer is left waiting). An all-zero reduced piece cannot be told from
+# "no rank had a gradient" and stays without a gradient. Every rank must produce gradients for
+# the same parameters in a backward pass, as FSDP2 requires.
+_missing_grads: list[str] = []
+
+
+def raise_missing_grads() -> None:
+    """Raise the error of [Note: gradients on some ranks only] for this pass, if any."""
+    if not _missing_grads:
+        return
+    names = ", ".join(dict.fromkeys(_missing_grads))
+    _missing_grads.clear()
+    raise RuntimeError(
+        f"fully_shard: parameter(s) {names} got no gradient in this rank's backward, but other ranks "
+        "produced one (the reduced gradient of this rank's shard is not zero): every rank must "
+        "produce gradients for the same parameters in a backward pass (as FSDP2 requires). Make a "
+        "branch taken on some ranks only contribute on every rank, e.g. add `0 * branch(x)` where "
+        "it is not taken"
+    )
+
+
 class GradReduction:
     """Backward bookkeeping and gradient reduction of a ``FlatUnit`` (a mixin: it uses the
     unit's ``layout``, ``pieces``, ``padding_ranges``, ``unsharded_params``, ``sharded_params``,
-    ``shard``, dtypes, groups and ``reshard``)."""
+    ``shard``, dtypes, groups, ``reshard`` and ``describe_param``)."""
 
     def reset_backward_state(self) -> None:
         self.calls_with_hook = 0       # forward calls whose inputs carry the post-backward hook
@@ -69,7 +146,9 @@ class GradReduction:
     def abandon_backward(self) -> None:
         """A backward through this unit raised midway: its partial gradients are garbage."""
         finish_reductions()  # started on every rank before the error: complete them
+        _missing_grads.clear()  # of the pass that raised: its gradients are dropped anyway
         self._acc.clear()
+        self._acc_had_grad = None
         if self.unsharded_params is not None:
             self._clear_unsharded_grads()
         self.reshard()
@@ -106,10 +185,15 @@ class GradReduction:
         del grads
         self._clear_unsharded_grads()
         if self.deterministic:
-            # Each backward is one micro-batch: push its gradient onto the pairwise stack.
+            # Each backward is one micro-batch: push its gradient onto the pairwise stack. A
+            # parameter has a gradient if it had one in any micro-batch of the step.
             self._push_microbatch(flat)
+            if self._acc_had_grad is not None and not all(had_grad):
+                had_grad = [a or b for a, b in zip(had_grad, self._acc_had_grad)]
             if not self.requires_gradient_sync:
+                self._acc_had_grad = had_grad
                 return None, None
+            self._acc_had_grad = None
             flat = self._pop_local_tree()
         return flat, had_grad
 
@@ -162,6 +246,7 @@ class GradReduction:
         if len(self._acc) != 1:
             counts = [n for n, _ in self._acc]
             self._acc.clear()
+            self._acc_had_grad = None
             raise RuntimeError(
                 f"deterministic fully_shard unit {self.module_name!r}: the number of micro-batches "
                 f"accumulated on this rank ({sum(counts)}) is not a power of two; deterministic mode "
@@ -173,10 +258,12 @@ class GradReduction:
         grad = reduced.to(device=self.shard.device, dtype=self.master_dtype)  # 1-D padded shard
         for start, end in self.padding_ranges:
             grad[start:end].zero_()
-        for piece, p, has in zip(self.pieces, self.sharded_params, had_grad):
-            if not has:
-                continue
+        for i, (piece, p, has) in enumerate(zip(self.pieces, self.sharded_params, had_grad)):
             g = grad[piece.shard_start: piece.shard_end]
+            if not has:
+                if g.any():  # see [Note: gradients on some ranks only]
+                    _missing_grads.append(self.describe_param(i))
+                continue
             if p.grad is None:
                 p.grad = g
             else:

@@ -23,7 +23,7 @@ import torch.nn as nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ._flat_param import FlatUnit, ShardState
-from ._grad_reduce import finish_reductions
+from ._grad_reduce import finish_reductions, raise_missing_grads
 
 __all__ = ["new_orders"]  # and the hooks _module installs: _pre_forward, _post_forward
 
@@ -162,6 +162,10 @@ def _final_callback(task: int) -> None:
         finish_reductions()  # every shard gradient is assigned when backward() returns
     except Exception as e:
         error = error or e
+    try:
+        raise_missing_grads()  # see [Note: gradients on some ranks only] in _grad_reduce
+    except Exception as e:
+        error = error or e
     for unit in units:
         unit.reset_backward_state()
     for order in _task_orders.pop(task, []):
@@ -213,16 +217,24 @@ def _observe_backward(module: nn.Module, unit: FlatUnit) -> None:
     order.observe(unit, root.__dict__["_fsdp_prefetch"] and not at_peak)
 
 
+def _cast_floating(flat: list, dtype: torch.dtype) -> list:
+    return [x.to(dtype) if _floating(x) else x for x in flat]
+
+
 def _pre_forward(module: nn.Module, args: tuple, kwargs: dict):
     unit: Optional[FlatUnit] = module._fsdp_unit
     _observe_forward(module, unit)
+    mp = module.__dict__["_fsdp_mp_policy"]  # also for a unit of no parameters (unit None)
+    cast = mp.param_dtype is not None and mp.cast_forward_inputs
     if unit is None:
-        return args, kwargs
+        if not cast:
+            return args, kwargs
+        flat, spec = tree_flatten((args, kwargs))
+        return tree_unflatten(_cast_floating(flat, mp.param_dtype), spec)
     unit.unshard()  # waits for its gather (started by a prefetch or by _observe_forward)
     flat, spec = tree_flatten((args, kwargs))
-    mp = unit.mp_policy
-    if mp.param_dtype is not None and mp.cast_forward_inputs:
-        flat = [x.to(mp.param_dtype) if _floating(x) else x for x in flat]
+    if cast:
+        flat = _cast_floating(flat, mp.param_dtype)
     if torch.is_grad_enabled() and _in_backward():
         pass  # activation-checkpoint recompute inside backward: the bookkeeping is done already
     elif torch.is_grad_enabled():
@@ -253,14 +265,17 @@ def _post_forward(module: nn.Module, args: tuple, kwargs: dict, output: Any):
         return output  # a recompute (activation checkpointing): backward needs the parameters
     if _root_of(module) is module:
         module.__dict__["_fsdp_fwd_order"].finish()  # the end of a forward pass
+    out_dtype = module.__dict__["_fsdp_mp_policy"].output_dtype
     if unit is None:
-        return output
+        if out_dtype is None:
+            return output
+        flat, spec = tree_flatten(output)
+        return tree_unflatten(_cast_floating(flat, out_dtype), spec)
     if unit.reshard_after_forward:
         unit.reshard()
     flat, spec = tree_flatten(output)
-    out_dtype = unit.mp_policy.output_dtype
     if out_dtype is not None:
-        flat = [x.to(out_dtype) if _floating(x) else x for x in flat]
+        flat = _cast_floating(flat, out_dtype)
     if torch.is_grad_enabled():
         for x in flat:
             if isinstance(x, torch.Tensor) and x.requires_grad:
