@@ -23,6 +23,7 @@ bf16: an fp32 master model is trained; each step's forward/backward runs on a co
 from __future__ import annotations
 
 import copy
+import traceback
 from collections.abc import Mapping
 from typing import Callable, NamedTuple, Optional
 
@@ -32,7 +33,7 @@ import torch.nn as nn
 from verify.scenarios import (Scenario, build_model, cat_batches, loss_fn, make_batch,
                               make_optimizer, step_loss, tree, wrap_units)
 
-__all__ = ["RefStep", "Replayer", "run_reference", "param_state", "replay_first_step"]
+__all__ = ["RefStep", "RankBuffers", "Replayer", "guarded", "run_reference", "param_state", "replay_first_step"]
 
 REDUCE_DTYPE = torch.float32
 
@@ -56,6 +57,7 @@ def run_reference(s: Scenario, *, world_size_at: Optional[Callable[[int], int]] 
     s.validate()
     master = build_model(s)
     opt = make_optimizer(s, master.named_parameters())
+    buffers = RankBuffers()
     out = []
     for step in range(s.steps):
         at = s if world_size_at is None else s.with_world_size(world_size_at(step))
@@ -65,9 +67,10 @@ def run_reference(s: Scenario, *, world_size_at: Optional[Callable[[int], int]] 
         compute = master if s.dtype == "fp32" else _bf16_copy(s, master)
         batches = [make_batch(s, step, m) for m in range(s.micro_batches)]
         if s.mode == "fast":
-            loss, grads = _fast_step(at, compute, batches)
+            loss, grads = _fast_step(at, compute, batches, buffers)
         else:
-            loss, grads = _deterministic_step(at, compute, batches)
+            loss, grads = _deterministic_step(at, compute, batches, buffers)
+        buffers.settle(compute)
         for name, p in master.named_parameters():
             p.grad = grads[name]
         opt.step()
@@ -129,9 +132,56 @@ def param_state(optimizer, named_params, piece=None) -> Optional[dict[str, dict]
     return out
 
 
-def _fast_step(s: Scenario, model: nn.Module, batches):
+def guarded(fn: Callable[..., list[RefStep]], *args, **kwargs) -> tuple[Optional[list[RefStep]], str]:
+    """``fn(*args, **kwargs)`` (a reference run), or None and, as a case's error reason, what it
+    raised: a model the harness cannot train unsharded (a buffer whose dtype the bf16 policy
+    breaks, ...) is one case's error, not the end of the campaign."""
+    try:
+        return fn(*args, **kwargs), ""
+    except Exception:
+        return None, ("the reference (the model trained unsharded in this process, DESIGN section 3) "
+                      "raised, so the case has nothing to be compared with:\n" + traceback.format_exc())
+
+
+class RankBuffers:
+    """Each simulated rank's own buffers. The reference runs every rank's forward on one model,
+    but in data-parallel training each rank keeps its buffers (a running statistic, a step
+    counter) and updates them from its own batches only: before a rank's forward its buffers are
+    loaded into the model, after it they are kept. When the world size changes (a resumed run)
+    every rank starts from rank 0's, as a checkpoint carries them. The bf16 compute copy, made
+    afresh each step, gets them the same way."""
+
+    def __init__(self):
+        self.sets: Optional[list[dict[str, torch.Tensor]]] = None
+        self.current: Optional[int] = None
+
+    def use(self, model: nn.Module, rank: int, world: int) -> None:
+        if self.current == rank:
+            return
+        if self.current is not None:
+            self.settle(model)
+        now = {n: b.detach().clone() for n, b in model.named_buffers()}
+        if not now:
+            return
+        if self.sets is None or len(self.sets) != world:
+            base = now if self.sets is None else self.sets[0]
+            self.sets = [{n: t.clone() for n, t in base.items()} for _ in range(world)]
+        with torch.no_grad():
+            for name, saved in self.sets[rank].items():
+                model.get_buffer(name).copy_(saved)
+        self.current = rank
+
+    def settle(self, model: nn.Module) -> None:
+        """The model's buffers kept as the current rank's."""
+        if self.current is not None and self.sets is not None:
+            self.sets[self.current] = {n: b.detach().clone() for n, b in model.named_buffers()}
+        self.current = None
+
+
+def _fast_step(s: Scenario, model: nn.Module, batches, buffers: RankBuffers):
     losses, grads_r = [], []
     for r in range(s.world_size):  # rank r's local batch: its k micro-batches, concatenated
+        buffers.use(model, r, s.world_size)
         loss_r = loss_fn(s, model, cat_batches(batches[r * s.k:(r + 1) * s.k]))
         loss_r.backward()
         losses.append(loss_r.detach().to(torch.float32))
@@ -140,9 +190,10 @@ def _fast_step(s: Scenario, model: nn.Module, batches):
     return tree(losses) / s.world_size, grads
 
 
-def _deterministic_step(s: Scenario, model: nn.Module, batches):
+def _deterministic_step(s: Scenario, model: nn.Module, batches, buffers: RankBuffers):
     losses, grads_m = [], []
-    for batch in batches:  # global micro-batch order m = 0..M-1
+    for m, batch in enumerate(batches):  # global micro-batch order m = 0..M-1
+        buffers.use(model, m // s.k, s.world_size)   # rank r runs micro-batches r*k..(r+1)*k-1
         loss_m = loss_fn(s, model, batch)
         (loss_m / s.k).backward()
         losses.append(loss_m.detach().to(torch.float32))
@@ -152,11 +203,13 @@ def _deterministic_step(s: Scenario, model: nn.Module, batches):
 
 
 def _tree_or_none(gs: list[Optional[torch.Tensor]], world_size: int) -> Optional[torch.Tensor]:
-    if all(g is None for g in gs):  # a frozen parameter
+    """The step's gradient of one parameter from its per-rank (per-micro-batch) ones: None where
+    none has one (frozen, or unused this step); where only some have one (a branch some batches
+    take), the others count as zeros, as a data-parallel sum over ranks has it."""
+    if all(g is None for g in gs):
         return None
-    if any(g is None for g in gs):
-        raise RuntimeError("a parameter received a gradient in some micro-batches but not all")
-    return tree(gs) / world_size
+    like = next(g for g in gs if g is not None)
+    return tree([torch.zeros_like(like) if g is None else g for g in gs]) / world_size
 
 
 def _take_grads(model: nn.Module) -> dict[str, Optional[torch.Tensor]]:

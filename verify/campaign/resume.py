@@ -49,10 +49,11 @@ from verify.campaign.console import print_case
 from verify.case.draw import declined_by, draw_scenarios, skip_reason, with_stateful_optimizer
 from verify.case.judge import Check, case_tier, evaluate, replays, state_model_bytes
 from verify.case.severity import case_severity
+from verify.case.state_check import loaded_problems
 from verify.case.train import Trainer, snapshot
 from verify.ranks.pool import RankPool
 from verify.ranks.poolset import PoolSet, as_pool_set
-from verify.reference import Replayer, run_reference
+from verify.reference import Replayer, guarded, run_reference
 from verify.results import CaseResult, held_verdict
 from verify.scenarios import ALL_WORLD_SIZES, Scenario, build_model
 from verify.sharders import DEFAULT_SHARDER, has_checkpointing, load, resolve
@@ -151,11 +152,9 @@ def load_phase(payload: dict, ctx) -> dict:
 
 def resume_reference(case: ResumeCase):
     """The uninterrupted run's reference; see [Note: the reference of a resumed run]."""
-    s = case.scenario
-    if s.mode == "deterministic":
-        return run_reference(s)
-    w_a, w_b, cut = case.save_world_size, s.world_size, case.save_after
-    return run_reference(s, world_size_at=lambda step: w_a if step < cut else w_b)
+    s, w_a, cut = case.scenario, case.save_world_size, case.save_after
+    return run_reference(s, world_size_at=None if s.mode == "deterministic" else
+                         (lambda step: w_a if step < cut else s.world_size))
 
 
 def resume_replay_command(case: ResumeCase, sharder: str = DEFAULT_SHARDER) -> str:
@@ -183,20 +182,17 @@ def run_resume(pool, case: ResumeCase, *, sharder: str = DEFAULT_SHARDER,
     try:   # the adapter's parent side, at both world sizes (foreign code: a raise is an error)
         declined = _declined(case, adapter)
     except Exception as exc:
-        out = _resume_result(case, spec, adapter)
-        out.verdict, out.severity = "error", "error"
-        out.reason = f"the adapter {spec}'s parent side raised: {type(exc).__name__}: {exc}"
+        out = _ended(case, spec, adapter, "error", f"the adapter {spec}'s parent side raised: "
+                                                   f"{type(exc).__name__}: {exc}")
         return (out, None, None) if keep_values else out
     if declined is not None:
-        out = _resume_result(case, spec, adapter)
-        out.verdict, out.reason = "skipped", declined
+        out = _ended(case, spec, adapter, "skipped", declined)
         return (out, None, None) if keep_values else out
     pools = as_pool_set(pool)
     pool_a, why_a = pools.for_world(adapter.world, case.save_world_size)
     pool_b, why_b = pools.for_world(adapter.world, s.world_size)
     if pool_a is None or pool_b is None:
-        out = _resume_result(case, spec, adapter)
-        out.verdict, out.reason = "skipped", why_a or why_b
+        out = _ended(case, spec, adapter, "skipped", why_a or why_b)
         return (out, None, None) if keep_values else out
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="verify-resume-", dir=ckpt_dir) as tmp:
@@ -215,8 +211,9 @@ def run_resume(pool, case: ResumeCase, *, sharder: str = DEFAULT_SHARDER,
         else:
             res_b = pool_b.run(s.world_size, load_fn or load_phase, payload,
                                timeout_s=timeout_s) if res_a.ok else None
-    ref = resume_reference(case) if res_a.ok and res_b.ok else None
-    result = evaluate_resume(case, res_a, res_b, ref, time.perf_counter() - t0, sharder=spec)
+    ref, ref_error = guarded(resume_reference, case) if res_a.ok and res_b.ok else (None, "")
+    result = _ended(case, spec, adapter, "error", f"{case.label}: {ref_error}") if ref_error else \
+        evaluate_resume(case, res_a, res_b, ref, time.perf_counter() - t0, sharder=spec)
     return (result, res_a, res_b) if keep_values else result
 
 
@@ -237,16 +234,12 @@ def _looser(case: ResumeCase) -> Scenario:
     return dataclasses.replace(s, world_size=max(s.world_size, case.save_world_size))
 
 
-def _loaded_problems(saved: dict, loaded: dict, cut: int) -> list[str]:
-    missing = sorted(set(saved) - set(loaded))
-    bad = [k for k in saved if k in loaded and not (
-        saved[k].shape == loaded[k].shape and saved[k].dtype == loaded[k].dtype
-        and torch.equal(saved[k], loaded[k]))]
-    out = []
-    if missing:
-        out.append(f"after the load: {missing[:5]} missing from the loaded model")
-    if bad:
-        out.append(f"after the load: {bad[:5]} differ from the state saved after step {cut - 1}")
+def _ended(case: ResumeCase, spec: str, adapter, verdict: str, reason: str) -> CaseResult:
+    """A case that ends without being judged: skipped, or an error (with its check)."""
+    out = _resume_result(case, spec, adapter)
+    out.verdict, out.reason = verdict, reason
+    if verdict == "error":
+        out.severity, out.checks = "error", [Check("error", "fail", detail=reason).to_dict()]
     return out
 
 
@@ -290,13 +283,13 @@ def evaluate_resume(case: ResumeCase, res_a, res_b, ref, wall: float, *,
         if c["check"] == "padding" and c["step"] is None and c["status"] == "fail":
             c["detail"] = c["detail"].replace("after init", "after the load")
         checks.append(c)
-    loaded = _loaded_problems(res_a.values[0]["records"][-1]["params"], res_b.values[0]["loaded"], cut)
+    loaded = loaded_problems(res_a.values[0]["records"][-1]["params"], res_b.values[0]["loaded"], cut)
     checks.append(Check("loaded", "fail" if loaded else "pass", cut, 0, "\n".join(loaded)).to_dict()
                   | {"phase": "load"})
     again = case.resume_again_after
     if again is not None:   # the second load against the state the middle phase saved
         saved = res_b.values[0]["records"][again - cut - 1]["params"]
-        loaded = _loaded_problems(saved, res_b.values[0]["loaded_again"], again)
+        loaded = loaded_problems(saved, res_b.values[0]["loaded_again"], again)
         checks.append(Check("loaded", "fail" if loaded else "pass", again, 0,
                             "\n".join(loaded)).to_dict() | {"phase": "load"})
     out.checks = checks

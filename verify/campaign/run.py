@@ -18,7 +18,7 @@ from verify import blas
 from verify.campaign.console import print_case
 from verify.campaign.resume import draw_resume_cases, run_resume
 from verify.case.draw import draw_scenarios, skip_reason
-from verify.case.judge import case_tier, evaluate, mesh_label
+from verify.case.judge import Check, case_tier, evaluate, mesh_label
 from verify.case.train import run_case
 from verify.compare import tier_for
 from verify.diagnosis.diagnose import DEFAULT_SHRINK_BUDGET_S, console_lines, diagnose_failures
@@ -27,7 +27,7 @@ from verify.diagnosis.shrink import first_line
 from verify.ranks.pool import RankPool
 from verify.ranks.poolset import PoolSet, as_pool_set
 from verify.ranks.torchrun import ProcessGroupLost, TorchrunContext, is_torchrun
-from verify.reference import run_reference
+from verify.reference import guarded, run_reference
 from verify.report import write_peers_report, write_reports
 from verify.results import CaseResult, headline, severity_label, worst_first
 from verify.scenarios import Scenario
@@ -94,11 +94,16 @@ def run_one(pool, s: Scenario, *, sharder: str = DEFAULT_SHARDER, timeout_s: Opt
     t0 = time.perf_counter()
     pending = ranks.submit(s.world_size, run_case, payload, timeout_s=timeout_s)
     try:  # the reference is computed here while the ranks run the case
-        ref = run_reference(s)
+        ref, ref_error = guarded(run_reference, s)
         if timeout_s is None and hasattr(pending, "shorten"):
             pending.shorten(auto_timeout(time.perf_counter() - t0))
     finally:
         result = pending.result()
+    if ref_error:
+        case = _result(s, spec, "error", ref_error, replay, tier)
+        case.wall_time_s, case.severity = time.perf_counter() - t0, "error"
+        case.checks.append(Check("error", "fail", detail=ref_error).to_dict())
+        return case
     case = evaluate(s, adapter, spec, result, ref if result.ok else None,
                     time.perf_counter() - t0, replay=replay, tier=tier)
     if not result.ok:

@@ -29,7 +29,7 @@ import torch
 
 from verify.compare import diff_stats, int_view
 
-__all__ = ["NORM_RTOL", "reassemble", "norm_problems", "gradient_problems", "state_problems",
+__all__ = ["NORM_RTOL", "loaded_problems", "reassemble", "norm_problems", "gradient_problems", "state_problems",
            "reassembled_gradients"]
 
 # The relative norm error allowed in the non-bitwise tiers, by compute dtype: 2000x the worst
@@ -182,3 +182,18 @@ def state_problems(values: list[dict], step: int, ref_state: Optional[dict], tie
         return None
     return _compare(flat_recs, want, tier, dtype, "a state tensor",
                     group=lambda name: name.rsplit(".", 1)[1], failed=failed)
+
+
+def loaded_problems(saved: dict, loaded: dict, cut: int) -> list[str]:
+    """The `loaded` check of a resume case: rank 0's full parameters after the load against
+    the ones saved after step ``cut - 1``, bit for bit."""
+    missing = sorted(set(saved) - set(loaded))
+    bad = [k for k in saved if k in loaded and not (
+        saved[k].shape == loaded[k].shape and saved[k].dtype == loaded[k].dtype
+        and torch.equal(saved[k], loaded[k]))]
+    out = []
+    if missing:
+        out.append(f"after the load: {missing[:5]} missing from the loaded model")
+    if bad:
+        out.append(f"after the load: {bad[:5]} differ from the state saved after step {cut - 1}")
+    return out

@@ -35,7 +35,7 @@ from verify.case.train import Trainer
 from verify.compare import int_view, ulp_distance
 from verify.diagnosis.shrink import first_line
 from verify.ranks.poolset import as_pool_set
-from verify.reference import _bf16_copy, _deterministic_step, _fast_step
+from verify.reference import RankBuffers, _bf16_copy, _deterministic_step, _fast_step
 from verify.scenarios import Scenario, build_model, make_batch, make_optimizer, wrap_units
 from verify.sharders import load
 from verify.tools.plants import planted
@@ -148,6 +148,7 @@ def reference_probe(s: Scenario, d: int) -> dict:
     master = build_model(s)
     opt = make_optimizer(s, master.named_parameters())
     out: dict = {}
+    buffers = RankBuffers()
     for step in range(d + 1):
         compute = master if s.dtype == "fp32" else _bf16_copy(s, master)
         batches = [make_batch(s, step, m) for m in range(s.micro_batches)]
@@ -156,10 +157,12 @@ def reference_probe(s: Scenario, d: int) -> dict:
             names = {id(m): n for n, m in compute.named_modules()}
             hooks = _Outputs([(names[id(m)], m) for m in wrap_units(s, compute)])
         try:
-            _, grads = (_fast_step if s.mode == "fast" else _deterministic_step)(s, compute, batches)
+            _, grads = (_fast_step if s.mode == "fast" else _deterministic_step)(s, compute, batches,
+                                                                                buffers)
         finally:
             if hooks is not None:
                 hooks.remove()
+        buffers.settle(compute)
         for name, p in master.named_parameters():
             p.grad = grads[name]
         opt.step()
