@@ -207,13 +207,20 @@ def _ranked(values: list[dict], get) -> tuple[list[str], Optional[int]]:
     return out, first
 
 
-def _plan_check(s: Scenario, sharder, case: CaseResult) -> Check:
+def _plan_check(s: Scenario, sharder, case: CaseResult, ref) -> Check:
     """``plan = measured``: the adapter's planned per-rank state bytes and collectives, exactly
-    (bytes, not ratios), against what every step measured."""
+    (bytes, not ratios), against what every step measured. n/a where a trainable parameter got
+    no gradient in some step (a branch not taken, a parameter never used): the planner models
+    every trainable parameter with a gradient, and a unit without one reduces nothing."""
     try:
         figures = sharder.planned(s) if sharder is not None else None
         if figures is None:
             return Check("plan", "n/a")
+        trainable = [n for n, p in build_model(s, device="meta").named_parameters() if p.requires_grad]
+        unused = sorted({n for st in ref for n in trainable if n not in (st.grads or {})})
+        if unused:
+            return Check("plan", "n/a", detail=f"parameters without a gradient in some step, which "
+                                               f"the planner does not model: {unused[:5]}")
         if any(not st.state_bytes for st in case.steps):   # no state figure measured: n/a
             figures = dataclasses.replace(figures, state_bytes=tuple(() for _ in case.steps))
         problems = plan_problems(s, case, figures)
@@ -366,7 +373,7 @@ def evaluate(s: Scenario, sharder, spec: str, result, ref, wall: float, *,
             state_bytes=state if all(b is not None for b in state) else [],
             state_bytes_model=state_model_bytes(s, ref_step.params),
             step_time_s=rec0["step_time_s"]))
-    checks.append(_plan_check(s, sharder, case) if plan else Check("plan", "n/a"))
+    checks.append(_plan_check(s, sharder, case, ref) if plan else Check("plan", "n/a"))
     case.checks = [c.to_dict() for c in checks]
     failed = [c for c in checks if c.status == "fail"]
     case.verdict = held_verdict(tier)

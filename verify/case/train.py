@@ -186,6 +186,7 @@ class Trainer:
                     pad_reduce = self.padding()
                     unsharded = sh.unsharded_units(model)
                     grads = sh.reduced_gradients(model)
+                    with_grad = frozenset(n for n, p in model.named_parameters() if p.grad is not None)
                     nbytes = sh.state_bytes(model, opt)
                 t_probe = time.perf_counter() - t_probe  # not the sharder's time: left out
                 opt.step()
@@ -199,7 +200,8 @@ class Trainer:
         collectives = self.recorder.take()
         passes = len(mine) if self.s.mode == "deterministic" else 1
         trace = StepTrace(mode=self.s.mode, micro_batches=passes, forward_calls=dict(calls),
-                          backward_units=set(in_backward), recorded=collectives)
+                          backward_units=set(in_backward), recorded=collectives,
+                          with_grad=with_grad)
         expected = sh.expected_collectives(model, trace)
         loss = self.step_loss(losses)
         full = sh.full_parameters(model, opt)   # collective: every rank gathers

@@ -70,6 +70,10 @@ class StepTrace:
     forward_calls: dict[str, int]        # unit name -> forward calls in the step
     backward_units: set[str]             # units whose output joined autograd (reached by backward)
     recorded: dict[str, list[int]]       # kind -> [calls, bytes] as the recorder counted them
+    # names (model.named_parameters()) of this rank's parameters holding a gradient after the
+    # step's backward, before the optimizer step: a unit none of whose parameters got one (all
+    # unused this step) may skip its reduction
+    with_grad: frozenset = frozenset()
 
 
 class Sharder:

@@ -84,8 +84,9 @@ class FsdpCore(Sharder):
     def expected_collectives(self, model, trace: StepTrace):
         """Per unit and micro-batch: one all-gather per forward call plus one in backward when
         resharding after forward (one in all without; none in backward for a unit autograd
-        never reaches), and one reduction per unit with trainable parameters per step
-        (reduce-scatter in fast mode, all-to-all in deterministic mode). Nothing on one rank.
+        never reaches), and one reduction per unit with a parameter that got a gradient this
+        step (``trace.with_grad``; reduce-scatter in fast mode, all-to-all in deterministic
+        mode): a unit whose parameters were all unused has nothing to reduce. Nothing on one rank.
         On a 2-D mesh (R, S) the gathers and that reduction are in the shard group (none when
         S = 1), and each unit with trainable parameters adds one replicate-group reduction of
         its shard: an all-reduce (fast) or an all-gather of R shards (deterministic, to sum
@@ -93,12 +94,14 @@ class FsdpCore(Sharder):
         micro = trace.micro_batches
         gathers, reduce, replicate = [0, 0], [0, 0], {}
         names = {id(m): n for n, m in model.named_modules()}
+        reduced = {id(p._fsdp_unit) for n, p in model.named_parameters()
+                   if n in trace.with_grad and getattr(p, "_fsdp_unit", None) is not None}
         for m in model.modules():
             unit = getattr(m, "_fsdp_unit", None) if isinstance(m, fsdp_core.FSDPModule) else None
             if unit is None:
                 continue
             R = unit.dp_world // unit.world_size
-            if R > 1 and any(unit.requires_grad):
+            if R > 1 and id(unit) in reduced:
                 kind = "all_reduce" if trace.mode == "fast" else GATHER_KIND
                 shard_bytes = unit.layout.shard_numel * unit.reduce_dtype.itemsize
                 entry = replicate.setdefault(kind, [0, 0])
@@ -113,7 +116,7 @@ class FsdpCore(Sharder):
             per_micro = (n_calls + regather) if unit.reshard_after_forward else 1
             gathers[0] += per_micro * micro
             gathers[1] += per_micro * micro * unit.layout.padded_numel * item
-            if any(unit.requires_grad):
+            if id(unit) in reduced:
                 reduce[0] += 1
                 reduce[1] += unit.layout.padded_numel * unit.reduce_dtype.itemsize
         kind = "all_to_all_single" if trace.mode == "deterministic" else REDUCE_SCATTER_KIND
