@@ -362,3 +362,7 @@ def test_the_stderr_pump_forwards_a_warning_once_over_ranks_and_keeps_the_rest()
     other = warn.replace(b"FutureWarning", b"UserWarning")
     assert pump._once(1, other) == other
     assert pump._once(0, warn[:40]) == warn[:40]          # a partial line goes through as it is
+    c10 = (b"[rank%d]:[W1206 05:52:33.21414374%d reducer.cpp:1529] Warning: find_unused_parameters="
+           b"True was specified in DDP constructor, but did not find any unused parameters\n")
+    assert pump._once(0, c10 % (0, 1)) == c10 % (0, 1)    # torch's C++ warnings: rank and time
+    assert pump._once(1, c10 % (1, 7) + b"next\n") == b"next\n"   # are not part of what repeats

@@ -21,7 +21,10 @@ _TAIL_BYTES = 16384       # per rank: what a failed run reports of the rank's st
 # (all_gather_into_tensor in 2.13) would bury the progress lines. The pump forwards a warning
 # line ("file:line: SomeWarning: message") and the indented source line after it the first time
 # any rank writes it, and keeps later copies in the ranks' tails only (what a failure reports).
+# A warning of torch's C++ side ("[rank1]:[W1206 05:52:33.214143741 reducer.cpp:1529] Warning:
+# ...") carries the rank and the time: it is forwarded once by its source and message.
 _WARNING = re.compile(rb"^\S.*:\d+: \w*Warning: ")
+_C10_WARNING = re.compile(rb"^(?:\[rank\d+\]:)?\[W\d{4} [\d:.]+ (\S+)\] Warning: (.*)", re.S)
 
 
 class StderrPump:
@@ -87,11 +90,13 @@ class StderrPump:
                 self._skip_source[rank] = False
                 continue
             self._skip_source[rank] = False
-            if _WARNING.match(line):
-                if line in self._warned:
-                    self._skip_source[rank] = True
+            c10 = _C10_WARNING.match(line)
+            if c10 or _WARNING.match(line):
+                key = b" ".join(c10.groups()) if c10 else line
+                if key in self._warned:
+                    self._skip_source[rank] = not c10
                     continue
-                self._warned.add(line)
+                self._warned.add(key)
             out.append(line)
         return b"".join(out)
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import Optional
 
 import os
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -39,7 +40,12 @@ class DDP(Sharder):
         if dist.get_backend(group) == "nccl":
             device_ids = [torch.cuda.current_device()]
             model = model.cuda()
-        return DistributedDataParallel(model, device_ids=device_ids, process_group=group)
+        # parameters some batches leave unused (a branch) are a model's business, not an error:
+        # DDP then all-reduces which parameters each rank used, and a parameter no rank used
+        # keeps no gradient, as in the reference; its warning where none is unused says nothing
+        warnings.filterwarnings("ignore", message=".*find_unused_parameters=True was specified")
+        return DistributedDataParallel(model, device_ids=device_ids, process_group=group,
+                                       find_unused_parameters=True)
 
     def optimizer(self, model, plan: WrapPlan):
         return plan.make_optimizer(model.module.named_parameters())

@@ -271,7 +271,7 @@ class DeepSpeedZero3(_DeepSpeedZero):
         """{name: (flat offset, this rank's reduced gradient)}: DeepSpeed's own accessor of the
         averaged gradient partition (``safe_get_local_grad``), laid out as `local_pieces`; a
         parameter without a gradient partition (frozen) is left out."""
-        from deepspeed.utils import safe_get_local_grad
+        from deepspeed.utils import safe_get_local_grad  # optional extra, imported where it is there
         rank = torch.distributed.get_rank()
         out = {}
         for n, p in model.module.named_parameters():
