@@ -306,3 +306,39 @@ def test_fingerprints_cover_readable_tensors_and_skip_the_rest():
     assert set(d) == {"w"} and d["w"].startswith("torch.float32 (3,) ")
     assert digests({"w": torch.ones(3)}) == d and digests({"w": torch.zeros(3)}) != d
     assert digests(None) is None
+
+
+def _stateful(variant: str, world_size: int, **kw) -> Scenario:
+    return Scenario("tests.stateful_family", (("variant", variant),), world_size,
+                    micro_batches=4, steps=3, **kw)
+
+
+@pytest.mark.multigpu
+@pytest.mark.parametrize("variant", ["counter", "running", "branch", "unused"])
+def test_models_with_rank_state_branches_and_unused_parameters_pass_under_ddp(rank_pool, variant):
+    """DDP (real processes, each with its own buffers; unused parameters found) is the witness
+    of the reference: each simulated rank keeps its own buffers, a parameter with a gradient on
+    some ranks only sums zeros for the others, one with none anywhere keeps none. All of these
+    failed or crashed the campaign before."""
+    case = run_one(rank_pool, _stateful(variant, 2), sharder="ddp")
+    assert case.verdict == "pass" and case.tier == "bitwise", case.reason
+
+
+@pytest.mark.multigpu
+def test_fsdp_cores_formula_and_plan_allow_a_unit_without_gradients(rank_pool):
+    """A unit whose only own parameter is never used reduces nothing: the formula counts what
+    got a gradient (StepTrace.with_grad) and the plan check, which models every parameter with
+    one, is n/a."""
+    s = dataclasses.replace(_stateful("unused", 2), wrap="every_leaf")
+    case = run_one(rank_pool, s)
+    assert case.verdict == "pass", case.reason
+    checks = {c["check"]: c for c in case.checks if c["step"] in (None, 0)}
+    assert checks["collectives"]["status"] == "pass"
+    assert checks["plan"]["status"] == "n/a" and "never" in checks["plan"]["detail"]
+
+
+@pytest.mark.multigpu
+def test_a_model_the_reference_cannot_train_is_that_cases_error(rank_pool):
+    case = run_one(rank_pool, _stateful("parent_only", 2), sharder="ddp")
+    assert case.verdict == "error" and "the reference" in case.reason, case.reason
+    assert "this model runs inside a process group only" in case.reason

@@ -44,8 +44,10 @@ class DDP(Sharder):
         # DDP then all-reduces which parameters each rank used, and a parameter no rank used
         # keeps no gradient, as in the reference; its warning where none is unused says nothing
         warnings.filterwarnings("ignore", message=".*find_unused_parameters=True was specified")
+        # buffers stay each rank's own, as a sharder keeps them and the reference simulates them
+        # (verify/reference.py, `RankBuffers`): DDP's default copies rank 0's at every forward
         return DistributedDataParallel(model, device_ids=device_ids, process_group=group,
-                                       find_unused_parameters=True)
+                                       find_unused_parameters=True, broadcast_buffers=False)
 
     def optimizer(self, model, plan: WrapPlan):
         return plan.make_optimizer(model.module.named_parameters())
