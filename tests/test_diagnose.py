@@ -181,6 +181,15 @@ def test_explain_names_the_first_divergent_collective(tmp_path):
     assert "entered by ranks [0] and not by rank 1" in text, text
 
 
+def test_a_collective_on_a_group_wider_than_the_case_says_which_group_it_was(tmp_path):
+    """A sharder that uses the default process group while its adapter says world = "group":
+    at W = 1 its broadcast waits for ranks that do not run the case."""
+    (tmp_path / "collectives.0").write_text("B\t1\tbroadcast\t0,1,2,3\t64\tfp32\tshard <- m.py:7:wrap\n")
+    text = explain(str(tmp_path), 1)
+    assert "on a group with ranks 1, 2, 3, which do not run this case (its ranks: [0])" in text, text
+    assert 'declares world = "default"' in text and "backend stall" not in text, text
+
+
 def test_collective_log_is_a_noop_without_a_path(monkeypatch):
     import torch.distributed as dist
     monkeypatch.delenv("VERIFY_COLLECTIVE_LOG", raising=False)

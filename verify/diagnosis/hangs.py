@@ -135,6 +135,17 @@ def _first_divergence(logs: dict[int, list[Entry]]) -> str:
     r0 = max(logs, key=lambda r: len(logs[r]))
     e = logs[r0][-1] if logs[r0] else None
     what = f"#{len(logs[r0])} {e.describe()}" if e else "none"
+    if e is not None and not e.done:
+        members = {int(x) for x in e.group.split(",") if x.strip().lstrip("-").isdigit()}
+        outside = sorted(members - set(logs))
+        if outside:
+            return (f"the last collective, {what}, is on a group with rank{'s' * (len(outside) > 1)} "
+                    f"{', '.join(map(str, outside))}, which {'do' if len(outside) > 1 else 'does'} "
+                    f"not run this case (its ranks: {sorted(logs)}), so it can never complete: the "
+                    "sharder used a group it was not given (the default process group?); an "
+                    "adapter whose sharder uses the default group declares world = \"default\" "
+                    "(DESIGN section 6), and the harness then runs each case on processes whose "
+                    "default group is exactly its ranks")
     if inside and idle:
         return (f"the ranks' sequences agree; the last collective, {what}, is entered by ranks "
                 f"{inside} and not by rank{'s' * (len(idle) > 1)} {', '.join(map(str, idle))}, "
