@@ -107,8 +107,15 @@ def _compare(recs: list[dict], want: dict[str, torch.Tensor], tier: str, dtype: 
     bad, groups = [], {}
     for name in list(want) + sorted(given - set(want)):
         ref = want.get(name)
-        if ref is None or name not in given:
-            bad.append(f"{name} ({what} on one side only)")
+        if ref is None:
+            bad.append(f"{name} ({what} the reference has none of: frozen or unused there)")
+            if failed is not None:
+                failed.append(None)
+            continue
+        if name not in given:
+            bad.append(f"{name} ({what} the reference has, which no rank's probe gave; a probe is "
+                       "read after backward and before the optimizer step: one whose values exist "
+                       "only inside step() returns None there, n/a)")
             if failed is not None:
                 failed.append(None)
             continue
