@@ -90,7 +90,7 @@ class OtherKernel(DDP):
 class FastLr(DDP):
     """Correct gradients, and Adam's steps taken with 1.5x the scenario's learning rate: every
     parameter moves by 1.5 lr where the reference moves by lr, within the 2 lr per step that the
-    reported tier's physical bound admits; the replayed first step (verify/case/judge.py) sees it."""
+    reported tier's physical bound admits; the replayed steps (verify/case/judge.py) see it."""
     name = "fast_lr"
 
     def optimizer(self, model, plan):
