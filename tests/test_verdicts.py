@@ -151,6 +151,10 @@ def test_a_wrong_learning_rate_within_the_reported_bound_fails_against_the_repla
            "gradients" in bad.reason, bad.reason
     from verify.diagnosis.shrink import first_phase
     assert first_phase(bad) == "optimizer" and bad.severity == "beyond tolerance"
+    line = locate_divergence(rank_pool, s, bad, sharder=V + "FastLr")
+    assert line.startswith("first divergence: step 0, ") and " optimizer: the reduced gradients " \
+        "are within the reported tier, and the parameters after the step are not what adamw " \
+        "computes from them" in line, line
     # without the replay (the physical bound alone) the same parameters pass: what it adds
     from verify.compare import bounds_for
     assert 1.5 * s.lr - s.lr < bounds_for(s, "reported").params.atol
@@ -171,6 +175,10 @@ def test_adam_state_dropped_after_each_step_fails_against_the_replayed_steps(ran
     assert "step 1: the parameters after step 1 are not what adamw computes" in bad.reason, bad.reason
     from verify.diagnosis.shrink import first_phase
     assert first_phase(bad) == "optimizer"
+    # the located divergence follows the tier's checks, not the first last-bit difference
+    line = locate_divergence(rank_pool, s, bad, sharder=V + "ResetsAdam")
+    assert line.startswith("first divergence: step 0, optimizer: the reduced gradients are within "
+                           "the reported tier, and the optimizer state after the step is not"), line
 
 
 @pytest.mark.multigpu
