@@ -201,3 +201,16 @@ def test_write_reports_all_pass(tmp_path):
     md = (tmp_path / "equivalence.md").read_text()
     assert "**PASS**: 4 cases: 4 passed (4 bitwise), 0 failed." in md
     assert "No failing cases." in md
+
+
+def test_offload_placement_is_checked_only_where_it_can_be_seen():
+    """An offloaded case on a CPU-only run cannot show where its shards are: n/a, never pass;
+    on an accelerator run a tensor the optimizer holds off the CPU fails."""
+    from verify.case.placement import offload_status
+    cpu = {"compute": "cpu", "held": ["cpu"]}
+    assert offload_status([cpu, cpu])[0] == "n/a"
+    on_gpu = {"compute": "cuda:0", "held": ["cpu"]}
+    assert offload_status([on_gpu, on_gpu])[0] == "pass"
+    status, _, rank, detail = offload_status([on_gpu, {"compute": "cuda:1", "held": ["cpu", "cuda:1"]}])
+    assert status == "fail" and rank == 1 and "cuda:1" in detail
+    assert offload_status([None, on_gpu])[0] == "n/a"

@@ -24,6 +24,7 @@ from verify.case.severity import BEYOND, case_severity, state_severity, step_sev
 from verify.case.state_check import gradient_problems, reassemble, reassembled_gradients, state_problems
 from verify.compare import TIERS, TOLERANCES, compare_step, diff_stats, format_diff, tier_for, verdict
 from verify.plan.units import plan_problems
+from verify.case.placement import offload_status
 from verify.reference import Replayer
 from verify.results import CaseResult, StepRecord, held_verdict
 from verify.scenarios import Scenario, build_model
@@ -260,6 +261,8 @@ def evaluate(s: Scenario, sharder, spec: str, result, ref, wall: float, *,
     broken = [(v["rank"], v["backend_error"]) for v in values if v.get("backend_error")]
     checks.append(Check("backend", "fail", rank=broken[0][0], detail=f"backend check failed: {broken[0][1]}")
                   if broken else Check("backend", "pass"))
+    if s.offload:   # where shards and optimizer state are (verify/case/placement.py)
+        checks.append(Check("offload", *offload_status([v.get("placement") for v in values])))
     if _checked(values, lambda v: v.get("pad_init")):
         bad, rank = _ranked(values, lambda v: v.get("pad_init"))
         checks.append(Check("padding", "fail" if bad else "pass", rank=rank,

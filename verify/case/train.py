@@ -29,6 +29,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 import torch.distributed as dist
 
+from verify.case.placement import placement
 from verify.case.probes import CollectiveRecorder, nonzero_padding, watch_units
 from verify.diagnosis.collective_log import CollectiveLog
 from verify.ranks.backend_check import backend_problem
@@ -283,4 +284,6 @@ def run_case(payload: dict, ctx) -> dict:
             log.step = i
             records.append(trainer.step(i))
             log.end_step()
-        return dict(rank=ctx.rank, pad_init=pad_init, records=records, backend_error=problem)
+        return dict(rank=ctx.rank, pad_init=pad_init, records=records, backend_error=problem,
+                    placement=placement(trainer.optimizer, ctx.device) if s.offload else None)
+

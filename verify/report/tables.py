@@ -255,4 +255,7 @@ to 32 elements and the padding to a multiple of W dominate, so it runs above 1; 
 and bytes matched the formula at every step. Tiers: deterministic mode owes bitwise equality at
 every world size; fast mode is bitwise at W <= 2 (against the data-parallel reference a
 two-term sum has one result), within the dtype's `torch.testing` tolerance with SGD at
-W >= 4, and reported only with Adam-family optimizers at W >= 4."""
+W >= 4, and reported only with Adam-family optimizers at W >= 4. *offload* (where shown) says
+the case asked for CPU offload (`WrapPlan.offload`); that the shards and optimizer state were on
+the CPU is the `offload` check, which only a run that computes on an accelerator can see (it
+is n/a on a CPU-only run: a pass there says the training, not the placement, was checked)."""
