@@ -72,8 +72,8 @@ class StepTrace:
     recorded: dict[str, list[int]]       # kind -> [calls, bytes] as the recorder counted them
     # names (model.named_parameters()) of this rank's parameters holding a gradient after the
     # step's backward, before the optimizer step: a unit none of whose parameters got one (all
-    # unused this step) may skip its reduction
-    with_grad: frozenset = frozenset()
+    # unused this step) may skip its reduction; None: not known (every trainable one, as before)
+    with_grad: Optional[frozenset] = None
 
 
 class Sharder:

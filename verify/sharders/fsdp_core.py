@@ -95,7 +95,8 @@ class FsdpCore(Sharder):
         gathers, reduce, replicate = [0, 0], [0, 0], {}
         names = {id(m): n for n, m in model.named_modules()}
         reduced = {id(p._fsdp_unit) for n, p in model.named_parameters()
-                   if n in trace.with_grad and getattr(p, "_fsdp_unit", None) is not None}
+                   if (p.requires_grad if trace.with_grad is None else n in trace.with_grad)
+                   and getattr(p, "_fsdp_unit", None) is not None}
         for m in model.modules():
             unit = getattr(m, "_fsdp_unit", None) if isinstance(m, fsdp_core.FSDPModule) else None
             if unit is None:

@@ -166,7 +166,9 @@ def bench_case(payload: dict, ctx) -> dict:
                 if fsdp2 is None:
                     entry["peak_unsharded"] = UNSHARDED_BYTES.peak - base
                 trace = StepTrace(mode=tr.s.mode, micro_batches=1, forward_calls=dict(calls),
-                                  backward_units=set(in_bw), recorded=entry["collectives"])
+                                  backward_units=set(in_bw), recorded=entry["collectives"],
+                                  with_grad=frozenset(n for n, p in tr.model.named_parameters()
+                                                      if p.grad is not None))
                 entry["expected"] = tr.sharder.expected_collectives(tr.model, trace)
             tr.zero_grad()
     for v in variants:
