@@ -31,4 +31,16 @@ _blas.apply()   # before any verify module imports torch: MKL_CBWR=AUTO,STRICT (
 
 from verify.sharders.base import Sharder, StepTrace, WrapPlan  # noqa: E402  (after the BLAS setting)
 
-__all__ = ["Sharder", "WrapPlan", "StepTrace"]
+__all__ = ["Sharder", "WrapPlan", "StepTrace", "hsdp_mesh"]
+
+
+def hsdp_mesh(group, replicate: int, shard: int, *, device_type=None):
+    """The 2-D (replicate, shard) ``DeviceMesh`` over a case's group for ``WrapPlan.mesh``, for
+    an adapter with ``hsdp = True``: row-major, group rank ``r * shard + s`` at (r, s); FSDP2's
+    ``fully_shard(mesh=...)`` takes it. Its sub-groups are the ones the rank pool created in
+    advance on every rank: creating process groups inside a case (``dist.new_group``,
+    ``init_device_mesh``) needs every rank of the default group, which a case at a smaller
+    world size does not have, and hangs."""
+    # heavy (torch.distributed); only HSDP adapters call this, at shard() time
+    from fsdp_core import hsdp_mesh as mesh
+    return mesh(group, replicate, shard, device_type=device_type)

@@ -15,6 +15,8 @@ from typing import Optional
 __all__ = ["explain", "hang_summary", "read_log", "Entry"]
 
 HEADER = "collective sequences"
+# where a hang's stacks are: the console shows a case's first line only
+_STACKS = "the ranks' Python stacks are in the case's full reason: OUT/results.json, or run its replay line"
 
 
 @dataclass
@@ -129,7 +131,7 @@ def _first_divergence(logs: dict[int, list[Entry]]) -> str:
     # Every group agrees: who is inside the last collective?
     last = {r: seq[-1] for r, seq in logs.items() if seq}
     if not last:
-        return "no rank issued a collective in this case (see the stacks)"
+        return f"no rank issued a collective in this case ({_STACKS})"
     inside = sorted(r for r, e in last.items() if not e.done)
     idle = [r for r in sorted(logs) if r not in inside]
     r0 = max(logs, key=lambda r: len(logs[r]))
@@ -149,13 +151,13 @@ def _first_divergence(logs: dict[int, list[Entry]]) -> str:
     if inside and idle:
         return (f"the ranks' sequences agree; the last collective, {what}, is entered by ranks "
                 f"{inside} and not by rank{'s' * (len(idle) > 1)} {', '.join(map(str, idle))}, "
-                f"which returned from every collective it issued (stuck elsewhere: see its stack)")
+                f"which returned from every collective it issued (stuck elsewhere; {_STACKS})")
     if inside:
         return (f"the ranks' sequences agree; every rank is inside the last collective, {what}, "
                 f"and none returned (a backend stall, or a rank stuck inside a wrapper: see the "
                 f"stacks)")
     return (f"the ranks' sequences agree and every rank returned from its last collective, "
-            f"{what}: they are stuck outside a collective (see the stacks)")
+            f"{what}: they are stuck outside a collective ({_STACKS})")
 
 
 def hang_summary(reason: str) -> str:
