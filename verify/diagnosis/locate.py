@@ -25,7 +25,6 @@ located from its check record instead, without a re-run.
 """
 from __future__ import annotations
 
-import re
 from typing import Any, Optional
 
 import torch
@@ -35,6 +34,7 @@ from verify.case.judge import reassemble
 from verify.case.train import Trainer
 from verify.compare import int_view, ulp_distance
 from verify.diagnosis.shrink import first_line
+from verify.diagnosis.tiered import from_tier, unit_of
 from verify.ranks.poolset import as_pool_set
 from verify.reference import RankBuffers, _bf16_copy, _deterministic_step, _fast_step
 from verify.scenarios import Scenario, build_model, make_batch, make_optimizer, wrap_units
@@ -206,14 +206,6 @@ def first_step(case) -> Optional[int]:
     return min(steps) if steps else None
 
 
-def _unit_of(name: str, units: list[str]) -> str:
-    best = ""
-    for u in units:
-        if u and (name == u or name.startswith(u + ".")) and len(u) > len(best):
-            best = u
-    return best or "<root>"
-
-
 def _from_check(case) -> Optional[str]:
     """A non-numerical failure, located from its check record."""
     fails = [c for c in case.checks or [] if c.get("status") == "fail"]
@@ -236,45 +228,6 @@ def _from_check(case) -> Optional[str]:
     return f"first divergence: {step}, {phase}: {detail}"
 
 
-_REPLAYED = re.compile(r"parameter '([^']+)' against the replayed step")
-
-
-def _from_tier(s: Scenario, case, d: int) -> Optional[str]:
-    """In the tolerance and reported tiers the bits of outputs and gradients differ by design,
-    so a bitwise re-run would name the first harmless last-bit difference. There the judge's
-    own tier-aware checks of step ``d`` say the phase: the gradients check (backward), or the
-    replayed step with the gradients passing (optimizer: [Note: the replayed steps] in
-    verify/case/judge.py)."""
-    if case.tier not in ("tolerance", "reported"):
-        return None
-    at_d = {c["check"]: c for c in case.checks or [] if c.get("step") == d}
-    grads, tier = at_d.get("gradients", {}), at_d.get(case.tier, {})
-    where = f"first divergence: step {d}"
-    units = [n for n, _ in wrap_unit_names(s)]
-    if grads.get("status") == "fail":
-        detail = (grads.get("detail") or "").splitlines()
-        return f"{where}, backward ({case.tier} tier): {detail[0] if detail else 'reduced gradients differ'}"
-    state = at_d.get("optimizer_state", {})
-    if state.get("status") == "fail" and grads.get("status") == "pass":
-        detail = (state.get("detail") or "").splitlines()
-        return (f"{where}, optimizer: the reduced gradients are within the {case.tier} tier, and "
-                f"the optimizer state after the step is not: {detail[0] if detail else '?'}")
-    m = _REPLAYED.search(tier.get("detail") or "") if tier.get("status") == "fail" else None
-    if m is not None and grads.get("status") == "pass":
-        line = next(ln for ln in tier["detail"].splitlines() if m.group(0) in ln)
-        return (f"{where}, {_unit_of(m.group(1), units)} optimizer: the reduced gradients are "
-                f"within the {case.tier} tier, and the parameters after the step are not what "
-                f"{s.optimizer} computes from them ({line.split(': ', 1)[-1]})")
-    return None
-
-
-def wrap_unit_names(s: Scenario) -> list[tuple[str, Any]]:
-    """(name, module) of the scenario's wrap units on a meta-device model."""
-    model = build_model(s, device="meta")
-    names = {id(m): n for n, m in model.named_modules()}
-    return [(names[id(m)], m) for m in wrap_units(s, model)]
-
-
 def locate_divergence(pool, s: Scenario, case, *, sharder: str, plant: Optional[str] = None,
                       timeout_s: Optional[float] = None) -> str:
     """One line naming where ``case`` (the failing run of ``s``) first went wrong."""
@@ -284,7 +237,7 @@ def locate_divergence(pool, s: Scenario, case, *, sharder: str, plant: Optional[
     d = first_step(case)
     if d is None:
         return "first divergence: n/a (no failing step to re-run)"
-    line = _from_tier(s, case, d)
+    line = from_tier(s, case, d)
     if line is not None:
         return line
     payload = {"scenario": s.to_json(), "sharder": sharder, "step": d}
@@ -374,16 +327,16 @@ def _compare(s: Scenario, d: int, values: list[dict], ref: dict) -> str:
         given = {n for rec in recs for n in rec}
         for name, want in ref["grads"].items():
             if name not in given:
-                return (f"{where}, {_unit_of(name, units)} backward: reduced gradient of {name} "
+                return (f"{where}, {unit_of(name, units)} backward: reduced gradient of {name} "
                         f"is missing (no rank gave it)")
             flat, problem = reassemble(recs, name, want.numel(), want.dtype)
             what = problem or describe_diff(flat.reshape(want.shape), want)
             if what is not None:
-                return (f"{where}, {_unit_of(name, units)} backward: reduced gradient of {name} "
+                return (f"{where}, {unit_of(name, units)} backward: reduced gradient of {name} "
                         f"{what}")
         extra = sorted(given - set(ref["grads"]))
         if extra:
-            return (f"{where}, {_unit_of(extra[0], units)} backward: a reduced gradient of "
+            return (f"{where}, {unit_of(extra[0], units)} backward: a reduced gradient of "
                     f"{extra[0]}, which the reference has none of (frozen)")
         grads_ok = True
     # optimizer: the parameters after the step
@@ -393,7 +346,7 @@ def _compare(s: Scenario, d: int, values: list[dict], ref: dict) -> str:
             continue
         what = describe_diff(params[name].reshape(want.shape).to(want.dtype), want)
         if what is not None:
-            unit = _unit_of(name, units)
+            unit = unit_of(name, units)
             if grads_ok:
                 return (f"{where}, {unit} optimizer: the reduced gradients are equal, parameter "
                         f"{name} after the step {what}")
