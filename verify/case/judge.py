@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import traceback
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Any, Optional
 
 import torch
@@ -25,6 +24,7 @@ from verify.case.state_check import gradient_problems, reassemble, reassembled_g
 from verify.compare import TIERS, TOLERANCES, compare_step, diff_stats, format_diff, tier_for, verdict
 from verify.plan.units import plan_problems
 from verify.case.placement import offload_status
+from verify.case.structure import model_names, prefix_hint, ranks_disagree
 from verify.reference import Replayer
 from verify.results import CaseResult, StepRecord, held_verdict
 from verify.scenarios import Scenario, build_model
@@ -80,22 +80,11 @@ def state_model_bytes(s: Scenario, ref_params: dict) -> int:
     return (n * (2 + opt_copies)) // s.world_size
 
 
-@lru_cache(maxsize=256)
-def _names(scenario_json: str) -> tuple[tuple[tuple[str, ...], ...], frozenset]:
-    """(groups of parameter names that alias one tensor, buffer names) of the unsharded model."""
-    model = build_model(Scenario.from_json(scenario_json), device="meta")
-    groups: dict[int, list[str]] = {}
-    for name, p in model.named_parameters(remove_duplicate=False):
-        groups.setdefault(id(p), []).append(name)
-    buffers = frozenset(n for n, _ in model.named_buffers(remove_duplicate=False))
-    return tuple(tuple(g) for g in groups.values()), buffers
-
-
 def _align(s: Scenario, params: dict, ref: dict) -> tuple[dict, dict, list[str]]:
     """The sharded result's parameters and the reference's, restricted to the names both
     compare: a tied parameter may come back under one of its names; buffers are not compared.
     Returns (params, reference, unexpected names)."""
-    groups, buffers = _names(s.to_json())
+    groups, buffers = model_names(s.to_json())
     want = {}
     for group in groups:
         present = [n for n in group if n in params]
@@ -160,25 +149,6 @@ def _against_replay(s: Scenario, values: list[dict], i: int, step: int, ref_grad
                                "step counts) that the checkpoint did not restore shows here"
                                if resumed_at is not None and step == resumed_at else ""))
     return problems, pairs
-
-
-def _ranks_disagree(s: Scenario, values: list[dict], step: int, where: str) -> list[str]:
-    """Full parameters that some rank's ``full_parameters`` gave differently from rank 0's (the
-    ones compared with the reference): by their fingerprints (verify/case/train.py, `digests`).
-    Parameters only: a buffer a state dict carries (BatchNorm's running statistics) is each
-    rank's own in data-parallel training."""
-    mine = [v["records"][step].get("digests") for v in values]
-    if not mine or not mine[0]:
-        return []
-    names = {n for group in _names(s.to_json())[0] for n in group}
-    out = []
-    for v, theirs in zip(values[1:], mine[1:]):
-        differ = sorted(n for n, d in (theirs or {}).items()
-                        if n in names and n in mine[0] and d != mine[0][n])
-        if differ:
-            out.append(f"{where}: rank {v['rank']}'s full parameters differ from rank 0's "
-                       f"(full_parameters is the same model on every rank): {differ[:5]}")
-    return out
 
 
 def _reassembly(values: list[dict], step: int, full: dict) -> Optional[list[str]]:
@@ -284,8 +254,8 @@ def evaluate(s: Scenario, sharder, spec: str, result, ref, wall: float, *,
         structural += [f"{where}: parameter {n!r}: {what}" for n, what in pdiff.mismatched]
         if unexpected:
             structural.append(f"{where}: unexpected parameters (not in the unsharded model): "
-                              f"{unexpected[:5]}")
-        structural += _ranks_disagree(s, values, i, where)
+                              f"{unexpected[:5]}" + prefix_hint(unexpected, pdiff.missing))
+        structural += ranks_disagree(s, values, i, where)
         replayed, replay_pairs = [], []
         if replayer is not None and replayer.alive:
             replayed, replay_pairs = _against_replay(s, values, i, step, ref_step.grads, params, where,
