@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+import inspect
 import os
 import warnings
 
@@ -26,6 +27,8 @@ from verify.reference import param_state
 from verify.sharders.base import Sharder, WrapPlan
 
 __all__ = ["DDP"]
+
+_DDP_ARGS = inspect.signature(DistributedDataParallel.__init__).parameters
 
 
 class DDP(Sharder):
@@ -46,8 +49,11 @@ class DDP(Sharder):
         warnings.filterwarnings("ignore", message=".*find_unused_parameters=True was specified")
         # buffers stay each rank's own, as a sharder keeps them and the reference simulates them
         # (verify/reference.py, `RankBuffers`): DDP's default copies rank 0's at every forward
+        # (its copy at construction is harmless: every rank builds the same model)
+        sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in _DDP_ARGS
+                else {"broadcast_buffers": False})   # the older name, deprecated in torch 2.13
         return DistributedDataParallel(model, device_ids=device_ids, process_group=group,
-                                       find_unused_parameters=True, broadcast_buffers=False)
+                                       find_unused_parameters=True, **sync)
 
     def optimizer(self, model, plan: WrapPlan):
         return plan.make_optimizer(model.module.named_parameters())
