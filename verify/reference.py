@@ -84,14 +84,13 @@ def run_reference(s: Scenario, *, world_size_at: Optional[Callable[[int], int]] 
 
 class Replayer:
     """The scenario's optimizer replayed in the parent from the initial parameters (the
-    reference's, fp32) and a sharder's own reduced gradients, one step at a time: what a sharder
+    reference's fp32 master ones, bf16 cases too: their optimizer steps fp32 masters with fp32
+    reduced gradients) and a sharder's own reduced gradients, one step at a time: what a sharder
     whose reduced gradients were those holds after each step, up to its optimizer
     implementation's rounding (verify/case/judge.py, [Note: the replayed steps]). ``alive`` turns
     False when a step's gradients are not known, since the steps after it cannot be replayed."""
 
     def __init__(self, s: Scenario):
-        if s.dtype != "fp32":
-            raise ValueError("Replayer replays fp32 training only")
         self.model = build_model(s)
         self.optimizer = make_optimizer(s, self.model.named_parameters())
         self.alive = True

@@ -104,8 +104,9 @@ def _align(s: Scenario, params: dict, ref: dict) -> tuple[dict, dict, list[str]]
 # are known: the scenario's optimizer, run in the parent from the initial parameters over *this
 # sharder's own* gradients step after step (`verify.reference.Replayer`), gives what its
 # parameters must be after each step, whatever its reduction order did to the gradients (the
-# gradients check judges those). So in the tolerance and reported tiers (fp32) the parameters
-# are also held to that replay within the fp32 torch.testing tolerance: what is left between
+# gradients check judges those). So in the tolerance and reported tiers the parameters are also
+# held to that replay within the fp32 torch.testing tolerance (bf16 cases too: the optimizer
+# steps fp32 master parameters with fp32 reduced gradients there): what is left between
 # them is the optimizer implementation's rounding, which the replay does not amplify (both apply
 # the same gradients). A resume case replays through the checkpoint (`verify.campaign.resume`
 # hands the phases one replay), so optimizer state lost in save or load shows at the first step
@@ -115,7 +116,7 @@ def _align(s: Scenario, params: dict, ref: dict) -> tuple[dict, dict, list[str]]
 
 def replays(s: Scenario, tier: str) -> bool:
     """Whether a case's parameters are held to the replayed steps (see the Note)."""
-    return tier in ("tolerance", "reported") and s.dtype == "fp32"
+    return tier in ("tolerance", "reported")
 
 
 def _against_replay(s: Scenario, values: list[dict], i: int, step: int, ref_grads: Optional[dict],
