@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-import torch.nn.functional as F
+
+from tests.user_family import Net as UserNet, blocks, loss, make_batch  # noqa: F401 (the family interface)
 
 VARIANTS = ("counter", "running", "branch", "unused", "parent_only")
 DEFAULTS = dict(variant="counter", width=4, n_blocks=2)
@@ -49,30 +50,13 @@ class Block(nn.Module):
         return h
 
 
-class Net(nn.Module):
-    def __init__(self, variant: str, width: int, n_blocks: int):
-        super().__init__()
-        self.blocks = nn.ModuleList(Block(width, variant) for _ in range(n_blocks))
-        self.out = nn.Linear(width, 1)
+class Net(UserNet):
+    """The user family's network (`tests.user_family`) with these blocks."""
 
-    def forward(self, x):
-        for b in self.blocks:
-            x = b(x)
-        return self.out(x)
+    def __init__(self, variant: str, width: int, n_blocks: int):
+        super().__init__(width, 1)
+        self.blocks = nn.ModuleList(Block(width, variant) for _ in range(n_blocks))
 
 
 def build(**kw) -> Net:
     return Net(**kw)
-
-
-def blocks(model: Net):
-    return list(model.blocks)
-
-
-def make_batch(kw: dict, n: int, gen: torch.Generator):
-    return torch.randn(n, kw["width"], generator=gen), torch.randn(n, 1, generator=gen)
-
-
-def loss(model, batch):
-    x, y = batch
-    return F.mse_loss(model(x).float(), y)
