@@ -344,3 +344,15 @@ def test_a_model_the_reference_cannot_train_is_that_cases_error(rank_pool):
     case = run_one(rank_pool, _stateful("parent_only", 2), sharder="ddp")
     assert case.verdict == "error" and "the reference" in case.reason, case.reason
     assert "this model runs inside a process group only" in case.reason
+
+
+@pytest.mark.multigpu
+def test_the_plan_check_does_not_model_a_branch_the_traced_micro_batch_skips(rank_pool):
+    """Seed 5: the planner's one traced micro-batch takes no branch while the step's others do,
+    so its gradient bytes would be short of the measured ones: n/a, not an invariant failure
+    (this case failed the plan check before)."""
+    s = dataclasses.replace(_stateful("branch", 1, mode="deterministic"), seed=5)
+    case = run_one(rank_pool, s)
+    assert case.verdict == "pass", case.reason
+    plan = next(c for c in case.checks if c["check"] == "plan")
+    assert plan["status"] == "n/a" and "traces one micro-batch" in plan["detail"], plan

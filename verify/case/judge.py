@@ -25,6 +25,7 @@ from verify.compare import TIERS, TOLERANCES, compare_step, diff_stats, format_d
 from verify.plan.units import plan_problems
 from verify.case.placement import offload_status
 from verify.case.structure import model_names, prefix_hint, ranks_disagree
+from verify.plan.units import trace_units
 from verify.reference import Replayer
 from verify.results import CaseResult, StepRecord, held_verdict
 from verify.scenarios import Scenario, build_model
@@ -193,6 +194,15 @@ def _plan_check(s: Scenario, sharder, case: CaseResult, ref) -> Check:
         if unused:
             return Check("plan", "n/a", detail=f"parameters without a gradient in some step, which "
                                                f"the planner does not model: {unused[:5]}")
+        try:   # the planner's one-micro-batch view of gradients, as plan_scenario traces it
+            model, _, trace, _ = trace_units(s, "meta")
+        except (RuntimeError, NotImplementedError):   # data-dependent: traced on the CPU
+            model, _, trace, _ = trace_units(s, "cpu")
+        traced = next(iter(trace.values()))["grads"] if trace else set()
+        seen = {n for n, p in model.named_parameters() if id(p) in traced}
+        if seen != set(trainable):   # a parameter some micro-batches use and the traced one not
+            return Check("plan", "n/a", detail="the planner traces one micro-batch, whose gradients "
+                         f"miss parameters the steps had: {sorted(set(trainable) - seen)[:5]}")
         if any(not st.state_bytes for st in case.steps):   # no state figure measured: n/a
             figures = dataclasses.replace(figures, state_bytes=tuple(() for _ in case.steps))
         problems = plan_problems(s, case, figures)
