@@ -199,6 +199,20 @@ def test_optimizer_state_lost_in_a_checkpoint_fails_after_the_load(rank_pool):
     assert not [c for c in bad.checks if c["check"] == "loaded" and c["status"] == "fail"]
 
 
+@pytest.mark.multigpu
+def test_a_gradient_fault_in_the_reported_tier_is_located_in_backward(rank_pool):
+    """No divide by W under fast AdamW at W = 4: Adam's update ignores the scale (the replayed
+    step agrees), the gradients check does not; the located divergence names backward from the
+    tier's own check, not the first last-bit difference of a bitwise re-run."""
+    _skip_unless(rank_pool, 4)
+    s = Scenario.from_json(_ADAMW_W4)
+    bad = run_one(rank_pool, s, plant="no_divide_by_world", timeout_s=120.0)
+    assert bad.verdict == "fail", bad.reason
+    line = locate_divergence(rank_pool, s, bad, sharder="fsdp_core", plant="no_divide_by_world")
+    assert line.startswith("first divergence: step 0, backward (reported tier): "), line
+    assert "4.0000x" in line, line
+
+
 def test_a_failing_check_says_last_bit_or_beyond_tolerance_by_how_much():
     import torch
     from verify.case.severity import BEYOND, LAST_BIT, step_severity

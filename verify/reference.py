@@ -157,14 +157,12 @@ class RankBuffers:
     def use(self, model: nn.Module, rank: int, world: int) -> None:
         if self.current == rank:
             return
-        if self.current is not None:
-            self.settle(model)
-        now = {n: b.detach().clone() for n, b in model.named_buffers()}
-        if not now:
-            return
+        self.settle(model)
         if self.sets is None or len(self.sets) != world:
-            base = now if self.sets is None else self.sets[0]
-            self.sets = [{n: t.clone() for n, t in base.items()} for _ in range(world)]
+            base = self.sets[0] if self.sets else dict(model.named_buffers())
+            if not base:   # a model without buffers
+                return
+            self.sets = [{n: t.detach().clone() for n, t in base.items()} for _ in range(world)]
         with torch.no_grad():
             for name, saved in self.sets[rank].items():
                 model.get_buffer(name).copy_(saved)

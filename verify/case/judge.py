@@ -25,7 +25,6 @@ from verify.compare import TIERS, TOLERANCES, compare_step, diff_stats, format_d
 from verify.plan.units import plan_problems
 from verify.case.placement import offload_status
 from verify.case.structure import model_names, prefix_hint, ranks_disagree
-from verify.plan.units import trace_units
 from verify.reference import Replayer
 from verify.results import CaseResult, StepRecord, held_verdict
 from verify.scenarios import Scenario, build_model
@@ -121,15 +120,18 @@ def replays(s: Scenario, tier: str) -> bool:
 
 
 def _against_replay(s: Scenario, values: list[dict], i: int, step: int, ref_grads: Optional[dict],
-                    params: dict, where: str, replayer, resumed_at: Optional[int]
+                    params: dict, where: str, replayer, resumed_at: Optional[int], judged: bool
                     ) -> tuple[list[str], list]:
     """Step ``i``'s parameters against the replayed step (see the Note), and the (actual,
-    replayed) pairs of the parameters that failed; nothing where the replay cannot go on."""
+    replayed) pairs of the parameters that failed; nothing where the replay cannot go on, or
+    where the step is not ``judged`` (it only advances the replay)."""
     grads = reassembled_gradients(values, i, ref_grads)
     if grads is None:
         replayer.alive = False
         return [], []
     want = replayer.step(grads)
+    if not judged:
+        return [], []
     tol = TOLERANCES[torch.float32]
     problems, pairs = [], []
     for name, actual in params.items():
@@ -194,15 +196,11 @@ def _plan_check(s: Scenario, sharder, case: CaseResult, ref) -> Check:
         if unused:
             return Check("plan", "n/a", detail=f"parameters without a gradient in some step, which "
                                                f"the planner does not model: {unused[:5]}")
-        try:   # the planner's one-micro-batch view of gradients, as plan_scenario traces it
-            model, _, trace, _ = trace_units(s, "meta")
-        except (RuntimeError, NotImplementedError):   # data-dependent: traced on the CPU
-            model, _, trace, _ = trace_units(s, "cpu")
-        traced = next(iter(trace.values()))["grads"] if trace else set()
-        seen = {n for n, p in model.named_parameters() if id(p) in traced}
-        if seen != set(trainable):   # a parameter some micro-batches use and the traced one not
+        if any(r and not h for u in figures.units for r, h in zip(u.requires_grad, u.has_grad)):
+            # the planner traced one micro-batch; a parameter it saw no gradient for that the
+            # steps had (unused ones are n/a above) is used by some batches only: a branch
             return Check("plan", "n/a", detail="the planner traces one micro-batch, whose gradients "
-                         f"miss parameters the steps had: {sorted(set(trainable) - seen)[:5]}")
+                         "miss parameters the steps had (a branch some batches take)")
         if any(not st.state_bytes for st in case.steps):   # no state figure measured: n/a
             figures = dataclasses.replace(figures, state_bytes=tuple(() for _ in case.steps))
         problems = plan_problems(s, case, figures)
@@ -269,10 +267,9 @@ def evaluate(s: Scenario, sharder, spec: str, result, ref, wall: float, *,
         structural += ranks_disagree(s, values, i, where)
         replayed, replay_pairs = [], []
         if replayer is not None and replayer.alive:
+            # a tighter phase (a resume's) only carries the replay on to the looser one
             replayed, replay_pairs = _against_replay(s, values, i, step, ref_step.grads, params, where,
-                                                     replayer, step_offset or None)
-            if not replays(s, tier):   # carried through a tighter phase, judged in the looser one
-                replayed, replay_pairs = [], []
+                                                     replayer, step_offset or None, replays(s, tier))
         if numeric or replayed:
             sevs = [] if not numeric else [step_severity(
                 s, tier, loss=rec0["loss"], loss_ref=ref_step.loss, params=params, params_ref=params_ref)]

@@ -34,7 +34,6 @@ def from_tier(s: Scenario, case, d: int) -> Optional[str]:
     at_d = {c["check"]: c for c in case.checks or [] if c.get("step") == d}
     grads, tier = at_d.get("gradients", {}), at_d.get(case.tier, {})
     where = f"first divergence: step {d}"
-    units = [n for n, _ in wrap_unit_names(s)]
     if grads.get("status") == "fail":
         detail = (grads.get("detail") or "").splitlines()
         return f"{where}, backward ({case.tier} tier): {detail[0] if detail else 'reduced gradients differ'}"
@@ -46,6 +45,7 @@ def from_tier(s: Scenario, case, d: int) -> Optional[str]:
     m = _REPLAYED.search(tier.get("detail") or "") if tier.get("status") == "fail" else None
     if m is not None and grads.get("status") == "pass":
         line = next(ln for ln in tier["detail"].splitlines() if m.group(0) in ln)
+        units = [n for n, _ in wrap_unit_names(s)]
         return (f"{where}, {unit_of(m.group(1), units)} optimizer: the reduced gradients are "
                 f"within the {case.tier} tier, and the parameters after the step are not what "
                 f"{s.optimizer} computes from them ({line.split(': ', 1)[-1]})")

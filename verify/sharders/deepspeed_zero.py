@@ -259,13 +259,7 @@ class DeepSpeedZero3(_DeepSpeedZero):
         """{name: (flat offset, this rank's real elements)}: ``ds_tensor`` is the rank's equal
         slice of the flattened parameter, its tail past ``ds_numel`` padding."""
         rank = torch.distributed.get_rank()
-        out = {}
-        for n, p in model.module.named_parameters():
-            part = p.ds_tensor.detach().reshape(-1)
-            start = rank * part.numel()
-            real = max(0, min(part.numel(), p.ds_numel - start))
-            out[n] = (start, part[:real].cpu().clone())
-        return out
+        return {n: _partition_piece(p, p.ds_tensor, rank) for n, p in model.module.named_parameters()}
 
     def reduced_gradients(self, model):
         """{name: (flat offset, this rank's reduced gradient)}: DeepSpeed's own accessor of the
@@ -273,16 +267,19 @@ class DeepSpeedZero3(_DeepSpeedZero):
         parameter without a gradient partition (frozen) is left out."""
         from deepspeed.utils import safe_get_local_grad  # optional extra, imported where it is there
         rank = torch.distributed.get_rank()
-        out = {}
-        for n, p in model.module.named_parameters():
-            grad = safe_get_local_grad(p) if p.requires_grad else None
-            if grad is None:
-                continue
-            grad = grad.detach().reshape(-1)
-            start = rank * p.ds_tensor.numel()
-            real = max(0, min(grad.numel(), p.ds_numel - start))
-            out[n] = (start, grad[:real].cpu().clone())
-        return out
+        grads = {n: safe_get_local_grad(p) if p.requires_grad else None
+                 for n, p in model.module.named_parameters()}
+        return {n: _partition_piece(p, grads[n], rank) for n, p in model.module.named_parameters()
+                if grads[n] is not None}
+
+
+def _partition_piece(p, part: torch.Tensor, rank: int) -> tuple[int, torch.Tensor]:
+    """(flat offset, real elements) of this rank's equal partition ``part`` of ZeRO-3 parameter
+    ``p`` (its tail past ``ds_numel`` is padding)."""
+    part = part.detach().reshape(-1)
+    start = rank * p.ds_tensor.numel()
+    real = max(0, min(part.numel(), p.ds_numel - start))
+    return start, part[:real].cpu().clone()
 
 
 def fanned_out_inputs(s) -> list[str]:
