@@ -14,6 +14,29 @@ CAPTURED_GATHER = c10d.all_gather_into_tensor
 CAPTURED_REDUCE_SCATTER = c10d.reduce_scatter_tensor
 
 
+def wrapped_over(payload, ctx) -> dict:
+    """A sharder wraps all_reduce over the recorder's while recording (and keeps its wrapper):
+    the wrapper stays, the recorder's under it counts nothing outside recording, and a later
+    recording counts each call once. Returns what the second recording counted, and more."""
+    g, plain = ctx.group, dist.all_reduce
+    rec = CollectiveRecorder()
+    try:
+        with rec.recording():
+            inner = dist.all_reduce
+
+            def sharders(*a, **kw):
+                return inner(*a, **kw)
+            dist.all_reduce = sharders
+        kept = dist.all_reduce is sharders
+        dist.all_reduce(torch.ones(1), group=g)          # outside recording
+        outside = rec.take()
+        with rec.recording():
+            dist.all_reduce(torch.ones(1), group=g)
+        return {"kept": kept, "outside": outside, "counted": rec.take()}
+    finally:
+        dist.all_reduce = plain
+
+
 def record(payload, ctx) -> dict:
     """One way of issuing collectives (``payload``), recorded; returns what was counted."""
     g, W = ctx.group, ctx.world_size

@@ -9,7 +9,7 @@ import dataclasses
 import pytest
 
 from pool_run import run
-from recorder_cases import record
+from recorder_cases import record, wrapped_over
 from verify.campaign.run import run_one, skip_reason
 from verify.case.judge import case_tier
 from verify.results import UNSEEN
@@ -79,6 +79,13 @@ def test_the_recorder_counts_captured_aliases_once_and_says_what_it_could_not_se
     assert run(rank_pool, W, record, "paused")[0] == {}
     ddp = run(rank_pool, W, record, "ddp_backward")[0]
     assert ddp.get(UNSEEN, [0])[0] >= 1 and set(ddp) == {UNSEEN}, ddp
+
+
+@pytest.mark.multigpu
+@NOT_UNDER_TORCHRUN
+def test_a_wrapper_a_sharder_puts_over_the_recorders_stays_and_is_counted_once(rank_pool):
+    got = run(rank_pool, 2, wrapped_over, None)[0]
+    assert got == {"kept": True, "outside": {}, "counted": {"all_reduce": [1, 4]}}, got
 
 
 def test_unseen_traffic_is_not_a_byte_count_in_the_tables():

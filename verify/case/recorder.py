@@ -102,6 +102,7 @@ class CollectiveRecorder:
         self._saved: dict[str, Callable] = {}
         self._saved_pg: dict[str, Callable] = {}
         self._paused = False
+        self._active = False                # recording (a wrapper left in place outside counts nothing)
         self._local = threading.local()     # depth: inside a counted call on this thread
         self._pg_calls = 0                  # every ProcessGroup call while recording
         self._seq_start: Optional[dict[int, int]] = None
@@ -112,7 +113,7 @@ class CollectiveRecorder:
 
     def _counting(self, kind: str, fn: Callable, args: tuple, kwargs: dict):
         """Run ``fn``, counting it under ``kind`` unless paused or inside a counted call."""
-        if not self._paused and self._depth() == 0:
+        if self._active and not self._paused and self._depth() == 0:
             entry = self.counts[kind]
             entry[0] += 1
             entry[1] += _call_bytes(args, kwargs)
@@ -136,30 +137,41 @@ class CollectiveRecorder:
         kind = PG_KINDS[method]
 
         def wrapped(pg, *args, **kwargs):
-            self._pg_calls += 1
+            if self._active:
+                self._pg_calls += 1
             return self._counting(kind, functools.partial(fn, pg), args, kwargs)
         wrapped.__wrapped__ = fn  # type: ignore[attr-defined]
         return wrapped
 
     @contextlib.contextmanager
     def recording(self):
+        mine: dict[str, Callable] = {}
         for name in RECORDED_COLLECTIVES:
             fn = getattr(dist, name)
             self._saved[name] = fn
-            setattr(dist, name, self._wrap(name, fn))
+            mine[name] = self._wrap(name, fn)
+            setattr(dist, name, mine[name])
+        mine_pg: dict[str, Callable] = {}
         for method in PG_KINDS:   # the class's own entry is saved: getattr's does not bind
             self._saved_pg[method] = ProcessGroup.__dict__[method]
-            setattr(ProcessGroup, method, self._wrap_pg(method, getattr(ProcessGroup, method)))
+            mine_pg[method] = self._wrap_pg(method, getattr(ProcessGroup, method))
+            setattr(ProcessGroup, method, mine_pg[method])
         self._pg_calls = 0
         self._seq_start = _sequence_numbers()
+        self._active = True
         try:
             yield self
         finally:
+            self._active = False
             end = _sequence_numbers() if self._seq_start is not None else None
+            # only our own wrappers come off: one a sharder put over ours while recording stays
+            # (ours under it counts nothing from now on)
             for name, fn in self._saved.items():
-                setattr(dist, name, fn)
+                if getattr(dist, name) is mine[name]:
+                    setattr(dist, name, fn)
             for method, fn in self._saved_pg.items():
-                setattr(ProcessGroup, method, fn)
+                if ProcessGroup.__dict__.get(method) is mine_pg[method]:
+                    setattr(ProcessGroup, method, fn)
             self._saved.clear()
             self._saved_pg.clear()
             if end is None:

@@ -18,6 +18,8 @@ import fsdp_core
 from verify.ranks.pool import RankPool
 from verify.ranks.rank import probe
 
+IMPORT_TIMEOUT_S = 600.0   # an adapter's import on the ranks (a case's own timeout starts after)
+
 __all__ = ["PoolSet", "as_pool_set"]
 
 
@@ -28,6 +30,7 @@ class PoolSet:
         self._default: dict[int, Any] = {}
         self.default_pool_startups: dict[int, float] = {}   # W -> seconds to spawn and serve
         self._hsdp_ready: set = set()
+        self._imported: set = set()
 
     # -- the main pool's surface ------------------------------------------------------------------
     @property
@@ -79,6 +82,20 @@ class PoolSet:
             self.default_pool_startups[world_size] = time.perf_counter() - t0
         return self._default[world_size], ""
 
+    def import_adapter(self, pool: Any, spec: str) -> Optional[str]:
+        """Import the adapter ``spec`` on every rank of ``pool`` (once per set of processes),
+        under its own limit (`IMPORT_TIMEOUT_S`) rather than a case's: a slow import (DeepSpeed
+        checks its op builders; W ranks import at once on few cores) is not a hang. Why it
+        failed, or None."""
+        key = (id(pool), getattr(pool, "restarts", 0), spec)
+        if key in self._imported or not isinstance(pool, RankPool):
+            return None
+        res = pool.run(pool.max_world_size, import_adapter, spec, timeout_s=IMPORT_TIMEOUT_S)
+        if not res.ok:
+            return f"importing the adapter {spec} on the ranks failed:\n{res.error}"
+        self._imported.add(key)
+        return None
+
     def prepare_hsdp(self, pool: Any) -> None:
         """Create, on every rank of ``pool``, the sub-groups of every 2-D mesh shape that fits
         it (`fsdp_core.prepare_hsdp_groups`: a sub-mesh of a case's ranks can only be built
@@ -114,6 +131,13 @@ def mesh_shapes(world_size: int) -> list[tuple[int, int]]:
             r *= 2
         w *= 2
     return out
+
+
+def import_adapter(spec: str, ctx) -> bool:
+    """Rank side of `PoolSet.import_adapter`."""
+    from verify.case.train import import_adapter as rank_import  # lazy: the case side is heavy
+    rank_import(spec)
+    return True
 
 
 def prepare_hsdp_groups(payload: Any, ctx) -> bool:

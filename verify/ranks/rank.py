@@ -27,6 +27,8 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
+from verify.ranks.global_state import GlobalState
+
 if TYPE_CHECKING:  # torch is imported lazily so that `--help` paths stay fast
     import torch
     from torch.distributed import ProcessGroup
@@ -165,22 +167,6 @@ def _parent_watch_loop(parent: Any, ppid: int) -> None:
             os._exit(3)
 
 
-def _reset_global_state(torch_mod: Any) -> None:
-    """Undo global torch settings a case may have changed, so cases cannot leak into each other."""
-    torch_mod.set_grad_enabled(True)
-    torch_mod.set_default_dtype(torch_mod.float32)
-    if torch_mod.get_num_threads() != 1:
-        torch_mod.set_num_threads(1)
-    # global module hooks a foreign sharder registered (register_module_forward_hook & co.)
-    # would run inside every later case's model
-    from torch.nn.modules import module as nn_module  # lazy: no torch at import (module docstring)
-    for name in dir(nn_module):
-        table = getattr(nn_module, name)
-        if name.startswith("_global_") and name.endswith("hooks") and hasattr(table, "clear"):
-            table.clear()
-    nn_module._global_is_full_backward_hook = None
-
-
 def serve(rank: int, max_world_size: int, backend: str, store_path: str, prefix: str,
           conn: Any, stderr_conn: Any) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl-C is the parent's to handle
@@ -224,6 +210,7 @@ def serve(rank: int, max_world_size: int, backend: str, store_path: str, prefix:
             group = dist.group.WORLD if w == max_world_size else dist.new_group(list(range(w)))
             if rank < w:
                 contexts[w] = RankContext(rank=rank, world_size=w, group=group, device=device)
+        guard = GlobalState(torch)   # what every case must leave as it found it
     except BaseException:
         conn.send(("startup_error", rank, traceback.format_exc()))
         os._exit(1)
@@ -239,13 +226,16 @@ def serve(rank: int, max_world_size: int, backend: str, store_path: str, prefix:
             break
         if sys_path != sys.path:
             sys.path[:] = sys_path
+        payload = None
         try:
             fn, payload = pickle.loads(blob)
             ok, value = True, fn(payload, contexts[world_size])
         except BaseException:                           # SystemExit too: a rank must report
             ok, value = False, traceback.format_exc()
-        finally:
-            _reset_global_state(torch)
+        sharder = payload.get("sharder") if isinstance(payload, dict) else None
+        lost = _after_case(guard, sharder, [c.group for c in contexts.values()])
+        if lost is not None:
+            ok, value = False, (value if not ok else "") + lost
         try:
             msg = pickle.dumps((task_id, ok, value), protocol=pickle.HIGHEST_PROTOCOL)
         except BaseException:
@@ -255,9 +245,30 @@ def serve(rank: int, max_world_size: int, backend: str, store_path: str, prefix:
             conn.send_bytes(msg)
         except (EOFError, OSError):
             break
+        if lost is not None:
+            break
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)          # skip interpreter teardown: nothing to flush, and it can be slow
+
+
+def _after_case(guard: Any, sharder: Optional[str], groups: list) -> Optional[str]:
+    """Undo what the case left behind ([Note: global state between cases] in
+    verify/ranks/global_state.py), saying so on stderr; the reason this rank must restart
+    (its process groups are gone), or None."""
+    try:
+        undone = guard.restore()
+    except BaseException:
+        undone = ["restoring it raised:\n" + traceback.format_exc()]
+    if undone:
+        who = f"sharder {sharder}" if sharder else "the case"
+        sys.stderr.write(f"verify: {who} left process-global state changed; undone before the "
+                         "next case: " + "; ".join(undone) + "\n")
+        sys.stderr.flush()
+    problem = guard.group_problem(groups)
+    if problem is None:
+        return None
+    return f"{problem}. This rank restarts.\n"
 
 
 def probe(payload: Any, ctx: RankContext) -> bool:
@@ -265,6 +276,8 @@ def probe(payload: Any, ctx: RankContext) -> bool:
     # lazy: no torch at import (module docstring)
     import torch
     import torch.distributed as dist  # lazy: likewise
+    if GlobalState.group_problem([ctx.group]) is not None:   # destroyed: it cannot serve
+        return False
     t = torch.full((1,), float(ctx.rank + 1), device=ctx.device)
     dist.all_reduce(t, group=ctx.group)
     dist.barrier(group=ctx.group)

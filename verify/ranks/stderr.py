@@ -22,8 +22,9 @@ _TAIL_BYTES = 16384       # per rank: what a failed run reports of the rank's st
 # line ("file:line: SomeWarning: message") and the indented source line after it the first time
 # any rank writes it, and keeps later copies in the ranks' tails only (what a failure reports).
 # A warning of torch's C++ side ("[rank1]:[W1206 05:52:33.214143741 reducer.cpp:1529] Warning:
-# ...") carries the rank and the time: it is forwarded once by its source and message.
-_WARNING = re.compile(rb"^\S.*:\d+: \w*Warning: ")
+# ...") carries the rank and the time: it is forwarded once by its source and message. The rank's
+# own "verify: ..." notes (what a case left behind, verify/ranks/global_state.py) likewise.
+_WARNING = re.compile(rb"^(?:\S.*:\d+: \w*Warning: |verify: )")
 _C10_WARNING = re.compile(rb"^(?:\[rank\d+\]:)?\[W\d{4} [\d:.]+ (\S+)\] Warning: (.*)", re.S)
 
 

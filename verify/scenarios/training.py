@@ -21,7 +21,13 @@ def make_batch(s: Scenario, step: int, micro: int) -> tuple[torch.Tensor, torch.
     """Global micro-batch `micro` of step `step`, on the CPU: a function of (seed, step, micro)
     only, independent of world size and rank."""
     gen = torch.Generator().manual_seed(_derive_seed(s.seed, "batch", step, micro))
-    return family_module(s.family).make_batch(s.model_kwargs, s.micro_batch_size, gen)
+    dtype = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float32)  # whatever a sharder set globally: the data is fixed
+    try:
+        with torch.device("cpu"):
+            return family_module(s.family).make_batch(s.model_kwargs, s.micro_batch_size, gen)
+    finally:
+        torch.set_default_dtype(dtype)
 
 
 def cat_batches(batches: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:

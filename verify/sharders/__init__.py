@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 from typing import Iterable
 
+from verify.ranks.global_state import adopt_imports
 from verify.sharders.base import Sharder, StepTrace, WrapPlan, has_checkpointing
 
 __all__ = ["Sharder", "WrapPlan", "StepTrace", "BUILTINS", "ALIASES", "DEFAULT_SHARDER",
@@ -79,6 +80,7 @@ def load_class(spec: str) -> type:
                                "subclass of verify.Sharder (class MyFSDP(verify.Sharder): ...)")
     _check_declarations(spec, obj)
     _CLASSES[spec] = obj
+    adopt_imports()  # in a pool rank: the module's import-time hooks are the adapter's own
     return obj
 
 

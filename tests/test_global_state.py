@@ -1,0 +1,104 @@
+"""What a case leaves in a rank process does not reach the next case ([Note: global state between
+cases] in verify/ranks/global_state.py), and what an adapter's import installs stays."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from verify.campaign.run import run_one
+from verify.ranks import global_state
+from verify.ranks.global_state import GlobalState
+from verify.ranks.torchrun import is_torchrun
+from verify.scenarios import Scenario
+from verify.tools.plants import mlp_scenario
+
+# The pool's ranks restore their state between cases; under torchrun the case runs in the test
+# process itself, which has no such guard.
+pool_only = pytest.mark.skipif(is_torchrun(), reason="the rank pool's guard; torchrun has none")
+
+# oneDNN off changes this convolution's last bits on the CPU (a bitwise failure at W = 1)
+CONVNET = Scenario.from_json(
+    '{"family":"convnet","model":{"channels":7,"image_size":2,"in_channels":2,"n_classes":2,'
+    '"n_stages":1,"norm_groups":7},"world_size":1,"mode":"fast","optimizer":"sgd_momentum",'
+    '"lr":0.05,"weight_decay":0.0,"steps":2,"micro_batches":2,"micro_batch_size":1,'
+    '"dtype":"fp32","wrap":"root_only","reshard_after_forward":false,"seed":3762}')
+
+
+@pytest.fixture
+def guard(monkeypatch):
+    monkeypatch.setattr(global_state, "_CURRENT", None)
+    g = GlobalState(torch)
+    yield g
+    g.restore()
+
+
+def test_restore_undoes_settings_and_hooks_a_case_added_and_says_so(guard):
+    from torch.nn.modules.module import _global_forward_hooks, register_module_forward_hook
+    from torch.optim.optimizer import _global_optimizer_post_hooks, register_optimizer_step_post_hook
+    kept = register_module_forward_hook(lambda *a: None)
+    global_state.adopt_imports()          # an adapter's import-time hook: stays
+    torch.set_default_dtype(torch.float64)
+    torch.backends.mkldnn.enabled = False
+    torch.use_deterministic_algorithms(True)
+    torch.set_default_device("meta")
+    added = register_module_forward_hook(lambda *a: None)
+    opt_hook = register_optimizer_step_post_hook(lambda *a: None)
+    undone = " ".join(guard.restore())
+    try:
+        assert torch.get_default_dtype() == torch.float32 and "get_default_dtype" in undone
+        assert torch.backends.mkldnn.enabled and "mkldnn.enabled" in undone
+        assert not torch.are_deterministic_algorithms_enabled()
+        assert torch.empty(1).device.type == "cpu" and "get_default_device" in undone
+        assert added.id not in _global_forward_hooks and opt_hook.id not in _global_optimizer_post_hooks
+        assert kept.id in _global_forward_hooks
+        assert "_global_optimizer_post_hooks" in undone
+        assert guard.restore() == []       # nothing left to undo
+    finally:
+        kept.remove()
+
+
+@pool_only
+def test_a_sharder_that_switches_onednn_off_does_not_fail_the_next_one(rank_pool):
+    leaky = run_one(rank_pool, CONVNET, sharder="tests.leaky_sharders:MkldnnOff")
+    assert leaky.verdict in ("pass", "fail"), leaky.reason   # its own kernels: its own verdict
+    after = run_one(rank_pool, CONVNET)
+    assert after.verdict == "pass", after.reason
+
+
+@pool_only
+def test_a_global_optimizer_hook_is_not_counted_as_the_next_sharders_collective(rank_pool):
+    leaky = run_one(rank_pool, mlp_scenario(2), sharder="tests.leaky_sharders:AllReducingOptimizerHook")
+    assert leaky.verdict == "pass", leaky.reason
+    after = run_one(rank_pool, mlp_scenario(2))
+    assert after.verdict == "pass", after.reason
+
+
+@pool_only
+def test_a_meta_default_device_reaches_neither_the_data_nor_the_next_case(rank_pool):
+    leaky = run_one(rank_pool, mlp_scenario(2), sharder="tests.leaky_sharders:MetaDefaultDevice")
+    assert leaky.verdict == "pass", leaky.reason
+    after = run_one(rank_pool, mlp_scenario(2))
+    assert after.verdict == "pass", after.reason
+
+
+@pool_only
+def test_a_destroyed_process_group_is_an_error_and_the_ranks_restart(rank_pool):
+    for w in (1, 2):
+        case = run_one(rank_pool, mlp_scenario(w), sharder="tests.leaky_sharders:DestroysTheProcessGroup")
+        assert case.verdict == "error" and "destroy_process_group" in case.reason, case.reason
+        after = run_one(rank_pool, mlp_scenario(w))
+        assert after.verdict == "pass", after.reason
+
+
+@pool_only
+def test_what_an_adapters_import_installs_outlives_its_cases(rank_pool):
+    for s in (mlp_scenario(1), mlp_scenario(2), mlp_scenario(2, steps=3)):
+        case = run_one(rank_pool, s, sharder="tests.import_time_sharder:ImportTimePatches")
+        assert case.verdict == "pass", case.reason
+
+
+@pool_only
+def test_a_slow_import_is_not_a_hang_of_the_case(rank_pool):
+    case = run_one(rank_pool, mlp_scenario(2), sharder="tests.slow_import_sharder:SlowImport",
+                   timeout_s=4.0)
+    assert case.verdict == "pass", case.reason
