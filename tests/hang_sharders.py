@@ -92,3 +92,13 @@ class FlakyOnce(Replicated):
 
         opt.step = once
         return opt
+
+
+class UsesDefaultGroup(Replicated):
+    """Declares world = "group" but all-reduces on the default process group: at W below the
+    pool's size that group has ranks that do not run the case, so its first all-reduce hangs."""
+    name = "uses_default_group"
+
+    def reduce(self, i, grad, world):
+        dist.all_reduce(grad)
+        grad /= world

@@ -200,6 +200,25 @@ def test_collective_log_is_a_noop_without_a_path(monkeypatch):
     assert dist.all_reduce is before
 
 
+def test_a_wrapper_a_sharder_puts_over_the_log_stays_after_the_case(tmp_path):
+    import torch.distributed as dist
+    plain = dist.all_reduce
+    try:
+        with CollectiveLog(str(tmp_path / "collectives.0")) as log:
+            log.install()
+            logged = dist.all_reduce
+
+            def sharders(*a, **kw):
+                return logged(*a, **kw)
+            dist.all_reduce = sharders
+        assert dist.all_reduce is sharders   # the sharder's stays; the log under it is inert
+        with CollectiveLog(str(tmp_path / "collectives.0")) as log:
+            log.install()
+        assert dist.all_reduce is sharders
+    finally:
+        dist.all_reduce = plain
+
+
 def test_the_frames_the_log_skips_are_files_that_exist():
     """``where`` skips the harness's own collective wrappers by path; a path left stale by a
     move would silently name a wrapper instead of the sharder's line."""
@@ -268,6 +287,25 @@ def test_a_rank_divergent_sharder_is_explained_and_the_campaign_goes_on(pool, sh
         assert (f"rank {r} was stuck here:" in case.reason or f"rank {r} raised in" in case.reason
                 or (f"rank {r} (pid " in case.reason and "Fatal Python error" in case.reason)), r
     assert run_one(pool, s, sharder="tests.hang_sharders:Replicated").passed   # goes on
+
+
+def test_a_hang_on_the_default_group_is_explained_at_once_and_its_replay_hangs_too(
+        pool, monkeypatch, capsys):
+    monkeypatch.setattr(campaign, "AUTO_TIMEOUT_FLOOR_S", 4.0)
+    monkeypatch.setattr(campaign, "AUTO_TIMEOUT_SLACK_S", 0.0)
+    s = dataclasses.replace(BIG, world_size=1, micro_batches=4, steps=1, optimizer="sgd")
+    case = run_one(pool, s, sharder="tests.hang_sharders:UsesDefaultGroup")
+    assert case.verdict == "error", case.reason[:300]
+    assert f"--ranks {pool.max_world_size} '" in case.replay, case.replay
+    campaign._progress(1, 1, case, time.perf_counter() - 1.0, False)
+    out = capsys.readouterr().out
+    assert "not run this case" in out.splitlines()[1], out
+    # the replay line, as printed, runs it in as many ranks: it hangs there too
+    monkeypatch.setattr(campaign, "print_case", lambda case, label: 0 if case.passed else 1)
+    assert campaign.replay(s.to_json(), sharder="tests.hang_sharders:UsesDefaultGroup",
+                           ranks=pool.max_world_size, timeout_s=8.0) == 1
+    assert campaign.replay(s.to_json(), sharder="tests.hang_sharders:UsesDefaultGroup",
+                           timeout_s=8.0) == 0   # alone, the default group is the case's
 
 
 def test_a_hang_costs_the_automatic_timeout_not_120_s(pool, monkeypatch):

@@ -113,6 +113,10 @@ def add_replay_arguments(replay: argparse.ArgumentParser) -> None:
                         help="the sharder to run it through: a built-in name or pkg.module:Name "
                              "(default: fsdp_core)")
     replay.add_argument("--plant", type=plant, default=None, help=argparse.SUPPRESS)
+    replay.add_argument("--ranks", type=world_size, default=None, metavar="N",
+                        help="run the case on ranks 0..W-1 of a pool of N ranks, as the campaign "
+                             "did (a sharder that uses a group it was not given hangs only then; "
+                             "a failing case's replay line carries it)")
     replay.add_argument("--resume-from", type=world_size, default=None, metavar="W_A",
                         help="a checkpoint-resume case: train at W_A, save, load at the "
                              "scenario's world size and finish (with --save-after)")
@@ -214,7 +218,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
                              timeout_s=args.timeout, sharder=spec,
                              resume_again_after=args.resume_again_after)
     return _exit_code(_campaign().replay(args.scenario, timeout_s=args.timeout,
-                                         sharder=spec, **_planted(args)))
+                                         sharder=spec, ranks=args.ranks, **_planted(args)))
 
 
 def cmd_report(args: argparse.Namespace) -> int:

@@ -39,8 +39,9 @@ from verify.tools.plants import check_name
 __all__ = ["draw_scenarios", "skip_reason", "run_one", "run_campaign", "replay",
            "replay_command", "auto_timeout", "diagnose"]
 
-# A case run without an explicit timeout may take max(floor, factor x its reference's measured
-# time + slack) (never more than the pool's own timeout), so a hang costs seconds, not 120 s.
+# A case run without an explicit timeout may take max(floor, factor x its reference's CPU time +
+# slack) (and at least twice the reference's wall time; never more than the pool's own timeout),
+# so a hang costs seconds, not 120 s.
 AUTO_TIMEOUT_FLOOR_S, AUTO_TIMEOUT_FACTOR, AUTO_TIMEOUT_SLACK_S = 30.0, 20.0, 10.0
 
 
@@ -49,9 +50,11 @@ def auto_timeout(reference_s: float) -> float:
     return max(AUTO_TIMEOUT_FLOOR_S, AUTO_TIMEOUT_FACTOR * reference_s + AUTO_TIMEOUT_SLACK_S)
 
 
-def replay_command(s: Scenario, sharder: str = DEFAULT_SHARDER, plant: Optional[str] = None) -> str:
+def replay_command(s: Scenario, sharder: str = DEFAULT_SHARDER, plant: Optional[str] = None,
+                   ranks: Optional[int] = None) -> str:
     extra = "" if sharder == DEFAULT_SHARDER else f" --sharder {sharder}"
     extra += f" --plant {plant}" if plant else ""
+    extra += f" --ranks {ranks}" if ranks and ranks > s.world_size else ""
     return f"python -m verify replay{extra} '{s.to_json()}'"
 
 
@@ -89,14 +92,19 @@ def run_one(pool, s: Scenario, *, sharder: str = DEFAULT_SHARDER, timeout_s: Opt
     ranks, why = pools.for_world(adapter.world, s.world_size)
     if ranks is None:
         return _result(s, spec, "skipped", why, replay, tier)
+    problem = pools.import_adapter(ranks, spec)
+    if problem is not None:
+        return _result(s, spec, "error", problem, replay, tier)
     if s.mesh is not None:
         pools.prepare_hsdp(ranks)
     t0 = time.perf_counter()
     pending = ranks.submit(s.world_size, run_case, payload, timeout_s=timeout_s)
     try:  # the reference is computed here while the ranks run the case
+        cpu0 = time.thread_time()  # CPU, not wall: restarting ranks' imports slow the wall clock
         ref, ref_error = guarded(run_reference, s)
         if timeout_s is None and hasattr(pending, "shorten"):
-            pending.shorten(auto_timeout(time.perf_counter() - t0))
+            pending.shorten(max(auto_timeout(time.thread_time() - cpu0),
+                                2 * (time.perf_counter() - t0)))
     finally:
         result = pending.result()
     if ref_error:
@@ -108,6 +116,10 @@ def run_one(pool, s: Scenario, *, sharder: str = DEFAULT_SHARDER, timeout_s: Opt
                     time.perf_counter() - t0, replay=replay, tier=tier)
     if not result.ok:
         case.hang = hang_summary(result.error or "")
+        # the ranks beyond the case's took part in none of it, unless the sharder reached them
+        # (the default group): the replay runs in as many ranks, so that it hangs there too
+        if isinstance(ranks, RankPool) and adapter.world == "group":
+            case.replay = replay_command(s, spec, plant, ranks=ranks.max_world_size)
     return case
 
 
@@ -121,6 +133,9 @@ def _progress(i: int, n: int, case: CaseResult, started: float, show_sharder: bo
           f"{case.optimizer:<12} {case.verdict.upper():<5} {case.wall_time_s:5.2f}s"
           f"{rate}" + (f": {first_line(case.reason) or 'no reason given'}"
                                        if case.verdict == "error" else ""), flush=True)
+    why = (case.hang or "").splitlines()[1:2]   # where the ranks stopped, at once (hangs.py)
+    if why:
+        print(f"    {why[0]}", flush=True)
 
 
 def _runnable(sharders: list[str], modes: Sequence[str], dtypes: Sequence[str],
@@ -279,9 +294,10 @@ def _aborted(s: Scenario, spec: str, why: str, left: int) -> CaseResult:
 
 
 def replay(scenario_json: str, *, timeout_s: float = 120.0, sharder: str = DEFAULT_SHARDER,
-           plant: Optional[str] = None) -> int:
+           plant: Optional[str] = None, ranks: Optional[int] = None) -> int:
+    """Run one case as a campaign did (``ranks``: the campaign pool's size, if larger)."""
     s = Scenario.from_json(scenario_json)
-    with PoolSet(_ranks(s.world_size, timeout_s), timeout_s=timeout_s) as pool:
+    with PoolSet(_ranks(max(s.world_size, ranks or 1), timeout_s), timeout_s=timeout_s) as pool:
         case = run_one(pool, s, sharder=sharder, timeout_s=timeout_s, plant=plant)
         if not _is_main(pool):
             return 0 if case.passed else 1
