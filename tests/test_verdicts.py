@@ -197,6 +197,7 @@ def test_optimizer_state_lost_in_a_checkpoint_fails_after_the_load(rank_pool):
     assert bad.verdict == "fail", bad.reason
     assert "first step after the load" in bad.reason, bad.reason
     assert not [c for c in bad.checks if c["check"] == "loaded" and c["status"] == "fail"]
+    assert "the parameters as loaded equal the saved ones" in bad.reason, bad.reason
 
 
 @pytest.mark.multigpu

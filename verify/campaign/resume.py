@@ -49,7 +49,7 @@ from verify.campaign.console import print_case
 from verify.case.draw import declined_by, draw_scenarios, skip_reason, with_stateful_optimizer
 from verify.case.judge import Check, case_tier, evaluate, replays, state_model_bytes
 from verify.case.severity import case_severity
-from verify.case.state_check import loaded_problems
+from verify.case.state_check import LOADED_RIGHT, loaded_problems
 from verify.case.train import Trainer, snapshot
 from verify.ranks.pool import RankPool
 from verify.ranks.poolset import PoolSet, as_pool_set
@@ -194,6 +194,10 @@ def run_resume(pool, case: ResumeCase, *, sharder: str = DEFAULT_SHARDER,
     if pool_a is None or pool_b is None:
         out = _ended(case, spec, adapter, "skipped", why_a or why_b)
         return (out, None, None) if keep_values else out
+    problem = pools.import_adapter(pool_a, spec) or pools.import_adapter(pool_b, spec)
+    if problem is not None:
+        out = _ended(case, spec, adapter, "error", problem)
+        return (out, None, None) if keep_values else out
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="verify-resume-", dir=ckpt_dir) as tmp:
         payload = {"scenario_a": case.scenario_a.to_json(), "scenario_b": s.to_json(),
@@ -303,6 +307,7 @@ def evaluate_resume(case: ResumeCase, res_a, res_b, ref, wall: float, *,
     after_fails.sort(key=lambda c: c["check"] != "loaded")   # what the load got wrong leads
     if after_fails:
         problems.append(f"after resuming at W={s.world_size}:\n" + "\n".join(c["detail"] for c in after_fails))
+        problems[-1] += "" if after_fails[0]["check"] == "loaded" else LOADED_RIGHT
     if problems:   # "label:" then the problems: the case's one line is the label and the first
         out.verdict = "fail"
         out.reason = f"{case.label}:\n" + "\n".join(problems)

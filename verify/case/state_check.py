@@ -29,7 +29,7 @@ import torch
 
 from verify.compare import diff_stats, int_view
 
-__all__ = ["NORM_RTOL", "loaded_problems", "reassemble", "norm_problems", "gradient_problems", "state_problems",
+__all__ = ["NORM_RTOL", "LOADED_RIGHT", "loaded_problems", "reassemble", "norm_problems", "gradient_problems", "state_problems",
            "reassembled_gradients"]
 
 # The relative norm error allowed in the non-bitwise tiers, by compute dtype: 2000x the worst
@@ -189,6 +189,12 @@ def state_problems(values: list[dict], step: int, ref_state: Optional[dict], tie
         return None
     return _compare(flat_recs, want, tier, dtype, "a state tensor",
                     group=lambda name: name.rsplit(".", 1)[1], failed=failed)
+
+
+# a resume case that failed after the load with the loaded parameters right: where to look
+LOADED_RIGHT = ("\n(the parameters as loaded equal the saved ones: what the checkpoint missed is "
+                "elsewhere: optimizer state, step counts, persistent buffers, which the load "
+                "starts from another seed's values)")
 
 
 def loaded_problems(saved: dict, loaded: dict, cut: int) -> list[str]:
