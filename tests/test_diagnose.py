@@ -54,7 +54,7 @@ def _minimal_ok(case) -> Scenario:
 
 
 @pytest.mark.parametrize("plant, start, phase", [
-    ("allgather_one_ulp", BIG, " forward: output of "),
+    ("allgather_one_ulp", BIG, " forward: its parameters "),
     ("drop_rank_grad", BIG, " backward: reduced gradient of "),
     ("dist_reduce_one_ulp", BIG, " backward: reduced gradient of "),
     ("update_one_ulp", BIG, " optimizer: the reduced gradients are equal, parameter "),
@@ -87,6 +87,16 @@ def test_textbook_mistake_shrinks_and_names_its_phase(pool, mistake, start, phas
     s = _minimal_ok(case)
     assert sharder in case.minimal_replay and s.family == start.family
     assert phase in case.divergence, case.divergence
+
+
+def test_a_wrong_root_parameter_is_named_not_the_first_block_whose_output_shows_it(pool):
+    s = Scenario("gpt", (("n_embd", 8), ("n_head", 2), ("n_layer", 2), ("vocab_size", 13)), 2,
+                 optimizer="sgd", micro_batches=2, steps=1)
+    case = run_one(pool, s, sharder="tests.foreign_sharders:RootEmbeddingOff")
+    assert not case.passed, case.reason
+    diagnose_failures(pool, [case], budget_s=BUDGET_S, log=lambda _: None)
+    assert "step 0, <root> forward: its parameters ['wpe.weight']" in case.divergence, case.divergence
+    assert "the initial parameters as the sharder gathered them" in case.divergence
 
 
 # -- the shrinker's pieces, no ranks ------------------------------------------------------------

@@ -12,7 +12,10 @@ forward    the output of every wrap unit (`WrapPlan.units`), in execution order 
            first output that is not bitwise equal names the unit, unless the unit's inputs and
            the parameters it owns were bitwise equal to the reference's when its forward began:
            then the line says "same inputs, different outputs: a kernel difference, not the
-           sharding" (a BLAS path chosen by memory alignment, a fused kernel) instead.
+           sharding" (a BLAS path chosen by memory alignment, a fused kernel) instead; where
+           the unit's own parameters already differed as its forward began (as gathered), it
+           says so, and where only its inputs did, it names the first unit whose own
+           parameters did (an embedding in the root, whose output comes last).
 backward   the reduced gradient of every parameter (the adapter's ``reduced_gradients``
            probe, reassembled from the ranks' pieces) against the reference's step gradient;
            "n/a" where the adapter has no probe.
@@ -67,12 +70,14 @@ class _Outputs:
         self.handles = []
         self._open: dict[str, list] = {}
         root = units[-1][1] if units else None
-        inner = {name: _owned(name, m, units) for name, m in units}
         for name, m in units:
             if m is root:
                 self.handles.append(m.register_forward_pre_hook(lambda *_a: self._new_pass()))
+            # what the unit owns is looked up as its forward begins: a sharder may register
+            # other parameter objects then (fsdp_core swaps the gathered ones in)
             self.handles.append(m.register_forward_pre_hook(
-                lambda _m, args, kwargs, name=name: self._enter(name, args, kwargs, inner[name]),
+                lambda mod, args, kwargs, name=name: self._enter(name, args, kwargs,
+                                                                 _owned(name, mod, units)),
                 with_kwargs=True))
             self.handles.append(m.register_forward_hook(
                 lambda _m, _i, out, name=name: self._record(name, out)))
@@ -295,6 +300,31 @@ def _same_given(given, ref_given) -> bool:
         [params[n] for n in names], [ref_params[n] for n in names])
 
 
+GATHERED = {True: "the initial parameters as the sharder gathered them: its initialisation or "
+                  "its all-gather", False: "the parameters after the previous step were right: "
+                  "its all-gather or what it did to them since"}
+
+
+def _params_differing(given, ref_given) -> Optional[list[str]]:
+    """The names of a unit's own parameters that were not bitwise the reference's when its
+    forward began ([] none; None: cannot tell, e.g. named otherwise or still sharded)."""
+    if not given or not ref_given or given[1] is None or ref_given[1] is None \
+            or set(given[1]) != set(ref_given[1]) or any(
+                given[1][n].shape != t.shape for n, t in ref_given[1].items()):
+        return None   # named or shaped otherwise by the sharder (a flat parameter, a shard)
+    return [n for n in sorted(given[1]) if not _bitwise_same([given[1][n]], [ref_given[1][n]])]
+
+
+def _first_params_differing(outputs: list, mine: list, theirs: list, i: int, index: int):
+    """(unit, names) of the first unit of pass ``i`` (in output order) whose own parameters
+    differed when its forward began, or None."""
+    for j in range(len(mine[i]) if i < len(mine) else 0):
+        differ = _params_differing(_at(mine, i, j), _at(theirs, index, j))
+        if differ and j < len(outputs[i]):
+            return outputs[i][j][0], differ
+    return None
+
+
 def _at(given: list, i: int, j: int):
     return given[i][j] if i < len(given) and j < len(given[i]) else None
 
@@ -319,6 +349,19 @@ def _compare(s: Scenario, d: int, values: list[dict], ref: dict) -> str:
             return (f"{where}, {unit} forward: same inputs, different outputs: a kernel "
                     f"difference, not the sharding (the inputs and parameters of {unit} on rank "
                     f"{r}{micro} equal the reference's bit for bit; its output {what})")
+        # where the operands already differed, the output is not where it went wrong: say so
+        own = _params_differing(_at(mine, i, j), _at(theirs, index, j)) if mine and theirs else None
+        if own:
+            return (f"{where}, {unit} forward: its parameters {own[:3]} on rank {r}{micro} "
+                    f"differed from the reference's when its forward began ({GATHERED[d == 0]}); "
+                    f"its output {what}")
+        outputs = next(v for v in values if v["rank"] == r)["outputs"]
+        owner = _first_params_differing(outputs, mine, theirs, i, index) if own == [] else None
+        if owner is not None:
+            return (f"{where}, {owner[0] or '<root>'} forward: its parameters {owner[1][:3]} on "
+                    f"rank {r}{micro} differed from the reference's when its forward began "
+                    f"({GATHERED[d == 0]}); the first unit output to differ is {unit}'s, whose "
+                    f"own parameters were right (its inputs came from them): {what}")
         return f"{where}, {unit} forward: output of {unit} on rank {r}{micro} {what}"
     # backward: the reduced gradients
     recs = [v.get("grads") for v in values]
