@@ -124,6 +124,26 @@ def test_first_line_of_a_hang_is_the_timeout_line():
     assert _reason_line("Traceback\n  File x\nRuntimeError: boom") == "RuntimeError: boom"
 
 
+def test_the_line_of_an_error_names_the_sharders_frame_not_the_harnesss_wrapper():
+    import os
+    from verify.results import reason_line
+    here = os.path.dirname(os.path.abspath(__file__))
+    harness = os.path.join(os.path.dirname(here), "verify")
+    reason = (
+        "rank 0 raised in verify.case.train.run_case at world size 2:\n"
+        "Traceback (most recent call last):\n"
+        f'  File "{harness}/case/train.py", line 300, in run_case\n    trainer.step(i)\n'
+        '  File "/home/u/mysharder/fsdp.py", line 71, in gather\n    dist.all_reduce(t)\n'
+        f'  File "{harness}/diagnosis/collective_log.py", line 218, in logged\n    return fn()\n'
+        '  File "/x/site-packages/torch/distributed/c10d_logger.py", line 83, in wrapper\n'
+        "    return func()\n"
+        "RuntimeError: Cannot use ReduceOp.PREMUL_SUM with Gloo\n")
+    assert reason_line(reason) == ("rank 0 raised RuntimeError: Cannot use ReduceOp.PREMUL_SUM "
+                                   "with Gloo (at /home/u/mysharder/fsdp.py:71 in gather)")
+    no_user = reason.replace('  File "/home/u/mysharder/fsdp.py", line 71, in gather\n    dist.all_reduce(t)\n', "")
+    assert "(at verify/diagnosis/collective_log.py:218 in logged)" in reason_line(no_user)
+
+
 _RAISED_THEN_STALLED = (
     "rank 1 raised in verify.case.train.run_case at world size 2:\n"
     "Traceback (most recent call last):\n"

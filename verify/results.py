@@ -203,6 +203,7 @@ _RAISED = re.compile(r"^rank (\d+) raised in \S+ at world size \d+:$")
 _FRAME = re.compile(r'^\s+File "([^"]+)", line (\d+), in (.+)$')
 _CHAINED = ("During handling of the above exception", "The above exception was the direct cause")
 _TORCH_FRAME = re.compile(r"[/\\](site|dist)-packages[/\\]torch[/\\]")
+_HARNESS_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep   # verify/ itself
 
 
 def _where(path: str, line: str, fn: str) -> str:
@@ -216,8 +217,9 @@ def _where(path: str, line: str, fn: str) -> str:
 
 def _exception_at(raw: list[str], start: int) -> Optional[str]:
     """The exception of the traceback whose header is ``raw[start]`` (following chained
-    tracebacks to the last), with where it was raised: the innermost frame outside torch's own
-    package (the user's or the harness's line that called into torch), else the innermost."""
+    tracebacks to the last), with where it was raised: the innermost frame of the sharder's or
+    the user's code (outside torch and the harness), else the innermost outside torch (the
+    harness's line that called into torch), else the innermost."""
     exc: Optional[str] = None
     frames: list[tuple[str, str, str]] = []
     for ln in raw[start:]:
@@ -236,7 +238,8 @@ def _exception_at(raw: list[str], start: int) -> Optional[str]:
     if not frames:
         return exc
     outside = [f for f in frames if not _TORCH_FRAME.search(f[0])]
-    return f"{exc} (at {_where(*(outside or frames)[-1])})"
+    theirs = [f for f in outside if not os.path.abspath(f[0]).startswith(_HARNESS_DIR)]
+    return f"{exc} (at {_where(*(theirs or outside or frames)[-1])})"
 
 
 def reason_line(reason: str) -> str:
