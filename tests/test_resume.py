@@ -228,6 +228,22 @@ def test_soak_check_from_case_50_to_the_end(tmp_path, end, held):
     assert ok is held and ("held" if held else "GREW") in line
 
 
+def test_pool_memory_across_a_restart_is_not_judged(tmp_path):
+    """After a restart the end's processes are not the baseline's: a fresh rank sampled while
+    it imports is a few MiB, so a change is no leak (and no 'held' either)."""
+    from verify.report import write_reports
+    from verify.tools.soak import check, summarize
+    samples = _samples(120, 8_000, 300_000)
+    for smp in samples[60:]:
+        smp["restarts"] = 1
+    assert summarize(samples)["within_limit"] is None
+    write_reports([], tmp_path, pool_memory=samples)
+    ok, line = check(tmp_path / "results.json")
+    assert ok is False and "not judged" in line and "GREW" not in line, line
+    text = (tmp_path / "equivalence.md").read_text()
+    assert "**not judged**" in text and "**GREW**" not in text
+
+
 def test_soak_check_needs_enough_cases(tmp_path):
     from verify.report import write_reports
     from verify.tools.soak import check

@@ -53,7 +53,7 @@ def pool_memory_section(pool_memory: Any) -> str:
     if summary is None:
         return "No RSS samples (/proc not readable on this platform)."
     mib = lambda k: "-" if k is None else f"{k / 1024:.1f} MiB"  # noqa: E731
-    status = "held" if summary["within_limit"] else "GREW"
+    status = {True: "held", False: "GREW", None: "not judged"}[summary["within_limit"]]
     rows = [[f"after case {summary['baseline_case']}", mib(summary["baseline_kib"]),
              mib(summary["parent_baseline_kib"])],
             [f"after case {summary['end_case']} (the end)", mib(summary["end_kib"]),
@@ -75,7 +75,8 @@ def pool_memory_section(pool_memory: Any) -> str:
         text[-1] += (f" Fewer than {BASELINE_CASE} cases ran, so the comparison starts at the first case "
                      "and includes the warm-up; the soak (`make soak`) runs 500+.")
     if summary["restarted_between"]:
-        text[-1] += " The pool restarted in between (a failed case), so these are different processes."
+        text[-1] += (" The pool restarted in between (a failed case), so these are different "
+                     "processes and the change says nothing of a leak.")
     text.append("")
     text.append("Per rank (baseline -> end): " + "; ".join(
         f"{p['rank']}: {mib(p['baseline_kib'])} -> {mib(p['end_kib'])}"

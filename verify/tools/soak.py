@@ -121,6 +121,7 @@ def summarize(samples: list[dict], *, baseline_case: int = BASELINE_CASE,
     end = samples[-1]
     b, e = _peak(base), _peak(end)
     change = 100.0 * (e - b) / b if b else 0.0
+    restarted = base.get("restarts") != end.get("restarts")
     after = [s for s in samples if s["case"] >= base["case"]]
     per_rank = []
     for r, (rb, re_) in enumerate(zip(base["rss_kib"], end["rss_kib"])):
@@ -130,9 +131,11 @@ def summarize(samples: list[dict], *, baseline_case: int = BASELINE_CASE,
         "baseline_case": base["case"], "end_case": end["case"], "cases": len(samples),
         "baseline_kib": b, "end_kib": e, "change_pct": change,
         "peak_kib": max(_peak(s) for s in after),
-        "limit_pct": limit_pct, "within_limit": change <= limit_pct,
+        # None: not judged: after a restart the end's processes are not the baseline's (whose
+        # sample may even be of fresh ranks still importing), so a change says nothing of a leak
+        "limit_pct": limit_pct, "within_limit": None if restarted else change <= limit_pct,
         "short": short,  # fewer cases than the baseline: compared from the first case
-        "restarted_between": base.get("restarts") != end.get("restarts"),
+        "restarted_between": restarted,
         "parent_baseline_kib": base.get("parent_kib"), "parent_end_kib": end.get("parent_kib"),
         "anon_baseline_kib": _peak({"rss_kib": base.get("anon_kib")}),
         "anon_end_kib": _peak({"rss_kib": end.get("anon_kib")}),
@@ -161,6 +164,6 @@ def check(path: str | Path, *, baseline_case: int = BASELINE_CASE,
     line = (f"soak: largest rank RSS {summary['baseline_kib'] / 1024:.1f} MiB after case "
             f"{summary['baseline_case']} -> {summary['end_kib'] / 1024:.1f} MiB after case "
             f"{summary['end_case']} ({summary['change_pct']:+.1f}%, limit +{limit_pct:g}%)")
-    if summary["restarted_between"]:
-        line += "; the pool restarted in between (fresh processes)"
+    if summary["within_limit"] is None:
+        return False, line + ": not judged, the pool restarted in between (other processes)"
     return summary["within_limit"], line + (": held" if summary["within_limit"] else ": GREW")
