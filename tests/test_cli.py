@@ -124,6 +124,14 @@ def test_exit_code_follows_the_verdicts(outcome, code, fake_campaign):
                                        {"timeout_s": 120.0, "sharder": "fsdp_core"})
 
 
+def test_replay_ranks_reaches_the_campaign(fake_campaign):
+    fake_campaign.outcome = 0
+    scenario = '{"family": "mlp", "model": {}, "world_size": 2}'
+    assert main(["replay", "--ranks", "4", scenario]) == EXIT_OK
+    assert fake_campaign.calls[-1] == ("replay", scenario,
+                                       {"timeout_s": 120.0, "sharder": "fsdp_core", "ranks": 4})
+
+
 def _case(verdict):
     return CaseResult(scenario_json="{}", sharder="fsdp_core", family="mlp", world_size=2,
                       mode="fast", dtype="fp32", optimizer="sgd", tier="tolerance",

@@ -218,7 +218,8 @@ def cmd_replay(args: argparse.Namespace) -> int:
                              timeout_s=args.timeout, sharder=spec,
                              resume_again_after=args.resume_again_after)
     return _exit_code(_campaign().replay(args.scenario, timeout_s=args.timeout,
-                                         sharder=spec, ranks=args.ranks, **_planted(args)))
+                                         sharder=spec, **_planted(args),
+                                         **({"ranks": args.ranks} if args.ranks else {})))
 
 
 def cmd_report(args: argparse.Namespace) -> int:
