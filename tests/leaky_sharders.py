@@ -53,3 +53,32 @@ class DestroysTheProcessGroup(FsdpCore):
     def shard(self, model, plan, group):
         dist.destroy_process_group()
         return super().shard(model, plan, group)
+
+
+_GROUP = None
+_HOOK = None
+
+
+class HookRegisteredOnce(FsdpCore):
+    """Monitoring code that registers one global optimizer step hook per process (a flag in a
+    module global) and all-reduces on the current case's group; its formula counts it. Its own
+    later cases need the hook back; no other sharder's case may see it."""
+    name = "hook_registered_once"
+
+    def shard(self, model, plan, group):
+        global _GROUP, _HOOK
+        _GROUP = group
+        if _HOOK is None:
+            def log(_optimizer, _args, _kwargs):
+                dist.all_reduce(torch.zeros(1), group=_GROUP)
+            _HOOK = register_optimizer_step_post_hook(log)
+        return super().shard(model, plan, group)
+
+    def planned(self, scenario):
+        return None
+
+    def expected_collectives(self, model, trace):
+        out = dict(super().expected_collectives(model, trace) or {})
+        calls, nbytes = out.get("all_reduce", (0, 0))
+        out["all_reduce"] = [calls + 1, nbytes + 4]
+        return out

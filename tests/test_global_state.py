@@ -57,6 +57,40 @@ def test_restore_undoes_settings_and_hooks_a_case_added_and_says_so(guard):
         kept.remove()
 
 
+def test_what_a_sharder_left_is_given_back_to_it_and_to_no_other(guard):
+    from torch.optim.optimizer import _global_optimizer_post_hooks, register_optimizer_step_post_hook
+    guard.enter("x")
+    hook = register_optimizer_step_post_hook(lambda *a: None)
+    torch.backends.mkldnn.enabled = False
+    assert guard.restore("x")                  # said once ...
+    assert "torch.backends.mkldnn.enabled = False" in guard.given_back("x")
+    assert "1 hook(s) in torch.optim.optimizer._global_optimizer_post_hooks" in guard.given_back("x")
+    assert guard.given_back("y") == ""
+    assert hook.id not in _global_optimizer_post_hooks and torch.backends.mkldnn.enabled
+    guard.enter("y")
+    assert hook.id not in _global_optimizer_post_hooks and torch.backends.mkldnn.enabled
+    assert guard.restore("y") == []
+    guard.enter("x")
+    assert hook.id in _global_optimizer_post_hooks and not torch.backends.mkldnn.enabled
+    assert guard.restore("x") == []            # ... not again for the same things
+    assert hook.id not in _global_optimizer_post_hooks and torch.backends.mkldnn.enabled
+    guard.enter("x")
+    hook.remove()                              # its owner removed it: not given back again
+    guard.restore("x")
+    guard.enter("x")
+    assert hook.id not in _global_optimizer_post_hooks
+    guard.restore("x")
+
+
+@pool_only
+def test_a_hook_a_sharder_registers_once_per_process_stays_its_own(rank_pool):
+    once = "tests.leaky_sharders:HookRegisteredOnce"
+    for s, sharder in ((mlp_scenario(1), once), (mlp_scenario(1), None), (mlp_scenario(2), once),
+                       (mlp_scenario(2), None), (mlp_scenario(1), once)):
+        case = run_one(rank_pool, s, **({"sharder": sharder} if sharder else {}))
+        assert case.verdict == "pass", (sharder, s.world_size, case.reason)
+
+
 @pool_only
 def test_a_sharder_that_switches_onednn_off_does_not_fail_the_next_one(rank_pool):
     leaky = run_one(rank_pool, CONVNET, sharder="tests.leaky_sharders:MkldnnOff")

@@ -12,7 +12,9 @@ filters are left alone: torch's own modules add theirs when a case first imports
 `GlobalState` snapshots that state when the rank is up (the harness's own settings) and, after
 every case, restores the settings and removes the hooks the case added, and says what it undid
 (the rank writes it to stderr, which the parent forwards: the sharder's author learns that their
-code leaks). Hooks and ``torch.distributed`` wrappers that an adapter's module installs when it
+code leaks). What a sharder left is kept for it and given back before its next case: code that
+registers a process-wide hook once (a flag in a module global) or sets a flag once keeps working
+in its own cases, and no other sharder's case sees it. Hooks and ``torch.distributed`` wrappers that an adapter's module installs when it
 is *imported* are the adapter's own and stay (`adopt_imports`, called once the adapter class is
 loaded); the imports happen before a case installs the harness's own wrappers
 (verify/case/train.py), so restoring those never removes the adapter's.
@@ -109,7 +111,8 @@ def _hook_keys() -> dict[str, set]:
 
 
 class GlobalState:
-    """The rank's settings and hooks as the harness set them; `restore` after every case."""
+    """The rank's settings and hooks as the harness set them, and what each sharder left
+    changed; `enter` before a case, `restore` after it (see [Note: global state between cases])."""
 
     def __init__(self, torch: Any):
         global _CURRENT
@@ -118,6 +121,9 @@ class GlobalState:
         self.settings = {label: get() for label, get, _ in self.flags}
         self.hooks = _hook_keys()
         self.full_backward_flag = self._full_backward_flag()
+        # per sharder: the settings it changed and the hooks it added ({label: value},
+        # {table: {key: hook}}), given back before its next case
+        self.left: dict[str, tuple[dict, dict]] = {}
         _CURRENT = self
 
     @staticmethod
@@ -125,25 +131,59 @@ class GlobalState:
         from torch.nn.modules import module as nn_module  # lazy: no torch at import (rank.py's rule)
         return nn_module._global_is_full_backward_hook
 
-    def restore(self) -> list[str]:
-        """Undo what the last case changed; one line per thing undone."""
+    def enter(self, owner: Optional[str]) -> None:
+        """Before a case of ``owner``: the process as that sharder's earlier cases left it (a
+        hook it registers once per process, a flag it sets once, stay its own)."""
+        settings, hooks = self.left.get(owner, ({}, {})) if owner else ({}, {})
+        for label, _, put in self.flags:
+            if label in settings:
+                try:
+                    put(settings[label])
+                except Exception:
+                    pass
+        tables = _hook_tables()
+        for name, kept in hooks.items():
+            if name in tables:
+                tables[name].update(kept)
+
+    def given_back(self, owner: Optional[str]) -> str:
+        """What `enter` gave ``owner`` back (for an error of its case), or ""."""
+        settings, hooks = self.left.get(owner, ({}, {})) if owner else ({}, {})
+        parts = [f"{label} = {value!r}" for label, value in settings.items()]
+        parts += [f"{len(kept)} hook(s) in {name}" for name, kept in hooks.items() if kept]
+        return ("before this case, the process was given back what this sharder's earlier cases "
+                "left in it: " + "; ".join(parts)) if parts else ""
+
+    def restore(self, owner: Optional[str] = None) -> list[str]:
+        """After a case of ``owner``: undo what it changed (kept for its next case); one line
+        per thing undone that was not already undone after one of its earlier cases."""
+        settings, hooks = self.left.setdefault(owner, ({}, {})) if owner else ({}, {})
         undone = []
         for label, get, put in self.flags:
             try:
                 now = get()
                 if now != self.settings[label]:
                     put(self.settings[label])
-                    undone.append(f"{label} was {now!r}, set back to {self.settings[label]!r}")
+                    if settings.get(label, self.settings[label]) != now:
+                        undone.append(f"{label} was {now!r}, set back to {self.settings[label]!r}")
+                    settings[label] = now
+                else:
+                    settings.pop(label, None)
             except Exception as exc:  # a flag this build cannot set back: say so, go on
                 undone.append(f"{label} could not be set back: {type(exc).__name__}: {exc}")
         # no getter exists for flush-denormal mode; the harness never sets it
         self.torch.set_flush_denormal(False)
         for name, table in _hook_tables().items():
-            added = [k for k in list(table.keys()) if k not in self.hooks.get(name, set())]
+            kept = hooks.setdefault(name, {})
+            added = {k: table[k] for k in list(table.keys()) if k not in self.hooks.get(name, set())}
             for k in added:
                 del table[k]
-            if added:
-                undone.append(f"{len(added)} hook(s) added to {name} removed")
+            for k in [k for k in kept if k not in added]:   # removed by its owner meanwhile
+                del kept[k]
+            new = [k for k in added if k not in kept]
+            kept.update(added)
+            if new:
+                undone.append(f"{len(new)} hook(s) added to {name} removed")
         from torch.nn.modules import module as nn_module  # lazy: no torch at import (rank.py's rule)
         nn_module._global_is_full_backward_hook = self.full_backward_flag
         return undone

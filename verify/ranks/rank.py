@@ -226,13 +226,15 @@ def serve(rank: int, max_world_size: int, backend: str, store_path: str, prefix:
             break
         if sys_path != sys.path:
             sys.path[:] = sys_path
-        payload = None
+        sharder = None
         try:
             fn, payload = pickle.loads(blob)
+            sharder = payload.get("sharder") if isinstance(payload, dict) else None
+            guard.enter(sharder)    # what this sharder's earlier cases left, its own again
             ok, value = True, fn(payload, contexts[world_size])
         except BaseException:                           # SystemExit too: a rank must report
             ok, value = False, traceback.format_exc()
-        sharder = payload.get("sharder") if isinstance(payload, dict) else None
+            value += "\n" + guard.given_back(sharder) if guard.given_back(sharder) else ""
         lost = _after_case(guard, sharder, [c.group for c in contexts.values()])
         if lost is not None:
             ok, value = False, (value if not ok else "") + lost
@@ -257,13 +259,13 @@ def _after_case(guard: Any, sharder: Optional[str], groups: list) -> Optional[st
     verify/ranks/global_state.py), saying so on stderr; the reason this rank must restart
     (its process groups are gone), or None."""
     try:
-        undone = guard.restore()
+        undone = guard.restore(sharder)
     except BaseException:
         undone = ["restoring it raised:\n" + traceback.format_exc()]
     if undone:
         who = f"sharder {sharder}" if sharder else "the case"
-        sys.stderr.write(f"verify: {who} left process-global state changed; undone before the "
-                         "next case: " + "; ".join(undone) + "\n")
+        sys.stderr.write(f"verify: {who} left process-global state changed; undone for other "
+                         "sharders' cases (given back before its own): " + "; ".join(undone) + "\n")
         sys.stderr.flush()
     problem = guard.group_problem(groups)
     if problem is None:
