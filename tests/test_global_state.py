@@ -100,17 +100,13 @@ def test_a_sharder_that_switches_onednn_off_does_not_fail_the_next_one(rank_pool
 
 
 @pool_only
-def test_a_global_optimizer_hook_is_not_counted_as_the_next_sharders_collective(rank_pool):
-    leaky = run_one(rank_pool, mlp_scenario(2), sharder="tests.leaky_sharders:AllReducingOptimizerHook")
-    assert leaky.verdict == "pass", leaky.reason
-    after = run_one(rank_pool, mlp_scenario(2))
-    assert after.verdict == "pass", after.reason
-
-
-@pool_only
-def test_a_meta_default_device_reaches_neither_the_data_nor_the_next_case(rank_pool):
-    leaky = run_one(rank_pool, mlp_scenario(2), sharder="tests.leaky_sharders:MetaDefaultDevice")
-    assert leaky.verdict == "pass", leaky.reason
+@pytest.mark.parametrize("leaky", [
+    "AllReducingOptimizerHook",   # its all-reduce is not counted as the next sharder's collective
+    "MetaDefaultDevice",          # the meta device reaches neither the data nor the next case
+])
+def test_a_global_hook_or_default_device_does_not_reach_the_next_sharder(rank_pool, leaky):
+    case = run_one(rank_pool, mlp_scenario(2), sharder=f"tests.leaky_sharders:{leaky}")
+    assert case.verdict == "pass", case.reason
     after = run_one(rank_pool, mlp_scenario(2))
     assert after.verdict == "pass", after.reason
 
