@@ -267,20 +267,12 @@ def digests(full: Any) -> Optional[dict[str, str]]:
     return out
 
 
-def import_adapter(spec: str, ctx=None) -> float:
-    """Rank side: import the adapter ``spec`` names (once per process), before any case wraps
-    ``torch.distributed``, so that the harness's wrappers go over the adapter's import-time ones
-    and restoring them leaves those in place ([Note: global state between cases] in
-    verify/ranks/global_state.py). The seconds it took."""
-    t0 = time.perf_counter()
-    load_class(spec)
-    return time.perf_counter() - t0
-
-
 def run_case(payload: dict, ctx) -> dict:
     """Rank side of one case: payload {"scenario": json, "sharder": spec, "plant": name or
     absent, "backend_check": bool}. The backend is checked first (verify/ranks/backend_check.py)."""
-    import_adapter(payload.get("sharder", DEFAULT_SHARDER))
+    # imported before any wrapper goes on torch.distributed: the harness's wrappers then go over
+    # the adapter's import-time ones ([Note: global state between cases], global_state.py)
+    load_class(payload.get("sharder", DEFAULT_SHARDER))
     with planted(payload.get("plant"), ctx), CollectiveLog() as log:  # log: verify/diagnosis/collective_log.py
         s = Scenario.from_json(payload["scenario"])
         dtypes = (torch.float32, torch.bfloat16) if s.dtype == "bf16" else (torch.float32,)

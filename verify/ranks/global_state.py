@@ -14,10 +14,11 @@ every case, restores the settings and removes the hooks the case added, and says
 (the rank writes it to stderr, which the parent forwards: the sharder's author learns that their
 code leaks). What a sharder left is kept for it and given back before its next case: code that
 registers a process-wide hook once (a flag in a module global) or sets a flag once keeps working
-in its own cases, and no other sharder's case sees it. Hooks and ``torch.distributed`` wrappers that an adapter's module installs when it
-is *imported* are the adapter's own and stay (`adopt_imports`, called once the adapter class is
-loaded); the imports happen before a case installs the harness's own wrappers
-(verify/case/train.py), so restoring those never removes the adapter's.
+in its own cases, and no other sharder's case sees it. Hooks and ``torch.distributed`` wrappers
+that an adapter's module installs when it is *imported* are the adapter's own and stay
+(`adopt_imports`, called once the adapter class is loaded); the imports happen before a case
+installs the harness's own wrappers (verify/case/train.py), so restoring those never removes the
+adapter's.
 
 A destroyed default process group (``dist.destroy_process_group()`` in ``shard()``) cannot be
 undone: `group_problem` says so and the rank restarts (rank.py), and the case is an error.
@@ -26,14 +27,10 @@ from __future__ import annotations
 
 from typing import Any, Callable, Optional
 
-__all__ = ["GlobalState", "adopt_imports", "current"]
+__all__ = ["GlobalState", "adopt_imports"]
 
-_CURRENT: Optional["GlobalState"] = None
-
-
-def current() -> Optional["GlobalState"]:
-    """The guard of this rank process (None outside a pool rank: torchrun, tests)."""
-    return _CURRENT
+_CURRENT: Optional["GlobalState"] = None   # this rank process's guard (None outside a pool rank)
+_TABLES: dict[str, Any] = {}   # the hook tables, found once (module globals: their identity stays)
 
 
 def adopt_imports() -> None:
@@ -94,9 +91,11 @@ def _setter(obj: Any, attr: str) -> Callable[[Any], None]:
 
 def _hook_tables() -> dict[str, Any]:
     """Every process-global hook table of nn.Module and torch.optim, by a readable name."""
+    if _TABLES:
+        return _TABLES
     from torch.nn.modules import module as nn_module  # lazy: no torch at import (rank.py's rule)
     from torch.optim import optimizer as optim_module  # lazy: likewise
-    tables = {}
+    tables = _TABLES
     for mod, label in ((nn_module, "torch.nn.modules.module"),
                        (optim_module, "torch.optim.optimizer")):
         for name in dir(mod):

@@ -17,6 +17,7 @@ import fsdp_core
 
 from verify.ranks.pool import RankPool
 from verify.ranks.rank import probe
+from verify.sharders import load_class
 
 IMPORT_TIMEOUT_S = 600.0   # an adapter's import on the ranks (a case's own timeout starts after)
 
@@ -134,9 +135,9 @@ def mesh_shapes(world_size: int) -> list[tuple[int, int]]:
 
 
 def import_adapter(spec: str, ctx) -> bool:
-    """Rank side of `PoolSet.import_adapter`."""
-    from verify.case.train import import_adapter as rank_import  # lazy: the case side is heavy
-    rank_import(spec)
+    """Rank side of `PoolSet.import_adapter`: before any case, so that the adapter's
+    import-time wrappers stay under the harness's ([Note: global state between cases])."""
+    load_class(spec)
     return True
 
 

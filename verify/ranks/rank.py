@@ -233,8 +233,8 @@ def serve(rank: int, max_world_size: int, backend: str, store_path: str, prefix:
             guard.enter(sharder)    # what this sharder's earlier cases left, its own again
             ok, value = True, fn(payload, contexts[world_size])
         except BaseException:                           # SystemExit too: a rank must report
-            ok, value = False, traceback.format_exc()
-            value += "\n" + guard.given_back(sharder) if guard.given_back(sharder) else ""
+            back = guard.given_back(sharder)
+            ok, value = False, traceback.format_exc() + (f"\n{back}" if back else "")
         lost = _after_case(guard, sharder, [c.group for c in contexts.values()])
         if lost is not None:
             ok, value = False, (value if not ok else "") + lost
