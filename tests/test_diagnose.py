@@ -338,6 +338,25 @@ def test_a_hang_on_the_default_group_is_explained_at_once_and_its_replay_hangs_t
                            timeout_s=8.0) == 0   # alone, the default group is the case's
 
 
+def test_a_reference_slowed_by_a_busy_machine_does_not_stretch_a_hangs_timeout(pool, monkeypatch):
+    """The reference's wall time grows when fresh ranks import beside it; its CPU time does not:
+    the timeout follows the CPU time (and is at least twice the wall time)."""
+    monkeypatch.setattr(campaign, "AUTO_TIMEOUT_FLOOR_S", 4.0)
+    monkeypatch.setattr(campaign, "AUTO_TIMEOUT_SLACK_S", 0.0)
+    plain = campaign.run_reference
+
+    def waits_then_runs(s):
+        time.sleep(3.0)   # wall time without CPU time, as under a busy machine
+        return plain(s)
+    monkeypatch.setattr(campaign, "run_reference", waits_then_runs)
+    s = dataclasses.replace(BIG, steps=1, optimizer="sgd")
+    assert run_one(pool, s, sharder="tests.hang_sharders:Replicated").passed   # warm
+    case = run_one(pool, s, sharder="tests.hang_sharders:Mismatch")
+    assert case.verdict == "error", case.reason[:300]
+    took = float(case.reason.split("timed out after ")[1].split(" s")[0])
+    assert 6.0 <= took < 20.0, case.reason[:200]   # 20 x 3 s + 0 before
+
+
 def test_a_hang_costs_the_automatic_timeout_not_120_s(pool, monkeypatch):
     monkeypatch.setattr(campaign, "AUTO_TIMEOUT_FLOOR_S", 4.0)
     monkeypatch.setattr(campaign, "AUTO_TIMEOUT_SLACK_S", 0.0)

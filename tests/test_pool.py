@@ -366,3 +366,5 @@ def test_the_stderr_pump_forwards_a_warning_once_over_ranks_and_keeps_the_rest()
            b"True was specified in DDP constructor, but did not find any unused parameters\n")
     assert pump._once(0, c10 % (0, 1)) == c10 % (0, 1)    # torch's C++ warnings: rank and time
     assert pump._once(1, c10 % (1, 7) + b"next\n") == b"next\n"   # are not part of what repeats
+    note = b"verify: sharder x left process-global state changed; undone for other sharders'\n"
+    assert pump._once(0, note) == note and pump._once(1, note) == b""   # the ranks' own notes
