@@ -55,6 +55,7 @@ def test_bench_writes_the_tables_and_structural_targets_hold(tmp_path):
     report = run_bench(world_sizes=(1, 2), steps=1, warmup=1, width=32, layers=2, vocab=64, seq=8,
                        batch=2, out_dir=tmp_path, harness_cases=2, spawn_cases=1, timeout_s=300)
     text = (tmp_path / "performance.md").read_text()
+    assert "least ours/FSDP2" in text
     for heading in ("## Step time", "## Distance to the limit", "## Memory per rank",
                     "## Collectives of one step", "## Harness"):
         assert heading in text
@@ -68,6 +69,14 @@ def test_bench_writes_the_tables_and_structural_targets_hold(tmp_path):
         assert r["ours_over_floor"] == r["ms"]["fsdp_core"] / r["ms"]["floor"]
         assert r["floor_peak_over_fsdp2"] > 0 and len(r["load"]) == 2
         assert r["paired"]["n"] == 1 and r["paired"]["lo"] == r["paired"]["median"] == r["paired"]["hi"]
+        # CPU per rank: the main thread's is part of the process's (every step, so every median);
+        # the CPU-bound limit is at least the main thread's share and no more than the ratio
+        # measured (a step cannot take less wall time than its CPU allows; generous for noise).
+        assert r["cores"] >= 1 and set(r["cpu_ms"]) == set(r["ms"])
+        for k in r["ms"]:
+            assert 0 < r["cpu_main_ms"][k] <= r["cpu_ms"][k] + 0.5, (k, r["cpu_main_ms"], r["cpu_ms"])
+        least = r["least_ours_over_fsdp2"]
+        assert r["cpu_main_ms"]["fsdp_core"] / r["ms"]["fsdp2"] <= least <= 2 * r["ours_over_fsdp2"]
     assert rows[1]["collectives"] == {} and rows[1]["peak_unsharded"]["fsdp_core"] == 0  # W=1 aliases
     two = rows[2]
     assert two["collectives"][GATHER_KIND][0] == 2 * 3   # 3 units, re-gathered in backward

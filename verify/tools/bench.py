@@ -125,6 +125,7 @@ def bench_case(payload: dict, ctx) -> dict:
         trainers[v] = Trainer(spec, dataclasses.replace(s, mode=mode), ctx,
                               optimizer_kwargs=BENCH_OPTIMIZER)
     times: dict[str, list[float]] = {v: [] for v in variants}
+    cpu: dict[str, list[tuple[float, float]]] = {v: [] for v in variants}  # (main thread, process)
     out: dict = {"rank": ctx.rank, "variants": {v: {} for v in variants}}
     steps, warmup = payload.get("steps", 5), payload.get("warmup", 2)
 
@@ -140,11 +141,13 @@ def bench_case(payload: dict, ctx) -> dict:
             entry = out["variants"][v]
             dist.barrier(group=ctx.group)
             if not measure:
-                t0 = time.perf_counter()
+                t0, c0, p0 = time.perf_counter(), time.thread_time(), time.process_time()
                 train(tr, step)
+                c1, p1 = time.thread_time(), time.process_time()
                 dist.barrier(group=ctx.group)
                 if step >= warmup:
                     times[v].append(time.perf_counter() - t0)
+                    cpu[v].append((c1 - c0, p1 - p0))
             else:
                 rec = CollectiveRecorder()
                 calls, in_bw, handles = watch_units(tr.plan.units)
@@ -174,6 +177,8 @@ def bench_case(payload: dict, ctx) -> dict:
     for v in variants:
         out["variants"][v]["step_s"] = statistics.median(times[v])
         out["variants"][v]["steps_s"] = times[v]
+        out["variants"][v]["cpu_main_s"] = statistics.median(c for c, _ in cpu[v])
+        out["variants"][v]["cpu_s"] = statistics.median(p for _, p in cpu[v])
     if "fsdp_core" in trainers:
         units = fsdp_core.units_of(trainers["fsdp_core"].model)
         out["n_params"] = sum(sum(u.layout.numels) for u in units)
@@ -191,8 +196,17 @@ def _row(w: int, values: list[dict]) -> dict:
     peak_unsharded = {k: max(rv["variants"][k]["peak_unsharded"] for rv in values) for k in v}
     zero3_state = 16 * n / w  # fp32 parameters + gradients + AdamW's two moments, divided by W
     ours = v["fsdp_core"]
+    cpu = {k: 1e3 * statistics.fmean(rv["variants"][k]["cpu_s"] for rv in values) for k in v}
+    cpu_main = {k: 1e3 * statistics.fmean(rv["variants"][k]["cpu_main_s"] for rv in values) for k in v}
+    cores = _cores()
     return dict(
-        world_size=w, n_params=n, ms=ms,
+        world_size=w, n_params=n, ms=ms, cpu_ms=cpu, cpu_main_ms=cpu_main, cores=cores,
+        # [Note: the CPU-bound limit]
+        # A step cannot take less wall time than its main thread's CPU, nor, with W ranks on
+        # `cores` cores, less than W times a rank's CPU (every thread) over the cores. At ours'
+        # measured CPU, ours/FSDP2 cannot go below this, whatever is overlapped or prefetched:
+        # lower it only by doing less work per rank.
+        least_ours_over_fsdp2=max(cpu_main["fsdp_core"], w * cpu["fsdp_core"] / cores) / ms["fsdp2"],
         ours_over_fsdp2=ms["fsdp_core"] / ms["fsdp2"],
         paired=paired_ratio(v["fsdp_core"]["steps_s"], v["fsdp2"]["steps_s"]),
         ours_over_floor=ms["fsdp_core"] / ms["floor"], fsdp2_over_floor=ms["fsdp2"] / ms["floor"],
@@ -212,6 +226,13 @@ def _row(w: int, values: list[dict]) -> dict:
         det_collectives=v["fsdp_core_det"]["collectives"], det_expected=v["fsdp_core_det"]["expected"],
         fsdp2_collectives=v["fsdp2"]["collectives"],
     )
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 def _bench_run(ranks, s: Scenario, steps: int, warmup: int, variants, timeout_s: float,
@@ -296,6 +317,12 @@ def run_bench(*, world_sizes: Sequence[int] = (1, 2, 4, 8), steps: int = 10, war
                   f"ours/(16N/W) {row['state_over_zero3']:.3f}; peak step memory ours/FSDP2 "
                   f"{row['peak_alloc_over_fsdp2']:.2f}; collectives = formula: {row['collectives_ok']}; load "
                   f"{row['load'][0]:.1f} -> {row['load'][1]:.1f}", flush=True)
+            cm, cmain = row["cpu_ms"], row["cpu_main_ms"]
+            print("  CPU per rank per step (main thread + gloo's and other threads): "
+                  + ", ".join(f"{label} {cm[k]:.0f} ms ({cmain[k]:.0f} + {cm[k] - cmain[k]:.0f})"
+                              for k, label in (("fsdp_core", "ours"), ("fsdp2", "FSDP2"), ("floor", "floor")))
+                  + f"; at ours' CPU on {row['cores']} cores ours/FSDP2 cannot be below "
+                  f"{row['least_ours_over_fsdp2']:.2f}", flush=True)
         hsdp_rows = []
         for mesh in HSDP_MESHES if max(world_sizes) >= 8 else ():
             s = dataclasses.replace(bench_scenario(8, width=width, layers=layers, vocab=vocab,

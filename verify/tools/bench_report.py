@@ -78,6 +78,25 @@ def write_performance_report(report: dict, out: Path) -> None:
             f"{r['fsdp2_over_floor']:.2f} | {ms['fsdp_core'] - ms['floor']:.1f} | {ms['fsdp2'] - ms['floor']:.1f} |")
     lines += [
         "",
+        f"CPU per rank per step (median of the timed steps, mean over ranks): the main thread's and the "
+        f"whole process's (gloo's threads and any other). With W ranks on {rows[0]['cores']} cores a "
+        "step takes at least its main thread's CPU and at least W x a rank's CPU / cores of wall time: "
+        "*least ours/FSDP2* is the ratio ours would have at its measured CPU with no idle time at all, "
+        "the limit no overlap or prefetch can pass ([Note: the CPU-bound limit] in "
+        "`verify/tools/bench.py`). Meaningful where ranks share CPU cores (gloo on CPU).",
+        "",
+        "| W | floor CPU ms | ours CPU ms | ours main thread | ours other threads | FSDP2 CPU ms | FSDP2 main thread | FSDP2 other threads | ours/FSDP2 CPU | least ours/FSDP2 | ours/FSDP2 |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        cm, mn = r["cpu_ms"], r["cpu_main_ms"]
+        lines.append(
+            f"| {r['world_size']} | {cm['floor']:.1f} | {cm['fsdp_core']:.1f} | {mn['fsdp_core']:.1f} | "
+            f"{cm['fsdp_core'] - mn['fsdp_core']:.1f} | {cm['fsdp2']:.1f} | {mn['fsdp2']:.1f} | "
+            f"{cm['fsdp2'] - mn['fsdp2']:.1f} | {cm['fsdp_core'] / cm['fsdp2']:.2f} | "
+            f"{r['least_ours_over_fsdp2']:.2f} | {r['ours_over_fsdp2']:.2f} |")
+    lines += [
+        "",
         "## Memory per rank",
         "",
         "State is parameters + gradients + optimizer state; the ZeRO-3 model of it is 16N/W (fp32 "
