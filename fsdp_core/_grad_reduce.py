@@ -166,10 +166,44 @@ class GradReduction:
         if self.post_backward_done:
             return
         self.post_backward_done = True
+        if self._take_grads_unreduced():
+            self.reshard()
+            return
         flat, had_grad = self._take_grads()
         self.reshard()
         if flat is not None:
             self._reduce(flat, had_grad)
+
+    # [Note: one rank, nothing to reduce]
+    # On one rank in fast mode, with no replicate group and the gradient in the master dtype and
+    # device, the reduction is the identity (the sum over one rank, / 1, is exact): each
+    # parameter's unsharded gradient becomes its shard gradient as it is (a 1-D view of the
+    # tensor autograd accumulated), with no flat buffer and no copy. A parameter whose local view
+    # has padding (an alignment gap) gets a zero-padded copy, so every padding element of a
+    # gradient is zero as always. The values are those the flat path assigns, bit for bit.
+    def _take_grads_unreduced(self) -> bool:
+        """Assign the shard gradients of [Note: one rank, nothing to reduce]; False where it
+        does not apply (the flat path then runs)."""
+        if (self.unsharded_params is None or self.world_size != 1 or self.replicate_group is not None
+                or self.deterministic or not self.requires_gradient_sync or not self.aliased
+                or self.reduce_dtype != self.master_dtype):
+            return False
+        for piece, p, u in zip(self.pieces, self.sharded_params, self.unsharded_params):
+            g = u.grad
+            if g is None:
+                continue
+            if piece.pad_numel == 0 and g.is_contiguous():
+                g = g.view(-1)
+            else:
+                padded = g.new_zeros(piece.numel)
+                padded[: piece.real_numel].copy_(g.reshape(-1))
+                g = padded
+            if p.grad is None:
+                p.grad = g
+            else:
+                p.grad.add_(g)
+        self._clear_unsharded_grads()
+        return True
 
     def _take_grads(self) -> tuple[Optional[torch.Tensor], Optional[list[bool]]]:
         """The unsharded gradients as one flat buffer to reduce (None: nothing to reduce now),

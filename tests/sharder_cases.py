@@ -425,3 +425,29 @@ def forward_start_gathers(payload: dict, ctx) -> list:
     finally:
         FlatUnit._wait_gather = orig
     return seen
+
+
+def one_rank_gradients(payload: dict, ctx) -> dict:
+    """[Note: one rank, nothing to reduce] at W = 1, fast mode, over two backward passes without
+    zero_grad: whether each shard gradient is bitwise the reference's (the sum of both passes),
+    which parameters' gradients have non-zero padding, and per parameter whether its gradient
+    shares storage with another parameter's (the flat path's single buffer) or not."""
+    model = _shard(zm.build_zoo(0), dict(payload, group=ctx.group))
+    ref = zm.build_zoo(0)
+    for step in range(2):
+        b = zm.batch(step, 0)
+        zm.loss_of(model, b).backward()
+        zm.loss_of(ref, b).backward()
+    ref_grads = dict(ref.named_parameters())
+    equal, storages = {}, {}
+    for name, p in model.named_parameters():
+        if p.grad is None:
+            equal[name] = ref_grads[name].grad is None
+            continue
+        n = p._fsdp_unit.pieces[p._fsdp_index].real_numel
+        equal[name] = torch.equal(p.grad[:n], ref_grads[name].grad.reshape(-1))
+        storages.setdefault(p.grad.untyped_storage().data_ptr(), []).append(name)
+    shared = {name: len(names) > 1 for names in storages.values() for name in names}
+    return dict(equal=equal, pad_bad=_padding_bad(model, None), shared=shared,
+                padded={n: p._fsdp_unit.pieces[p._fsdp_index].pad_numel > 0
+                        for n, p in model.named_parameters()})

@@ -204,3 +204,19 @@ def test_forward_starts_the_roots_and_first_blocks_gathers_together(rank_pool):
             assert step is not None, f"the forward gathered the root synchronously: {seen}"
             unit, gathering = step
             assert unit == 0 and gathering == [0, 1], seen
+
+
+@pytest.mark.parametrize("mode", ["fast", "deterministic"])
+def test_one_rank_gradients_skip_the_flat_buffer_and_stay_exact(rank_pool, mode):
+    """[Note: one rank, nothing to reduce]: at W = 1 in fast mode each shard gradient is the
+    tensor autograd accumulated (no parameter shares a flat gradient buffer), bitwise the
+    reference's over two backward passes, with zero padding where a parameter has an alignment
+    gap. Deterministic mode keeps its flat pairwise stack (one buffer per unit)."""
+    rv, = run(rank_pool, 1, cases.one_rank_gradients, dict(det=mode == "deterministic"))
+    assert all(rv["equal"].values()), rv["equal"]
+    assert rv["pad_bad"] == [], rv["pad_bad"]
+    assert any(rv["padded"].values()), "the zoo must have a parameter with an alignment gap"
+    if mode == "fast":
+        assert not any(rv["shared"].values()), rv["shared"]
+    else:
+        assert any(rv["shared"].values()), rv["shared"]
