@@ -6,6 +6,8 @@ reference, compare step by step, and turn it all into `CaseResult`s and reports.
 """
 from __future__ import annotations
 
+import signal
+import threading
 import time
 import traceback
 from collections import Counter
@@ -151,6 +153,38 @@ def _runnable(sharders: list[str], modes: Sequence[str], dtypes: Sequence[str],
     return keep_m, keep_d, keep_o, dropped
 
 
+# [Note: a Ctrl-C that is not lost]
+# Python raises KeyboardInterrupt wherever the main thread is when SIGINT arrives. Raised inside a
+# finalizer (a tensor's or a pipe's __del__, a weakref callback) it is printed as "Exception
+# ignored" and dropped, and the campaign would run on to its end as if never interrupted. While
+# a campaign runs, SIGINT also sets a flag that is checked after every case, so a Ctrl-C lost
+# that way still ends the campaign there (exit 130, no rank left behind, as any other Ctrl-C).
+class CtrlC:
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self) -> "CtrlC":
+        if (threading.current_thread() is threading.main_thread()
+                and signal.getsignal(signal.SIGINT) is signal.default_int_handler):
+            self._previous = signal.signal(signal.SIGINT, self._on_sigint)
+        return self
+
+    def _on_sigint(self, signum, frame) -> None:
+        self.requested = True
+        signal.default_int_handler(signum, frame)
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
+
+    def check(self) -> None:
+        """Raise KeyboardInterrupt if a Ctrl-C came (whether or not it was raised already)."""
+        if self.requested:
+            raise KeyboardInterrupt
+
+
 def run_campaign(*, world_sizes: Sequence[int], examples: int, seed: int, sharders: Iterable[str],
                  modes: Sequence[str], profile: Optional[str], out_dir,
                  timeout_s: Optional[float] = None,
@@ -216,8 +250,9 @@ def run_campaign(*, world_sizes: Sequence[int], examples: int, seed: int, sharde
     jobs = [(sh, rc, True) for sh, rc in resumes] + [(sh, s, False) for sh, s in plan]
     if not interleave:
         jobs = jobs[len(resumes):] + jobs[:len(resumes)]
-    with pool:
+    with pool, CtrlC() as ctrl_c:
         for i, (sharder, s, is_resume) in enumerate(jobs, 1):
+            ctrl_c.check()
             try:
                 if is_resume:
                     case = run_resume(pool, s, sharder=sharder, timeout_s=timeout_s)
@@ -232,6 +267,7 @@ def run_campaign(*, world_sizes: Sequence[int], examples: int, seed: int, sharde
             memory.append(soak.sample(pool, len(results)))
             if _is_main(pool):
                 _progress(i, len(jobs), case, started, len(sharders) > 1)
+        ctrl_c.check()
         groups = diagnose(
             pool, results, plant=plant, timeout_s=timeout_s,
             budget_s=0.0 if is_torchrun() else   # ranks in lockstep: no time-based choices
