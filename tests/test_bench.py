@@ -115,6 +115,9 @@ def test_bench_hsdp_variants_on_one_mesh_and_the_formula_holds(rank_pool, mesh):
     assert row["collectives_ok"], (row["collectives"], row["expected"])
     assert row["collectives"]["all_reduce"][0] == 3          # one per unit with gradients
     assert abs(row["state_over_fsdp2"] - 1) < 0.05 and row["ms"] > 0 and row["fsdp2_ms"] > 0
+    for k in HSDP_VARIANTS:   # [Note: the CPU-bound limit], as in the 1-D rows
+        assert 0 < row["cpu_main_ms"][k] <= row["cpu_ms"][k] + 0.5, (k, row["cpu_main_ms"], row["cpu_ms"])
+    assert row["cpu_main_ms"]["fsdp_core_hsdp"] / row["fsdp2_ms"] <= row["least_over_fsdp2"] <= 2 * row["over_fsdp2"]
 
 
 @pytest.mark.multigpu
@@ -131,3 +134,57 @@ def test_bench_times_a_named_sharder_against_fsdp2(rank_pool):
     assert res.ok, res.error
     row = _extra_row(2, label, res.values)
     assert row["ms"] > 0 and row["over_fsdp2"] > 0 and row["state"] is None   # its optimizer has no .state
+
+
+def _raises_on_ranks(payload, ctx):
+    if ctx.rank in payload:
+        raise ValueError("planted: this rank dies before sending its value")
+    return ctx.rank
+
+
+@pytest.mark.parametrize("dying", [[0, 1], [1]])
+def test_spawned_ranks_that_die_end_the_measurement_with_an_error_not_a_hang(dying):
+    """The bench's fresh-spawn measurement (verify/ranks/spawn.py): a spawned rank that dies
+    without sending its value is an error naming it, not a parent waiting forever on its pipe."""
+    import threading
+    from verify.ranks.spawn import spawn_run
+    box: dict = {}
+
+    def measure():
+        try:
+            box["value"] = spawn_run(2, _raises_on_ranks, dying)
+        except RuntimeError as exc:
+            box["error"] = str(exc)
+
+    t = threading.Thread(target=measure, daemon=True)
+    t.start()
+    t.join(180)
+    assert not t.is_alive(), "spawn_run still waits on a rank that died"
+    assert "fresh-spawn measurement failed" in box.get("error", ""), box
+    assert all(f"({r}, " in box["error"] for r in dying), box["error"]
+
+
+class _Drawn(Exception):
+    pass
+
+
+def test_harness_cost_draws_only_cases_fsdp_core_runs(monkeypatch):
+    """The harness section draws as a campaign of fsdp_core does: a draw the adapter declines
+    (a parameter tied across two units, which fully_shard refuses) is set aside, and never
+    reaches the spawned ranks (where it raised on every rank)."""
+    from verify.case.draw import declined_by, draw_scenarios
+    from verify.tools import bench_overhead
+    seen: dict = {}
+
+    def drawn(**kw):
+        seen.update(kw)
+        raise _Drawn
+
+    monkeypatch.setattr(bench_overhead, "draw_scenarios", drawn)
+    with pytest.raises(_Drawn):
+        bench_overhead.harness_cost(None, 4, 2, 1)
+    assert tuple(seen.get("sharders", ())) == ("fsdp_core",), seen
+    decline = declined_by(["fsdp_core"])
+    kw = {k: v for k, v in seen.items() if k != "n"}
+    cases = draw_scenarios(n=40, **kw)
+    assert cases and all(decline(s) is None for s in cases)

@@ -263,7 +263,13 @@ def _hsdp_row(mesh, values: list[dict]) -> dict:
     v = values[0]["variants"]
     ours, theirs = v["fsdp_core_hsdp"], v["fsdp2_hsdp"]
     state = {k: max(rv["variants"][k]["state_bytes"] for rv in values) for k in v}
+    cpu = {k: 1e3 * statistics.fmean(rv["variants"][k]["cpu_s"] for rv in values) for k in v}
+    cpu_main = {k: 1e3 * statistics.fmean(rv["variants"][k]["cpu_main_s"] for rv in values) for k in v}
+    w = len(values)
     return dict(mesh=f"{mesh[0]}x{mesh[1]}", ms=1e3 * ours["step_s"], fsdp2_ms=1e3 * theirs["step_s"],
+                cpu_ms=cpu, cpu_main_ms=cpu_main,   # see [Note: the CPU-bound limit]
+                least_over_fsdp2=max(cpu_main["fsdp_core_hsdp"], w * cpu["fsdp_core_hsdp"] / _cores())
+                / (1e3 * theirs["step_s"]),
                 over_fsdp2=ours["step_s"] / theirs["step_s"], state=state["fsdp_core_hsdp"],
                 paired=paired_ratio(ours["steps_s"], theirs["steps_s"]),
                 fsdp2_state=state["fsdp2_hsdp"],
@@ -334,7 +340,9 @@ def run_bench(*, world_sizes: Sequence[int] = (1, 2, 4, 8), steps: int = 10, war
             r = hsdp_rows[-1]
             r["load"] = (load0, os.getloadavg()[0])
             print(f"bench: HSDP {mesh[0]}x{mesh[1]}: ours {r['ms']:.1f} ms, FSDP2 {r['fsdp2_ms']:.1f} ms, "
-                  f"ours/FSDP2 {r['over_fsdp2']:.2f} (per step {fmt_paired(r['paired'])}); state ours/FSDP2 {r['state_over_fsdp2']:.3f}; "
+                  f"ours/FSDP2 {r['over_fsdp2']:.2f} (per step {fmt_paired(r['paired'])}); CPU per rank ours "
+                  f"{r['cpu_ms']['fsdp_core_hsdp']:.0f} ms, FSDP2 {r['cpu_ms']['fsdp2_hsdp']:.0f} ms, least ours/FSDP2 "
+                  f"{r['least_over_fsdp2']:.2f}; state ours/FSDP2 {r['state_over_fsdp2']:.3f}; "
                   f"collectives = formula: {r['collectives_ok']}; load {r['load'][0]:.1f} -> {r['load'][1]:.1f}",
                   flush=True)
         overhead = harness_cost(pool, min(4, max(world_sizes)), harness_cases, spawn_cases)

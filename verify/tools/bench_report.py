@@ -130,11 +130,13 @@ def write_performance_report(report: dict, out: Path) -> None:
                   "fsdp_core and FSDP2 on the same 2-D (replicate, shard) mesh: parameters sharded "
                   "over S, replicated over R; gradients reduce-scattered in the shard group and "
                   "all-reduced over the replicate group. Same GPT, data and optimizer.", "",
-                  "| mesh RxS | ours ms | FSDP2 ms | ours/FSDP2 | per step: median [interval] | state ours | state FSDP2 | ours/FSDP2 | collectives = formula | load |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
+                  "| mesh RxS | ours ms | FSDP2 ms | ours/FSDP2 | per step: median [interval] | CPU ours ms | CPU FSDP2 ms | least ours/FSDP2 | state ours | state FSDP2 | ours/FSDP2 | collectives = formula | load |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in report["hsdp_rows"]:
             lines.append(f"| {r['mesh']} | {r['ms']:.1f} | {r['fsdp2_ms']:.1f} | {r['over_fsdp2']:.2f} | "
-                         f"{fmt_paired(r['paired'])} | {fmt_bytes(r['state'])} | {fmt_bytes(r['fsdp2_state'])} | "
+                         f"{fmt_paired(r['paired'])} | {r['cpu_ms']['fsdp_core_hsdp']:.1f} | "
+                         f"{r['cpu_ms']['fsdp2_hsdp']:.1f} | {r['least_over_fsdp2']:.2f} | "
+                         f"{fmt_bytes(r['state'])} | {fmt_bytes(r['fsdp2_state'])} | "
                          f"{r['state_over_fsdp2']:.3f} | {'yes' if r['collectives_ok'] else 'NO'} | {_load(r)} |")
         for r in report["hsdp_rows"]:
             lines.append(f"- {r['mesh']}: ours {r['collectives']} (formula {r['expected']}); FSDP2 "
