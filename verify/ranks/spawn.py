@@ -79,11 +79,18 @@ def _run_fresh(ctx: Any, world_size: int, number: int, task: Optional[tuple[Call
              for r in range(world_size)]
     for p in procs:
         p.start()
-    values = [pickle.loads(recv.recv_bytes()) for recv, _ in pipes] if pipes else None
+    for _, send in pipes:
+        send.close()   # the ranks hold the write ends: one that dies without a value is EOF here
+    values, lost = ([], []) if pipes else (None, [])
+    for r, (recv, _) in enumerate(pipes):
+        try:
+            values.append(pickle.loads(recv.recv_bytes()))
+        except EOFError:
+            lost.append(r)
     for p in procs:
         p.join(300)
     elapsed = time.perf_counter() - start
-    bad = [(r, p.exitcode) for r, p in enumerate(procs) if p.exitcode != 0]
+    bad = [(r, p.exitcode) for r, p in enumerate(procs) if p.exitcode != 0 or r in lost]
     for p in procs:
         if p.exitcode is None:
             p.kill()
