@@ -154,3 +154,28 @@ def test_gpt_widths_are_never_one_and_reach_two():
         assert dict(model)["n_embd"] >= 2, model
     check()
     find(gpt_models(), lambda m: dict(m)["n_embd"] == 2, settings=SEARCH)
+
+
+def test_a_seeds_draw_does_not_depend_on_what_the_process_imported(tmp_path):
+    """[Note: a draw independent of what the process imported]: Hypothesis takes some of its
+    choices from the literal constants of the local modules imported; a user's adapter module
+    full of literals, imported before the draw, leaves a seed's cases as they are."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    # a few literals of the kind a sharder's code holds (these changed seed 0's draw before)
+    (tmp_path / "adapter_literals.py").write_text(
+        "LIMIT = 2**63 - 1\nCEILING = 2.0**63 - 1024\nSIZES = (1, 8, 1024, 63)\n")
+    draw = ("from verify.case.draw import draw_scenarios\n"
+            "for w, mode in ((4, 'deterministic'), (2, 'fast')):\n"
+            "    for seed in range(3):\n"
+            "        print([s.to_json() for s in draw_scenarios(world_size=w, mode=mode, n=3, seed=seed)])\n")
+    outs = []
+    for before in ("", "import adapter_literals\n"):
+        proc = subprocess.run([sys.executable, "-c", before + draw], cwd=root, capture_output=True,
+                              text=True, timeout=300,
+                              env={**__import__("os").environ, "PYTHONPATH": f"{tmp_path}:{root}"})
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        outs.append(proc.stdout)
+    assert outs[0] == outs[1]
