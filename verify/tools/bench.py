@@ -196,17 +196,10 @@ def _row(w: int, values: list[dict]) -> dict:
     peak_unsharded = {k: max(rv["variants"][k]["peak_unsharded"] for rv in values) for k in v}
     zero3_state = 16 * n / w  # fp32 parameters + gradients + AdamW's two moments, divided by W
     ours = v["fsdp_core"]
-    cpu = {k: 1e3 * statistics.fmean(rv["variants"][k]["cpu_s"] for rv in values) for k in v}
-    cpu_main = {k: 1e3 * statistics.fmean(rv["variants"][k]["cpu_main_s"] for rv in values) for k in v}
-    cores = _cores()
+    cpu, cpu_main, least = _cpu(values, w, "fsdp_core", ms["fsdp2"])
     return dict(
-        world_size=w, n_params=n, ms=ms, cpu_ms=cpu, cpu_main_ms=cpu_main, cores=cores,
-        # [Note: the CPU-bound limit]
-        # A step cannot take less wall time than its main thread's CPU, nor, with W ranks on
-        # `cores` cores, less than W times a rank's CPU (every thread) over the cores. At ours'
-        # measured CPU, ours/FSDP2 cannot go below this, whatever is overlapped or prefetched:
-        # lower it only by doing less work per rank.
-        least_ours_over_fsdp2=max(cpu_main["fsdp_core"], w * cpu["fsdp_core"] / cores) / ms["fsdp2"],
+        world_size=w, n_params=n, ms=ms, cpu_ms=cpu, cpu_main_ms=cpu_main, cores=_cores(),
+        least_ours_over_fsdp2=least,
         ours_over_fsdp2=ms["fsdp_core"] / ms["fsdp2"],
         paired=paired_ratio(v["fsdp_core"]["steps_s"], v["fsdp2"]["steps_s"]),
         ours_over_floor=ms["fsdp_core"] / ms["floor"], fsdp2_over_floor=ms["fsdp2"] / ms["floor"],
@@ -226,6 +219,21 @@ def _row(w: int, values: list[dict]) -> dict:
         det_collectives=v["fsdp_core_det"]["collectives"], det_expected=v["fsdp_core_det"]["expected"],
         fsdp2_collectives=v["fsdp2"]["collectives"],
     )
+
+
+def _cpu(values: list[dict], w: int, ours: str, theirs_ms: float) -> tuple[dict, dict, float]:
+    """Per variant, the CPU per rank per step in ms (mean over ranks): the whole process's and
+    the main thread's; and the least ours/theirs possible at ``ours``' CPU.
+
+    [Note: the CPU-bound limit]
+    A step cannot take less wall time than its main thread's CPU, nor, with W ranks on `cores`
+    cores, less than W times a rank's CPU (every thread) over the cores. At ours' measured CPU,
+    ours/FSDP2 cannot go below this, whatever is overlapped or prefetched: lower it only by doing
+    less work per rank."""
+    names = values[0]["variants"]
+    cpu = {k: 1e3 * statistics.fmean(rv["variants"][k]["cpu_s"] for rv in values) for k in names}
+    main = {k: 1e3 * statistics.fmean(rv["variants"][k]["cpu_main_s"] for rv in values) for k in names}
+    return cpu, main, max(main[ours], w * cpu[ours] / _cores()) / theirs_ms
 
 
 def _cores() -> int:
@@ -263,13 +271,9 @@ def _hsdp_row(mesh, values: list[dict]) -> dict:
     v = values[0]["variants"]
     ours, theirs = v["fsdp_core_hsdp"], v["fsdp2_hsdp"]
     state = {k: max(rv["variants"][k]["state_bytes"] for rv in values) for k in v}
-    cpu = {k: 1e3 * statistics.fmean(rv["variants"][k]["cpu_s"] for rv in values) for k in v}
-    cpu_main = {k: 1e3 * statistics.fmean(rv["variants"][k]["cpu_main_s"] for rv in values) for k in v}
-    w = len(values)
+    cpu, cpu_main, least = _cpu(values, len(values), "fsdp_core_hsdp", 1e3 * theirs["step_s"])
     return dict(mesh=f"{mesh[0]}x{mesh[1]}", ms=1e3 * ours["step_s"], fsdp2_ms=1e3 * theirs["step_s"],
-                cpu_ms=cpu, cpu_main_ms=cpu_main,   # see [Note: the CPU-bound limit]
-                least_over_fsdp2=max(cpu_main["fsdp_core_hsdp"], w * cpu["fsdp_core_hsdp"] / _cores())
-                / (1e3 * theirs["step_s"]),
+                cpu_ms=cpu, cpu_main_ms=cpu_main, least_over_fsdp2=least,
                 over_fsdp2=ours["step_s"] / theirs["step_s"], state=state["fsdp_core_hsdp"],
                 paired=paired_ratio(ours["steps_s"], theirs["steps_s"]),
                 fsdp2_state=state["fsdp2_hsdp"],
