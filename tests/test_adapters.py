@@ -237,6 +237,38 @@ def test_the_name_check_sees_a_branch():
     assert re.search(r"""[=!]=\s*["'](fsdp_core|torch_fsdp2|fsdp2|ddp)["']""", line)
 
 
+def test_a_replay_line_sets_the_pythonpath_a_users_adapter_was_found_through(tmp_path, monkeypatch):
+    """An adapter importable only through PYTHONPATH gets it in its replay line (pasted into a new
+    shell, the line works); one found through the working directory, an installed package or a
+    built-in does not."""
+    from verify.campaign.resume import ResumeCase, resume_replay_command
+    from verify.campaign.run import replay_command
+    src = tmp_path / "src"
+    (src / "mine").mkdir(parents=True)
+    (src / "mine" / "__init__.py").write_text("")
+    (src / "mine" / "adapters.py").write_text(
+        "from verify.sharders.fsdp_core import FsdpCore\nclass Mine(FsdpCore):\n    name = 'mine'\n")
+    (tmp_path / "solo.py").write_text(
+        "from verify.sharders.fsdp_core import FsdpCore\nclass Solo(FsdpCore):\n    name = 'solo'\n")
+    monkeypatch.syspath_prepend(str(src))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("PYTHONPATH", f"{src}{os.pathsep}elsewhere")
+    monkeypatch.chdir(tmp_path)
+    load_class("mine.adapters:Mine")
+    load_class("solo:Solo")
+    s = mlp_scenario(2)
+    want = f"PYTHONPATH={src}{os.pathsep}elsewhere python -m verify replay --sharder mine.adapters:Mine "
+    assert replay_command(s, "mine.adapters:Mine").startswith(want + "'")
+    assert resume_replay_command(ResumeCase(s, 2, 1), "mine.adapters:Mine").startswith(
+        want + "--resume-from 2")
+    # the working directory's module: `python -m` finds it there; the built-ins: installed
+    assert replay_command(s, "solo:Solo").startswith("python -m verify replay --sharder solo:Solo '")
+    assert replay_command(s, "torch_fsdp2").startswith("python -m verify replay --sharder torch_fsdp2 '")
+    assert replay_command(s, TB + "Textbook").startswith("python -m verify replay --sharder")
+    monkeypatch.delenv("PYTHONPATH")
+    assert replay_command(s, "mine.adapters:Mine").startswith("python -m verify replay")
+
+
 # -- your own model --------------------------------------------------------------------------------
 
 def test_a_family_by_import_path_is_drawn_validated_and_replayable():

@@ -9,6 +9,10 @@ the canonical spelling of a spec (a built-in name or a path), as replay lines pr
 from __future__ import annotations
 
 import importlib
+import os
+import shlex
+import sys
+from pathlib import Path
 from typing import Iterable
 
 from verify.ranks.global_state import adopt_imports
@@ -16,7 +20,8 @@ from verify.sharders.base import Sharder, StepTrace, WrapPlan, has_checkpointing
 
 __all__ = ["Sharder", "WrapPlan", "StepTrace", "BUILTINS", "ALIASES", "DEFAULT_SHARDER",
            "SharderSpecError", "load_class", "display_name",
-           "resolve", "load", "expand", "expand_checked", "has_checkpointing", "plan_for"]
+           "resolve", "load", "expand", "expand_checked", "has_checkpointing", "plan_for",
+           "replay_env"]
 
 BUILTINS = {
     "fsdp_core": "verify.sharders.fsdp_core:FsdpCore",
@@ -106,6 +111,24 @@ def load(spec: str) -> Sharder:
     except Exception as exc:
         raise SharderSpecError(f"--sharder {spec}: {cls.__name__}() raised "
                                f"{type(exc).__name__}: {exc}") from exc
+
+
+def replay_env(spec: str) -> str:
+    """What a replay line must set before ``python -m verify replay`` for this adapter to import
+    in a new shell: ``PYTHONPATH=... `` when the adapter's module was imported from a directory
+    that only this process's PYTHONPATH put on the path (not the working directory, which
+    ``python -m`` puts there itself, nor an installed package), else ""."""
+    entries = [e for e in os.environ.get("PYTHONPATH", "").split(os.pathsep) if e]
+    if spec in BUILTINS or not entries:
+        return ""
+    name = spec.partition(":")[0]
+    where = getattr(sys.modules.get(name), "__file__", None)
+    if where is None:
+        return ""
+    root = Path(where).resolve().parents[name.count(".") + (Path(where).stem == "__init__")]
+    if root == Path.cwd().resolve() or root not in {Path(e).resolve() for e in entries}:
+        return ""
+    return f"PYTHONPATH={shlex.quote(os.pathsep.join(entries))} "
 
 
 def display_name(spec: str) -> str:
