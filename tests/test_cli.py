@@ -149,6 +149,23 @@ def test_report_rerenders_from_results_json(tmp_path, capsys):
     assert (tmp_path / "equivalence.md").read_text().startswith("# Again")
 
 
+def test_resume_cases_not_run_are_said_on_the_console_and_in_the_report(tmp_path):
+    """--resume-cases on an adapter without save()/load(), or with a planted bug, runs none:
+    the campaign says so, and equivalence.md (also when re-rendered) says so too."""
+    from verify.campaign.run import _resume_notes
+    notes = _resume_notes(2, ["fsdp_core", "ddp"], ["fsdp_core"], None)
+    assert notes == ["no checkpoint-resume cases for ddp: its adapter has no save() and load() "
+                     "(DESIGN section 6, optional checkpointing)"]
+    assert _resume_notes(0, ["ddp"], [], None) == []
+    assert _resume_notes(2, ["fsdp_core"], ["fsdp_core"], None) == []
+    assert "planted bug" in _resume_notes(2, ["fsdp_core"], ["fsdp_core"], "no_average")[0]
+    write_reports([_case("pass")], tmp_path, notes=notes)
+    assert f"Not run: {notes[0]}." in (tmp_path / "equivalence.md").read_text()
+    (tmp_path / "equivalence.md").unlink()
+    assert main(["report", str(tmp_path)]) == EXIT_OK
+    assert f"Not run: {notes[0]}." in (tmp_path / "equivalence.md").read_text()
+
+
 def test_report_rejects_a_broken_results_file(tmp_path, capsys):
     (tmp_path / "results.json").write_text(json.dumps({"title": "x"}))
     with pytest.raises(SystemExit) as exc:

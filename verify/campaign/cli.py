@@ -224,7 +224,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     from verify.report import load_results, write_reports  # lazy: pandas
-    from verify.report.write import load_blas, load_declined  # lazy: likewise
+    from verify.report.write import load_blas, load_declined, load_notes  # lazy: likewise
     path = args.dir / "results.json"
     if not path.is_file():
         raise UsageError(f"{path} not found; pass a directory written by `python -m verify run`")
@@ -234,7 +234,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         raise UsageError(f"{path} is not a results file: {exc}")
     for p in write_reports(results, args.dir, title=args.title or title,
                            pool_memory=soak.load_pool_memory(path), blas=load_blas(path),
-                           declined=load_declined(path)):
+                           declined=load_declined(path), notes=load_notes(path)):
         print(p)
     passed = all(r.get("passed", r.get("verdict") in PASSING) for r in results)
     return EXIT_OK if passed else EXIT_FAILED

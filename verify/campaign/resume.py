@@ -56,7 +56,7 @@ from verify.ranks.poolset import PoolSet, as_pool_set
 from verify.reference import Replayer, guarded, run_reference
 from verify.results import CaseResult, held_verdict
 from verify.scenarios import ALL_WORLD_SIZES, Scenario, build_model
-from verify.sharders import DEFAULT_SHARDER, has_checkpointing, load, resolve
+from verify.sharders import DEFAULT_SHARDER, has_checkpointing, load, replay_env, resolve
 
 __all__ = ["ResumeCase", "save_phase", "load_phase", "resume_reference", "run_resume",
            "evaluate_resume", "draw_resume_cases", "resume_replay_command", "replay_resume"]
@@ -161,7 +161,7 @@ def resume_replay_command(case: ResumeCase, sharder: str = DEFAULT_SHARDER) -> s
     extra = "" if sharder == DEFAULT_SHARDER else f" --sharder {sharder}"
     again = "" if case.resume_again_after is None else \
         f" --resume-again-after {case.resume_again_after}"
-    return (f"python -m verify replay{extra} --resume-from {case.save_world_size} "
+    return (f"{replay_env(sharder)}python -m verify replay{extra} --resume-from {case.save_world_size} "
             f"--save-after {case.save_after}{again} '{case.scenario.to_json()}'")
 
 

@@ -34,7 +34,7 @@ from verify.report import write_peers_report, write_reports
 from verify.results import CaseResult, headline, severity_label, worst_first
 from verify.scenarios import Scenario
 from verify.sharders import (DEFAULT_SHARDER, display_name, expand_checked, has_checkpointing, load,
-                             load_class, resolve)
+                             load_class, replay_env, resolve)
 from verify.tools import soak
 from verify.tools.plants import check_name
 
@@ -57,7 +57,7 @@ def replay_command(s: Scenario, sharder: str = DEFAULT_SHARDER, plant: Optional[
     extra = "" if sharder == DEFAULT_SHARDER else f" --sharder {sharder}"
     extra += f" --plant {plant}" if plant else ""
     extra += f" --ranks {ranks}" if ranks and ranks > s.world_size else ""
-    return f"python -m verify replay{extra} '{s.to_json()}'"
+    return f"{replay_env(sharder)}python -m verify replay{extra} '{s.to_json()}'"
 
 
 def _result(s: Scenario, spec: str, verdict: str, reason: str, replay: str, tier: str) -> CaseResult:
@@ -185,6 +185,18 @@ class CtrlC:
             raise KeyboardInterrupt
 
 
+def _resume_notes(asked: int, sharders: Sequence[str], savers: Sequence[str],
+                  plant: Optional[str]) -> list[str]:
+    """Why checkpoint-resume cases asked for (``--resume-cases``) are not run, for whom."""
+    if not asked:
+        return []
+    if plant is not None:
+        return ["no checkpoint-resume cases: they are not run with a planted bug"]
+    return [f"no checkpoint-resume cases for {display_name(sh)}: its adapter has no save() and "
+            "load() (DESIGN section 6, optional checkpointing)"
+            for sh in sharders if sh not in savers]
+
+
 def run_campaign(*, world_sizes: Sequence[int], examples: int, seed: int, sharders: Iterable[str],
                  modes: Sequence[str], profile: Optional[str], out_dir,
                  timeout_s: Optional[float] = None,
@@ -223,6 +235,7 @@ def run_campaign(*, world_sizes: Sequence[int], examples: int, seed: int, sharde
                               offloads=offloads, sharders=savers, declined=declined
                               ) if resume_cases and plant is None and savers else []
     resumes = [(sh, rc) for rc in drawn for sh in savers]
+    notes = _resume_notes(resume_cases, sharders, savers, plant)
     cap = 120.0 if timeout_s is None else timeout_s   # None: each case's `auto_timeout`
     pool = PoolSet(_ranks(max(world_sizes), cap), timeout_s=cap)
     say = print if _is_main(pool) else (lambda *a, **k: None)   # under torchrun: rank 0 only
@@ -231,6 +244,7 @@ def run_campaign(*, world_sizes: Sequence[int], examples: int, seed: int, sharde
           f"seed {seed}, profile {profile})"
           + (f" and {len(resumes)} checkpoint-resume cases" if resumes else "")
           + (f"; not drawn, no chosen sharder runs them: {', '.join(dropped)}" if dropped else "")
+          + "".join(f"; {n}" for n in notes)
           + (f"; {sum(declined.values())} candidate draws declined by the adapter, set aside "
              "(the cases were picked among the others)" if declined else "")
           + "; starting the rank pool", flush=True)
@@ -282,7 +296,7 @@ def run_campaign(*, world_sizes: Sequence[int], examples: int, seed: int, sharde
     paths = write_reports([c.to_dict() for c in results], Path(out_dir), title=title,
                           pool_memory={"samples": memory, "cache_env": soak.cache_env(),
                                        "default_group_pools": startups}, blas=blas.describe(),
-                          declined=dict(declined))
+                          declined=dict(declined), notes=notes)
     if len(sharders) > 1:  # the sharders side by side on the same cases (resume cases too)
         paths.append(write_peers_report([c.to_dict() for c in results], Path(out_dir), title=title))
     print(f"{len(results)} cases run in {elapsed:.1f}s ({len(results) / max(elapsed, 1e-9) * 60:.1f} "

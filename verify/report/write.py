@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Optional, Sequence
 
 from verify.report._format import _FAILED, _as_dict
 from verify.results import headline
@@ -19,16 +19,24 @@ from verify.report.tables import (
 
 # -- files ------------------------------------------------------------------------------------
 
+def _saved(path: str | Path, key: str) -> Any:
+    data = json.loads(Path(path).read_text())
+    return data.get(key) if isinstance(data, dict) else None
+
+
 def load_blas(path: str | Path) -> Any:
     """The BLAS line results.json was written with (verify/blas.py), or None."""
-    data = json.loads(Path(path).read_text())
-    return data.get("blas") if isinstance(data, dict) else None
+    return _saved(path, "blas")
 
 
 def load_declined(path: str | Path) -> Optional[dict]:
     """The draws declined while drawing, by reason, as results.json saved them, or None."""
-    data = json.loads(Path(path).read_text())
-    return data.get("declined") if isinstance(data, dict) else None
+    return _saved(path, "declined")
+
+
+def load_notes(path: str | Path) -> list[str]:
+    """What the campaign did not run and why, as results.json saved it ([] if nothing)."""
+    return list(_saved(path, "notes") or [])
 
 
 def declined_line(declined: dict) -> str:
@@ -50,13 +58,14 @@ def load_results(path: str | Path) -> tuple[str, list[dict]]:
 def write_reports(results: Iterable[Any], out_dir: str | Path, *,
                   title: str = "Equivalence report", detail_cases: int = 4,
                   pool_memory: Any = None, blas: Any = None,
-                  declined: Optional[dict] = None) -> list[Path]:
+                  declined: Optional[dict] = None, notes: Sequence[str] = ()) -> list[Path]:
     """Write equivalence.md, results.csv, results.json (+ PNG plots when matplotlib is
     installed) into `out_dir`; return the paths written. ``pool_memory``: the RSS samples of
     the pool's ranks after every case (verify/tools/soak.py), saved in results.json under that key
     and rendered as the "Pool memory" section. ``blas``: what the campaign set for the BLAS's
     reproducibility (`verify.blas.describe`), saved and said under the headline. ``declined``:
-    {reason: draws} the adapters declined while drawing (verify/case/draw.py), likewise."""
+    {reason: draws} the adapters declined while drawing (verify/case/draw.py), likewise.
+    ``notes``: what the campaign was asked for and did not run, and why; likewise."""
     results = [_as_dict(r) for r in results]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -72,6 +81,8 @@ def write_reports(results: Iterable[Any], out_dir: str | Path, *,
         saved["blas"] = blas
     if declined:
         saved["declined"] = declined
+    if notes:
+        saved["notes"] = list(notes)
     path.write_text(json.dumps(saved, indent=1, default=list) + "\n")
     written.append(path)
     path = out / "results.csv"
@@ -90,6 +101,7 @@ def write_reports(results: Iterable[Any], out_dir: str | Path, *,
         lines += [str(blas), ""]
     if declined:
         lines += [declined_line(declined), ""]
+    lines += [f"Not run: {n}." for n in notes] + ([""] if notes else [])
     if n:
         lines += [_describe_run(df), ""]
     lines += ["## Summary", "", summary_table(df), "", _VERDICTS_LEGEND, "",
