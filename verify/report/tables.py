@@ -243,11 +243,17 @@ are the worst over the group's cases and steps."""
 _LEGEND = """\
 Columns: *bitwise* counts cases whose loss and every parameter equal the reference bit for bit
 at every step; *max |Δ loss|*, *max |Δ param|*, *max rel* and *max ULP* are the worst over the
-group's cases and steps; *padding held* and *reassembly held* count cases whose padding stayed
-bitwise zero and whose shards reassembled to the reference at every step; *coll bytes/step* is
+group's cases and steps; *padding held* counts cases whose padding stayed bitwise zero at every
+step, *reassembly held* those whose shards (the adapter's `local_pieces`) reassembled bit for bit
+into the full parameters the sharder gathered (`full_parameters`) at every step: it says nothing
+is lost or misplaced between a sharder's shards and its own gather, and only the parameter
+columns compare those with the reference (a sharder that shards wrongly but gathers the same
+way holds reassembly and fails on the numbers); *coll bytes/step* is
 the median communication per step on rank 0 ("not seen" where some of it ran below the
 recorder, e.g. DDP's C++ reducer: the process groups' own counts said so); *state/rank* the largest per-rank bytes of
-parameters + gradients + optimizer state; *coll vs formula* and *state vs model* (when
+parameters + gradients + optimizer state ("-": not measured, where the optimizer has no
+`param_groups` and `state` to read, e.g. a wrapper of the sharder's own, and the adapter has no
+`state_bytes`); *coll vs formula* and *state vs model* (when
 recorded) are the worst ratios of measured to expected (the state model is the ZeRO-3
 (parameters + gradients + optimizer state) / W; on these tiny models the per-parameter alignment
 to 32 elements and the padding to a multiple of W dominate, so it runs above 1; see
