@@ -101,6 +101,25 @@ def test_a_wrong_root_parameter_is_named_not_the_first_block_whose_output_shows_
 
 # -- the shrinker's pieces, no ranks ------------------------------------------------------------
 
+def test_a_failure_shrinks_only_to_candidates_of_its_own_severity():
+    """An invariant-only failure (padding wrong, every number right) does not shrink to a case
+    whose numbers are wrong as well; numerical failures keep their class as before."""
+    from verify.diagnosis.shrink import same_failure
+    from verify.results import CaseResult
+
+    def case(severity, *checks):
+        return CaseResult(scenario_json="{}", sharder="s", family="mlp", world_size=2, mode="fast",
+                          dtype="fp32", optimizer="sgd", tier="bitwise", verdict="fail",
+                          severity=severity, checks=[{"check": c, "status": "fail"} for c in checks])
+    padding = case("invariant", "padding")
+    assert same_failure(padding, case("invariant", "padding"))
+    assert not same_failure(padding, case("beyond tolerance", "numerics", "padding"))
+    assert not same_failure(padding, case("invariant", "collectives"))
+    gross = case("beyond tolerance", "numerics")
+    assert same_failure(gross, case("beyond tolerance", "gradients", "padding"))
+    assert not same_failure(gross, case("last-bit", "numerics"))
+
+
 def test_candidates_are_valid_and_simpler():
     cands = list(candidates(BIG))
     assert cands and len(set(cands)) == len(cands) and BIG not in cands

@@ -31,7 +31,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Optional
 
-from verify.case.severity import BEYOND, LAST_BIT
+from verify.case.severity import BEYOND, INVARIANT, LAST_BIT
 from verify.results import CaseResult, reason_line
 from verify.scenarios import WORLD_SIZES, Scenario, build_model, wrap_units
 
@@ -112,11 +112,13 @@ def _numeric_class(name: str) -> str:
 
 def same_failure(original: CaseResult, candidate: CaseResult) -> bool:
     """The candidate fails the way the original does: the same verdict, the original's first
-    failing check among its own, and for a numerical failure the same severity class (a gross
-    failure never shrinks to a last-bit one, nor the other way)."""
+    failing check among its own, and the same severity class: a gross failure never shrinks to
+    a last-bit one, nor the other way, and an invariant-only failure (padding, collectives, ...
+    with every number right) never shrinks to a case whose numbers are also wrong, which would
+    read as another bug."""
     if candidate.passed or candidate.verdict != original.verdict:
         return False
-    if original.severity in (LAST_BIT, BEYOND) and candidate.severity != original.severity:
+    if original.severity in (LAST_BIT, BEYOND, INVARIANT) and candidate.severity != original.severity:
         return False
     if original.verdict == "error":
         return error_kind(candidate) == error_kind(original)
