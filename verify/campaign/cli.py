@@ -86,7 +86,8 @@ def add_run_arguments(run: argparse.ArgumentParser) -> None:
                           "scenario, locate its first divergence (default: 300; 0: off)")
     run.add_argument("--resume-cases", type=count, default=0, metavar="N",
                      help="also draw N checkpoint-resume cases (train at one world size, save, "
-                          "load at another, finish), run after the others (default: 0)")
+                          "load at another, finish), run after the others, for each sharder whose "
+                          "adapter has save() and load(); none with --plant (default: 0)")
     run.add_argument("--offload", choices=sorted(OFFLOADS), default="no",
                      help="draw CPU-offload cases (WrapPlan.offload: shards and optimizer state "
                           "on the CPU) for sharders that declare offload = True: no, yes (every "
