@@ -151,18 +151,22 @@ def test_deepspeed_trains_bitwise_and_its_traffic_is_seen(rank_pool, sharder):
 @needs_deepspeed
 @pytest.mark.multigpu
 @NOT_UNDER_TORCHRUN
-def test_zero3_reduced_gradients_are_checked_and_replay_its_first_step(rank_pool):
-    """ZeRO-3's `reduced_gradients` (DeepSpeed's ``safe_get_local_grad``) feeds the `gradients`
-    check and the replayed first step: the correct engine passes or is reported with every
-    step's gradients held to the reference; a 1.5x learning rate, inside fast Adam's reported
-    bound at W = 4, fails in the optimizer phase."""
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_zero_reduced_gradients_are_checked_and_replay_its_first_step(rank_pool, stage):
+    """Each stage's `reduced_gradients` (ZeRO-3: DeepSpeed's ``safe_get_local_grad``; ZeRO-1/2:
+    the parameter's fragment of the averaged gradient partition, [Note: ZeRO-1/2 reduced
+    gradients]) feeds the `gradients` check and the replayed first step: the correct engine
+    passes or is reported with every step's gradients held to the reference (the ranks' local
+    gradients differ from it: only the averaged ones match); a 1.5x learning rate, inside fast
+    Adam's reported bound at W = 4, fails in the optimizer phase."""
     if 4 not in rank_pool.world_sizes:
         pytest.skip("world size 4 needs a pool of 4 ranks")
     from verify.diagnosis.shrink import first_phase
     s = dataclasses.replace(GPT, world_size=4, optimizer="adamw", lr=0.01)
-    ok = run_one(rank_pool, s, sharder="deepspeed_zero3", timeout_s=120.0)
+    ok = run_one(rank_pool, s, sharder=f"deepspeed_zero{stage}", timeout_s=120.0)
     assert ok.verdict in ("pass", "reported"), ok.reason
     assert ok.steps and all(st.grads_ok for st in ok.steps)
-    bad = run_one(rank_pool, s, sharder="tests.verdict_sharders:FastLrZero3", timeout_s=120.0)
+    bad = run_one(rank_pool, s, sharder=f"tests.verdict_sharders:FastLrZero{stage}",
+                  timeout_s=120.0)
     assert bad.verdict == "fail", bad.reason
     assert "reduced gradients" in bad.reason and first_phase(bad) == "optimizer", bad.reason

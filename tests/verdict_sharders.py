@@ -101,22 +101,30 @@ class FastLr(DDP):
 
 
 try:
-    from verify.sharders.deepspeed_zero import DeepSpeedZero3
+    from verify.sharders.deepspeed_zero import DeepSpeedZero1, DeepSpeedZero2, DeepSpeedZero3
 except ImportError:   # pragma: no cover - the module imports without DeepSpeed
     DeepSpeedZero3 = None
 
 if DeepSpeedZero3 is not None:
-    class FastLrZero3(DeepSpeedZero3):
-        """DeepSpeed ZeRO-3 with its torch optimizer's learning rate raised 1.5x after
+    class _FastLrEngine:
+        """DeepSpeed ZeRO with its torch optimizer's learning rate raised 1.5x after
         ``deepspeed.initialize``: the gradients are right, the update is not, within the reported
         tier's 2 lr bound; the first step replayed from ``reduced_gradients`` sees it."""
-        name = "fast_lr_zero3"
 
         def shard_with_optimizer(self, model, plan, group):
             engine, opt = super().shard_with_optimizer(model, plan, group)
             for g in opt.inner.param_groups:
                 g["lr"] *= 1.5
             return engine, opt
+
+    class FastLrZero1(_FastLrEngine, DeepSpeedZero1):
+        name = "fast_lr_zero1"
+
+    class FastLrZero2(_FastLrEngine, DeepSpeedZero2):
+        name = "fast_lr_zero2"
+
+    class FastLrZero3(_FastLrEngine, DeepSpeedZero3):
+        name = "fast_lr_zero3"
 
 
 class ResetsAdam(DDP):

@@ -41,8 +41,10 @@ Probes: no padding views (DeepSpeed allocates its partition padding with ``torch
 never zeroes it, so there is no invariant to check: n/a, not a pass); stage 3's local pieces
 (``param.ds_tensor``, this rank's slice of the flattened parameter: the reassembly check) and
 reduced gradients (``safe_get_local_grad``, the averaged gradient partition: the `gradients`
-check, and the first step replayed from them in the tolerance and reported tiers; stages 1 and
-2 have no such probe, since their ``.grad`` may still hold the unreduced local gradient);
+check, and the first step replayed from them in the tolerance and reported tiers); stages 1
+and 2's reduced gradients are read from the fragment of the averaged gradient partition each
+parameter maps to on this rank (``param._hp_mapping``; not ``.grad``, which may still hold the
+unreduced local gradient): [Note: ZeRO-1/2 reduced gradients];
 `state_bytes` (the engine's optimizer state lives in DeepSpeed's flat fp32 partitions, which
 the generic probe cannot see; see its docstring).
 
@@ -178,6 +180,34 @@ class _DeepSpeedZero(Sharder):
 
     def full_parameters(self, model, optimizer):
         return {n: p.detach().cpu().clone() for n, p in model.module.named_parameters()}
+
+    # [Note: ZeRO-1/2 reduced gradients]
+    # ZeRO-1/2 keep each rank's partition of the averaged gradient in flat buffers, one per
+    # parameter group (``optimizer.averaged_gradients``). DeepSpeed maps every parameter with
+    # elements in this rank's partition to its fragment there (``param._hp_mapping``: where the
+    # fragment starts in the flattened parameter, ``lp_fragment_address``, and the fragment,
+    # ``get_lp_grad_fragment``). That is the probe's {name: (flat offset, elements)}, read
+    # without a collective between backward and the step, the window DeepSpeed keeps them in
+    # (``get_lp_grad_fragment`` raises outside it: then the probe gives None, n/a). Not ``.grad``
+    # nor ``safe_get_full_grad``, which returns ``.grad`` when it is set, and at stage 1 that
+    # can be the unreduced local gradient. A parameter with no elements on this rank, a frozen
+    # one and one without a gradient fragment give no piece here.
+    def reduced_gradients(self, model):
+        """{name: (flat offset, this rank's fragment of the averaged gradient)}: see
+        [Note: ZeRO-1/2 reduced gradients]."""
+        out = {}
+        for n, p in model.module.named_parameters():
+            mapping = getattr(p, "_hp_mapping", None)
+            if mapping is None or not p.requires_grad:
+                continue
+            try:
+                frag = mapping.get_lp_grad_fragment(p._index_in_param_group)
+            except ValueError:   # outside DeepSpeed's window: nothing to read
+                return None
+            if frag is not None:
+                addr = mapping.lp_fragment_address
+                out[n] = (addr.start, frag.detach().reshape(-1)[: addr.numel].cpu().clone())
+        return out
 
     def state_bytes(self, model, optimizer) -> Optional[int]:
         """This rank's parameters as the module holds them (stage 3: its partition
