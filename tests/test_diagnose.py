@@ -120,6 +120,25 @@ def test_a_failure_shrinks_only_to_candidates_of_its_own_severity():
     assert not same_failure(gross, case("last-bit", "numerics"))
 
 
+def test_a_signature_names_what_failed_first_not_what_followed():
+    """A wrong update at step 0 makes step 1's gradients differ too: the signature names the
+    step-0 failure only, so the group reads as the optimizer bug it is; a check failing at init
+    (step None) comes first."""
+    from verify.diagnosis.shrink import signature
+    from verify.results import CaseResult
+
+    def case(*checks):
+        return CaseResult(scenario_json="{}", sharder="s", family="mlp", world_size=2, mode="fast",
+                          dtype="fp32", optimizer="sgd", tier="bitwise", verdict="fail",
+                          severity="beyond tolerance",
+                          checks=[{"check": c, "status": st, "step": step} for c, st, step in checks])
+    later = case(("bitwise", "fail", 0), ("gradients", "pass", 0), ("gradients", "fail", 1),
+                 ("bitwise", "fail", 1))
+    assert signature(later) == "s fail numerics beyond tolerance optimizer"
+    init = case(("padding", "fail", None), ("bitwise", "fail", 0))
+    assert signature(init).startswith("s fail padding ")
+
+
 def test_candidates_are_valid_and_simpler():
     cands = list(candidates(BIG))
     assert cands and len(set(cands)) == len(cands) and BIG not in cands

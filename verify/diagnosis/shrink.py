@@ -54,13 +54,30 @@ def first_line(reason: str) -> str:
 def failing_checks(case: CaseResult) -> list[str]:
     """The names of the case's failing checks, in check order, once each (the numerical
     tiers as "numerics")."""
+    return _failing_names(case.checks or [])
+
+
+def _failing_names(checks: list[dict]) -> list[str]:
     out: list[str] = []
-    for c in case.checks or []:
+    for c in checks:
         if c.get("status") == "fail":
             name = _norm(c.get("check", ""))
             if name not in out:
                 out.append(name)
     return out
+
+
+def first_step_failing_checks(case: CaseResult) -> list[str]:
+    """`failing_checks` of the earliest step with a failing check (one at init, step None,
+    first): what went wrong first, not what followed once the training had diverged (a wrong
+    update at step 0 makes every later gradient differ too)."""
+    def when(c):
+        return -1 if c.get("step") is None else c["step"]
+    fails = [c for c in case.checks or [] if c.get("status") == "fail"]
+    if not fails:
+        return []
+    first = min(map(when, fails))
+    return _failing_names([c for c in fails if when(c) == first])
 
 
 def primary_check(case: CaseResult) -> str:
@@ -93,11 +110,11 @@ def first_phase(case: CaseResult) -> str:
 
 
 def signature(case: CaseResult, plant: Optional[str] = None) -> str:
-    """The check that failed and where: the sharder, the plant, the verdict, the failing checks
-    (the error kind for an error), and for a numerical failure its severity (last-bit or beyond
-    tolerance, verify/case/severity.py) and first divergent phase (`first_phase`). Failures
-    with one signature are shrunk once."""
-    what = error_kind(case) if case.verdict == "error" else "+".join(failing_checks(case))
+    """The check that failed and where: the sharder, the plant, the verdict, the checks failing
+    at the first failing step (`first_step_failing_checks`; the error kind for an error), and for
+    a numerical failure its severity (last-bit or beyond tolerance, verify/case/severity.py) and
+    first divergent phase (`first_phase`). Failures with one signature are shrunk once."""
+    what = error_kind(case) if case.verdict == "error" else "+".join(first_step_failing_checks(case))
     numeric = case.severity if case.severity in (LAST_BIT, BEYOND) else ""
     return " ".join(x for x in (case.sharder_spec or case.sharder,
                                 f"plant={plant}" if plant else "", case.verdict, what, numeric,
