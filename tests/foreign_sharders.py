@@ -101,6 +101,21 @@ class FSDP2Undeclared(TorchFSDP2):
         return None
 
 
+class FSDP2AsWritten(TorchFSDP2):
+    """FSDP2 (``fully_shard`` per unit) as an adapter written against DESIGN section 6 alone
+    would have it: no `tier()` (the built-in's says where FSDP2 regroups a gradient sum)."""
+    name = "fsdp2_as_written"
+
+    def tier(self, scenario):
+        return None
+
+
+class FSDP2SaysExact(FSDP2AsWritten):
+    """The same, claiming it never regroups: held to the bitwise tier everywhere."""
+    name = "fsdp2_says_exact"
+    regroups_shared_inputs = False
+
+
 # -- the optional hooks for engines (verify/sharders/base.py) -------------------------------------
 
 from verify.sharders.ddp import DDP  # noqa: E402  (the hooks below are DDP's, changed one at a time)

@@ -101,6 +101,8 @@ class CaseResult:
     divergence: str = ""               # one line: the first divergence's step, phase and unit
     minimal_divergence: str = ""       # the same for the minimal scenario
     hang: str = ""                     # a hung case: the first divergent collective of the ranks
+    tier_note: str = ""                # why the case was judged at a looser tier after the run
+    #                                    (verify/case/judge.py, [Note: a regrouped gradient sum])
 
     @property
     def passed(self) -> bool:

@@ -14,6 +14,8 @@ def print_case(case: CaseResult, what: str) -> int:
         print(f"  step {st.step}: loss {st.loss:.9g} vs {st.loss_ref:.9g}  max|d param| {st.max_abs:.3g} "
               f"max ULP {st.max_ulp} bitwise={st.bitwise} padding_ok={st.padding_ok} "
               f"reassembly_ok={st.reassembly_ok} collectives_ok={st.collectives_ok}")
+    if case.tier_note:
+        print(case.tier_note)
     if case.reason:
         print(case.reason)
     return 0 if case.passed else 1

@@ -2,8 +2,9 @@
 W_b into a freshly built (differently initialised) model and optimizer, train the remaining
 steps, and compare every step with the reference of the uninterrupted run.
 
-A `ResumeCase` is a `Scenario` (as it finishes: ``world_size`` = W_b, ``steps`` the total) plus
-W_a and ``s``, run for any sharder whose adapter has ``save`` and ``load`` (DESIGN section 6).
+A `ResumeCase` (verify/campaign/resume_cases.py, with `draw_resume_cases`) is a `Scenario` (as
+it finishes: ``world_size`` = W_b, ``steps`` the total) plus W_a and ``s``, run for any sharder
+whose adapter has ``save`` and ``load`` (DESIGN section 6).
 Two pool runs make a case: `save_phase` on ranks 0..W_a-1 (the first ``s`` steps, then the
 adapter's ``save`` into a directory the parent chose), then `load_phase` on ranks 0..W_b-1 (the
 adapter's ``load``, steps ``s..steps-1``). Both train through `verify.case.train.Trainer`, so a
@@ -35,19 +36,18 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import random
 import tempfile
 import time
-from collections import Counter, defaultdict
-from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 import torch.distributed as dist
 
 from verify.campaign.console import print_case
-from verify.case.draw import declined_by, draw_scenarios, skip_reason, with_stateful_optimizer
-from verify.case.judge import Check, case_tier, evaluate, replays, state_model_bytes
+from verify.campaign.resume_cases import ResumeCase, draw_resume_cases
+from verify.case.draw import skip_reason
+from verify.case.judge import TIERS, Check, case_tier, evaluate, regrouping_tier, replays
+from verify.case.judge import state_model_bytes
 from verify.case.severity import case_severity
 from verify.case.state_check import LOADED_RIGHT, loaded_problems
 from verify.case.train import Trainer, snapshot
@@ -55,50 +55,11 @@ from verify.ranks.pool import RankPool
 from verify.ranks.poolset import PoolSet, as_pool_set
 from verify.reference import Replayer, guarded, run_reference
 from verify.results import CaseResult, held_verdict
-from verify.scenarios import ALL_WORLD_SIZES, Scenario, build_model
+from verify.scenarios import Scenario, build_model
 from verify.sharders import DEFAULT_SHARDER, has_checkpointing, load, replay_env, resolve
 
 __all__ = ["ResumeCase", "save_phase", "load_phase", "resume_reference", "run_resume",
            "evaluate_resume", "draw_resume_cases", "resume_replay_command", "replay_resume"]
-
-@dataclass(frozen=True)
-class ResumeCase:
-    scenario: Scenario        # the case as it finishes: world_size = W_b, steps = the total
-    save_world_size: int      # W_a: the world size that trains the first steps and saves
-    save_after: int           # s: steps trained before the checkpoint, 1 <= s < steps
-    # s2 (s < s2 < steps), or None: a double resume. The loading phase trains to s2, saves again
-    # with the same adapter instance (so Stateful app state it keeps is reused), and a third
-    # phase loads that at W_b and finishes: load -> train -> save -> load (pytorch#138575).
-    resume_again_after: Optional[int] = None
-
-    def __post_init__(self) -> None:
-        s = self.scenario
-        if self.save_world_size not in ALL_WORLD_SIZES:
-            raise ValueError(f"save_world_size={self.save_world_size!r}: must be a power of two "
-                             f"from 1 to {ALL_WORLD_SIZES[-1]}")
-        if s.micro_batches < self.save_world_size:
-            raise ValueError(f"micro_batches={s.micro_batches} is smaller than "
-                             f"save_world_size={self.save_world_size}: the two phases would "
-                             "train on different data")
-        if not (isinstance(self.save_after, int) and 1 <= self.save_after < s.steps):
-            raise ValueError(f"save_after={self.save_after!r}: must be in [1, steps={s.steps})")
-        again = self.resume_again_after
-        if again is not None and not (isinstance(again, int) and self.save_after < again < s.steps):
-            raise ValueError(f"resume_again_after={again!r}: must be in (save_after="
-                             f"{self.save_after}, steps={s.steps})")
-
-    @property
-    def scenario_a(self) -> Scenario:
-        """The scenario as the saving world size runs it (same M, same data)."""
-        return self.scenario.with_world_size(self.save_world_size)
-
-    @property
-    def label(self) -> str:
-        again = "" if self.resume_again_after is None else \
-            f", saved and resumed again after {self.resume_again_after}"
-        return (f"W={self.save_world_size} -> {self.scenario.world_size} after "
-                f"{self.save_after}/{self.scenario.steps} steps{again}")
-
 
 # -- rank side ----------------------------------------------------------------------------------
 
@@ -216,8 +177,15 @@ def run_resume(pool, case: ResumeCase, *, sharder: str = DEFAULT_SHARDER,
             res_b = pool_b.run(s.world_size, load_fn or load_phase, payload,
                                timeout_s=timeout_s) if res_a.ok else None
     ref, ref_error = guarded(resume_reference, case) if res_a.ok and res_b.ok else (None, "")
-    result = _ended(case, spec, adapter, "error", f"{case.label}: {ref_error}") if ref_error else \
-        evaluate_resume(case, res_a, res_b, ref, time.perf_counter() - t0, sharder=spec)
+    if ref_error:
+        result = _ended(case, spec, adapter, "error", f"{case.label}: {ref_error}")
+        return (result, res_a, res_b) if keep_values else result
+    wall = time.perf_counter() - t0
+    result = evaluate_resume(case, res_a, res_b, ref, wall, sharder=spec)
+    looser, why = regrouping_tier(s, adapter, result)
+    if looser is not None:   # see [Note: a regrouped gradient sum] in verify/case/judge.py
+        result = evaluate_resume(case, res_a, res_b, ref, wall, sharder=spec, floor=looser)
+        result.tier_note = why
     return (result, res_a, res_b) if keep_values else result
 
 
@@ -257,13 +225,14 @@ def _resume_result(case: ResumeCase, spec: str, adapter) -> CaseResult:
 
 
 def evaluate_resume(case: ResumeCase, res_a, res_b, ref, wall: float, *,
-                    sharder: str = DEFAULT_SHARDER) -> CaseResult:
+                    sharder: str = DEFAULT_SHARDER, floor: str = "bitwise") -> CaseResult:
     """Both phases judged by `verify.case.judge.evaluate` (steps before the checkpoint at W_a's
-    tier, steps after at the looser tier) and joined into one `CaseResult`."""
+    tier, steps after at the looser tier; neither tighter than ``floor``), joined in one."""
     adapter = load(sharder)
     s, cut, w_a = case.scenario, case.save_after, case.save_world_size
-    loose = _looser(case)
+    loose, at_least = _looser(case), lambda tier: max(tier, floor, key=TIERS.index)
     out = _resume_result(case, sharder, adapter)
+    out.tier = at_least(out.tier)
     out.wall_time_s = wall
     if not res_a.ok or res_b is None or not res_b.ok:
         failed, what = (res_a, f"the save phase (W={w_a}, steps 0..{cut - 1})") if not res_a.ok \
@@ -276,7 +245,8 @@ def evaluate_resume(case: ResumeCase, res_a, res_b, ref, wall: float, *,
         return out
     replayer = Replayer(s) if replays(s, out.tier) else None   # through the checkpoint
     before = evaluate(case.scenario_a, adapter, sharder, res_a, ref[:cut], wall,
-                      tier=case_tier(case.scenario_a, adapter), plan=False, replayer=replayer)
+                      tier=at_least(case_tier(case.scenario_a, adapter)), plan=False,
+                      replayer=replayer)
     after = evaluate(loose, adapter, sharder, res_b, ref[cut:], wall, step_offset=cut,
                      tier=out.tier, plan=False, replayer=replayer)
     for st in after.steps:
@@ -313,67 +283,6 @@ def evaluate_resume(case: ResumeCase, res_a, res_b, ref, wall: float, *,
         out.reason = f"{case.label}:\n" + "\n".join(problems)
     out.severity, out.excess = case_severity(out.checks, out.verdict)
     return out
-
-
-def draw_resume_cases(*, n: int, seed: int, world_sizes: Sequence[int],
-                      modes: Sequence[str] = ("fast", "deterministic"), profile: str = "ci",
-                      dtypes: Sequence[str] = ("fp32", "bf16"),
-                      families: Optional[Sequence[str]] = None,
-                      offloads: Sequence[bool] = (False,), sharders: Sequence = (),
-                      declined: Optional[Counter] = None) -> list[ResumeCase]:
-    """``n`` resume cases, the same for the same arguments: modes in turn, (W_a, W_b) two
-    different world sizes of ``world_sizes`` (equal only when there is one), scenarios drawn by
-    the campaign's strategy at max(W_a, W_b) (so M serves both) with at least 2 steps, and the
-    checkpoint after a step drawn in [1, steps). Every second case is a double resume (saved
-    again after a step in (s, steps), steps raised to s + 2 where needed). ``sharders``: the
-    adapters that will run them; a scenario one of them declines at either world size is drawn
-    again (verify/case/draw.py; ``declined`` counts the reasons)."""
-    if n <= 0:
-        return []
-    sizes = sorted(set(world_sizes))
-    rng = random.Random(f"resume/{seed}")
-    picks = []
-    for i in range(n):
-        w_a, w_b = rng.sample(sizes, 2) if len(sizes) > 1 else (sizes[0], sizes[0])
-        picks.append((w_a, w_b, modes[i % len(modes)]))
-    groups: dict[tuple[int, str], list[int]] = defaultdict(list)
-    for i, (w_a, w_b, mode) in enumerate(picks):
-        groups[(max(w_a, w_b), mode)].append(i)
-    cases: list[Optional[ResumeCase]] = [None] * n
-    check = declined_by(sharders) if sharders else None
-    for (w, mode), idxs in sorted(groups.items()):
-        sizes_here = {picks[i][0] for i in idxs} | {picks[i][1] for i in idxs}
-        drawn = draw_scenarios(world_size=w, mode=mode, n=len(idxs), seed=seed + 1009,
-                               profile=profile, dtypes=dtypes, offloads=offloads,
-                               accept=_at_both(check, sizes_here) if sharders else None,
-                               declined=declined,
-                               **({} if families is None else {"families": families}))
-        for j, i in enumerate(idxs):
-            s = drawn[j % len(drawn)]
-            # ties kept: a resume case is about the checkpoint, not the wrap plan
-            s = dataclasses.replace(s, steps=max(s.steps, 2), ties="kept")
-            cut = rng.randint(1, s.steps - 1)
-            again = None
-            if i % 2:   # every second case resumes twice; its own RNG leaves the others as drawn
-                s = dataclasses.replace(s, steps=max(s.steps, cut + 2))
-                again = random.Random(f"resume-again/{seed}/{i}").randint(cut + 1, s.steps - 1)
-            cases[i] = ResumeCase(s.with_world_size(picks[i][1]), picks[i][0], cut, again)
-    out = [c for c in cases if c is not None]
-    return with_stateful_optimizer(out, None if check is None else (
-        lambda c, s: _at_both(check, {c.save_world_size, s.world_size})(s) is None))
-
-
-def _at_both(check, sizes):
-    """``accept`` for a resume draw: the scenario (at least 2 steps) at every world size its
-    cases save or load at."""
-    def accept(s: Scenario) -> Optional[str]:
-        s = dataclasses.replace(s, steps=max(s.steps, 2))
-        for w in sorted(sizes):
-            why = check(s.with_world_size(w))
-            if why is not None:
-                return f"{why} (W={w})"
-        return None
-    return accept
 
 
 def _declined(case: ResumeCase, adapter) -> Optional[str]:

@@ -20,7 +20,7 @@ from verify import blas
 from verify.campaign.console import print_case
 from verify.campaign.resume import draw_resume_cases, run_resume
 from verify.case.draw import draw_scenarios, skip_reason
-from verify.case.judge import Check, case_tier, evaluate, mesh_label
+from verify.case.judge import Check, case_tier, evaluate, mesh_label, regrouping_tier
 from verify.case.train import run_case
 from verify.compare import tier_for
 from verify.diagnosis.diagnose import DEFAULT_SHRINK_BUDGET_S, console_lines, diagnose_failures
@@ -114,8 +114,13 @@ def run_one(pool, s: Scenario, *, sharder: str = DEFAULT_SHARDER, timeout_s: Opt
         case.wall_time_s, case.severity = time.perf_counter() - t0, "error"
         case.checks.append(Check("error", "fail", detail=ref_error).to_dict())
         return case
-    case = evaluate(s, adapter, spec, result, ref if result.ok else None,
-                    time.perf_counter() - t0, replay=replay, tier=tier)
+    wall = time.perf_counter() - t0
+    case = evaluate(s, adapter, spec, result, ref if result.ok else None, wall, replay=replay,
+                    tier=tier)
+    looser, why = regrouping_tier(s, adapter, case)
+    if looser is not None:   # see [Note: a regrouped gradient sum] in verify/case/judge.py
+        case = evaluate(s, adapter, spec, result, ref, wall, replay=replay, tier=looser)
+        case.tier_note = why
     if not result.ok:
         case.hang = hang_summary(result.error or "")
         # the ranks beyond the case's took part in none of it, unless the sharder reached them

@@ -102,6 +102,13 @@ def write_reports(results: Iterable[Any], out_dir: str | Path, *,
     if declined:
         lines += [declined_line(declined), ""]
     lines += [f"Not run: {n}." for n in notes] + ([""] if notes else [])
+    loosened = [r for r in results if r.get("tier_note")]
+    if loosened:
+        lines += [f"Judged at a looser tier after the run ({len(loosened)} "
+                  f"case{'s' if len(loosened) > 1 else ''}: "
+                  + ", ".join(f"{r['sharder']} W={r['world_size']} {r['family']}"
+                              for r in loosened[:6]) + (", ..." if len(loosened) > 6 else "")
+                  + f"); the first: {loosened[0]['tier_note']}.", ""]
     if n:
         lines += [_describe_run(df), ""]
     lines += ["## Summary", "", summary_table(df), "", _VERDICTS_LEGEND, "",

@@ -37,6 +37,7 @@ class DDP(Sharder):
     modes = ("fast",)
     dtypes = ("fp32",)   # DDP has no public mixed-precision policy that casts as ours does
     offload = False
+    regroups_shared_inputs = False   # the model's own autograd graph, no per-unit functions
 
     def shard(self, model, plan: WrapPlan, group):
         device_ids = None

@@ -19,6 +19,7 @@ class FsdpCore(Sharder):
     dtypes = ("fp32", "bf16")
     offload = True
     hsdp = True
+    regroups_shared_inputs = False   # hooks on unit outputs, no autograd function on inputs
 
     def unsupported(self, scenario):
         split = split_ties(scenario) if scenario.ties != "kept" else []

@@ -54,8 +54,8 @@ from torch.distributed.tensor._utils import compute_local_shape_and_global_offse
 from verify import hsdp_mesh   # what a user's HSDP adapter calls too
 from verify.compare import tier_for
 from verify.reference import param_state
-from verify.scenarios import build_model, split_ties, wrap_units
-from verify.sharders._inputs import input_consumers
+from verify.scenarios import build_model, split_ties
+from verify.sharders._inputs import shared_unit_inputs
 from verify.sharders.base import Sharder, WrapPlan
 
 __all__ = ["TorchFSDP2", "TorchFSDP2Stateful", "shared_unit_inputs", "REFUSES_SPLIT_TIES"]
@@ -168,16 +168,6 @@ def _piece(t: torch.Tensor) -> tuple[int, torch.Tensor]:
     row = math.prod(t.shape[1:]) if t.dim() > 1 else 1
     start = offset[0] * row if t.dim() else 0
     return int(start), local.reshape(-1).cpu().clone()
-
-
-def shared_unit_inputs(s) -> list[str]:
-    """Units (by module name) that receive one and the same gradient-requiring tensor in the
-    first micro-batch's forward of the reference model: where FSDP2's per-unit autograd
-    function on the inputs can reorder the gradient accumulation into that tensor."""
-    model, consumers = input_consumers(s, lambda model: wrap_units(s, model))
-    names = {id(m): n or "<root>" for n, m in model.named_modules()}
-    shared = [[names[id(m)] for m in units] for units in consumers if len(units) >= 2]
-    return sorted({u for units in shared for u in units})
 
 
 class _AppState(Stateful):
