@@ -87,7 +87,7 @@ def add_run_arguments(run: argparse.ArgumentParser) -> None:
     run.add_argument("--resume-cases", type=count, default=0, metavar="N",
                      help="also draw N checkpoint-resume cases (train at one world size, save, "
                           "load at another, finish), run after the others, for each sharder whose "
-                          "adapter has save() and load(); none with --plant (default: 0)")
+                          "adapter has save() and load(); none with a planted bug (default: 0)")
     run.add_argument("--offload", choices=sorted(OFFLOADS), default="no",
                      help="draw CPU-offload cases (WrapPlan.offload: shards and optimizer state "
                           "on the CPU) for sharders that declare offload = True: no, yes (every "
