@@ -88,10 +88,10 @@ class Sharder:
     hsdp = False              # True where plan.mesh (a 2-D replicate x shard mesh) is honoured
     # Whether the sharder may regroup the gradient sum of a tensor that several units receive
     # (FSDP2 wraps each unit's inputs in an autograd function, which changes the order autograd
-    # accumulates that tensor's gradient in): None (not said) or True: a fast-mode case that
-    # differs from the reference only in the last bits where one tensor feeds two or more units
-    # is judged at the looser tier (`verify.case.judge.regrouping_tier`); False: held to
-    # section 3's tier there too (a sharder that leaves its units' inputs alone).
+    # accumulates that tensor's gradient in): None (not said) or True: where one tensor feeds
+    # two or more units, a fast-mode case that fails only in its numbers (with SGD: only in the
+    # last bits) is judged at the looser tier (`verify.case.judge.regrouping_tier`); False: held
+    # to section 3's tier there too (a sharder that leaves its units' inputs alone).
     regroups_shared_inputs: Optional[bool] = None
 
     # -- parent side ----------------------------------------------------------------------------
