@@ -214,6 +214,29 @@ def test_a_gradient_fault_in_the_reported_tier_is_located_in_backward(rank_pool)
     assert "4.0000x" in line, line
 
 
+@pytest.mark.multigpu
+def test_a_forward_fault_in_the_tolerance_tier_is_located_in_forward(rank_pool):
+    """A unit's output skewed (by up to 1) under fast SGD at W = 4: the loss is the first number
+    off, so the located divergence says forward, as the headline's phase does, not backward
+    (whose check fails too). At step 0 the parameters are the initial ones bit for bit, so the
+    bitwise re-run names the unit; from step 1 on the tier's own checks say forward."""
+    _skip_unless(rank_pool, 4)
+    import dataclasses
+    from verify.diagnosis.shrink import first_phase
+    s = dataclasses.replace(Scenario.from_json(_ADAMW_W4), steps=2, optimizer="sgd")
+    for cls, step in (("SkewsForward", 0), ("SkewsForwardLater", 1)):
+        bad = run_one(rank_pool, s, sharder=V + cls, timeout_s=120.0)
+        assert bad.verdict == "fail" and bad.tier == "tolerance", bad.reason
+        assert first_phase(bad) == "forward", bad.checks
+        line = locate_divergence(rank_pool, s, bad, sharder=V + cls)
+        if step == 0:
+            assert line.startswith("first divergence: step 0, blocks.0 forward: "), line
+        else:
+            assert line.startswith("first divergence: step 1, forward (tolerance tier): the loss "
+                                   "is beyond the tier while the parameters after step 0 were "
+                                   "within it"), line
+
+
 def test_a_failing_check_says_last_bit_or_beyond_tolerance_by_how_much():
     import torch
     from verify.case.severity import BEYOND, LAST_BIT, step_severity

@@ -100,6 +100,34 @@ class FastLr(DDP):
         return opt
 
 
+class SkewsForward(DDP):
+    """Correct sharding and gradients of what it computes; the first wrap unit below the root
+    adds a ramp of up to 1 along its output's last dimension (a scale or a constant would
+    vanish in a following LayerNorm), from the step ``skew_from`` on (counted by an optimizer
+    step hook): a forward fault, seen first in the loss."""
+    name = "skews_forward"
+    skew_from = 0
+
+    def shard(self, model, plan, group):
+        self.steps_done = 0
+        unit = next(m for n, m in plan.units if n)
+        unit.register_forward_hook(
+            lambda m, args, out: out + torch.linspace(0, 1.0, out.shape[-1])
+            if self.steps_done >= self.skew_from else out)
+        return super().shard(model, plan, group)
+
+    def optimizer(self, model, plan):
+        opt = super().optimizer(model, plan)
+        opt.register_step_post_hook(
+            lambda o, args, kwargs: setattr(self, "steps_done", self.steps_done + 1))
+        return opt
+
+
+class SkewsForwardLater(SkewsForward):
+    name = "skews_forward_later"
+    skew_from = 1
+
+
 try:
     from verify.sharders.deepspeed_zero import DeepSpeedZero1, DeepSpeedZero2, DeepSpeedZero3
 except ImportError:   # pragma: no cover - the module imports without DeepSpeed

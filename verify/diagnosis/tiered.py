@@ -26,14 +26,26 @@ _REPLAYED = re.compile(r"parameter '([^']+)' against the replayed step")
 def from_tier(s: Scenario, case, d: int) -> Optional[str]:
     """In the tolerance and reported tiers the bits of outputs and gradients differ by design,
     so a bitwise re-run would name the first harmless last-bit difference. There the judge's
-    own tier-aware checks of step ``d`` say the phase: the gradients check (backward), or the
-    replayed step with the gradients passing (optimizer: [Note: the replayed steps] in
-    verify/case/judge.py)."""
+    own tier-aware checks of step ``d`` say the phase: the loss (forward; at step 0 the bitwise
+    re-run is right and names the unit), the gradients check (backward), or the replayed step
+    with the gradients passing (optimizer: [Note: the replayed steps] in verify/case/judge.py)."""
     if case.tier not in ("tolerance", "reported"):
         return None
     at_d = {c["check"]: c for c in case.checks or [] if c.get("step") == d}
     grads, tier = at_d.get("gradients", {}), at_d.get(case.tier, {})
     where = f"first divergence: step {d}"
+    loss = next((ln for ln in (tier.get("detail") or "").splitlines() if ": loss: " in ln), None) \
+        if tier.get("status") == "fail" else None
+    if loss is not None:
+        # The forward diverged before any gradient: the phase `first_phase` names in the
+        # headline. At step 0 the parameters are the initial ones, bit for bit, so the bitwise
+        # re-run names the unit; later they differ in the last bits by design.
+        if d == 0:
+            return None
+        return (f"{where}, forward ({case.tier} tier): the loss is beyond the tier while the "
+                f"parameters after step {d - 1} were within it ({loss.split(': ', 1)[-1]}); the "
+                f"unit is not named, since a bit-for-bit re-run would stop at a last-bit "
+                f"difference")
     if grads.get("status") == "fail":
         detail = (grads.get("detail") or "").splitlines()
         return f"{where}, backward ({case.tier} tier): {detail[0] if detail else 'reduced gradients differ'}"
