@@ -238,9 +238,9 @@ def test_the_name_check_sees_a_branch():
 
 
 def test_a_replay_line_sets_the_pythonpath_a_users_adapter_was_found_through(tmp_path, monkeypatch):
-    """An adapter importable only through PYTHONPATH gets it in its replay line (pasted into a new
-    shell, the line works); one found through the working directory, an installed package or a
-    built-in does not."""
+    """An adapter imported through PYTHONPATH gets it in its replay line (pasted into a new
+    shell, the line works), even when that directory is also the working directory; one found
+    through the working directory alone, an installed package or a built-in does not."""
     from verify.campaign.resume import ResumeCase, resume_replay_command
     from verify.campaign.run import replay_command
     src = tmp_path / "src"
@@ -265,6 +265,9 @@ def test_a_replay_line_sets_the_pythonpath_a_users_adapter_was_found_through(tmp
     assert replay_command(s, "solo:Solo").startswith("python -m verify replay --sharder solo:Solo '")
     assert replay_command(s, "torch_fsdp2").startswith("python -m verify replay --sharder torch_fsdp2 '")
     assert replay_command(s, TB + "Textbook").startswith("python -m verify replay --sharder")
+    # the working directory named on PYTHONPATH too: the line says so, and works from anywhere
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    assert replay_command(s, "solo:Solo").startswith(f"PYTHONPATH={tmp_path} python -m verify replay")
     monkeypatch.delenv("PYTHONPATH")
     assert replay_command(s, "mine.adapters:Mine").startswith("python -m verify replay")
 

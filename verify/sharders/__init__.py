@@ -116,8 +116,9 @@ def load(spec: str) -> Sharder:
 def replay_env(spec: str) -> str:
     """What a replay line must set before ``python -m verify replay`` for this adapter to import
     in a new shell: ``PYTHONPATH=... `` when the adapter's module was imported from a directory
-    that only this process's PYTHONPATH put on the path (not the working directory, which
-    ``python -m`` puts there itself, nor an installed package), else ""."""
+    on this process's PYTHONPATH (even the working directory: the line then works from any
+    directory), else "" (an installed package, a built-in, or a module in the working directory
+    alone, which ``python -m`` finds when the line is run from there)."""
     entries = [e for e in os.environ.get("PYTHONPATH", "").split(os.pathsep) if e]
     if spec in BUILTINS or not entries:
         return ""
@@ -126,7 +127,7 @@ def replay_env(spec: str) -> str:
     if where is None:
         return ""
     root = Path(where).resolve().parents[name.count(".") + (Path(where).stem == "__init__")]
-    if root == Path.cwd().resolve() or root not in {Path(e).resolve() for e in entries}:
+    if root not in {Path(e).resolve() for e in entries}:
         return ""
     return f"PYTHONPATH={shlex.quote(os.pathsep.join(entries))} "
 
