@@ -255,9 +255,11 @@ parameters + gradients + optimizer state ("-": not measured, where the optimizer
 `param_groups` and `state` to read, e.g. a wrapper of the sharder's own, and the adapter has no
 `state_bytes`); *coll vs formula* and *state vs model* (when
 recorded) are the worst ratios of measured to expected (the state model is the ZeRO-3
-(parameters + gradients + optimizer state) / W; on these tiny models the per-parameter alignment
-to 32 elements and the padding to a multiple of W dominate, so it runs above 1; see
-`reports/performance.md` for a real size), and *coll held* counts cases whose collective counts
+(parameters + gradients + optimizer state) / W; the state is read after backward and before
+the optimizer step, so a case whose only step is its first has no optimizer state yet (torch's
+optimizers create it in their first step) and runs below 1; on these tiny models a flat-parameter
+sharder's alignment (fsdp_core's: 32 elements per parameter) and padding to a multiple of W run
+it above 1; see `reports/performance.md` for a real size), and *coll held* counts cases whose collective counts
 and bytes matched the formula at every step. Tiers: deterministic mode owes bitwise equality at
 every world size; fast mode is bitwise at W <= 2 (against the data-parallel reference a
 two-term sum has one result), within the dtype's `torch.testing` tolerance with SGD at
