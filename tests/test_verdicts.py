@@ -258,6 +258,25 @@ def test_a_failing_check_says_last_bit_or_beyond_tolerance_by_how_much():
     assert held.cls == BEYOND and "the tolerance tier's bound" in held.line  # a looser tier's failure
 
 
+def test_pieces_that_cannot_be_compared_do_not_hide_the_measured_excess():
+    """Overlapping pieces leave the gradients check an infinite excess: the case's excess is the
+    measured one of the other checks, and the label says "not comparable" only when nothing
+    was measured (never "infx")."""
+    from verify.case.severity import BEYOND, case_severity
+    from verify.results import severity_label
+    numbers = {"check": "tolerance", "status": "fail", "severity": BEYOND, "excess": 1.2e5, "step": 0}
+    pieces = {"check": "gradients", "status": "fail", "severity": BEYOND, "excess": float("inf"),
+              "step": 0}
+    assert case_severity([numbers, pieces], "fail") == (BEYOND, 1.2e5)
+    assert case_severity([pieces, numbers], "fail") == (BEYOND, 1.2e5)
+    assert case_severity([pieces], "fail") == (BEYOND, float("inf"))
+    label = severity_label({"verdict": "fail", "severity": BEYOND, "excess": float("inf"),
+                            "checks": [pieces]})
+    assert label == "beyond tolerance, pieces not comparable element by element", label
+    assert severity_label({"verdict": "fail", "severity": BEYOND, "excess": 1.2e5,
+                           "checks": [numbers]}) == "beyond tolerance, 1.2e+05x"
+
+
 def test_a_scaled_gradient_is_beyond_tolerance_even_below_atol():
     """A gradient 2x the reference's whose elements are all below the fp32 atol is within the
     torch.testing tolerance element by element, yet no last-bit difference: the relative-norm

@@ -194,6 +194,8 @@ def severity_label(case: Any) -> str:
         if ulp > NEAR_ZERO_ULP and excess is not None:   # see NEAR_ZERO_ULP
             return f"last-bit, {excess:.2g} of the tolerance (values near 0, {ulp} ulp apart)"
         return f"last-bit, {ulp} ulp"
+    if cls == "beyond tolerance" and excess is not None and excess == float("inf"):
+        return "beyond tolerance, pieces not comparable element by element"
     if cls == "beyond tolerance" and excess is not None:
         return f"beyond tolerance, {excess:.3g}x"
     return cls

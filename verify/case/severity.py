@@ -124,21 +124,27 @@ def rank(cls: str) -> int:
 
 def case_severity(checks: list[dict], verdict: str) -> tuple[str, Optional[float]]:
     """(class, greatest excess of its numerical checks or None) of a case's failing checks;
-    ("", None) for a case that did not fail."""
+    ("", None) for a case that did not fail. An infinite excess (pieces that could not be compared
+    element by element) counts only where no check measured a finite one: it would hide the
+    measured size."""
     if verdict == "error":
         return ERROR, None
     if verdict != "fail":
         return "", None
-    classes, worst = [], None
+    classes, worst, unmeasured = [], None, False
     for c in checks:
         if c.get("status") != "fail":
             continue
         if c.get("check") in NUMERIC_CHECKS and c.get("severity"):
             classes.append(c["severity"])
-            if c.get("excess") is not None:
+            if c.get("excess") is not None and math.isinf(float(c["excess"])):
+                unmeasured = True
+            elif c.get("excess") is not None:
                 worst = max(worst or 0.0, float(c["excess"]))
         elif c.get("check") in NUMERIC_CHECKS:
             classes.append(BEYOND)
         else:
             classes.append(INVARIANT)
+    if worst is None and unmeasured:
+        worst = math.inf
     return (min(classes, key=rank) if classes else BEYOND), worst
