@@ -296,6 +296,12 @@ def test_a_scaled_gradient_is_beyond_tolerance_even_below_atol():
     assert bad and scaled.cls == BEYOND and scaled.excess > 50 and "relative-norm bound" in scaled.line
     bad, near = judged({"a": _ulps_off(ref["a"], 1), "b": ref["b"]})
     assert bad and near.cls == LAST_BIT and near.ulp == 1
+    # fp32 gradients of a bf16 scenario (reduce dtype fp32): the line names the tolerance used
+    out: list = []
+    gradient_problems([{"records": [{"grads": {"a": (0, _ulps_off(ref["a"], 1)), "b": (0, ref["b"])}}]}],
+                      0, ref, "bitwise", "bf16", out)
+    line = state_severity("bitwise", "bf16", out).line
+    assert "the fp32 torch.testing tolerance" in line and "bf16" not in line, line
 
 
 def test_a_last_bit_label_between_values_near_zero_gives_the_tolerance_fraction_not_ulps():

@@ -91,6 +91,10 @@ def step_severity(s, tier: str, *, loss: torch.Tensor, loss_ref: torch.Tensor,
     return worst._replace(ulp=max(loss_sev.ulp, par_sev.ulp))
 
 
+_DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16",
+                torch.float64: "fp64"}
+
+
 def gradient_tolerance(dtype: torch.dtype) -> Tolerance:
     return TOLERANCES.get(dtype, TOLERANCES[torch.float32])
 
@@ -107,8 +111,9 @@ def state_severity(tier: str, dtype: str, failed: list) -> Severity:
     pairs = [p for p in failed if isinstance(p, tuple)]
     ratios = [r for r in failed if isinstance(r, float)]
     if tier == "bitwise" and pairs and not ratios:
-        tdtype = pairs[0][1].dtype
-        return tensors_severity(pairs, gradient_tolerance(tdtype), f"the {dtype} torch.testing "
+        tdtype = pairs[0][1].dtype   # the tensors' own (fp32 gradients of a bf16 scenario)
+        name = _DTYPE_NAMES.get(tdtype, str(tdtype).replace("torch.", ""))
+        return tensors_severity(pairs, gradient_tolerance(tdtype), f"the {name} torch.testing "
                                 "tolerance", last_bit_possible=None not in failed)
     worst = max(ratios) if ratios else math.inf
     bound = "the tolerance tier's" if tier == "bitwise" else f"the {tier} tier's"
