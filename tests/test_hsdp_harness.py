@@ -25,6 +25,18 @@ def test_mesh_is_validated_and_round_trips_and_1d_json_is_unchanged():
     assert s.with_world_size(8).mesh == (2, 4) and s.with_world_size(2).mesh == (2, 1)
 
 
+def test_the_state_model_divides_by_the_shard_group_on_a_mesh():
+    """Each of the R replicas holds a whole sharded copy: the memory model per rank on an (R, S)
+    mesh is the unsharded state / S, not / W."""
+    import torch
+    from verify.case.judge import state_model_bytes
+    params = {"w": torch.zeros(100), "b": torch.zeros(20)}
+    flat = Scenario("mlp", (), 4, micro_batches=4, optimizer="adam")
+    assert state_model_bytes(flat, params) == 120 * 4 * 4 // 4
+    assert state_model_bytes(dataclasses.replace(flat, mesh=(2, 2)), params) == 120 * 4 * 4 // 2
+    assert state_model_bytes(dataclasses.replace(flat, mesh=(4, 1)), params) == 120 * 4 * 4
+
+
 def test_a_1d_draw_is_unchanged_and_a_2d_draw_covers_the_shapes():
     one = draw_scenarios(world_size=4, mode="fast", n=6, seed=3)
     again = draw_scenarios(world_size=4, mode="fast", n=6, seed=3, meshes="1d")

@@ -106,14 +106,14 @@ def regrouping_tier(s: Scenario, sharder, case: CaseResult) -> tuple[Optional[st
 
 
 def state_model_bytes(s: Scenario, ref_params: dict) -> int:
-    """ZeRO-3 model per rank: (parameters + gradients + optimizer state) / W, fp32."""
+    """ZeRO-3 model per rank: (parameters + gradients + optimizer state) / W (S on a mesh), fp32."""
     seen, n = set(), 0
     for t in ref_params.values():
         if id(t) not in seen:
             seen.add(id(t))
             n += t.numel() * 4
     opt_copies = {"sgd": 0, "sgd_momentum": 1, "adam": 2, "adamw": 2}[s.optimizer]
-    return (n * (2 + opt_copies)) // s.world_size
+    return (n * (2 + opt_copies)) // (s.world_size if s.mesh is None else s.mesh[1])
 
 
 def _align(s: Scenario, params: dict, ref: dict) -> tuple[dict, dict, list[str]]:

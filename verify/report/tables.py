@@ -255,7 +255,7 @@ parameters + gradients + optimizer state ("-": not measured, where the optimizer
 `param_groups` and `state` to read, e.g. a wrapper of the sharder's own, and the adapter has no
 `state_bytes`); *coll vs formula* and *state vs model* (when
 recorded) are the worst ratios of measured to expected (the state model is the ZeRO-3
-(parameters + gradients + optimizer state) / W; the state is read after backward and before
+(parameters + gradients + optimizer state) / W, / S on an (R, S) mesh; the state is read after backward and before
 the optimizer step, so a case whose only step is its first has no optimizer state yet (torch's
 optimizers create it in their first step) and runs below 1; on these tiny models a flat-parameter
 sharder's alignment (fsdp_core's: 32 elements per parameter) and padding to a multiple of W run
