@@ -102,3 +102,18 @@ class UsesDefaultGroup(Replicated):
     def reduce(self, i, grad, world):
         dist.all_reduce(grad)
         grad /= world
+
+
+class SaveHangsOnRank1(Replicated):
+    """Trains right; in its checkpoint's save, rank 1 skips the all-reduce every other rank
+    makes (a resume case's save phase hangs there)."""
+    name = "save_hangs_on_rank_1"
+
+    def save(self, path, model, optimizer):
+        if dist.get_rank(self.group) != 1:
+            dist.all_reduce(torch.zeros(1), group=self.group)
+        if dist.get_rank(self.group) == 0:
+            torch.save(model.state_dict(), f"{path}/model.pt")
+
+    def load(self, path, model, optimizer):
+        model.load_state_dict(torch.load(f"{path}/model.pt", weights_only=True))

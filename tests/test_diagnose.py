@@ -357,6 +357,22 @@ def test_a_rank_divergent_sharder_is_explained_and_the_campaign_goes_on(pool, sh
     assert run_one(pool, s, sharder="tests.hang_sharders:Replicated").passed   # goes on
 
 
+def test_a_hang_in_a_resume_cases_save_is_explained_from_that_phase(pool):
+    """A save phase that hangs: the collective log is the phase's own (not the previous case's,
+    whose collectives would be read as where the ranks stopped), it names the adapter's save,
+    and the result carries the hang summary the console prints."""
+    from verify.campaign.resume import ResumeCase, run_resume
+    s = dataclasses.replace(BIG, steps=2, optimizer="sgd")
+    assert run_one(pool, s, sharder="tests.hang_sharders:Replicated").passed   # a log to go stale
+    case = run_resume(pool, ResumeCase(s, 2, 1), sharder="tests.hang_sharders:SaveHangsOnRank1",
+                      timeout_s=HANG_TIMEOUT_S)
+    assert case.verdict == "error" and "the save phase" in case.reason, case.reason[:400]
+    assert case.hang and "the adapter's save" in case.hang, case.hang
+    assert "rank 1 issued only 7 collectives on group [0, 1]; rank 0's 8th is all_reduce 4 B " \
+        "fp32 on group [0, 1] (the adapter's save <- tests/hang_sharders.py" in case.hang, case.hang
+    assert run_one(pool, s, sharder="tests.hang_sharders:Replicated").passed   # goes on
+
+
 def test_a_hang_on_the_default_group_is_explained_at_once_and_its_replay_hangs_too(
         pool, monkeypatch, capsys):
     monkeypatch.setattr(campaign, "AUTO_TIMEOUT_FLOOR_S", 4.0)

@@ -51,6 +51,8 @@ from verify.case.judge import state_model_bytes
 from verify.case.severity import case_severity
 from verify.case.state_check import LOADED_RIGHT, loaded_problems
 from verify.case.train import Trainer, snapshot
+from verify.diagnosis.collective_log import CollectiveLog
+from verify.diagnosis.hangs import hang_summary
 from verify.ranks.pool import RankPool
 from verify.ranks.poolset import PoolSet, as_pool_set
 from verify.reference import Replayer, guarded, run_reference
@@ -76,10 +78,14 @@ def save_phase(payload: dict, ctx) -> dict:
     through the adapter's ``save``."""
     path = _shared_path(payload, ctx)
     s = Scenario.from_json(payload["scenario_a"])
-    trainer = Trainer(payload["sharder"], s, ctx)
-    pad_init = trainer.padding()
-    records = trainer.steps(range(payload["save_after"]))
-    trainer.sharder.save(path, trainer.model, trainer.optimizer)
+    with CollectiveLog() as log:   # a hang here is explained from this phase's own calls
+        log.install()
+        trainer = Trainer(payload["sharder"], s, ctx)
+        log.watch(trainer.plan.units, trainer.optimizer)
+        pad_init = trainer.padding()
+        records = log.run_steps(trainer, range(payload["save_after"]))
+        log.outside_steps("the adapter's save", trainer.sharder.save, path, trainer.model,
+                          trainer.optimizer)
     return dict(rank=ctx.rank, pad_init=pad_init, records=records)
 
 
@@ -96,17 +102,27 @@ def load_phase(payload: dict, ctx) -> dict:
     model = build_model(s)
     decoy = build_model(dataclasses.replace(s, seed=(s.seed + 0x5EED) % 2**63))
     model.load_state_dict(decoy.state_dict())   # non-persistent buffers keep the real init
-    trainer = Trainer(payload["sharder"], s, ctx, model=model)
-    trainer.sharder.load(path, trainer.model, trainer.optimizer)
-    pad_init = trainer.padding()
-    loaded = snapshot(trainer.sharder.full_parameters(trainer.model, trainer.optimizer))   # collective
-    end = payload.get("save_again_after") or s.steps
-    records = trainer.steps(range(payload["save_after"], end))
-    if end < s.steps:
-        again = _shared_path(dict(payload, path=payload["path_again"]), ctx)
-        trainer.sharder.save(again, trainer.model, trainer.optimizer)
+    with CollectiveLog() as log:
+        log.install()
+        trainer = Trainer(payload["sharder"], s, ctx, model=model)
+        log.watch(trainer.plan.units, trainer.optimizer)
+        log.outside_steps("the adapter's load", trainer.sharder.load, path, trainer.model,
+                          trainer.optimizer)
+        pad_init = trainer.padding()
+        loaded = snapshot(log.outside_steps(   # collective
+            "full_parameters after the load", trainer.sharder.full_parameters, trainer.model,
+            trainer.optimizer))
+        end = payload.get("save_again_after") or s.steps
+        records = log.run_steps(trainer, range(payload["save_after"], end))
+        if end < s.steps:
+            log.outside_steps("the adapter's save", _save_again, payload, ctx, trainer)
     return dict(rank=ctx.rank, pad_init=pad_init, records=records,
                 loaded=loaded if ctx.rank == 0 else None)
+
+
+def _save_again(payload: dict, ctx, trainer) -> None:
+    again = _shared_path(dict(payload, path=payload["path_again"]), ctx)
+    trainer.sharder.save(again, trainer.model, trainer.optimizer)
 
 
 # -- parent side --------------------------------------------------------------------------------
@@ -243,6 +259,7 @@ def evaluate_resume(case: ResumeCase, res_a, res_b, ref, wall: float, *,
                       f"{failed.error or 'no reason given (the ranks reported none)'}")
         out.checks = [Check("error", "fail", detail=out.reason).to_dict()]
         out.severity = "error"
+        out.hang = hang_summary(failed.error or "")   # where the ranks stopped, if they hung
         return out
     replayer = Replayer(s) if replays(s, out.tier) else None   # through the checkpoint
     before = evaluate(case.scenario_a, adapter, sharder, res_a, ref[:cut], wall,

@@ -213,9 +213,6 @@ class Trainer:
                     collectives=collectives, expected_collectives=expected, state_bytes=nbytes,
                     step_time_s=step_time, optim=snapshot(optim))
 
-    def steps(self, steps) -> list[dict]:
-        return [self.step(i) for i in steps]
-
 
 def _retie(model) -> None:
     """``tie_weights()`` on the sharded model (``ties`` "split_retie"), with what the harness was
@@ -282,11 +279,7 @@ def run_case(payload: dict, ctx) -> dict:
         trainer = Trainer(payload.get("sharder", DEFAULT_SHARDER), s, ctx)
         log.watch(trainer.plan.units, trainer.optimizer)
         pad_init = trainer.padding()
-        records = []
-        for i in range(s.steps):
-            log.step = i
-            records.append(trainer.step(i))
-            log.end_step()
+        records = log.run_steps(trainer, range(s.steps))
         return dict(rank=ctx.rank, pad_init=pad_init, records=records, backend_error=problem,
                     placement=placement(trainer.optimizer, ctx.device) if s.offload else None)
 

@@ -4,8 +4,9 @@
 [Note: the collective log]
 A pool rank (verify/ranks/rank.py) has ``VERIFY_COLLECTIVE_LOG`` set to a file of its own in the
 pool's private directory (mode 0700, removed with the generation). While a case runs
-(`CollectiveLog`: the file is truncated when `verify.case.train.run_case` begins, the wrappers
-installed after the backend check and removed when the case ends) every ``torch.distributed`` collective the case calls is wrapped: on entry
+(`CollectiveLog`: the file is truncated when `verify.case.train.run_case` or a resume case's
+save or load phase (verify/campaign/resume.py) begins, the wrappers installed after the
+backend check and removed when the case ends) every ``torch.distributed`` collective the case calls is wrapped: on entry
 the rank appends one line, ``B seq kind ranks bytes dtype where``, and on return ``E seq``,
 each with one unbuffered ``os.write``, so the line is in the file even when the rank then
 blocks forever in C++. ``where`` is the wrap unit in forward (innermost) or in backward (the
@@ -36,7 +37,7 @@ LOG_ENV = "VERIFY_COLLECTIVE_LOG"
 LOGGED = ("all_gather_into_tensor", "all_gather_single", "all_gather", "reduce_scatter_tensor",
           "reduce_scatter_single", "reduce_scatter", "all_to_all_single", "all_to_all",
           "all_reduce", "broadcast", "reduce", "gather", "scatter", "barrier",
-          "all_gather_object", "broadcast_object_list")
+          "all_gather_object", "broadcast_object_list", "gather_object", "scatter_object_list")
 
 # Frames skipped for ``where``: torch's own and the harness's wrappers around the collectives.
 _SKIP_FILES = (os.sep + "torch" + os.sep, os.path.join("verify", "diagnosis", "collective_log.py"),
@@ -149,6 +150,23 @@ class CollectiveLog:
     def end_step(self) -> None:
         self._forward.clear()
         self._backward = self._phase = None
+
+    def run_steps(self, trainer: Any, steps) -> list[dict]:
+        """``trainer.step(i)`` for each step, each logged as that step."""
+        records = []
+        for i in steps:
+            self.step = i
+            records.append(trainer.step(i))
+            self.end_step()
+        return records
+
+    def outside_steps(self, phase: str, fn, *args: Any) -> Any:
+        """``fn(*args)`` logged as ``phase`` (an adapter's save or load) rather than a step."""
+        self.step, self._phase = None, phase
+        try:
+            return fn(*args)
+        finally:
+            self._phase = None
 
     def _post_forward(self, label: str, out: Any) -> None:
         if self._forward and self._forward[-1] == label:
