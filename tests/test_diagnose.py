@@ -207,6 +207,25 @@ def test_the_line_of_a_rank_that_raised_names_its_exception_and_line_before_the_
     assert _reason_line(_RAISED_THEN_STALLED) == line
 
 
+def test_the_line_of_a_death_names_the_rank_that_died_not_the_peer_that_lost_it():
+    """A rank dies in backward; its peer raises gloo's "Connection closed by peer" before the
+    pool sees the death: the line names the dead rank. A rank that raised on its own still leads."""
+    died = ("rank 1 (pid 4242) exited with code 1 while running verify.case.train.run_case at "
+            "world size 2; the pool restarts")
+    lost = ("rank 0 raised in verify.case.train.run_case at world size 2:\n"
+            "Traceback (most recent call last):\n"
+            '  File "/tmp/x/mysharder/ddp.py", line 83, in sync\n    dist.all_reduce(g)\n'
+            "RuntimeError: [../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed "
+            "by peer [127.0.0.1]:36139\n")
+    line = first_line(lost + "\n\n" + died)
+    assert line.startswith("rank 1 exited with code 1 (then ranks 0 raised: the peer was gone)"), line
+    own = lost.replace("[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed "
+                       "by peer [127.0.0.1]:36139", "planted: shard() failed")
+    line = first_line(own + "\n\n" + died)
+    assert line.startswith("rank 0 raised RuntimeError: planted: shard() failed"), line
+    assert first_line(died).startswith("rank 1 (pid 4242) exited with code 1"), first_line(died)
+
+
 def test_the_line_of_an_error_inside_torch_points_at_the_caller_and_follows_chained_errors():
     reason = ("rank 0 raised in verify.case.train.run_case at world size 1:\n"
               "Traceback (most recent call last):\n"

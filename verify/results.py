@@ -246,6 +246,19 @@ def _exception_at(raw: list[str], start: int) -> Optional[str]:
     return f"{exc} (at {_where(*(theirs or outside or frames)[-1])})"
 
 
+_DIED = re.compile(r"^rank (\d+) \(pid \d+\) ((?:exited with code|was killed by) [^ ]+(?: [^ ]+)?) "
+                   r"while running ")
+# what a rank raises when a peer process went away under a collective (gloo's words)
+_PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe",
+              "Connection refused")
+
+
+def _raised_exception(raw: list[str], lines: list[str], i: int) -> Optional[str]:
+    """The exception of the "rank N raised in" block at line ``i``."""
+    tb = next((j for j in range(i + 1, len(lines)) if lines[j].startswith("Traceback")), None)
+    return _exception_at(raw, tb) if tb is not None else (lines[i + 1] if i + 1 < len(lines) else None)
+
+
 def reason_line(reason: str) -> str:
     """The one line of a case's reason that says the most (console, report tables, diagnosis):
     a rank's exception with the rank and where it was raised, followed by which ranks were then
@@ -259,10 +272,16 @@ def reason_line(reason: str) -> str:
     if lines[0].endswith(":") and len(lines) > 1 and raised[:1] != [0] \
             and not lines[0].startswith("Traceback"):
         return f"{lines[0]} {reason_line(chr(10).join(raw[1:]))}"
+    died = next((_DIED.match(ln) for ln in lines if _DIED.match(ln)), None)
+    if died and raised and all(any(p in (_raised_exception(raw, lines, i) or "") for p in _PEER_GONE)
+                    for i in raised):
+        # the ranks that raised lost a peer: the one that died is the cause, not they
+        out = f"rank {died.group(1)} {died.group(2)}"
+        others = ", ".join(_RAISED.match(lines[j]).group(1) for j in raised)
+        return f"{out} (then ranks {others} raised: the peer was gone)"
     if raised:
         i = raised[0]
-        tb = next((j for j in range(i + 1, len(lines)) if lines[j].startswith("Traceback")), None)
-        exc = _exception_at(raw, tb) if tb is not None else (lines[i + 1] if i + 1 < len(lines) else None)
+        exc = _raised_exception(raw, lines, i)
         rank = _RAISED.match(lines[i]).group(1)
         out = f"rank {rank} raised {exc}" if exc else lines[i]
         others = [_RAISED.match(lines[j]).group(1) for j in raised[1:]]
