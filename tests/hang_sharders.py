@@ -117,3 +117,25 @@ class SaveHangsOnRank1(Replicated):
 
     def load(self, path, model, optimizer):
         model.load_state_dict(torch.load(f"{path}/model.pt", weights_only=True))
+
+
+class NewGroupOnRank0(Replicated):
+    """Trains right; in shard(), rank 0 alone creates a process group of itself (a counter-named
+    one): its group counter runs ahead of the other ranks'."""
+    name = "new_group_on_rank_0"
+
+    def shard(self, model, plan, group):
+        if dist.get_rank(group) == 0:
+            dist.new_group([dist.get_rank()])
+        return super().shard(model, plan, group)
+
+
+class NewGroupEveryRank(Replicated):
+    """Trains right; in shard(), every rank of the case creates the case's group anew (legal
+    where the case's ranks are the whole default group) and all-reduces the gradients in it."""
+    name = "new_group_every_rank"
+
+    def shard(self, model, plan, group):
+        model = super().shard(model, plan, group)
+        self.group = dist.new_group(dist.get_process_group_ranks(group))
+        return model

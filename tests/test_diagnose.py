@@ -376,6 +376,16 @@ def test_a_rank_divergent_sharder_is_explained_and_the_campaign_goes_on(pool, sh
     assert run_one(pool, s, sharder="tests.hang_sharders:Replicated").passed   # goes on
 
 
+def test_a_group_made_on_one_rank_does_not_hang_the_next_case(pool):
+    """Rank 0 alone makes a process group in one case (its group counter runs ahead); the next
+    case, which makes a group on every rank, must not wait forever on a name the ranks disagree
+    on ([Note: group names inside a case] in verify/ranks/global_state.py)."""
+    s = dataclasses.replace(BIG, steps=1, optimizer="sgd")
+    assert run_one(pool, s, sharder="tests.hang_sharders:NewGroupOnRank0").passed
+    case = run_one(pool, s, sharder="tests.hang_sharders:NewGroupEveryRank", timeout_s=HANG_TIMEOUT_S)
+    assert case.passed, case.reason[:600]
+
+
 def test_a_hang_in_a_resume_cases_save_is_explained_from_that_phase(pool):
     """A save phase that hangs: the collective log is the phase's own (not the previous case's,
     whose collectives would be read as where the ranks stopped), it names the adapter's save,

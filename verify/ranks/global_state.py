@@ -22,12 +22,32 @@ adapter's.
 
 A destroyed default process group (``dist.destroy_process_group()`` in ``shard()``) cannot be
 undone: `group_problem` says so and the rank restarts (rank.py), and the case is an error.
+
+[Note: group names inside a case]
+``dist.new_group`` names a group by a per-process counter (``_world.group_count``) that every
+caller advances, and ranks that disagree on a group's name wait for each other forever. A case
+that creates a group on some ranks only (or on the ranks of a case smaller than the pool, while
+the others idle) leaves the counters out of step, and the next case, of any sharder, that creates
+a group hangs and takes the blame. `align_group_names` sets the counter, before every task, to a
+value that the task alone decides (its number, the same on every rank of it): a case starts with
+the counters in step whatever an earlier one did, and its names are new.
 """
 from __future__ import annotations
 
 from typing import Any, Callable, Optional
 
-__all__ = ["GlobalState", "adopt_imports"]
+__all__ = ["GlobalState", "adopt_imports", "align_group_names"]
+
+_GROUP_NAMES_PER_TASK = 1 << 12
+_GROUP_NAMES_BASE = 1 << 24   # above any count the pool's own start-up reaches
+
+
+def align_group_names(task: int) -> None:
+    """See [Note: group names inside a case]; another torch without the counter: nothing to do."""
+    from torch.distributed import distributed_c10d as c10d  # lazy: no torch at import (rank.py's rule)
+    world = getattr(c10d, "_world", None)
+    if world is not None and hasattr(world, "group_count"):
+        world.group_count = _GROUP_NAMES_BASE + task * _GROUP_NAMES_PER_TASK
 
 _CURRENT: Optional["GlobalState"] = None   # this rank process's guard (None outside a pool rank)
 _TABLES: dict[str, Any] = {}   # the hook tables, found once (module globals: their identity stays)

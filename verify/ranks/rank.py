@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
-from verify.ranks.global_state import GlobalState
+from verify.ranks.global_state import GlobalState, align_group_names
 
 if TYPE_CHECKING:  # torch is imported lazily so that `--help` paths stay fast
     import torch
@@ -231,6 +231,7 @@ def serve(rank: int, max_world_size: int, backend: str, store_path: str, prefix:
             fn, payload = pickle.loads(blob)
             sharder = payload.get("sharder") if isinstance(payload, dict) else None
             guard.enter(sharder)    # what this sharder's earlier cases left, its own again
+            align_group_names(task_id)   # [Note: group names inside a case], global_state.py
             ok, value = True, fn(payload, contexts[world_size])
         except BaseException:                           # SystemExit too: a rank must report
             back = guard.given_back(sharder)

@@ -16,6 +16,7 @@ import traceback
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
+from verify.ranks.global_state import align_group_names
 from verify.ranks.rank import PoolResult, RankContext, pool_world_sizes, qualified_name
 
 if TYPE_CHECKING:
@@ -92,6 +93,7 @@ class TorchrunContext:
         self._contexts: dict[int, RankContext] = {}
         self._build_groups(base.group)
         self.spawned_count, self.restarts = 0, 0
+        self._tasks = 0   # every rank runs every task, in one order: the same count everywhere
 
     def _build_groups(self, world) -> None:
         """A fresh group per world size (the full size too: the default group stays for
@@ -124,6 +126,8 @@ class TorchrunContext:
         start = time.perf_counter()
         ctx = self._contexts.get(world_size)
         mine: tuple[bool, Any] = (True, None)
+        self._tasks += 1
+        align_group_names(self._tasks)   # [Note: group names inside a case], global_state.py
         if ctx is not None:
             try:
                 mine = (True, fn(payload, ctx))
@@ -143,6 +147,7 @@ class TorchrunContext:
         errors = [v for ok, v in outcomes if not ok]
         if errors:
             self.restarts += 1
+            align_group_names(self._tasks)   # whatever the failed case left on some ranks
             self._build_groups(dist.group.WORLD)   # every rank saw the same errors
             return PoolResult(False, None, "\n\n".join(errors), wall)
         return PoolResult(True, [v for _, v in outcomes], None, wall)
