@@ -386,6 +386,23 @@ def test_a_group_made_on_one_rank_does_not_hang_the_next_case(pool):
     assert case.passed, case.reason[:600]
 
 
+def test_an_adapter_import_that_hangs_on_the_ranks_is_waited_out_once_per_run(pool, monkeypatch):
+    """The ranks' import of an adapter never ends: the first case is an error after the import
+    limit, later cases of the adapter are errors at once (not another wait each), and the pool
+    serves other sharders after it."""
+    from verify.ranks import poolset
+    monkeypatch.setattr(poolset, "IMPORT_TIMEOUT_S", 3.0)
+    s = dataclasses.replace(BIG, steps=1, optimizer="sgd")
+    spec = "tests.import_hang_adapter:SlowImport"
+    first = run_one(pool, s, sharder=spec)
+    assert first.verdict == "error" and "timed out after 3 s" in first.reason, first.reason[:400]
+    t0 = time.monotonic()
+    again = run_one(pool, dataclasses.replace(s, seed=1), sharder=spec)
+    assert time.monotonic() - t0 < 2.0
+    assert again.verdict == "error" and "not tried again" in again.reason, again.reason[:400]
+    assert run_one(pool, s, sharder="tests.hang_sharders:Replicated").passed
+
+
 def test_a_hang_in_a_resume_cases_save_is_explained_from_that_phase(pool):
     """A save phase that hangs: the collective log is the phase's own (not the previous case's,
     whose collectives would be read as where the ranks stopped), it names the adapter's save,

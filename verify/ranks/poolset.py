@@ -32,6 +32,7 @@ class PoolSet:
         self.default_pool_startups: dict[int, float] = {}   # W -> seconds to spawn and serve
         self._hsdp_ready: set = set()
         self._imported: set = set()
+        self._hung: dict[str, str] = {}   # spec -> why: an import that timed out, not retried
 
     # -- the main pool's surface ------------------------------------------------------------------
     @property
@@ -87,13 +88,20 @@ class PoolSet:
         """Import the adapter ``spec`` on every rank of ``pool`` (once per set of processes),
         under its own limit (`IMPORT_TIMEOUT_S`) rather than a case's: a slow import (DeepSpeed
         checks its op builders; W ranks import at once on few cores) is not a hang. Why it
-        failed, or None."""
+        failed, or None. An import that timed out is not tried again in this run: every case
+        of the adapter would wait out the limit again (a raise is retried: it costs little)."""
         key = (id(pool), getattr(pool, "restarts", 0), spec)
+        if spec in self._hung:
+            return self._hung[spec]
         if key in self._imported or not isinstance(pool, RankPool):
             return None
         res = pool.run(pool.max_world_size, import_adapter, spec, timeout_s=IMPORT_TIMEOUT_S)
         if not res.ok:
-            return f"importing the adapter {spec} on the ranks failed:\n{res.error}"
+            why = f"importing the adapter {spec} on the ranks failed:\n{res.error}"
+            if "timed out after" in (res.error or ""):
+                self._hung[spec] = (f"importing the adapter {spec} on the ranks timed out earlier "
+                                    f"in this run, so it is not tried again:\n{res.error}")
+            return why
         self._imported.add(key)
         return None
 
