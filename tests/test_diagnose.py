@@ -207,6 +207,30 @@ def test_the_line_of_a_rank_that_raised_names_its_exception_and_line_before_the_
     assert _reason_line(_RAISED_THEN_STALLED) == line
 
 
+def test_the_line_of_an_adapter_import_error_names_the_adapters_line():
+    """The harness's error about an adapter's import, raised from the adapter's own exception:
+    the line points at the adapter's line, not at the harness's re-raise (nor at importlib)."""
+    import os
+    from verify.results import reason_line
+    harness = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "verify")
+    reason = (
+        "rank 0 raised in verify.ranks.poolset.import_adapter at world size 2:\n"
+        "Traceback (most recent call last):\n"
+        f'  File "{harness}/sharders/__init__.py", line 66, in load_class\n    mod = import_module(m)\n'
+        '  File "<frozen importlib._bootstrap>", line 1204, in _gcd_import\n'
+        '  File "/tmp/p/probe_c/adapter_importfail.py", line 4, in <module>\n    raise ImportError("no")\n'
+        "ImportError: no\n\n"
+        "The above exception was the direct cause of the following exception:\n\n"
+        "Traceback (most recent call last):\n"
+        f'  File "{harness}/ranks/rank.py", line 244, in serve\n    fn(payload)\n'
+        f'  File "{harness}/sharders/__init__.py", line 72, in load_class\n    raise SharderSpecError(x)\n'
+        "verify.sharders.SharderSpecError: --sharder probe_c.adapter_importfail:Mine6: cannot import\n")
+    line = reason_line(reason)
+    assert line == ("rank 0 raised verify.sharders.SharderSpecError: --sharder "
+                    "probe_c.adapter_importfail:Mine6: cannot import (at "
+                    "/tmp/p/probe_c/adapter_importfail.py:4 in <module>)"), line
+
+
 def test_the_line_of_a_death_names_the_rank_that_died_not_the_peer_that_lost_it():
     """A rank dies in backward; its peer raises gloo's "Connection closed by peer" before the
     pool sees the death: the line names the dead rank. A rank that raised on its own still leads."""

@@ -222,13 +222,16 @@ def _where(path: str, line: str, fn: str) -> str:
 def _exception_at(raw: list[str], start: int) -> Optional[str]:
     """The exception of the traceback whose header is ``raw[start]`` (following chained
     tracebacks to the last), with where it was raised: the innermost frame of the sharder's or
-    the user's code (outside torch and the harness), else the innermost outside torch (the
-    harness's line that called into torch), else the innermost."""
+    the user's code (outside torch and the harness), else that of the exception it was raised
+    from (the harness's error about an adapter's own: its import, say), else the innermost
+    outside torch (the harness's line that called into torch), else the innermost."""
     exc: Optional[str] = None
     frames: list[tuple[str, str, str]] = []
+    cause: list[tuple[str, str, str]] = []   # the user's frames of the chained exceptions before
     for ln in raw[start:]:
         s = ln.strip()
         if s.startswith("Traceback"):
+            cause = _theirs(frames) or cause
             exc, frames = None, []
         elif frame := _FRAME.match(ln):
             frames.append(frame.groups())
@@ -242,8 +245,13 @@ def _exception_at(raw: list[str], start: int) -> Optional[str]:
     if not frames:
         return exc
     outside = [f for f in frames if not _TORCH_FRAME.search(f[0])]
-    theirs = [f for f in outside if not os.path.abspath(f[0]).startswith(_HARNESS_DIR)]
-    return f"{exc} (at {_where(*(theirs or outside or frames)[-1])})"
+    return f"{exc} (at {_where(*(_theirs(frames) or cause or outside or frames)[-1])})"
+
+
+def _theirs(frames: list[tuple[str, str, str]]) -> list[tuple[str, str, str]]:
+    """The frames of the user's code: outside torch, the harness and Python's frozen modules."""
+    return [f for f in frames if not _TORCH_FRAME.search(f[0]) and not f[0].startswith("<frozen")
+            and not os.path.abspath(f[0]).startswith(_HARNESS_DIR)]
 
 
 _DIED = re.compile(r"^rank (\d+) \(pid \d+\) ((?:exited with code|was killed by) [^ ]+(?: [^ ]+)?) "
