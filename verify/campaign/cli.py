@@ -108,8 +108,9 @@ def add_replay_arguments(replay: argparse.ArgumentParser) -> None:
                           "python -m verify replay '<scenario json>'")
     replay.add_argument("scenario", type=scenario_json, metavar="SCENARIO_JSON",
                         help="the scenario as a JSON object (quote it for the shell)")
-    replay.add_argument("--timeout", type=seconds, default=120.0, metavar="S",
-                        help="seconds before the case's ranks are killed (default: 120)")
+    replay.add_argument("--timeout", type=seconds, default=None, metavar="S",
+                        help="seconds before the case's ranks are killed (default: as `run`'s, "
+                             "from the case's size; 120 for a checkpoint-resume case)")
     replay.add_argument("--sharder", type=sharder, default="fsdp_core", metavar="NAME",
                         help="the sharder to run it through: a built-in name or pkg.module:Name "
                              "(default: fsdp_core)")
@@ -216,7 +217,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
         except (ValueError, TypeError) as exc:
             raise UsageError(f"not a checkpoint-resume case: {exc}")
         return replay_resume(args.scenario, args.resume_from, args.save_after,
-                             timeout_s=args.timeout, sharder=spec,
+                             timeout_s=args.timeout or 120.0, sharder=spec,
                              resume_again_after=args.resume_again_after)
     return _exit_code(_campaign().replay(args.scenario, timeout_s=args.timeout,
                                          sharder=spec, **_planted(args),

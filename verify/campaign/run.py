@@ -348,11 +348,14 @@ def _aborted(s: Scenario, spec: str, why: str, left: int) -> CaseResult:
     return case
 
 
-def replay(scenario_json: str, *, timeout_s: float = 120.0, sharder: str = DEFAULT_SHARDER,
-           plant: Optional[str] = None, ranks: Optional[int] = None) -> int:
-    """Run one case as a campaign did (``ranks``: the campaign pool's size, if larger)."""
+def replay(scenario_json: str, *, timeout_s: Optional[float] = None,
+           sharder: str = DEFAULT_SHARDER, plant: Optional[str] = None,
+           ranks: Optional[int] = None) -> int:
+    """Run one case as a campaign did (``ranks``: the campaign pool's size, if larger; the
+    timeout: the campaign's default, `auto_timeout`, unless given)."""
     s = Scenario.from_json(scenario_json)
-    with PoolSet(_ranks(max(s.world_size, ranks or 1), timeout_s), timeout_s=timeout_s) as pool:
+    cap = 120.0 if timeout_s is None else timeout_s
+    with PoolSet(_ranks(max(s.world_size, ranks or 1), cap), timeout_s=cap) as pool:
         case = run_one(pool, s, sharder=sharder, timeout_s=timeout_s, plant=plant)
         if not _is_main(pool):
             return 0 if case.passed else 1
