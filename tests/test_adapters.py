@@ -257,7 +257,8 @@ def test_a_replay_line_sets_the_pythonpath_a_users_adapter_was_found_through(tmp
     load_class("mine.adapters:Mine")
     load_class("solo:Solo")
     s = mlp_scenario(2)
-    want = f"PYTHONPATH={src}{os.pathsep}elsewhere python -m verify replay --sharder mine.adapters:Mine "
+    want = (f"PYTHONPATH={src}{os.pathsep}{tmp_path / 'elsewhere'} python -m verify replay "
+            "--sharder mine.adapters:Mine ")
     assert replay_command(s, "mine.adapters:Mine").startswith(want + "'")
     assert resume_replay_command(ResumeCase(s, 2, 1), "mine.adapters:Mine").startswith(
         want + "--resume-from 2")
@@ -265,8 +266,8 @@ def test_a_replay_line_sets_the_pythonpath_a_users_adapter_was_found_through(tmp
     assert replay_command(s, "solo:Solo").startswith("python -m verify replay --sharder solo:Solo '")
     assert replay_command(s, "torch_fsdp2").startswith("python -m verify replay --sharder torch_fsdp2 '")
     assert replay_command(s, TB + "Textbook").startswith("python -m verify replay --sharder")
-    # the working directory named on PYTHONPATH too: the line says so, and works from anywhere
-    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    # the working directory named on PYTHONPATH too (as "."): the line names it absolutely
+    monkeypatch.setenv("PYTHONPATH", ".")
     assert replay_command(s, "solo:Solo").startswith(f"PYTHONPATH={tmp_path} python -m verify replay")
     monkeypatch.delenv("PYTHONPATH")
     assert replay_command(s, "mine.adapters:Mine").startswith("python -m verify replay")
@@ -314,7 +315,7 @@ def test_the_pytest_plugin_runs_a_named_sharders_drawn_cases(tmp_path):
     counts = re.search(r"\b(\d+) failed, (\d+) passed\b", text)
     assert out.returncode == 1 and counts, text
     assert int(counts.group(1)) >= 1 and int(counts.group(2)) >= 2, text   # the clean one passes
-    assert f"replay: python -m verify replay --sharder {TB}StaleGather '" in text
+    assert f"replay: PYTHONPATH={ROOT} python -m verify replay --sharder {TB}StaleGather '" in text
     bad = subprocess.run(base + ["--sharder", "tests.foreign_sharders:NotASharder"], cwd=ROOT,
                          env=env, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 4 and "not a subclass of verify.Sharder" in bad.stderr + bad.stdout

@@ -247,7 +247,7 @@ def test_cli_plant_option_reaches_the_campaign_and_is_validated(monkeypatch, cap
     assert main(["run", "--plant", "no_divide_by_world", "--world-sizes", "2"]) == 0
     assert calls[-1][1]["plant"] == "no_divide_by_world"
     assert main(["replay", "--plant", "drop_rank_grad", FAST2.to_json()]) == 1
-    assert calls[-1] == ("replay", {"timeout_s": 120.0, "sharder": "fsdp_core", "plant": "drop_rank_grad"})
+    assert calls[-1] == ("replay", {"timeout_s": None, "sharder": "fsdp_core", "plant": "drop_rank_grad"})
     assert main(["replay", FAST2.to_json()]) == 1
     assert "plant" not in calls[-1][1]                  # the real run never names a plant
     for argv in (["run", "--plant", "nope"], ["mutants", "--only", "drop_rank_grad,nope"]):

@@ -127,9 +127,10 @@ def replay_env(spec: str) -> str:
     if where is None:
         return ""
     root = Path(where).resolve().parents[name.count(".") + (Path(where).stem == "__init__")]
-    if root not in {Path(e).resolve() for e in entries}:
+    resolved = [str(Path(e).resolve()) for e in entries]   # absolute: "." means here only
+    if str(root) not in resolved:
         return ""
-    return f"PYTHONPATH={shlex.quote(os.pathsep.join(entries))} "
+    return f"PYTHONPATH={shlex.quote(os.pathsep.join(resolved))} "
 
 
 def display_name(spec: str) -> str:
