@@ -237,6 +237,24 @@ def test_a_forward_fault_in_the_tolerance_tier_is_located_in_forward(rank_pool):
                                    "within it"), line
 
 
+@pytest.mark.multigpu
+def test_halved_gradients_without_a_gradient_probe_fail_on_the_update(rank_pool):
+    """Fast bf16 SGD at W = 4, lr 1e-3: a sharder that halves its gradients, with no
+    reduced_gradients probe, moves every parameter by half the reference's update, within the
+    widened bf16 atol element by element; the update check (the step's update against the
+    reference's, by relative norm) fails it at step 0. fsdp_core itself passes the case."""
+    _skip_unless(rank_pool, 4)
+    import dataclasses
+    s = dataclasses.replace(Scenario.from_json(_ADAMW_W4), optimizer="sgd", lr=0.001,
+                            dtype="bf16", steps=2)
+    ok = run_one(rank_pool, s, timeout_s=120.0)
+    assert ok.passed and ok.tier == "tolerance", ok.reason
+    bad = run_one(rank_pool, s, sharder=V + "HalvesGradientsUnseen", timeout_s=120.0)
+    assert bad.verdict == "fail" and bad.severity == "beyond tolerance", bad.reason
+    assert bad.reason.startswith("step 0: the update (the parameters after the step minus "
+                                 "before): relative norm error 0.5 > 0.01 (0.5000x"), bad.reason
+
+
 def test_a_failing_check_says_last_bit_or_beyond_tolerance_by_how_much():
     import torch
     from verify.case.severity import BEYOND, LAST_BIT, step_severity

@@ -15,6 +15,7 @@ import torch
 
 from verify.scenarios import build_model
 from verify.sharders.ddp import DDP
+from verify.sharders.fsdp_core import FsdpCore
 
 
 def _into_flat_buffer(model: torch.nn.Module) -> None:
@@ -98,6 +99,27 @@ class FastLr(DDP):
         for group in opt.param_groups:
             group["lr"] *= 1.5
         return opt
+
+
+class HalvesGradientsUnseen(FsdpCore):
+    """fsdp_core (bf16 too) halving every gradient before the optimizer step, and giving no
+    ``reduced_gradients``: only the parameters after each step show it, where the bf16 tolerance
+    tier's widened atol admits a halved update element by element ([Note: the update check])."""
+    name = "halves_gradients_unseen"
+
+    def optimizer(self, model, plan):
+        opt = super().optimizer(model, plan)
+
+        def halve(o, args, kwargs):
+            for group in o.param_groups:
+                for p in group["params"]:
+                    if p.grad is not None:
+                        p.grad.mul_(0.5)
+        opt.register_step_pre_hook(halve)
+        return opt
+
+    def reduced_gradients(self, model):
+        return None
 
 
 class SkewsForward(DDP):

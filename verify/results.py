@@ -102,7 +102,7 @@ class CaseResult:
     minimal_divergence: str = ""       # the same for the minimal scenario
     hang: str = ""                     # a hung case: the first divergent collective of the ranks
     tier_note: str = ""                # why the case was judged at a looser tier after the run
-    #                                    (verify/case/judge.py, [Note: a regrouped gradient sum])
+    #                                    (verify/case/regroup.py, [Note: a regrouped gradient sum])
 
     @property
     def passed(self) -> bool:

@@ -200,7 +200,7 @@ def run_resume(pool, case: ResumeCase, *, sharder: str = DEFAULT_SHARDER,
     wall = time.perf_counter() - t0
     result = evaluate_resume(case, res_a, res_b, ref, wall, sharder=spec)
     looser, why = regrouping_tier(s, adapter, result)
-    if looser is not None:   # see [Note: a regrouped gradient sum] in verify/case/judge.py
+    if looser is not None:   # see [Note: a regrouped gradient sum] in verify/case/regroup.py
         result = evaluate_resume(case, res_a, res_b, ref, wall, sharder=spec, floor=looser)
         result.tier_note = why
     return (result, res_a, res_b) if keep_values else result

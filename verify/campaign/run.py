@@ -118,7 +118,7 @@ def run_one(pool, s: Scenario, *, sharder: str = DEFAULT_SHARDER, timeout_s: Opt
     case = evaluate(s, adapter, spec, result, ref if result.ok else None, wall, replay=replay,
                     tier=tier)
     looser, why = regrouping_tier(s, adapter, case)
-    if looser is not None:   # see [Note: a regrouped gradient sum] in verify/case/judge.py
+    if looser is not None:   # see [Note: a regrouped gradient sum] in verify/case/regroup.py
         case = evaluate(s, adapter, spec, result, ref, wall, replay=replay, tier=looser)
         case.tier_note = why
     if not result.ok:

@@ -4,7 +4,8 @@ structured check records (`Check`) and one `CaseResult`.
 Every check runs for every sharder whose adapter gave the probe it needs, and is ``n/a``
 otherwise; nothing here knows a sharder's name. Checks: ``backend`` (the collectives on known
 inputs), the numerical comparison named by the tier (``bitwise`` / ``tolerance`` /
-``reported``: loss and every parameter after the step), ``padding`` (after init, the reduction
+``reported``: loss and every parameter after the step; in the tolerance tier also the step's
+update by relative norm, [Note: the update check] in verify/case/state_check.py), ``padding`` (after init, the reduction
 and the step), ``resharded``, ``reassembly`` (local pieces vs the gathered parameters),
 ``gradients`` (the reduced gradient) and ``optimizer_state`` (exp_avg, exp_avg_sq,
 momentum_buffer), both in every tier (verify/case/state_check.py), ``collectives`` (vs the
@@ -19,8 +20,8 @@ from typing import Any, Optional
 
 import torch
 
-from verify.case.severity import BEYOND, LAST_BIT, NUMERIC_CHECKS, case_severity, state_severity, step_severity, tensors_severity
-from verify.case.state_check import gradient_problems, reassemble, reassembled_gradients, state_problems
+from verify.case.severity import BEYOND, case_severity, state_severity, step_severity, tensors_severity
+from verify.case.state_check import gradient_problems, reassemble, reassembled_gradients, state_problems, update_problems
 from verify.compare import TIERS, TOLERANCES, compare_step, diff_stats, format_diff, tier_for, verdict
 from verify.plan.units import plan_problems
 from verify.case.placement import offload_status
@@ -29,7 +30,7 @@ from verify.reference import Replayer
 from verify.results import CaseResult, StepRecord, held_verdict
 from verify.scenarios import Scenario, build_model
 from verify.sharders import display_name
-from verify.sharders._inputs import shared_unit_inputs
+from verify.case.regroup import regrouping_tier
 
 __all__ = ["Check", "evaluate", "case_tier", "regrouping_tier", "mesh_label", "state_model_bytes",
            "reassemble"]
@@ -69,40 +70,6 @@ def case_tier(s: Scenario, sharder) -> str:
         if TIERS.index(own) > TIERS.index(tier):
             tier = own
     return tier
-
-
-# [Note: a regrouped gradient sum]
-# Where one gradient-requiring tensor feeds two or more wrap units (q, k and v wrapped one by
-# one), a sharder that wraps each unit's inputs in an autograd function (FSDP2 does) changes the
-# order autograd accumulates that tensor's gradient in: a few ULP from the reference's sum even
-# at W = 1, with nothing wrong in the sharding. The built-in FSDP2 and DeepSpeed ZeRO-3 adapters
-# say so in `tier()`; an adapter written against DESIGN section 6 alone does not know to. So a
-# fast-mode case held to the bitwise tier whose failures are all numerical, in a scenario with
-# such a tensor, is judged again at the tier such adapters declare, and says why
-# (`CaseResult.tier_note`): with SGD (momentum or not) only if every difference is in the last
-# bits (the tolerance tier); with Adam whatever its size, since Adam's first steps turn a
-# last-bit gradient difference into a large one (the reported tier, with its bound of what Adam
-# can do and, where the adapter gives reduced gradients, the replayed steps). An adapter whose
-# ``regroups_shared_inputs`` is False (it leaves its units' inputs alone: fsdp_core, ddp) is
-# held to the bitwise tier there too.
-def regrouping_tier(s: Scenario, sharder, case: CaseResult) -> tuple[Optional[str], str]:
-    """(the looser tier, why) for a case [Note: a regrouped gradient sum] applies to, else
-    (None, "")."""
-    sgd = s.optimizer in ("sgd", "sgd_momentum")
-    if (case.verdict != "fail" or case.tier != "bitwise" or s.mode != "fast"
-            or getattr(sharder, "regroups_shared_inputs", None) is False
-            or any(c.get("status") == "fail" and c.get("check") not in NUMERIC_CHECKS
-                   for c in case.checks) or (sgd and case.severity != LAST_BIT)):
-        return None, ""
-    units = shared_unit_inputs(s)
-    if not units:
-        return None, ""
-    tier, which = ("tolerance", "in the last bits") if sgd else ("reported", "in its numbers")
-    return tier, (f"held to the {tier} tier: it differed only {which}, and "
-                  f"one tensor feeds several units ({', '.join(units[:4])}{', ...' * (len(units) > 4)}),"
-                  " whose gradient sum a sharder that wraps each unit's inputs in an autograd "
-                  "function (as FSDP2 does) regroups; regroups_shared_inputs = False on the "
-                  "adapter holds it bitwise ([Note: a regrouped gradient sum], verify/case/judge.py)")
 
 
 def state_model_bytes(s: Scenario, ref_params: dict) -> int:
@@ -294,6 +261,10 @@ def evaluate(s: Scenario, sharder, spec: str, result, ref, wall: float, *,
         pdiff = diff.params
         numeric = verdict(tier, loss=diff.loss, where=where, params=dataclasses.replace(
             pdiff, missing=(), unexpected=(), mismatched=())).reason
+        ratios: list = []   # [Note: the update check] in verify/case/state_check.py
+        upd = update_problems(s, values[0]["records"], ref, i, step_offset == 0, params,
+                              params_ref, ratios) if tier == "tolerance" else []
+        numeric = "\n".join([numeric] * bool(numeric) + [f"{where}: {u}" for u in upd])
         structural = [f"{where}: missing parameters (in the unsharded model, not in the "
                       f"result): {list(pdiff.missing)[:5]}"] if pdiff.missing else []
         structural += [f"{where}: parameter {n!r}: {what}" for n, what in pdiff.mismatched]
@@ -309,6 +280,7 @@ def evaluate(s: Scenario, sharder, spec: str, result, ref, wall: float, *,
         if numeric or replayed:
             sevs = [] if not numeric else [step_severity(
                 s, tier, loss=rec0["loss"], loss_ref=ref_step.loss, params=params, params_ref=params_ref)]
+            sevs += [state_severity(tier, s.dtype, ratios)] if ratios else []
             if replayed:
                 sevs.append(tensors_severity(replay_pairs, TOLERANCES[torch.float32], "the fp32 "
                                              "torch.testing tolerance of the replayed steps",

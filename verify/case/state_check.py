@@ -28,9 +28,10 @@ from typing import Optional
 import torch
 
 from verify.compare import diff_stats, int_view
+from verify.scenarios import build_model
 
 __all__ = ["NORM_RTOL", "LOADED_RIGHT", "loaded_problems", "reassemble", "norm_problems", "gradient_problems", "state_problems",
-           "reassembled_gradients"]
+           "reassembled_gradients", "update_problems"]
 
 # The relative norm error allowed in the non-bitwise tiers, by compute dtype: 2000x the worst
 # measured (see the Note), and any constant scale c with |c - 1| > 1% is caught.
@@ -210,3 +211,33 @@ def loaded_problems(saved: dict, loaded: dict, cut: int) -> list[str]:
     if bad:
         out.append(f"after the load: {bad[:5]} differ from the state saved after step {cut - 1}")
     return out
+
+
+# [Note: the update check]
+# The tolerance tier holds each parameter after the step to a torch.testing tolerance; in bf16
+# its atol is widened by lr * S / 4 ([Note: fast bf16 SGD bounds] in verify/compare.py), and any
+# atol admits an update below it: a sharder whose gradients are zero, halved or doubled can pass
+# element by element where updates are small (seen: zeroed gradients passing fast bf16 SGD at
+# W = 4). SGD's update is linear in the gradients, so the step's update (the parameters after it
+# minus before, each run its own) is held like the gradients check holds the reduced gradients:
+# a relative norm error over all parameters within `NORM_RTOL`. It needs no probe, so it also
+# covers adapters without `reduced_gradients`. Not for Adam (its update is not linear in the
+# gradient; the reported tier has its replayed steps instead).
+
+def update_problems(s, records: list[dict], ref: list, i: int, first_step: bool,
+                    params: dict, params_ref: dict, failed: list) -> list[str]:
+    """[Note: the update check] for record ``i``: the parameters before it are the previous
+    record's (the reference's previous step) or, for the run's first step (``first_step``), the
+    model's initial ones, the same for both; none known (a resumed phase's first): no check."""
+    if i > 0:
+        before, before_ref = records[i - 1].get("params") or {}, ref[i - 1].params
+    elif first_step:
+        before = before_ref = {k: v.detach().float() for k, v in build_model(s).state_dict().items()}
+    else:
+        return []
+    pairs = {n: (params[n].double() - before[n].double(), e.double() - before_ref[n].double())
+             for n, e in params_ref.items()
+             if n in params and n in before and n in before_ref and params[n].shape == e.shape
+             and before[n].shape == e.shape}
+    return norm_problems(pairs, s.dtype, "the update (the parameters after the step minus before)",
+                         failed)
