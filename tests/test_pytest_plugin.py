@@ -121,3 +121,32 @@ def test_under_torchrun_a_default_group_sharder_runs_only_at_the_launched_world(
     assert ranks.for_world("default", 2) == (None, "the sharder uses the default process group, "
                                              "which here has 4 ranks; launch 2 processes for W=2")
     assert ranks.for_world("default", 1)[1].endswith("launch 1 process for W=1")
+
+
+def test_the_plugins_pool_is_no_bigger_than_its_world_sizes_and_its_timeout_is_the_campaigns():
+    """Each xdist worker spawns its own pool: it has as many ranks as the largest
+    --verify-world-sizes (8 where the option does not parse); --verify-timeout defaults to
+    the campaign's automatic timeout (None), not a fixed 120 s."""
+    from verify import pytest_plugin
+
+    class Config:
+        def __init__(self, sizes):
+            self.sizes = sizes
+
+        def getoption(self, name):
+            return {"verify_world_sizes": self.sizes}[name]
+    assert pytest_plugin._largest_world_size(Config("1,2")) == 2
+    assert pytest_plugin._largest_world_size(Config("1,2,4,8")) == 8
+    assert pytest_plugin._largest_world_size(Config("x")) == 8
+    import argparse
+    parser = argparse.ArgumentParser()
+
+    class Group:
+        def addoption(self, *a, **kw):
+            parser.add_argument(*a, **kw)
+
+    class Parser:
+        def getgroup(self, *a, **kw):
+            return Group()
+    pytest_plugin.pytest_addoption(Parser())
+    assert parser.parse_args([]).verify_timeout is None

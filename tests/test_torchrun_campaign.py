@@ -104,3 +104,7 @@ def test_a_rank_that_raises_under_torchrun_is_an_error_case_and_the_campaign_goe
     verdicts = [v for _, v in _verdicts(tmp_path)]
     assert verdicts[0] == "error" and verdicts[1] in ("pass", "reported"), text[-3000:]  # went on
     assert "boom on rank 1 only" in (tmp_path / "results.json").read_text()
+    # rank 1 exits 1 too, but only once rank 0 has written and printed everything (torchrun
+    # stops the other workers when one fails first)
+    assert (tmp_path / "equivalence.md").exists(), text[-3000:]
+    assert "FAILED (error)" in text and "  replay: " in text, text[-3000:]

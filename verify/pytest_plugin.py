@@ -53,8 +53,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="scenarios drawn per world size and mode (default: 4)")
     group.addoption("--verify-seed", default=0, type=int, metavar="S",
                     help="seed of the draw (default: 0)")
-    group.addoption("--verify-timeout", default=120.0, type=float, metavar="S",
-                    help="seconds a case may run (default: 120)")
+    group.addoption("--verify-timeout", default=None, type=float, metavar="S",
+                    help="seconds a case may run (default: as `python -m verify run`'s, from "
+                         "the case's size, at most 120; under torchrun 120, the process "
+                         "groups' collective timeout)")
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -100,17 +102,19 @@ class Equivalence:
 
 
 @pytest.fixture(scope="session")
-def rank_pool():
-    """The session's ranks: a RankPool of VERIFY_MAX_WORLD_SIZE (default 8) spawned processes
-    (in a PoolSet, so default-group sharders get pools of their own size), or, when pytest
-    itself runs under torchrun, a TorchrunContext on the launcher's group. Both offer
-    run(world_size, fn, payload) -> PoolResult."""
+def rank_pool(pytestconfig):
+    """The session's ranks: a RankPool of VERIFY_MAX_WORLD_SIZE spawned processes (default: the
+    largest of --verify-world-sizes, 8 by default; in a PoolSet, so default-group sharders get
+    pools of their own size), or, when pytest itself runs under torchrun, a TorchrunContext on
+    the launcher's group, whose collectives time out after --verify-timeout (default 120 s).
+    Both offer run(world_size, fn, payload) -> PoolResult."""
     from verify.ranks.pool import RankPool  # lazy: torch, and this plugin loads in every pytest run
     from verify.ranks.poolset import PoolSet  # lazy: likewise (it imports fsdp_core)
     if is_torchrun():
-        pool = PoolSet(TorchrunContext())
+        pool = PoolSet(TorchrunContext(timeout_s=pytestconfig.getoption("verify_timeout") or 120.0))
     else:
-        pool = PoolSet(RankPool(int(os.environ.get("VERIFY_MAX_WORLD_SIZE", "8"))))
+        pool = PoolSet(RankPool(int(os.environ.get("VERIFY_MAX_WORLD_SIZE") or
+                                    _largest_world_size(pytestconfig))))
     try:
         yield pool
     finally:
@@ -120,3 +124,12 @@ def rank_pool():
 @pytest.fixture(scope="session")
 def equivalence(rank_pool, pytestconfig) -> Equivalence:
     return Equivalence(rank_pool, pytestconfig)
+
+
+def _largest_world_size(config: pytest.Config) -> int:
+    """The largest of --verify-world-sizes (a pool no bigger than the cases need: each xdist
+    worker spawns its own); 8 where the option does not parse (the draw says why)."""
+    try:
+        return max(int(w) for w in config.getoption("verify_world_sizes").split(",") if w.strip())
+    except (ValueError, TypeError):
+        return 8

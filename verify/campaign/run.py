@@ -292,17 +292,27 @@ def run_campaign(*, world_sizes: Sequence[int], examples: int, seed: int, sharde
             budget_s=0.0 if is_torchrun() else   # ranks in lockstep: no time-based choices
             DEFAULT_SHRINK_BUDGET_S if shrink_budget_s is None else shrink_budget_s)
         startups = dict(pool.default_pool_startups)
-        main = _is_main(pool)
-    elapsed = time.perf_counter() - started
+        if _is_main(pool):   # under torchrun only global rank 0 writes and prints; every rank
+            # returns the same results (the verdicts were shared before anything printed)
+            _write_and_print(results, groups, memory, startups, seed=seed, world_sizes=world_sizes,
+                             out_dir=out_dir, elapsed=time.perf_counter() - started,
+                             several=len(sharders) > 1, declined=declined, notes=notes)
+        settle = getattr(pool.main, "settle", None)
+        if settle is not None:   # torchrun: no rank exits before rank 0 has written
+            settle()
+    return results
+
+
+def _write_and_print(results: list[CaseResult], groups, memory: list[dict], startups: dict, *,
+                     seed: int, world_sizes, out_dir, elapsed: float, several: bool, declined,
+                     notes) -> None:
     failed = [c for c in results if not c.passed]
-    if not main:        # under torchrun only global rank 0 writes and prints; every rank returns
-        return results  # the same results (the verdicts were shared before anything printed)
     title = f"Equivalence campaign: seed {seed}, world sizes {','.join(map(str, world_sizes))}"
     paths = write_reports([c.to_dict() for c in results], Path(out_dir), title=title,
                           pool_memory={"samples": memory, "cache_env": soak.cache_env(),
                                        "default_group_pools": startups}, blas=blas.describe(),
                           declined=dict(declined), notes=notes)
-    if len(sharders) > 1:  # the sharders side by side on the same cases (resume cases too)
+    if several:  # the sharders side by side on the same cases (resume cases too)
         paths.append(write_peers_report([c.to_dict() for c in results], Path(out_dir), title=title))
     print(f"{len(results)} cases run in {elapsed:.1f}s ({len(results) / max(elapsed, 1e-9) * 60:.1f} "
           f"cases/min): {headline(results)}; wrote " + ", ".join(str(p) for p in paths))
@@ -316,7 +326,6 @@ def run_campaign(*, world_sizes: Sequence[int], examples: int, seed: int, sharde
               f"{first_line(c.reason) or 'no reason given'}\n  replay: {c.replay}")
     for line in console_lines(groups):
         print(line)
-    return results
 
 
 def diagnose(pool, results: list[CaseResult], **kw) -> list[list[CaseResult]]:

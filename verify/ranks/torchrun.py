@@ -157,6 +157,23 @@ class TorchrunContext:
         """``RankPool.submit``'s shape: this process is a rank, so the task runs here, now."""
         return _Done(self.run(world_size, fn, payload, timeout_s=timeout_s))
 
+    def settle(self, timeout_s: float = 600.0) -> None:
+        """Called by every rank once rank 0 has written the reports: the others wait for it here.
+        A rank that returned at once with a failing exit code would have torchrun stop rank 0 in
+        the middle of writing. Through the launcher's store, which outlives a process group that
+        a hung case broke; where there is no store, nothing to wait on."""
+        # lazy: no torch at import (module docstring)
+        import torch.distributed as dist
+        try:
+            store = dist.distributed_c10d._get_default_store()
+            key = f"verify/written/{self._tasks}"
+            if self.rank == 0:
+                store.set(key, "1")
+            else:
+                store.wait([key], timedelta(seconds=timeout_s))
+        except Exception:   # no default group or store (another torch), or rank 0 died
+            pass
+
     def close(self) -> None:
         """Destroy the process groups if this context created the default group (a rank that
         exits with live gloo groups can abort at interpreter teardown)."""
@@ -165,8 +182,12 @@ class TorchrunContext:
         if self._owns_default_group and dist.is_initialized():
             try:
                 dist.barrier()
-            finally:
+            except Exception:   # a group a hung case broke: the reports still get written
+                pass
+            try:
                 dist.destroy_process_group()
+            except Exception:
+                pass
         self._owns_default_group = False
         self._contexts.clear()
 
