@@ -368,3 +368,19 @@ def test_the_stderr_pump_forwards_a_warning_once_over_ranks_and_keeps_the_rest()
     assert pump._once(1, c10 % (1, 7) + b"next\n") == b"next\n"   # are not part of what repeats
     note = b"verify: sharder x left process-global state changed; undone for other sharders'\n"
     assert pump._once(0, note) == note and pump._once(1, note) == b""   # the ranks' own notes
+
+
+def test_a_case_larger_than_the_pool_is_skipped_with_the_reason_not_raised():
+    """`equivalence.check` (and run_one) on a world size the ranks cannot hold: skipped, why."""
+    from verify.campaign.run import run_one
+    from verify.ranks.poolset import PoolSet
+    from verify.scenarios import Scenario
+
+    class TwoRanks:   # never asked to run anything: the case is decided before it is sent
+        world_sizes, max_world_size, timeout_s = [1, 2], 2, 60.0
+
+        def close(self):
+            pass
+    case = run_one(PoolSet(TwoRanks()), Scenario("mlp", (), 4, micro_batches=4))
+    assert case.verdict == "skipped" and "world size 4 needs more ranks than 2" in case.reason, \
+        case.reason

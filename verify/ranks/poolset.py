@@ -65,7 +65,11 @@ class PoolSet:
     # -- per sharder ------------------------------------------------------------------------------
     def for_world(self, world: str, world_size: int) -> tuple[Optional[Any], str]:
         """(the pool to run a case of ``world_size`` on for a sharder whose ``world`` is
-        given, or None, and why not)."""
+        given, or None, and why not: a case is skipped, not an error, where the ranks are too
+        few for it)."""
+        if world == "group" and world_size not in self.main.world_sizes:
+            return None, (f"world size {world_size} needs more ranks than "
+                          f"{self.main.max_world_size}")
         if world == "group" or world_size == self.main.max_world_size:
             return self.main, ""
         if not isinstance(self.main, RankPool):   # under torchrun: the launched processes only
