@@ -166,7 +166,7 @@ class TorchrunContext:
         import torch.distributed as dist
         try:
             store = dist.distributed_c10d._get_default_store()
-            key = f"verify/written/{self._tasks}"
+            key = f"verify-reports-written-{self._tasks}"
             if self.rank == 0:
                 store.set(key, "1")
             else:
