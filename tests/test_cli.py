@@ -121,7 +121,13 @@ def test_exit_code_follows_the_verdicts(outcome, code, fake_campaign):
     assert main(["run"]) == code
     assert main(["replay", '{"family": "mlp", "model": {}, "world_size": 2}']) == code
     assert fake_campaign.calls[-1] == ("replay", '{"family": "mlp", "model": {}, "world_size": 2}',
-                                       {"timeout_s": None, "sharder": "fsdp_core"})
+                                       {"timeout_s": None, "sharder": "fsdp_core", "locate": True})
+
+
+def test_replay_no_locate_reaches_the_campaign(fake_campaign):
+    scenario = '{"family": "mlp", "model": {}, "world_size": 2}'
+    assert main(["replay", "--no-locate", scenario]) == EXIT_OK
+    assert fake_campaign.calls[-1][2]["locate"] is False
 
 
 def test_replay_ranks_reaches_the_campaign(fake_campaign):
@@ -129,7 +135,8 @@ def test_replay_ranks_reaches_the_campaign(fake_campaign):
     scenario = '{"family": "mlp", "model": {}, "world_size": 2}'
     assert main(["replay", "--ranks", "4", scenario]) == EXIT_OK
     assert fake_campaign.calls[-1] == ("replay", scenario,
-                                       {"timeout_s": None, "sharder": "fsdp_core", "ranks": 4})
+                                       {"timeout_s": None, "sharder": "fsdp_core", "locate": True,
+                                        "ranks": 4})
 
 
 def _case(verdict):

@@ -493,3 +493,20 @@ def test_a_hang_costs_the_automatic_timeout_not_120_s(pool, monkeypatch):
     assert time.monotonic() - t0 < 4.0 + 15
     assert case.verdict == "error" and "timed out after 4 s" in case.reason, case.reason[:300]
     assert "first divergent collective" in case.hang
+
+
+def test_a_replayed_failure_prints_its_first_divergence_unless_told_not_to(capsys):
+    """The replay line a failure prints leads to the step, phase and unit, as the campaign's
+    diagnosis does: a wrong learning rate is an optimizer-phase divergence at step 0."""
+    s = Scenario.from_json('{"family":"mlp","model":{"bias":false,"d_in":2,"d_out":1,"depth":1,'
+                           '"nested":false,"width":2},"world_size":2,"mode":"fast",'
+                           '"optimizer":"sgd","lr":0.001,"weight_decay":0.0,"steps":1,'
+                           '"micro_batches":2,"micro_batch_size":1,"dtype":"fp32",'
+                           '"wrap":"root_only","reshard_after_forward":true,"seed":230}')
+    assert campaign.replay(s.to_json(), sharder="tests.verdict_sharders:FastLr") == 1
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[-1].startswith("first divergence: step 0, <root> optimizer: the reduced "
+                                "gradients are equal, parameter blocks.0.fc.weight"), lines[-3:]
+    assert campaign.replay(s.to_json(), sharder="tests.verdict_sharders:FastLr",
+                           locate=False) == 1
+    assert "first divergence" not in capsys.readouterr().out

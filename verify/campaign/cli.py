@@ -119,6 +119,9 @@ def add_replay_arguments(replay: argparse.ArgumentParser) -> None:
                         help="run the case on ranks 0..W-1 of a pool of N ranks, as the campaign "
                              "did (a sharder that uses a group it was not given hangs only then; "
                              "a failing case's replay line carries it)")
+    replay.add_argument("--no-locate", dest="locate", action="store_false",
+                        help="do not locate a failing case's first divergence (the step, phase "
+                             "and unit where it first differs; one more run of the case)")
     replay.add_argument("--resume-from", type=world_size, default=None, metavar="W_A",
                         help="a checkpoint-resume case: train at W_A, save, load at the "
                              "scenario's world size and finish (with --save-after)")
@@ -220,7 +223,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
                              timeout_s=args.timeout or 120.0, sharder=spec,
                              resume_again_after=args.resume_again_after)
     return _exit_code(_campaign().replay(args.scenario, timeout_s=args.timeout,
-                                         sharder=spec, **_planted(args),
+                                         sharder=spec, locate=args.locate, **_planted(args),
                                          **({"ranks": args.ranks} if args.ranks else {})))
 
 

@@ -18,6 +18,8 @@ def print_case(case: CaseResult, what: str) -> int:
         print(case.tier_note)
     if case.reason:
         print(case.reason)
+    if case.divergence:
+        print(case.divergence)
     return 0 if case.passed else 1
 
 

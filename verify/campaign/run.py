@@ -25,6 +25,7 @@ from verify.case.train import run_case
 from verify.compare import tier_for
 from verify.diagnosis.diagnose import DEFAULT_SHRINK_BUDGET_S, console_lines, diagnose_failures
 from verify.diagnosis.hangs import hang_summary
+from verify.diagnosis.locate import locate_divergence
 from verify.diagnosis.shrink import first_line
 from verify.ranks.pool import RankPool
 from verify.ranks.poolset import PoolSet, as_pool_set
@@ -359,13 +360,17 @@ def _aborted(s: Scenario, spec: str, why: str, left: int) -> CaseResult:
 
 def replay(scenario_json: str, *, timeout_s: Optional[float] = None,
            sharder: str = DEFAULT_SHARDER, plant: Optional[str] = None,
-           ranks: Optional[int] = None) -> int:
+           ranks: Optional[int] = None, locate: bool = True) -> int:
     """Run one case as a campaign did (``ranks``: the campaign pool's size, if larger; the
-    timeout: the campaign's default, `auto_timeout`, unless given)."""
+    timeout: the campaign's default, `auto_timeout`, unless given); a failing case's first
+    divergence is located (one more run with probes) unless ``locate`` is false."""
     s = Scenario.from_json(scenario_json)
     cap = 120.0 if timeout_s is None else timeout_s
     with PoolSet(_ranks(max(s.world_size, ranks or 1), cap), timeout_s=cap) as pool:
         case = run_one(pool, s, sharder=sharder, timeout_s=timeout_s, plant=plant)
+        if locate and case.verdict == "fail":   # every rank under torchrun: the probe run is collective
+            case.divergence = locate_divergence(pool, s, case, sharder=sharder, plant=plant,
+                                                timeout_s=timeout_s)
         if not _is_main(pool):
             return 0 if case.passed else 1
     planted = f" (planted bug {plant!r})" if plant else ""
