@@ -273,6 +273,25 @@ def test_a_replay_line_sets_the_pythonpath_a_users_adapter_was_found_through(tmp
     assert replay_command(s, "mine.adapters:Mine").startswith("python -m verify replay")
 
 
+def test_a_replay_line_sets_the_pythonpath_a_users_family_was_found_through(tmp_path, monkeypatch):
+    """A model family imported through PYTHONPATH gets it in the replay line of a built-in
+    sharder's case (without it, the pasted line cannot import the family)."""
+    from verify.campaign.resume import ResumeCase, resume_replay_command
+    from verify.campaign.run import replay_command
+    (tmp_path / "fams").mkdir()
+    (tmp_path / "fams" / "__init__.py").write_text("")
+    (tmp_path / "fams" / "mine.py").write_text("from tests.user_family import *\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    s = Scenario("fams.mine", (("n_blocks", 2), ("width", 5)), 2)
+    s.validate()   # imports it, as drawing or a --families flag does
+    want = f"PYTHONPATH={tmp_path} python -m verify replay '"
+    assert replay_command(s, "fsdp_core").startswith(want), replay_command(s, "fsdp_core")
+    assert resume_replay_command(ResumeCase(s, 2, 1)).startswith(
+        f"PYTHONPATH={tmp_path} python -m verify replay --resume-from 2")
+    assert replay_command(mlp_scenario(2), "fsdp_core").startswith("python -m verify replay '")
+
+
 # -- your own model --------------------------------------------------------------------------------
 
 def test_a_family_by_import_path_is_drawn_validated_and_replayable():

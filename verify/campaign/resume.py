@@ -138,7 +138,7 @@ def resume_replay_command(case: ResumeCase, sharder: str = DEFAULT_SHARDER) -> s
     extra = "" if sharder == DEFAULT_SHARDER else f" --sharder {sharder}"
     again = "" if case.resume_again_after is None else \
         f" --resume-again-after {case.resume_again_after}"
-    return (f"{replay_env(sharder)}python -m verify replay{extra} "
+    return (f"{replay_env(sharder, case.scenario.family)}python -m verify replay{extra} "
             f"--resume-from {case.save_world_size} "
             f"--save-after {case.save_after}{again} '{case.scenario.to_json()}'")
 

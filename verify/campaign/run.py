@@ -58,7 +58,7 @@ def replay_command(s: Scenario, sharder: str = DEFAULT_SHARDER, plant: Optional[
     extra = "" if sharder == DEFAULT_SHARDER else f" --sharder {sharder}"
     extra += f" --plant {plant}" if plant else ""
     extra += f" --ranks {ranks}" if ranks and ranks > s.world_size else ""
-    return f"{replay_env(sharder)}python -m verify replay{extra} '{s.to_json()}'"
+    return f"{replay_env(sharder, s.family)}python -m verify replay{extra} '{s.to_json()}'"
 
 
 def _result(s: Scenario, spec: str, verdict: str, reason: str, replay: str, tier: str) -> CaseResult:

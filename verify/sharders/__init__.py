@@ -113,24 +113,28 @@ def load(spec: str) -> Sharder:
                                f"{type(exc).__name__}: {exc}") from exc
 
 
-def replay_env(spec: str) -> str:
-    """What a replay line must set before ``python -m verify replay`` for this adapter to import
-    in a new shell: ``PYTHONPATH=... `` when the adapter's module was imported from a directory
-    on this process's PYTHONPATH (even the working directory: the line then works from any
-    directory), else "" (an installed package, a built-in, or a module in the working directory
-    alone, which ``python -m`` finds when the line is run from there)."""
+def replay_env(spec: str, family: str = "") -> str:
+    """What a replay line must set before ``python -m verify replay`` for this adapter (and the
+    scenario's ``family``, where it is a user's, named by import path) to import in a new shell:
+    ``PYTHONPATH=... `` when one of their modules was imported from a directory on this
+    process's PYTHONPATH (even the working directory: the line then works from any directory),
+    else "" (an installed package, a built-in, or a module in the working directory alone, which
+    ``python -m`` finds when the line is run from there)."""
     entries = [e for e in os.environ.get("PYTHONPATH", "").split(os.pathsep) if e]
-    if spec in BUILTINS or not entries:
+    paths = [p for p in (None if spec in BUILTINS else spec,
+                         family if ("." in family or ":" in family) else None) if p]
+    if not entries or not paths:
         return ""
-    name = spec.partition(":")[0]
-    where = getattr(sys.modules.get(name), "__file__", None)
-    if where is None:
-        return ""
-    root = Path(where).resolve().parents[name.count(".") + (Path(where).stem == "__init__")]
     resolved = [str(Path(e).resolve()) for e in entries]   # absolute: "." means here only
-    if str(root) not in resolved:
-        return ""
-    return f"PYTHONPATH={shlex.quote(os.pathsep.join(resolved))} "
+    for path in paths:
+        name = path.partition(":")[0]
+        where = getattr(sys.modules.get(name), "__file__", None)
+        if where is None:
+            continue
+        root = Path(where).resolve().parents[name.count(".") + (Path(where).stem == "__init__")]
+        if str(root) in resolved:
+            return f"PYTHONPATH={shlex.quote(os.pathsep.join(resolved))} "
+    return ""
 
 
 def display_name(spec: str) -> str:
