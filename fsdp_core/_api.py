@@ -42,6 +42,10 @@ def fully_shard(
     gradients reduced over both and divided by R*S (see [Note: HSDP reduction order])."""
     if not isinstance(module, nn.Module):
         raise TypeError(f"fully_shard expects an nn.Module, got {type(module).__name__}")
+    if type(module).forward is nn.Module.forward:   # a container: its forward hooks never fire
+        raise ValueError(f"fully_shard: {type(module).__name__} has no forward of its own (a "
+                         "container), so its parameters would never be gathered; call fully_shard "
+                         "on the modules inside it, or on the module that calls them")
     if isinstance(module, FSDPModule):
         extra = ""
         prior = module.__dict__.get("_fsdp_mesh")
@@ -127,8 +131,9 @@ def _collect(module: nn.Module) -> tuple[list[nn.Parameter], list[Registration]]
             owner = getattr(p, "_fsdp_sharded_by", None)
             if owner is not None:
                 raise ValueError(
-                    f"parameter {fqn!r} is the same tensor as {owner[1]!r}, which the fully_shard "
-                    f"unit {owner[0].module_name!r} already shards: a parameter "
+                    f"parameter {fqn!r} of {type(module).__name__} is the same tensor as "
+                    f"{owner[1]!r} of the fully_shard unit {owner[0].module_name!r}, which "
+                    "already shards it (names relative to each module): a parameter "
                     "tied across two units cannot be sharded; call fully_shard on a module that "
                     "contains every use of the tied parameter (e.g. only on their common ancestor)"
                 )

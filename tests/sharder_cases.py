@@ -248,6 +248,9 @@ def errors(payload: dict, ctx) -> dict:
     def not_a_module():
         fully_shard(torch.zeros(3), mesh=g)
 
+    def container():
+        fully_shard(nn.ModuleDict({"a": nn.Linear(2, 2)}), mesh=g)
+
     def det_grad_sync_odd():
         m = _shard(zm.build_zoo(0), dict(payload, group=g, det=True))
         _KEEP_ALIVE.append(m)  # an aborted model that outlives its case must not disturb the next
@@ -256,7 +259,7 @@ def errors(payload: dict, ctx) -> dict:
             zm.loss_of(m, zm.batch(0, i)).backward()
 
     for fn in (mixed_devices, tied_across_units, forward_on_meta, already_sharded, outer_first,
-               sd_missing, sd_shape, not_a_module, det_grad_sync_odd):
+               sd_missing, sd_shape, not_a_module, container, det_grad_sync_odd):
         attempt(fn.__name__, fn)
     return out
 

@@ -124,6 +124,7 @@ EXPECTED_ERRORS = {
     "sd_missing": ("RuntimeError", ["blocks.0.fc.weight", "bogus.weight"]),
     "sd_shape": ("RuntimeError", ["blocks.1.fc.weight", "(3, 3)"]),
     "not_a_module": ("TypeError", ["nn.Module"]),
+    "container": ("ValueError", ["ModuleDict has no forward", "modules inside it"]),
     "det_grad_sync_odd": ("RuntimeError", ["power of two"]),
 }
 

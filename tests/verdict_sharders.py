@@ -199,3 +199,26 @@ class SavesNoOptimizerState(DDP):
         import os
         state = torch.load(os.path.join(path, "state.pt"), map_location="cpu", weights_only=True)
         model.module.load_state_dict(state["model"])
+
+
+class ZeroFillsUnused(DDP):
+    """Correct training, but a parameter without a gradient at the end of backward gets a zero
+    one, as FSDP1 gives its unused parameters: the same training under plain SGD, and weight
+    decay or momentum then step those parameters, which unsharded training leaves alone."""
+    name = "zero_fills_unused"
+
+    def shard(self, model, plan, group):
+        from torch.autograd import Variable   # lazy: only this test adapter queues a callback
+        model = super().shard(model, plan, group)
+        params = [p for p in model.parameters() if p.requires_grad]
+
+        def fill():
+            for p in params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+
+        def on_output(module, args, out):
+            if isinstance(out, torch.Tensor) and out.requires_grad:
+                out.register_hook(lambda g: (Variable._execution_engine.queue_callback(fill), g)[1])
+        model.register_forward_hook(on_output)
+        return model

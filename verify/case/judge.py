@@ -21,7 +21,8 @@ from typing import Any, Optional
 import torch
 
 from verify.case.severity import BEYOND, case_severity, state_severity, step_severity, tensors_severity
-from verify.case.state_check import gradient_problems, reassemble, reassembled_gradients, state_problems, update_problems
+from verify.case.state_check import (ZERO_EXTRA, gradient_problems, reassemble, reassembled_gradients,
+                                     state_problems, update_problems, zero_extras)
 from verify.compare import TIERS, TOLERANCES, compare_step, diff_stats, format_diff, tier_for, verdict
 from verify.plan.units import plan_problems
 from verify.case.placement import offload_status
@@ -155,6 +156,11 @@ def _against_replay(s: Scenario, values: list[dict], i: int, step: int, ref_grad
                                " this is the first step after the load: optimizer state (moments, "
                                "step counts) that the checkpoint did not restore shows here"
                                if resumed_at is not None and step == resumed_at else ""))
+        zeros = sorted(zero_extras(values, i, ref_grads) & set(params) & {
+            p.split(": parameter ", 1)[1].split("'")[1] for p in problems if ": parameter " in p})
+        if zeros:
+            problems.insert(1, f"{where}: " + ZERO_EXTRA.format(
+                names=", ".join(zeros), them="it" if len(zeros) == 1 else "them", opt=s.optimizer))
     return problems, pairs
 
 

@@ -1,5 +1,4 @@
-"""The first divergence located: the step, the phase and the unit where a failing case first
-went wrong.
+"""The first divergence located: the step, the phase and the unit where it first went wrong.
 
 The case is run again up to its first failing step d (steps < d exactly as `run_case` runs
 them) and step d is run with probes, on every rank (`probe_case`) and on the reference
@@ -17,8 +16,8 @@ forward    the output of every wrap unit (`WrapPlan.units`), in execution order 
            says so, and where only its inputs did, it names the first unit whose own
            parameters did (an embedding in the root, whose output comes last).
 backward   the reduced gradient of every parameter (the adapter's ``reduced_gradients``
-           probe, reassembled from the ranks' pieces) against the reference's step gradient;
-           "n/a" where the adapter has no probe.
+           probe, reassembled from the ranks' pieces) against the reference's step gradient
+           (an all-zero one the reference has none of is the same; n/a without the probe).
 optimizer  the parameters after the step (``full_parameters``), given equal gradients.
 
 The result is one line (`locate_divergence`), e.g. ``first divergence: step 1, blocks.0
@@ -33,7 +32,7 @@ from typing import Any, Optional
 import torch
 from torch.utils._pytree import tree_leaves
 
-from verify.case.judge import reassemble
+from verify.case.state_check import ZERO_EXTRA, all_zero, reassemble
 from verify.case.train import Trainer
 from verify.compare import int_view, ulp_distance
 from verify.diagnosis.shrink import first_line
@@ -365,7 +364,7 @@ def _compare(s: Scenario, d: int, values: list[dict], ref: dict) -> str:
         return f"{where}, {unit} forward: output of {unit} on rank {r}{micro} {what}"
     # backward: the reduced gradients
     recs = [v.get("grads") for v in values]
-    grads_ok = None
+    grads_ok, zeros = None, set()
     if all(rec is not None for rec in recs):
         given = {n for rec in recs for n in rec}
         for name, want in ref["grads"].items():
@@ -377,10 +376,10 @@ def _compare(s: Scenario, d: int, values: list[dict], ref: dict) -> str:
             if what is not None:
                 return (f"{where}, {unit_of(name, units)} backward: reduced gradient of {name} "
                         f"{what}")
-        extra = sorted(given - set(ref["grads"]))
-        if extra:
+        zeros = {n for n in given - set(ref["grads"]) if all_zero(recs, n)}
+        if extra := sorted(given - set(ref["grads"]) - zeros):
             return (f"{where}, {unit_of(extra[0], units)} backward: a reduced gradient of "
-                    f"{extra[0]}, which the reference has none of (frozen)")
+                    f"{extra[0]}, which the reference has none of (frozen or unused there)")
         grads_ok = True
     # optimizer: the parameters after the step
     params = values[0].get("params") or {}
@@ -390,9 +389,10 @@ def _compare(s: Scenario, d: int, values: list[dict], ref: dict) -> str:
         what = describe_diff(params[name].reshape(want.shape).to(want.dtype), want)
         if what is not None:
             unit = unit_of(name, units)
+            why = "; " + ZERO_EXTRA.format(names=name, them="it", opt=s.optimizer) if name in zeros else ""
             if grads_ok:
                 return (f"{where}, {unit} optimizer: the reduced gradients are equal, parameter "
-                        f"{name} after the step {what}")
+                        f"{name} after the step {what}{why}")
             return (f"{where}, {unit} backward or optimizer (reduced gradients n/a: the adapter "
                     f"has no reduced_gradients probe): parameter {name} after the step {what}")
     return (f"{where}: n/a (re-run with probes: unit outputs, "

@@ -22,7 +22,7 @@ class FsdpCore(Sharder):
     regroups_shared_inputs = False   # hooks on unit outputs, no autograd function on inputs
 
     def unsupported(self, scenario):
-        split = split_ties(scenario) if scenario.ties != "kept" else []
+        split = split_ties(scenario)
         if split:
             return (f"fsdp_core refuses a parameter tied across two units ({', '.join(split[:2])}): "
                     "fully_shard raises ValueError; shard the tie's common ancestor instead")
@@ -84,8 +84,9 @@ class FsdpCore(Sharder):
 
     def expected_collectives(self, model, trace: StepTrace):
         """Per unit and micro-batch: one all-gather per forward call plus one in backward when
-        resharding after forward (one in all without; none in backward for a unit autograd
-        never reaches), and one reduction per unit with a parameter that got a gradient this
+        resharding after forward (without: one per micro-batch the unit's forward runs in;
+        none in backward for a unit autograd never reaches, none at all for a unit whose forward
+        never runs), and one reduction per unit with a parameter that got a gradient this
         step (``trace.with_grad``; reduce-scatter in fast mode, all-to-all in deterministic
         mode): a unit whose parameters were all unused has nothing to reduce. Nothing on one rank.
         On a 2-D mesh (R, S) the gathers and that reduction are in the shard group (none when
@@ -113,11 +114,15 @@ class FsdpCore(Sharder):
                 continue
             name = names[id(m)]
             item = unit.param_dtype.itemsize
-            n_calls = trace.forward_calls.get(name, 0) // micro
+            calls = trace.forward_calls.get(name, 0)
             regather = 1 if name in trace.backward_units else 0
-            per_micro = (n_calls + regather) if unit.reshard_after_forward else 1
-            gathers[0] += per_micro * micro
-            gathers[1] += per_micro * micro * unit.layout.padded_numel * item
+            # resharded after forward: a gather per forward and one for backward, per
+            # micro-batch; kept unsharded: one per micro-batch its forward runs in (none for
+            # a unit whose forward never runs, e.g. a dead head)
+            n = (calls // micro + regather) * micro if unit.reshard_after_forward \
+                else min(calls, micro)
+            gathers[0] += n
+            gathers[1] += n * unit.layout.padded_numel * item
             if id(unit) in reduced:
                 reduce[0] += 1
                 reduce[1] += unit.layout.padded_numel * unit.reduce_dtype.itemsize

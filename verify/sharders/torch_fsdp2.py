@@ -83,7 +83,7 @@ class TorchFSDP2(Sharder):
         if zero_d:
             return (f"FSDP2 shards every parameter on dim 0 and refuses 0-d parameters "
                     f"({', '.join(zero_d[:3])})")
-        if scenario.ties != "kept" and REFUSES_SPLIT_TIES and split_ties(scenario):
+        if REFUSES_SPLIT_TIES and split_ties(scenario):
             return (f"FSDP2 (torch {torch.__version__}) refuses a parameter tied across two "
                     f"fully_shard groups ({', '.join(split_ties(scenario)[:2])}): ValueError at "
                     "the first forward, since torch 2.12 (pytorch#176076)")

@@ -1,0 +1,121 @@
+"""Model families of the kinds users bring and the built-in ones do not have, each a class with
+the family interface, named by import path (``tests.odd_families:DeadHead``):
+
+`DeadHead`: every block has a Linear its forward never calls, and the root a head that is never
+used (parameters without gradients, units whose forward never runs). `TiedBlocks`: the first and
+the last block share one Linear weight (a tie between two blocks, not an embedding and a head).
+`FunctionalChild`: a child whose parameters its parent reads directly, never calling its
+forward, as `nn.MultiheadAttention` does with `out_proj`.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class _Family:
+    DEFAULTS = dict(width=4, n_blocks=2)
+
+    @staticmethod
+    def check(kw: dict) -> None:
+        if kw["width"] < 1 or kw["n_blocks"] < 1:
+            raise ValueError(f"width and n_blocks must be >= 1, got {kw}")
+
+    @staticmethod
+    def blocks(model):
+        return list(model.blocks)
+
+    @staticmethod
+    def make_batch(kw: dict, n: int, gen: torch.Generator):
+        return torch.randn(n, kw["width"], generator=gen), torch.randn(n, 1, generator=gen)
+
+    @staticmethod
+    def loss(model, batch):
+        x, y = batch
+        return F.mse_loss(model(x).float(), y)
+
+
+class _DeadBlock(nn.Module):
+    def __init__(self, d: int):
+        super().__init__()
+        self.fc = nn.Linear(d, d)
+        self.dead = nn.Linear(d, d)   # never called
+
+    def forward(self, x):
+        return x + torch.tanh(self.fc(x))
+
+
+class _DeadNet(nn.Module):
+    def __init__(self, width: int, n_blocks: int):
+        super().__init__()
+        self.blocks = nn.ModuleList(_DeadBlock(width) for _ in range(n_blocks))
+        self.head = nn.Linear(width, 1)
+        self.dead_head = nn.Linear(width, 1)   # never used
+
+    def forward(self, x):
+        for b in self.blocks:
+            x = b(x)
+        return self.head(x)
+
+
+class DeadHead(_Family):
+    @staticmethod
+    def build(width: int, n_blocks: int):
+        return _DeadNet(width, n_blocks)
+
+
+class _Block(nn.Module):
+    def __init__(self, d: int):
+        super().__init__()
+        self.fc = nn.Linear(d, d)
+
+    def forward(self, x):
+        return x + torch.tanh(self.fc(x))
+
+
+class _TiedNet(nn.Module):
+    def __init__(self, width: int, n_blocks: int):
+        super().__init__()
+        self.blocks = nn.ModuleList(_Block(width) for _ in range(max(n_blocks, 2)))
+        self.blocks[-1].fc.weight = self.blocks[0].fc.weight
+        self.head = nn.Linear(width, 1)
+
+    def forward(self, x):
+        for b in self.blocks:
+            x = b(x)
+        return self.head(x)
+
+
+class TiedBlocks(_Family):
+    @staticmethod
+    def build(width: int, n_blocks: int):
+        return _TiedNet(width, n_blocks)
+
+
+class _Reads(nn.Module):
+    def __init__(self, d: int):
+        super().__init__()
+        self.fc = nn.Linear(d, d)
+        self.proj = nn.Linear(d, d)   # its forward never runs: its weight is read here
+
+    def forward(self, x):
+        return x + F.linear(torch.tanh(self.fc(x)), self.proj.weight, self.proj.bias)
+
+
+class _ReadsNet(nn.Module):
+    def __init__(self, width: int, n_blocks: int):
+        super().__init__()
+        self.blocks = nn.ModuleList(_Reads(width) for _ in range(n_blocks))
+        self.head = nn.Linear(width, 1)
+
+    def forward(self, x):
+        for b in self.blocks:
+            x = b(x)
+        return self.head(x)
+
+
+class FunctionalChild(_Family):
+    @staticmethod
+    def build(width: int, n_blocks: int):
+        return _ReadsNet(width, n_blocks)

@@ -1,0 +1,84 @@
+"""Models of the kinds users bring (tests/odd_families.py) through the harness: no false alarm
+for a correct sharder, and a model a sharder cannot shard is declined with the reason, not run
+and blamed on it."""
+from __future__ import annotations
+
+import pytest
+
+from verify.campaign.run import run_one
+from verify.diagnosis.locate import locate_divergence
+from verify.scenarios import Scenario
+from verify.sharders import load
+
+F = "tests.odd_families:"
+V = "tests.verdict_sharders:"
+
+
+def _skip_unless(pool, w):
+    if w not in pool.world_sizes:
+        pytest.skip(f"world size {w} needs more ranks than {max(pool.world_sizes)}")
+
+
+def _dead(w: int, **kw) -> Scenario:
+    return Scenario(F + "DeadHead", (("n_blocks", 2), ("width", 4)), w, **kw)
+
+
+@pytest.mark.multigpu
+@pytest.mark.parametrize("reshard", [True, False])
+def test_units_whose_forward_never_runs_have_no_gathers_in_fsdp_cores_formula(rank_pool, reshard):
+    """A dead Linear in every block and a dead head, each a unit of its own (every_leaf): kept
+    unsharded after forward, fsdp_core gathers a unit once per micro-batch its forward runs in,
+    never for one whose forward never runs; the formula says the same."""
+    _skip_unless(rank_pool, 2)
+    s = _dead(2, wrap="every_leaf", reshard_after_forward=reshard, optimizer="adam")
+    case = run_one(rank_pool, s, sharder="fsdp_core")
+    assert case.verdict == "pass", case.reason
+    assert all(st.collectives_ok for st in case.steps), case.reason
+
+
+@pytest.mark.multigpu
+def test_a_zero_gradient_for_an_unused_parameter_is_the_same_training_under_plain_sgd(rank_pool):
+    """FSDP1 gives unused parameters a zero gradient where unsharded training gives none: under
+    plain SGD that trains the same, so the gradients check must not fail it."""
+    _skip_unless(rank_pool, 2)
+    case = run_one(rank_pool, _dead(2), sharder=V + "ZeroFillsUnused")
+    assert case.verdict == "pass", case.reason
+    assert all(st.bitwise for st in case.steps)
+
+
+@pytest.mark.multigpu
+def test_weight_decay_on_a_zero_gradient_fails_on_the_parameter_and_says_why(rank_pool):
+    """With AdamW's weight decay the zero gradient moves the dead parameters: a real difference,
+    reported on the parameters, and the located divergence says where it comes from."""
+    _skip_unless(rank_pool, 2)
+    s = _dead(2, optimizer="adamw", weight_decay=0.1, steps=1)
+    case = run_one(rank_pool, s, sharder=V + "ZeroFillsUnused")
+    assert case.verdict == "fail" and "dead" in case.reason, case.reason
+    assert "a gradient the reference has none of" not in case.reason, case.reason
+    line = locate_divergence(rank_pool, s, case, sharder=V + "ZeroFillsUnused")
+    assert " optimizer: the reduced gradients are equal, parameter " in line, line
+    assert "this sharder gave it an all-zero gradient where unsharded training gives none" in line
+
+
+@pytest.mark.multigpu
+def test_the_replayed_step_names_the_zero_gradients_a_decayed_parameter_got(rank_pool):
+    """In the reported tier (fast AdamW at W = 4) the replay of the sharder's own gradients is
+    what catches the decayed dead parameters; the reason says that it was the zero gradients,
+    not that the optimizer went wrong."""
+    _skip_unless(rank_pool, 4)
+    s = _dead(4, optimizer="adamw", weight_decay=0.1, micro_batches=4, steps=1, lr=0.1)
+    case = run_one(rank_pool, s, sharder=V + "ZeroFillsUnused")
+    assert case.tier == "reported" and case.verdict == "fail", case.reason
+    assert "this sharder gave them an all-zero gradient where unsharded training gives none" \
+        in case.reason, case.reason
+
+
+@pytest.mark.parametrize("sharder", ["fsdp_core", "torch_fsdp2"])
+def test_a_weight_tied_between_two_blocks_is_declined_not_blamed(sharder):
+    """Both sharders refuse a parameter two units own: per_block puts the first and the last
+    block's shared weight in two units even with the scenario's ties kept."""
+    s = Scenario(F + "TiedBlocks", (("n_blocks", 2), ("width", 3)), 2)
+    reason = load(sharder).unsupported(s)
+    assert reason and "blocks.0.fc.weight" in reason, reason
+    assert load(sharder).unsupported(Scenario(F + "TiedBlocks", (("n_blocks", 2), ("width", 3)), 2,
+                                              wrap="root_only")) is None
