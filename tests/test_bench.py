@@ -188,3 +188,16 @@ def test_harness_cost_draws_only_cases_fsdp_core_runs(monkeypatch):
     kw = {k: v for k, v in seen.items() if k != "n"}
     cases = draw_scenarios(n=40, **kw)
     assert cases and all(decline(s) is None for s in cases)
+
+
+def test_a_draw_only_some_sharders_decline_runs_for_the_others():
+    """Several sharders: a bf16 candidate that ddp (fp32 only) declines is still drawn for
+    fsdp_core, which declares bf16; one that every sharder declines is set aside."""
+    from verify.case.draw import declined_by, draw_scenarios
+    both = declined_by(["fsdp_core", "ddp"])
+    cases = draw_scenarios(world_size=2, mode="fast", n=12, seed=0, dtypes=("fp32", "bf16"),
+                           sharders=["fsdp_core", "ddp"])
+    assert any(s.dtype == "bf16" for s in cases), [s.dtype for s in cases]
+    assert all(both(s) is None for s in cases)
+    det = draw_scenarios(world_size=2, mode="deterministic", n=4, seed=0, sharders=["ddp", "fsdp1"])
+    assert det and declined_by(["ddp"])(det[0]) is not None   # neither runs it: made up, skipped

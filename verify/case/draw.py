@@ -3,9 +3,9 @@ scenarios per world size and mode, the same for the same seed (the campaign, res
 pytest plugin and the bench all draw here).
 
 Draws that run: given the adapters that will run the cases (``sharders``) or any other check
-(``accept``), a drawn scenario that one of them declines (`skip_reason`: outside its declared
+(``accept``), a drawn scenario that they all decline (`skip_reason`: outside its declared
 modes, dtypes, offload or meshes, or its ``unsupported()``) is set aside and counted (by reason,
-in ``declined``), and the n cases are picked among the rest; where too few are left, up to
+in ``declined``; one that only some decline runs for the others), and the n cases are picked among the rest; where too few are left, up to
 `REDRAWS` more rounds are drawn (bounded), and only then are declined ones used to make up n
 (they run as ``skipped``). With nothing declined the draw is exactly the plain one.
 """
@@ -47,20 +47,25 @@ def skip_reason(s: Scenario, sharder) -> Optional[str]:
 
 
 def declined_by(sharders: Sequence) -> Callable[[Scenario], Optional[str]]:
-    """The ``accept`` check of adapters (instances or specs): the first one's reason for not
-    running a scenario, or None when every one runs it. An adapter whose parent side raises is
-    taken at its word later: the case is drawn and run_one reports the error."""
+    """The ``accept`` check of adapters (instances or specs): why none of them runs a scenario
+    (the first one's reason), or None when at least one runs it. A scenario that only some
+    decline is drawn: it runs for the others and is ``skipped`` with the reason for those (so a
+    campaign of several sharders still checks what each one declares: ddp's fp32 alone does not
+    take bf16 from fsdp_core). An adapter whose parent side raises is taken at its word later:
+    the case is drawn and run_one reports the error."""
     adapters = [load(a) if isinstance(a, str) else a for a in sharders]
 
     def check(s: Scenario) -> Optional[str]:
+        first = None
         for a in adapters:
             try:
                 reason = skip_reason(s, a)
             except Exception:
-                continue
-            if reason is not None:
-                return reason
-        return None
+                return None
+            if reason is None:
+                return None
+            first = first or reason
+        return first
     return check
 
 
