@@ -82,3 +82,19 @@ def test_a_weight_tied_between_two_blocks_is_declined_not_blamed(sharder):
     assert reason and "blocks.0.fc.weight" in reason, reason
     assert load(sharder).unsupported(Scenario(F + "TiedBlocks", (("n_blocks", 2), ("width", 3)), 2,
                                               wrap="root_only")) is None
+
+
+@pytest.mark.multigpu
+@pytest.mark.parametrize("sharder", ["fsdp_core", "torch_fsdp2"])
+def test_a_child_whose_parent_reads_its_weights_is_not_made_a_unit(rank_pool, sharder):
+    """every_leaf leaves out a module whose forward never runs (its parent reads its weights,
+    as nn.MultiheadAttention does with out_proj): as a unit of its own no sharder could gather
+    them in time, and the case errored for every sharder."""
+    _skip_unless(rank_pool, 2)
+    s = Scenario(F + "FunctionalChild", (("n_blocks", 2), ("width", 3)), 2, wrap="every_leaf")
+    from verify.scenarios import build_model, wrap_units
+    model = build_model(s)
+    names = {id(m): n for n, m in model.named_modules()}
+    assert [names[id(u)] for u in wrap_units(s, model)] == ["blocks.0.fc", "blocks.1.fc", "head", ""]
+    case = run_one(rank_pool, s, sharder=sharder)
+    assert case.verdict == "pass", case.reason

@@ -92,7 +92,8 @@ def plan_units(pm: PlanModel, wrap: str) -> list[UnitShape]:
     if wrap == "per_block":
         chosen = pm.blocks(model)
     elif wrap == "every_leaf":
-        chosen = wrap_units(Scenario(family="mlp", model=(), world_size=1, wrap="every_leaf"), model)
+        chosen = wrap_units(Scenario(family="mlp", model=(), world_size=1, wrap="every_leaf"), model,
+                            traced=False)
     elif wrap == "root_only":
         chosen = []
     else:

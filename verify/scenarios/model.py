@@ -13,7 +13,7 @@ from verify.scenarios.families import family_module
 from verify.scenarios.scenario import WRAPS, Scenario, _derive_seed
 
 __all__ = ["build_model", "init_weights", "param_names", "wrap_units", "tied_owners", "tie_weights",
-           "split_ties"]
+           "split_ties", "modules_called"]
 
 
 # -- model --------------------------------------------------------------------------------------
@@ -117,12 +117,15 @@ def param_names(model: nn.Module) -> list[str]:
 
 # -- sharding plan ------------------------------------------------------------------------------
 
-def wrap_units(s: Scenario, model: nn.Module) -> list[nn.Module]:
+def wrap_units(s: Scenario, model: nn.Module, traced: bool = True) -> list[nn.Module]:
     """The modules to shard, inner units first, the root last (and always).
 
     per_block: each block of the family. root_only: [model]. every_leaf: every module that
     directly owns parameters, except modules sharing a parameter with another module (a tied
-    pair must stay inside one unit, so it falls to the nearest enclosing unit), then the root.
+    pair must stay inside one unit, so it falls to the nearest enclosing unit) and modules whose
+    forward never runs (`modules_called`: a parent that reads a child's parameters itself, as
+    nn.MultiheadAttention does with out_proj, would use them unsharded in no unit's forward;
+    ``traced=False``, for a model that is not the scenario's, keeps them), then the root.
     Unless the scenario keeps its ties (``ties`` "split" or "split_retie"), the first module
     owning each tied parameter (the input embedding) is added as a unit of its own, so the tie
     spans two units: accelerate's FSDP2 preparation, which wrapped the embedding (with the final
@@ -139,9 +142,12 @@ def wrap_units(s: Scenario, model: nn.Module) -> list[nn.Module]:
         for m in post:
             for p in m.parameters(recurse=False):
                 owners[id(p)] = owners.get(id(p), 0) + 1
+        called = modules_called(s) if traced else None   # traced: ``model`` is ``s``'s
+        names = {id(m): n for n, m in model.named_modules()}
         units = [m for m in post
                  if any(True for _ in m.parameters(recurse=False))
-                 and all(owners[id(p)] == 1 for p in m.parameters(recurse=False))]
+                 and all(owners[id(p)] == 1 for p in m.parameters(recurse=False))
+                 and (called is None or names.get(id(m)) in called)]
     else:
         raise ValueError(f"wrap={s.wrap!r}: allowed values are {list(WRAPS)}")
     if s.ties != "kept":   # the first owner of each tie (an input embedding) in a unit of its own
@@ -150,6 +156,31 @@ def wrap_units(s: Scenario, model: nn.Module) -> list[nn.Module]:
     units = list({id(m): m for m in units}.values())
     units = sorted((m for m in units if m is not model), key=lambda m: position[id(m)])
     return units + [model]
+
+
+_CALLED: dict = {}
+
+
+def modules_called(s: Scenario):
+    """Names of the modules whose forward runs when the model computes the loss of its first
+    micro-batch (traced once per family and shape, on the meta device), or None where that
+    cannot run on the meta device (code that reads values: then every module counts as run)."""
+    key = (s.family, s.model, s.micro_batch_size)
+    if key not in _CALLED:
+        from verify.scenarios.training import loss_fn, make_batch  # lazy: training imports this module
+        model = build_model(s, device="meta")
+        called: set[str] = set()
+        for name, m in model.named_modules():
+            m.register_forward_pre_hook(lambda mod, args, name=name: called.add(name))
+        batch = torch.utils._pytree.tree_map(
+            lambda t: t.to("meta") if isinstance(t, torch.Tensor) else t, make_batch(s, 0, 0))
+        try:
+            with torch.no_grad(), torch.random.fork_rng(devices=[]):
+                loss_fn(s, model, batch)
+            _CALLED[key] = frozenset(called)
+        except Exception:   # noqa: BLE001 - a value read on the meta device: not known
+            _CALLED[key] = None
+    return _CALLED[key]
 
 
 def split_ties(s: Scenario) -> list[str]:
