@@ -193,3 +193,26 @@ def test_a_resume_case_of_fsdp2_as_written_is_judged_the_same_way(rank_pool):
     assert "layers.0.attn.k_proj" in as_written.tier_note
     exact = run_resume(rank_pool, case, sharder="tests.foreign_sharders:FSDP2SaysExact")
     assert exact.verdict == "fail" and exact.severity == "last-bit", exact.reason
+
+
+def test_state_bytes_counts_a_modules_replicas_the_optimizer_does_not_hold():
+    """A ZeRO-1/2 engine steps flat fp32 shards while the module keeps whole parameters: both
+    are this rank's memory. Where the optimizer steps the module's own parameters (or views of
+    the same memory) nothing is counted twice."""
+    import torch
+    from verify.case.probes import state_bytes
+    model = torch.nn.Linear(4, 4)                       # 20 fp32 elements: 80 B
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)                    # and 80 B of gradients
+    shard = torch.nn.Parameter(torch.zeros(10))         # a flat fp32 shard: 40 B
+    opt = torch.optim.SGD([shard], lr=0.1)
+    assert state_bytes(opt) == 40
+    assert state_bytes(opt, model) == 40 + 80 + 80
+    same = torch.optim.SGD(model.parameters(), lr=0.1)
+    assert state_bytes(same, model) == state_bytes(same) == 160
+    flat = torch.zeros(20)                              # the module's parameters as views of it
+    views = torch.nn.Linear(4, 4)
+    views.weight.data, views.bias.data = flat[:16].view(4, 4), flat[16:]
+    over_flat = torch.optim.SGD([torch.nn.Parameter(flat)], lr=0.1)
+    over_flat.param_groups[0]["params"][0].data = flat
+    assert state_bytes(over_flat, views) == 80

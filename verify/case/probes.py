@@ -25,28 +25,48 @@ def local_tensor(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if hasattr(t, "to_local") else t
 
 
-def state_bytes(optimizer: Any) -> Optional[int]:
+def state_bytes(optimizer: Any, model: Any = None) -> Optional[int]:
     """This rank's bytes of the parameters the optimizer steps, their gradients and the
-    optimizer state shaped like them (the local shard of a DTensor, a whole replica for DDP);
-    None when the optimizer has no ``param_groups`` or no ``state`` mapping."""
+    optimizer state shaped like them (the local shard of a DTensor, a whole replica for DDP),
+    plus, with ``model``, the module's own parameters and gradients in memory the optimizer's
+    tensors do not use (a ZeRO-1/2 engine's full replicas beside its flat fp32 shards); None
+    when the optimizer has no ``param_groups`` or no ``state`` mapping."""
     groups = getattr(optimizer, "param_groups", None)
     state = getattr(optimizer, "state", None)
     if not isinstance(groups, (list, tuple)) or not isinstance(state, Mapping):
         return None
-    n, seen = 0, set()
+    n, seen, storages = 0, set(), set()
+
+    def count(t: torch.Tensor) -> int:
+        t = local_tensor(t)
+        storages.add(_storage(t))
+        return t.numel() * t.element_size()
+
     for group in groups:
         params = group.get("params", ()) if isinstance(group, Mapping) else ()
         for p in params:
             if not isinstance(p, torch.Tensor) or id(p) in seen:
                 continue
             seen.add(id(p))
-            n += local_tensor(p).numel() * p.element_size()
+            n += count(p)
             if p.grad is not None:
-                n += local_tensor(p.grad).numel() * p.grad.element_size()
+                n += count(p.grad)
             for v in (state.get(p) or {}).values():
                 if isinstance(v, torch.Tensor) and v.dim() > 0:
-                    n += local_tensor(v).numel() * v.element_size()
+                    n += count(v)
+    for p in (dict.fromkeys(model.parameters()) if model is not None else ()):
+        for t in (p, p.grad):
+            if t is not None and id(t) not in seen and _storage(local_tensor(t)) not in storages:
+                seen.add(id(t))
+                n += local_tensor(t).numel() * local_tensor(t).element_size()
     return n
+
+
+def _storage(t: torch.Tensor) -> int:
+    try:
+        return t.untyped_storage().data_ptr() or id(t)   # an empty storage: the tensor itself
+    except Exception:   # noqa: BLE001 - a tensor subclass without a storage
+        return id(t)
 
 
 def _any_requires_grad(output) -> bool:

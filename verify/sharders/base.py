@@ -146,10 +146,11 @@ class Sharder:
     def state_bytes(self, model, optimizer) -> Optional[int]:
         """This rank's bytes of parameters, gradients and optimizer state, read after backward
         and before the step; None: n/a. Default: measured from ``optimizer.param_groups`` and
-        ``optimizer.state`` (`verify.case.probes.state_bytes`)."""
+        ``optimizer.state``, and the module's parameters held apart from them
+        (`verify.case.probes.state_bytes`)."""
         # lazy: verify.case.probes imports torch, and `from verify import Sharder` must not
         from verify.case.probes import state_bytes
-        return state_bytes(optimizer)
+        return state_bytes(optimizer, model)
 
     # Optional probes: None means "not provided" and the check is reported as n/a.
     def padding_views(self, model, optimizer):
