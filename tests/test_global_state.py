@@ -132,3 +132,19 @@ def test_a_slow_import_is_not_a_hang_of_the_case(rank_pool):
     case = run_one(rank_pool, mlp_scenario(2), sharder="tests.slow_import_sharder:SlowImport",
                    timeout_s=4.0)
     assert case.verdict == "pass", case.reason
+
+
+@pool_only
+def test_a_failing_case_says_what_process_global_state_its_sharder_ran_with(rank_pool):
+    """A sharder that switches oneDNN off (other kernels: other last bits) and fails: its reason
+    names the setting it ran with that the reference did not, on every case it runs, not only
+    the first one the guard undid it after. A passing case says nothing."""
+    leaky = "tests.leaky_sharders:MkldnnOff"
+    for _ in range(2):
+        case = run_one(rank_pool, mlp_scenario(2), sharder=leaky, plant="no_divide_by_world")
+        assert case.verdict == "fail", case.reason
+        assert "ran with process-global state the harness (and the reference) does not have" \
+            in case.reason and "torch.backends.mkldnn.enabled = False (the harness's: True)" \
+            in case.reason, case.reason
+    ok = run_one(rank_pool, mlp_scenario(2), sharder=leaky)
+    assert ok.verdict == "pass" and "process-global" not in ok.reason, ok.reason

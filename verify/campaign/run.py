@@ -122,6 +122,11 @@ def run_one(pool, s: Scenario, *, sharder: str = DEFAULT_SHARDER, timeout_s: Opt
     if looser is not None:   # see [Note: a regrouped gradient sum] in verify/case/regroup.py
         case = evaluate(s, adapter, spec, result, ref, wall, replay=replay, tier=looser)
         case.tier_note = why
+    state = result.ok and sorted({x for v in result.values for x in v.get("process_state") or ()})
+    if state and not case.passed:
+        case.reason += ("\nthis sharder's case ran with process-global state the harness (and the "
+                        "reference) does not have, which it set and left: " + "; ".join(state)
+                        + " (a thread count or a backend flag changes kernels and their last bits)")
     if not result.ok:
         case.hang = hang_summary(result.error or "")
         # the ranks beyond the case's took part in none of it, unless the sharder reached them

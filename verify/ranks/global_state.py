@@ -173,6 +173,14 @@ class GlobalState:
         return ("before this case, the process was given back what this sharder's earlier cases "
                 "left in it: " + "; ".join(parts)) if parts else ""
 
+    def in_effect(self, owner: Optional[str]) -> list[str]:
+        """After `restore`: the settings and hooks ``owner``'s case ran with that the harness's
+        own process (and so the reference) does not have, one line each ("" if none)."""
+        settings, hooks = self.left.get(owner, ({}, {})) if owner else ({}, {})
+        out = [f"{label} = {value!r} (the harness's: {self.settings[label]!r})"
+               for label, value in settings.items()]
+        return out + [f"{len(kept)} hook(s) in {name}" for name, kept in hooks.items() if kept]
+
     def restore(self, owner: Optional[str] = None) -> list[str]:
         """After a case of ``owner``: undo what it changed (kept for its next case); one line
         per thing undone that was not already undone after one of its earlier cases."""

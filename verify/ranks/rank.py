@@ -237,6 +237,11 @@ def serve(rank: int, max_world_size: int, backend: str, store_path: str, prefix:
             back = guard.given_back(sharder)
             ok, value = False, traceback.format_exc() + (f"\n{back}" if back else "")
         lost = _after_case(guard, sharder, [c.group for c in contexts.values()])
+        if ok and isinstance(value, dict) and sharder:   # what the case ran with: run_one says it
+            try:
+                value["process_state"] = guard.in_effect(sharder)
+            except Exception:   # noqa: BLE001 - a report, never the case's failure
+                pass
         if lost is not None:
             ok, value = False, (value if not ok else "") + lost
         try:
