@@ -7,18 +7,22 @@ is broken, in the two ways integrations most often get it wrong:
 - one rank's shard is another rank's (ranks 0 and 1 swap what they loaded of one tensor);
 - (double resumes) the app state handed to DCP is left as a plain copy of what was loaded, so the
   next save writes the state as loaded, not as trained: what `dcp.load` did to Stateful entries
-  in torch 2.4 and 2.5 (pytorch#138575), planted on the pinned torch.
+  in torch 2.4 and 2.5 (pytorch#138575), planted on the pinned torch;
+- (an engine that steps its own copies) the masters the optimizer steps are not refreshed by the
+  load, while the module it reports is.
 """
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
 
+from verify.reference import param_state
+from verify.sharders.ddp import DDP
 from verify.sharders.fsdp_core import FsdpCore
 from verify.sharders.torch_fsdp2 import TorchFSDP2, TorchFSDP2Stateful
 
 __all__ = ["CoreSkipOptimState", "CoreSwapShards", "FSDP2SkipOptimState", "FSDP2SwapShards",
-           "FSDP2StaleAppState"]
+           "FSDP2StaleAppState", "DDPMasters", "DDPStaleMasters"]
 
 
 @torch.no_grad()
@@ -100,3 +104,68 @@ def _cloned(x):
     if isinstance(x, list):
         return [_cloned(v) for v in x]
     return x
+
+
+class _Masters:
+    """An optimizer over copies of a DDP module's parameters (the masters a ZeRO-1 engine steps,
+    not a torch.optim.Optimizer): step() hands them the gradients and copies them back."""
+
+    def __init__(self, module, plan):
+        self.module = module
+        self.masters = {n: p.detach().clone().requires_grad_(True) for n, p in module.named_parameters()}
+        self.inner = plan.make_optimizer(list(self.masters.items()))
+        self.param_groups, self.state = self.inner.param_groups, self.inner.state
+
+    @torch.no_grad()
+    def step(self):
+        for n, p in self.module.named_parameters():
+            self.masters[n].grad = None if p.grad is None else p.grad.detach().clone()
+        self.inner.step()
+        for n, p in self.module.named_parameters():
+            p.copy_(self.masters[n])
+
+    def zero_grad(self, set_to_none: bool = True):
+        self.module.zero_grad(set_to_none=set_to_none)
+        self.inner.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self):
+        return self.inner.state_dict()
+
+    def load_state_dict(self, sd):
+        self.inner.load_state_dict(sd)
+
+    @torch.no_grad()
+    def refresh(self):
+        for n, p in self.module.named_parameters():
+            self.masters[n].copy_(p)
+
+
+class DDPMasters(DDP):
+    """Correct: DDP whose optimizer steps master copies (`_Masters`), which ``local_pieces``
+    reports (every rank holds all of them) and ``load`` refreshes from the loaded module."""
+    name = "ddp_masters"
+
+    def optimizer(self, model, plan):
+        model._verify_masters = _Masters(model.module, plan)
+        return model._verify_masters
+
+    def local_pieces(self, model):
+        return {n: (0, m.detach().reshape(-1).clone())
+                for n, m in model._verify_masters.masters.items()}
+
+    def optimizer_state(self, model, optimizer):
+        return param_state(optimizer.inner, list(optimizer.masters.items()),
+                           lambda _p, t: (0, t.detach().reshape(-1).cpu().clone()))
+
+    def load(self, path, model, optimizer):
+        super().load(path, model, optimizer)
+        optimizer.refresh()
+
+
+class DDPStaleMasters(DDPMasters):
+    """The load restores the module and the optimizer state but not the masters the optimizer
+    steps: what full_parameters reads is right after the load, the next step is not."""
+    name = "ddp_stale_masters"
+
+    def load(self, path, model, optimizer):
+        DDP.load(self, path, model, optimizer)

@@ -15,6 +15,7 @@ from verify.campaign.run import draw_scenarios, run_one, skip_reason
 from verify.campaign.resume import ResumeCase, run_resume
 from verify.scenarios import Scenario
 from verify.sharders import has_checkpointing, load
+from verify.tools.plants import mlp_scenario
 
 TIMEOUT = 240.0
 PLANTS = "tests.resume_plants"
@@ -179,3 +180,20 @@ def test_a_planted_resume_bug_fails_with_a_replay_line(rank_pool, plant, mode, w
     assert expect in result.reason and f"after resuming at W={w_b}" in result.reason
     assert result.replay.startswith(f"python -m verify replay --sharder {spec} --resume-from {w_a}")
     assert all(st.bitwise for st in result.steps[:1])          # before the checkpoint: fine
+
+
+@pytest.mark.multigpu
+def test_a_load_that_leaves_the_stepped_copies_stale_fails_at_the_load(rank_pool):
+    """The module loads right (full_parameters reads the saved state) but the masters the
+    optimizer steps keep another seed's values: the ``loaded`` check holds each rank's
+    local_pieces to the loaded parameters and says what was not refreshed; the correct engine
+    passes the same case."""
+    _skip_unless(rank_pool, 2, 1)
+    s = mlp_scenario(1, optimizer="sgd", steps=3)
+    ok = run_resume(rank_pool, ResumeCase(s, 2, 1), sharder=f"{PLANTS}:DDPMasters", timeout_s=TIMEOUT)
+    assert ok.verdict == "pass", ok.reason
+    bad = run_resume(rank_pool, ResumeCase(s, 2, 1), sharder=f"{PLANTS}:DDPStaleMasters",
+                     timeout_s=TIMEOUT)
+    assert bad.verdict == "fail", bad.reason
+    assert "local_pieces" in bad.reason and "did not refresh the shard (or fp32 master)" in bad.reason, \
+        bad.reason

@@ -112,12 +112,13 @@ def load_phase(payload: dict, ctx) -> dict:
         loaded = snapshot(log.outside_steps(   # collective
             "full_parameters after the load", trainer.sharder.full_parameters, trainer.model,
             trainer.optimizer))
+        pieces = snapshot(trainer.sharder.local_pieces(trainer.model))   # what each rank steps
         end = payload.get("save_again_after") or s.steps
         records = log.run_steps(trainer, range(payload["save_after"], end))
         if end < s.steps:
             log.outside_steps("the adapter's save", _save_again, payload, ctx, trainer)
     return dict(rank=ctx.rank, pad_init=pad_init, records=records,
-                loaded=loaded if ctx.rank == 0 else None)
+                loaded=loaded if ctx.rank == 0 else None, loaded_pieces=pieces)
 
 
 def _save_again(payload: dict, ctx, trainer) -> None:
@@ -275,7 +276,8 @@ def evaluate_resume(case: ResumeCase, res_a, res_b, ref, wall: float, *,
         if c["check"] == "padding" and c["step"] is None and c["status"] == "fail":
             c["detail"] = c["detail"].replace("after init", "after the load")
         checks.append(c)
-    loaded = loaded_problems(res_a.values[0]["records"][-1]["params"], res_b.values[0]["loaded"], cut)
+    loaded = loaded_problems(res_a.values[0]["records"][-1]["params"], res_b.values[0]["loaded"], cut,
+                             [v.get("loaded_pieces") for v in res_b.values])
     checks.append(Check("loaded", "fail" if loaded else "pass", cut, 0, "\n".join(loaded)).to_dict()
                   | {"phase": "load"})
     again = case.resume_again_after

@@ -154,7 +154,8 @@ def _against_replay(s: Scenario, values: list[dict], i: int, step: int, ref_grad
                            f"gradients (steps 0..{step} replayed in the parent, held to the fp32 "
                            "torch.testing tolerance):" + (
                                " this is the first step after the load: optimizer state (moments, "
-                               "step counts) that the checkpoint did not restore shows here"
+                               "step counts) that the checkpoint did not restore, or a copy of the "
+                               "parameters the optimizer steps that load() did not refresh, shows here"
                                if resumed_at is not None and step == resumed_at else ""))
         zeros = sorted(zero_extras(values, i, ref_grads) & set(params) & {
             p.split(": parameter ", 1)[1].split("'")[1] for p in problems if ": parameter " in p})

@@ -222,12 +222,17 @@ def state_problems(values: list[dict], step: int, ref_state: Optional[dict], tie
 # a resume case that failed after the load with the loaded parameters right: where to look
 LOADED_RIGHT = ("\n(the parameters as loaded equal the saved ones: what the checkpoint missed is "
                 "elsewhere: optimizer state, step counts, persistent buffers, which the load "
-                "starts from another seed's values)")
+                "starts from another seed's values, or a copy of the parameters the optimizer "
+                "steps, a shard or an fp32 master, that load() did not refresh)")
 
 
-def loaded_problems(saved: dict, loaded: dict, cut: int) -> list[str]:
+def loaded_problems(saved: dict, loaded: dict, cut: int,
+                    pieces: Optional[list] = None) -> list[str]:
     """The `loaded` check of a resume case: rank 0's full parameters after the load against
-    the ones saved after step ``cut - 1``, bit for bit."""
+    the ones saved after step ``cut - 1``, bit for bit; and, where the adapter has the
+    ``local_pieces`` probe (``pieces``: every rank's, right after the load), the pieces each
+    rank holds against those full parameters, as the reassembly check holds them every step (a
+    load that refreshed what ``full_parameters`` reads but not the shard the optimizer steps)."""
     missing = sorted(set(saved) - set(loaded))
     bad = [k for k in saved if k in loaded and not (
         saved[k].shape == loaded[k].shape and saved[k].dtype == loaded[k].dtype
@@ -237,6 +242,19 @@ def loaded_problems(saved: dict, loaded: dict, cut: int) -> list[str]:
         out.append(f"after the load: {missing[:5]} missing from the loaded model")
     if bad:
         out.append(f"after the load: {bad[:5]} differ from the state saved after step {cut - 1}")
+    if pieces and all(p is not None for p in pieces):
+        stale = []
+        for name in sorted({n for p in pieces for n in p}):
+            want = loaded.get(name)
+            if want is None:
+                continue
+            flat, problem = reassemble(pieces, name, want.numel(), torch.float32)
+            if problem or not torch.equal(flat, want.reshape(-1).float()):
+                stale.append(f"{name} ({problem or 'pieces differ'})")
+        if stale:
+            out.append(f"after the load: the ranks' own pieces (local_pieces) of {stale[:5]} are "
+                       "not the parameters full_parameters reads: load() did not refresh the "
+                       "shard (or fp32 master) this sharder's optimizer steps")
     return out
 
 
