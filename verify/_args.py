@@ -143,7 +143,8 @@ def families(text: str) -> list[str]:
         raise argparse.ArgumentTypeError(
             f"unknown family {', '.join(bad) or repr(text)}; choose from "
             f"{', '.join(FAMILIES)} or name a module with the family interface by import path "
-            f"(pkg.module or pkg.module:obj) (comma-separated for several){hint}")
+            f"(pkg.module, pkg.module:obj, or module: for a top-level module) (comma-separated "
+            f"for several){hint}")
     for name in names:
         if is_family_path(name):
             try:

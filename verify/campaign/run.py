@@ -323,7 +323,8 @@ def _write_and_print(results: list[CaseResult], groups, memory: list[dict], star
     print(f"{len(results)} cases run in {elapsed:.1f}s ({len(results) / max(elapsed, 1e-9) * 60:.1f} "
           f"cases/min): {headline(results)}; wrote " + ", ".join(str(p) for p in paths))
     if startups:
-        print("pools of exactly W processes for default-group sharders (spawned once each): "
+        print("extra pools of exactly W processes for default-group sharders (spawned once each; "
+              "the largest W runs on the campaign's own pool): "
               + ", ".join(f"W={w} {sec:.1f}s" for w, sec in sorted(startups.items())))
     for c in sorted(failed, key=worst_first):   # the worst first, as the diagnosis runs
         how = c.verdict if c.verdict == "error" or not c.severity else \

@@ -37,7 +37,8 @@ def family_module(name: str):
         raise ValueError(f"family={name!r} needs transformers, which is not installed: "
                          "pip install -e '.[hf]'")
     if not is_family_path(name):
-        raise ValueError(f"family={name!r}: allowed values are {list(FAMILIES)}")
+        raise ValueError(f"family={name!r}: allowed values are {list(FAMILIES)}, or a module of "
+                         f"yours by import path (pkg.module, or {name}: for a top-level module)")
     if name not in _PATH_FAMILIES:
         module_name, _, attr = name.partition(":")
         try:
