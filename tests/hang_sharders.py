@@ -139,3 +139,14 @@ class NewGroupEveryRank(Replicated):
         model = super().shard(model, plan, group)
         self.group = dist.new_group(dist.get_process_group_ranks(group))
         return model
+
+
+class SlowShard(Replicated):
+    """Correct, but shard() takes 6 s: a case under an explicit shorter timeout times out, and
+    passes under the automatic one."""
+    name = "slow_shard"
+
+    def shard(self, model, plan, group):
+        import time   # lazy: only this test sharder sleeps
+        time.sleep(6.0)
+        return super().shard(model, plan, group)

@@ -411,3 +411,18 @@ def test_the_plan_check_does_not_model_a_branch_the_traced_micro_batch_skips(ran
     assert case.verdict == "pass", case.reason
     plan = next(c for c in case.checks if c["check"] == "plan")
     assert plan["status"] == "n/a" and "traces one micro-batch" in plan["detail"], plan
+
+
+def test_a_replay_line_made_before_the_adapter_was_imported_still_gets_the_prefix(tmp_path, monkeypatch):
+    """`equivalence.check` in a user's test names an adapter no one imported yet: the line is
+    made before the case runs, and must still carry the PYTHONPATH it is found through."""
+    from verify.campaign.run import replay_command
+    (tmp_path / "late").mkdir()
+    (tmp_path / "late" / "__init__.py").write_text("")
+    (tmp_path / "late" / "adapters.py").write_text(
+        "from verify.sharders.fsdp_core import FsdpCore\nclass Late(FsdpCore):\n    name = 'late'\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    monkeypatch.delitem(sys.modules, "late.adapters", raising=False)
+    line = replay_command(mlp_scenario(2), "late.adapters:Late")
+    assert line.startswith(f"PYTHONPATH={tmp_path} python -m verify replay --sharder late.adapters:Late '")

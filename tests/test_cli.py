@@ -1,6 +1,8 @@
 """`python -m verify`: argument validation, exit codes, what reaches verify.campaign.run."""
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import subprocess
 import sys
@@ -154,6 +156,21 @@ def test_report_rerenders_from_results_json(tmp_path, capsys):
     write_reports([_case("pass"), _case("fail")], tmp_path)
     assert main(["report", str(tmp_path), "--title", "Again"]) == EXIT_FAILED
     assert (tmp_path / "equivalence.md").read_text().startswith("# Again")
+
+
+def test_report_rerenders_peers_md_for_several_sharders(tmp_path, capsys):
+    """A campaign of several sharders wrote peers.md; `report` re-renders it too (it was left
+    as the run wrote it, disagreeing with a re-rendered equivalence.md), with a reported count."""
+    other = dataclasses.replace(_case("reported"), sharder="torch_fsdp2", sharder_spec="torch_fsdp2")
+    write_reports([_case("pass"), other], tmp_path, title="Saved")
+    assert not (tmp_path / "peers.md").exists()
+    assert main(["report", str(tmp_path), "--title", "Again"]) == EXIT_OK
+    text = (tmp_path / "peers.md").read_text()
+    assert text.startswith("# Peers: Again") and "| reported   |" in text, text
+    assert "peers.md" in capsys.readouterr().out
+    write_reports([_case("pass")], tmp_path / "one")
+    main(["report", str(tmp_path / "one")])
+    assert not (tmp_path / "one" / "peers.md").exists()
 
 
 def test_resume_cases_not_run_are_said_on_the_console_and_in_the_report(tmp_path):

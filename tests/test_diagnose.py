@@ -510,3 +510,14 @@ def test_a_replayed_failure_prints_its_first_divergence_unless_told_not_to(capsy
     assert campaign.replay(s.to_json(), sharder="tests.verdict_sharders:FastLr",
                            locate=False) == 1
     assert "first divergence" not in capsys.readouterr().out
+
+
+def test_a_case_timed_out_under_a_given_timeout_replays_with_it(pool):
+    """A slow case killed by `--timeout 3` passes under replay's automatic timeout: its replay
+    line carries the timeout it was killed under, so that the line reproduces the error."""
+    s = dataclasses.replace(BIG, world_size=2, steps=1, optimizer="sgd")
+    case = run_one(pool, s, sharder="tests.hang_sharders:SlowShard", timeout_s=3.0)
+    assert case.verdict == "error" and "timed out after 3 s" in case.reason, case.reason[:300]
+    assert " --timeout 3 '" in case.replay, case.replay
+    ok = run_one(pool, s, sharder="tests.hang_sharders:Replicated", timeout_s=3.0)
+    assert ok.passed and "--timeout" not in ok.replay, ok.replay

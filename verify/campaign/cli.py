@@ -133,8 +133,9 @@ def add_replay_arguments(replay: argparse.ArgumentParser) -> None:
 
 
 def add_report_arguments(report: argparse.ArgumentParser) -> None:
-    report.description = ("Re-render DIR/equivalence.md, DIR/results.csv and the plots from "
-                          "DIR/results.json, without running anything.")
+    report.description = ("Re-render DIR/equivalence.md, DIR/results.csv, the plots and, for "
+                          "several sharders, DIR/peers.md from DIR/results.json, without running "
+                          "anything.")
     report.add_argument("dir", type=Path, metavar="DIR",
                         help="a directory written by `run` (holds results.json)")
     report.add_argument("--title", default=None, help="title for the markdown (default: saved)")
@@ -228,7 +229,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from verify.report import load_results, write_reports  # lazy: pandas
+    from verify.report import load_results, write_peers_report, write_reports  # lazy: pandas
     from verify.report.write import load_blas, load_declined, load_notes  # lazy: likewise
     path = args.dir / "results.json"
     if not path.is_file():
@@ -241,6 +242,8 @@ def cmd_report(args: argparse.Namespace) -> int:
                            pool_memory=soak.load_pool_memory(path), blas=load_blas(path),
                            declined=load_declined(path), notes=load_notes(path)):
         print(p)
+    if len({r.get("sharder_spec") or r.get("sharder") for r in results}) > 1:   # as `run` wrote it
+        print(write_peers_report(results, args.dir, title=args.title or title))
     passed = all(r.get("passed", r.get("verdict") in PASSING) for r in results)
     return EXIT_OK if passed else EXIT_FAILED
 

@@ -54,10 +54,13 @@ def auto_timeout(reference_s: float) -> float:
 
 
 def replay_command(s: Scenario, sharder: str = DEFAULT_SHARDER, plant: Optional[str] = None,
-                   ranks: Optional[int] = None) -> str:
+                   ranks: Optional[int] = None, timeout_s: Optional[float] = None) -> str:
+    """The one-line command that reruns ``s`` as it ran (``timeout_s``: the one it timed out
+    under, where that was given rather than automatic: a slow case passes on the default)."""
     extra = "" if sharder == DEFAULT_SHARDER else f" --sharder {sharder}"
     extra += f" --plant {plant}" if plant else ""
     extra += f" --ranks {ranks}" if ranks and ranks > s.world_size else ""
+    extra += f" --timeout {timeout_s:g}" if timeout_s is not None else ""
     return f"{replay_env(sharder, s.family)}python -m verify replay{extra} '{s.to_json()}'"
 
 
@@ -76,14 +79,14 @@ def run_one(pool, s: Scenario, *, sharder: str = DEFAULT_SHARDER, timeout_s: Opt
     reference's time, at most the pool's timeout."""
     torch.set_num_threads(1)
     spec = resolve(sharder)
-    replay = replay_command(s, spec, plant)
     try:  # the adapter's parent side is foreign code too: an exception is an error case
         adapter = load(spec)
+        replay = replay_command(s, spec, plant)   # once imported: replay_env looks at the module
         reason = skip_reason(s, adapter)
         tier = case_tier(s, adapter)
     except Exception:
         return _result(s, spec, "error", f"the adapter {spec}'s parent side raised:\n"
-                       + traceback.format_exc(), replay, tier_for(s))
+                       + traceback.format_exc(), replay_command(s, spec, plant), tier_for(s))
     if reason is not None:  # decided from the scenario: nothing runs
         return _result(s, spec, "skipped", reason, replay, tier)
     payload = {"scenario": s.to_json(), "sharder": spec}
@@ -131,8 +134,11 @@ def run_one(pool, s: Scenario, *, sharder: str = DEFAULT_SHARDER, timeout_s: Opt
         case.hang = hang_summary(result.error or "")
         # the ranks beyond the case's took part in none of it, unless the sharder reached them
         # (the default group): the replay runs in as many ranks, so that it hangs there too
-        if isinstance(ranks, RankPool) and adapter.world == "group":
-            case.replay = replay_command(s, spec, plant, ranks=ranks.max_world_size)
+        timed_out = timeout_s if "timed out after" in (result.error or "") else None
+        wider = isinstance(ranks, RankPool) and adapter.world == "group"
+        if wider or timed_out is not None:
+            case.replay = replay_command(s, spec, plant, ranks=ranks.max_world_size if wider else None,
+                                         timeout_s=timed_out)
     return case
 
 

@@ -67,7 +67,7 @@ def peers_table(df: pd.DataFrame, sharders: list[str]) -> str:
 
 
 def _peers_summary(df: pd.DataFrame, sharders: list[str]) -> str:
-    """Markdown: per sharder, world size and tier: cases, passed, skipped, bitwise, worst
+    """Markdown: per sharder, world size and tier: cases, passed, reported, skipped, bitwise, worst
     |Δ param| and |Δ loss|, median step time and state per rank. Where the run has more than
     plain cases (offload, checkpoint-resume), a first column says which kind a row counts, and
     the sharders' rows of one kind stand next to each other."""
@@ -82,13 +82,13 @@ def _peers_summary(df: pd.DataFrame, sharders: list[str]) -> str:
         keys.append((kind, int(w), order.get(sh, 99), tier))   # the sharders next to each other
         rows.append(([kind] if kinds else []) + [
             sh, str(w), tier, str(len(g)), str(int(g["verdict"].eq("pass").sum())),
-            str(int(g["verdict"].eq("skipped").sum())), str(int(g["verdict"].isin(_FAILED).sum())),
+            str(int(g["verdict"].eq("reported").sum())), str(int(g["verdict"].eq("skipped").sum())), str(int(g["verdict"].isin(_FAILED).sum())),
             f"{int(ran['bitwise'].sum())}/{len(ran)}", _num(ran["max_abs"].max()),
             _num(ran["max_loss_diff"].max()), "-" if _missing(step) else f"{step * 1e3:.1f}",
             _bytes(ran["state_bytes"].median())])
     rows = [r for _, r in sorted(zip(keys, rows), key=lambda kr: kr[0])]
     return _md(rows, (["kind"] if kinds else []) + [
-        "sharder", "W", "tier", "cases", "passed", "skipped", "failed", "bitwise (of run)",
+        "sharder", "W", "tier", "cases", "passed", "reported", "skipped", "failed", "bitwise (of run)",
         "max \\|Δ param\\|", "max \\|Δ loss\\|", "median step ms", "median state/rank"])
 
 
@@ -99,8 +99,10 @@ may only loosen it where it provably cannot owe it, e.g. `verify/sharders/torch_
 [Note: peer tiers]): bitwise at W <= 2 in fast mode, the dtype's `torch.testing` tolerance with
 SGD at W >= 4, reported bounds with Adam at W >= 4. *skipped* cases are those a sharder does
 not run (below, why); they do not fail the run. The invariant checks (padding, resharded, shard
-reassembly, reduced gradients, the collective formula) run for every sharder whose adapter has
-the probe, n/a otherwise; they are in `equivalence.md`.
+reassembly, reduced gradients, optimizer state, the collective formula) run for every sharder
+whose adapter has the probe, n/a otherwise: each case's checks and their status are in
+`results.json` (`checks`), `equivalence.md` counts padding, reassembly and the formula per row
+and lists every check that failed.
 *step ms* is rank 0's forward + backward + optimizer step, median over the steps (tiny models
 on CPU/gloo, so mostly per-call overhead: compare within a row, not across machines); *state/rank*
 is the largest per-rank bytes of parameters + gradients + optimizer state (DDP holds a full

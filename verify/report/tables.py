@@ -232,7 +232,10 @@ Verdicts: *pass*: every check held, in the tier named (bitwise: every loss and p
 the reference bit for bit; tolerance: within the dtype's `torch.testing` tolerance); *reported*:
 fast mode with an Adam-family optimizer at W >= 4, where last-bit gradient differences may flip
 tiny updates, so the figures are reported and held only to the bound of what Adam can do
-(`verify/compare.py`, [Note: reported tier bounds]), not asserted tight; *fail*: a check failed
+(`verify/compare.py`, [Note: reported tier bounds]), not asserted tight against the reference
+(where the adapter has the `reduced_gradients` probe, its gradients and optimizer state are
+held to a relative norm and its parameters, to the fp32 tolerance, to the optimizer replayed
+from its own gradients: `verify/case/judge.py`, [Note: the replayed steps]); *fail*: a check failed
 (the failing cases below say which), counted by severity: *last-bit* (every difference within the
 dtype's `torch.testing` tolerance), *beyond tolerance*, *invariant* (a non-numerical check);
 *error*: the case did not complete (a rank raised, died or

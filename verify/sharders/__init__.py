@@ -128,7 +128,10 @@ def replay_env(spec: str, family: str = "") -> str:
     resolved = [str(Path(e).resolve()) for e in entries]   # absolute: "." means here only
     for path in paths:
         name = path.partition(":")[0]
-        where = getattr(sys.modules.get(name), "__file__", None)
+        try:   # not imported yet (a line made before the case ran): import it to see where from
+            where = getattr(sys.modules.get(name) or importlib.import_module(name), "__file__", None)
+        except Exception:   # noqa: BLE001 - a module that does not import: its case says so
+            where = None
         if where is None:
             continue
         root = Path(where).resolve().parents[name.count(".") + (Path(where).stem == "__init__")]
