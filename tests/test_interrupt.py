@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from verify.campaign.run import CtrlC
+from verify.campaign.run import CtrlC   # re-exported from verify.campaign.interrupt
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -60,6 +60,9 @@ def test_ctrl_c_mid_campaign_leaves_no_rank_behind(tmp_path):
     while any(_alive(p) for p in ranks) and time.time() < deadline:
         time.sleep(0.2)
     assert not [p for p in ranks if _alive(p)], f"rank processes left behind after Ctrl-C:\n{out[-2000:]}"
+    # the cases run before it are reported, and the report says the campaign was cut short
+    report = (tmp_path / "equivalence.md").read_text()
+    assert "interrupted (Ctrl-C) after " in report and " of 400 cases" in report, out[-2000:]
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the dropped one

@@ -6,8 +6,6 @@ reference, compare step by step, and turn it all into `CaseResult`s and reports.
 """
 from __future__ import annotations
 
-import signal
-import threading
 import time
 import traceback
 from collections import Counter
@@ -18,6 +16,7 @@ import torch
 
 from verify import blas
 from verify.campaign.console import print_case
+from verify.campaign.interrupt import CtrlC
 from verify.campaign.resume import draw_resume_cases, run_resume
 from verify.case.draw import draw_scenarios, skip_reason
 from verify.case.judge import Check, case_tier, evaluate, mesh_label, regrouping_tier
@@ -170,38 +169,6 @@ def _runnable(sharders: list[str], modes: Sequence[str], dtypes: Sequence[str],
     return keep_m, keep_d, keep_o, dropped
 
 
-# [Note: a Ctrl-C that is not lost]
-# Python raises KeyboardInterrupt wherever the main thread is when SIGINT arrives. Raised inside a
-# finalizer (a tensor's or a pipe's __del__, a weakref callback) it is printed as "Exception
-# ignored" and dropped, and the campaign would run on to its end as if never interrupted. While
-# a campaign runs, SIGINT also sets a flag that is checked after every case, so a Ctrl-C lost
-# that way still ends the campaign there (exit 130, no rank left behind, as any other Ctrl-C).
-class CtrlC:
-    def __init__(self) -> None:
-        self.requested = False
-        self._previous = None
-
-    def __enter__(self) -> "CtrlC":
-        if (threading.current_thread() is threading.main_thread()
-                and signal.getsignal(signal.SIGINT) is signal.default_int_handler):
-            self._previous = signal.signal(signal.SIGINT, self._on_sigint)
-        return self
-
-    def _on_sigint(self, signum, frame) -> None:
-        self.requested = True
-        signal.default_int_handler(signum, frame)
-
-    def __exit__(self, *exc) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
-            self._previous = None
-
-    def check(self) -> None:
-        """Raise KeyboardInterrupt if a Ctrl-C came (whether or not it was raised already)."""
-        if self.requested:
-            raise KeyboardInterrupt
-
-
 def _resume_notes(asked: int, sharders: Sequence[str], savers: Sequence[str],
                   plant: Optional[str]) -> list[str]:
     """Why checkpoint-resume cases asked for (``--resume-cases``) are not run, for whom."""
@@ -282,23 +249,35 @@ def run_campaign(*, world_sizes: Sequence[int], examples: int, seed: int, sharde
     if not interleave:
         jobs = jobs[len(resumes):] + jobs[:len(resumes)]
     with pool, CtrlC() as ctrl_c:
-        for i, (sharder, s, is_resume) in enumerate(jobs, 1):
+        try:
+            for i, (sharder, s, is_resume) in enumerate(jobs, 1):
+                ctrl_c.check()
+                try:
+                    if is_resume:
+                        case = run_resume(pool, s, sharder=sharder, timeout_s=timeout_s)
+                    else:
+                        case = run_one(pool, s, sharder=sharder, timeout_s=timeout_s, plant=plant)
+                except ProcessGroupLost as exc:   # torchrun: the launched group is gone
+                    results.append(_aborted(s, sharder, str(exc), len(jobs) - i + 1))
+                    say(f"CAMPAIGN ENDED at case {i}/{len(jobs)}: {exc}; writing the reports of "
+                        f"the {i - 1} cases run", flush=True)
+                    break
+                results.append(case)
+                memory.append(soak.sample(pool, len(results)))
+                if _is_main(pool):
+                    _progress(i, len(jobs), case, started, len(sharders) > 1)
             ctrl_c.check()
-            try:
-                if is_resume:
-                    case = run_resume(pool, s, sharder=sharder, timeout_s=timeout_s)
-                else:
-                    case = run_one(pool, s, sharder=sharder, timeout_s=timeout_s, plant=plant)
-            except ProcessGroupLost as exc:   # torchrun: the launched group is gone
-                results.append(_aborted(s, sharder, str(exc), len(jobs) - i + 1))
-                say(f"CAMPAIGN ENDED at case {i}/{len(jobs)}: {exc}; writing the reports of the "
-                    f"{i - 1} cases run", flush=True)
-                break
-            results.append(case)
-            memory.append(soak.sample(pool, len(results)))
-            if _is_main(pool):
-                _progress(i, len(jobs), case, started, len(sharders) > 1)
-        ctrl_c.check()
+        except KeyboardInterrupt:   # the cases run so far are reported, undiagnosed; exit 130
+            if results and _is_main(pool):
+                say(f"interrupted: writing the reports of the {len(results)} of {len(jobs)} "
+                    "cases run (not diagnosed)", flush=True)
+                _write_and_print(results, [], memory, dict(pool.default_pool_startups), seed=seed,
+                                 world_sizes=world_sizes, out_dir=out_dir,
+                                 elapsed=time.perf_counter() - started, several=len(sharders) > 1,
+                                 declined=declined, notes=list(notes) + [
+                                     f"interrupted (Ctrl-C) after {len(results)} of {len(jobs)} "
+                                     "cases: the others were not run, and no failure was diagnosed"])
+            raise
         groups = diagnose(
             pool, results, plant=plant, timeout_s=timeout_s,
             budget_s=0.0 if is_torchrun() else   # ranks in lockstep: no time-based choices
