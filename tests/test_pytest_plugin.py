@@ -150,3 +150,20 @@ def test_the_plugins_pool_is_no_bigger_than_its_world_sizes_and_its_timeout_is_t
             return Group()
     pytest_plugin.pytest_addoption(Parser())
     assert parser.parse_args([]).verify_timeout is None
+
+
+def test_the_fixture_refuses_an_invalid_scenario_before_running_it():
+    """A scenario the harness cannot run (fewer micro-batches than ranks) is the test's own
+    mistake: ValueError naming the field, not an ``error`` case blamed on the sharder."""
+    import dataclasses
+
+    from verify.pytest_plugin import Equivalence
+    from verify.tools.plants import mlp_scenario
+
+    class Config:
+        def getoption(self, name):
+            return {"verify_timeout": None, "sharder": None}[name]
+
+    eq = Equivalence(pool=None, config=Config())   # never reached: refused first
+    with pytest.raises(ValueError, match="micro_batches"):
+        eq.check(dataclasses.replace(mlp_scenario(4), micro_batches=2))

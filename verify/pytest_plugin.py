@@ -74,7 +74,8 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 class Equivalence:
-    """``check(scenario)``: one case through the harness, as `python -m verify replay` runs it."""
+    """``check(scenario)``: one case through the harness, as `python -m verify replay` runs it
+    (a scenario that is not valid raises ValueError naming the field, as replay refuses it)."""
 
     def __init__(self, pool, config: pytest.Config):
         self.pool, self.config = pool, config
@@ -86,6 +87,7 @@ class Equivalence:
     # environment (the pytest11 entry point), and the campaign imports torch and Hypothesis.
     def check(self, scenario, sharder: Optional[str] = None, **kw):
         from verify.campaign.run import run_one  # lazy: torch, see above
+        scenario.validate()   # the test's own mistake, not a case of the sharder's
         return run_one(self.pool, scenario, sharder=sharder or self.sharders[0],
                        timeout_s=kw.pop("timeout_s", self.timeout_s), **kw)
 
