@@ -201,3 +201,14 @@ def test_a_draw_only_some_sharders_decline_runs_for_the_others():
     assert all(both(s) is None for s in cases)
     det = draw_scenarios(world_size=2, mode="deterministic", n=4, seed=0, sharders=["ddp", "fsdp1"])
     assert det and declined_by(["ddp"])(det[0]) is not None   # neither runs it: made up, skipped
+
+
+def test_every_family_named_is_drawn_when_there_are_cases_enough():
+    """Two families named, two cases per W and mode: each family gets one (by chance alone one
+    of them was missing half the time); one family or the default draw as before."""
+    from verify.case.draw import draw_scenarios
+    for seed in range(6):
+        for sharders in ((), ("fsdp_core",)):
+            got = draw_scenarios(world_size=2, mode="fast", n=2, seed=seed,
+                                 families=["tests.user_family", "mlp"], sharders=sharders)
+            assert {s.family for s in got} == {"tests.user_family", "mlp"}, (seed, got)

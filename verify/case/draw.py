@@ -132,8 +132,7 @@ def draw_scenarios(*, world_size: int, mode: str, n: int, seed: int, profile: st
     drawn = _collect(strategy, base, max(8 * n, 20))
     checks = [c for c in (accept, declined_by(sharders) if sharders else None) if c is not None]
     if not checks:
-        picked = sorted(random.Random(seed).sample(range(len(drawn)), min(n, len(drawn))))
-        return [drawn[i] for i in picked]
+        return _pick(drawn, n, random.Random(seed), families)
     runnable, refused, reasons = [], [], Counter()
     seen: set = set()
     for round_ in range(REDRAWS + 1):
@@ -154,11 +153,28 @@ def draw_scenarios(*, world_size: int, mode: str, n: int, seed: int, profile: st
     if declined is not None:
         declined.update(reasons)
     rng = random.Random(seed)
-    picked = [runnable[i] for i in sorted(rng.sample(range(len(runnable)), min(n, len(runnable))))]
+    picked = _pick(runnable, n, rng, families)
     short = n - len(picked)
     if short > 0 and refused:   # bounded redraws spent: the rest run as skipped, and say why
         picked += [refused[i] for i in sorted(rng.sample(range(len(refused)), min(short, len(refused))))]
     return picked
+
+
+def _pick(candidates: list, n: int, rng: random.Random, families: Optional[Sequence[str]]) -> list:
+    """``n`` of ``candidates`` at random, in their order. Where the caller named two or more
+    families, each named family that has candidates gets one first (n allowing): a family you
+    named is not left out by chance (two cases of two families missed one half the time)."""
+    k = min(n, len(candidates))
+    if not families or len(families) < 2:
+        return [candidates[i] for i in sorted(rng.sample(range(len(candidates)), k))]
+    chosen: list[int] = []
+    for fam in families:
+        mine = [i for i, s in enumerate(candidates) if s.family == fam and i not in chosen]
+        if mine and len(chosen) < k:
+            chosen.append(rng.choice(mine))
+    rest = [i for i in range(len(candidates)) if i not in chosen]
+    chosen += rng.sample(rest, k - len(chosen))
+    return [candidates[i] for i in sorted(chosen)]
 
 
 # [Note: a resume draw with optimizer state]
