@@ -12,6 +12,15 @@ with it the last bits of that gradient. Units whose inputs carry no
 grad (the first unit, fed token ids) or that are only partly reached are reduced by the
 end-of-backward callback, queued by the first pre-backward hook of each backward pass. Reduction
 order is the same on every rank because every rank runs the same graph.
+
+Only non-leaf inputs are hooked. A non-leaf input's hook runs when autograd executes the node
+that produced it, and autograd runs the ready node created last first, so the unit's own nodes
+(created after its inputs) run before it even where the input's gradient is ready early. A leaf
+input's hook runs in its AccumulateGrad node, which autograd runs as soon as it is ready: a
+parameter of another unit passed in and used only at the end of this unit's forward (``x +
+alpha * f(x)``) has its gradient before this unit's weights have theirs, and the unit would
+reduce (and reshard) before its backward is done. A unit whose inputs needing grad are all
+leaves is reduced by the end-of-backward callback instead.
 """
 from __future__ import annotations
 
@@ -247,7 +256,9 @@ def _pre_forward(module: nn.Module, args: tuple, kwargs: dict):
         if unit.generation != _generation:
             _forwarded.append(weakref.ref(unit))
         unit.generation = _generation
-        needs_grad = [x for x in flat if isinstance(x, torch.Tensor) and x.requires_grad]
+        # non-leaf inputs only: see [Note: when a unit's gradients are ready]
+        needs_grad = [x for x in flat if isinstance(x, torch.Tensor) and x.requires_grad
+                      and x.grad_fn is not None]
         if needs_grad:
             unit.calls_with_hook += 1
             handle: list = []

@@ -5,7 +5,8 @@ the family interface, named by import path (``tests.odd_families:DeadHead``):
 used (parameters without gradients, units whose forward never runs). `TiedBlocks`: the first and
 the last block share one Linear weight (a tie between two blocks, not an embedding and a head).
 `FunctionalChild`: a child whose parameters its parent reads directly, never calling its
-forward, as `nn.MultiheadAttention` does with `out_proj`.
+forward, as `nn.MultiheadAttention` does with `out_proj`. `RootArg`: a root parameter passed
+into every block as an argument.
 """
 from __future__ import annotations
 
@@ -119,3 +120,33 @@ class FunctionalChild(_Family):
     @staticmethod
     def build(width: int, n_blocks: int):
         return _ReadsNet(width, n_blocks)
+
+
+class _AlphaBlock(nn.Module):
+    def __init__(self, d: int):
+        super().__init__()
+        self.fc = nn.Linear(d, d)
+
+    def forward(self, x, alpha):
+        return x + alpha * torch.tanh(self.fc(x))
+
+
+class _AlphaNet(nn.Module):
+    def __init__(self, width: int, n_blocks: int):
+        super().__init__()
+        self.alpha = nn.Parameter(torch.full((1,), 0.7))
+        self.blocks = nn.ModuleList(_AlphaBlock(width) for _ in range(n_blocks))
+        self.head = nn.Linear(width, 1)
+
+    def forward(self, x):
+        for b in self.blocks:
+            x = b(x, self.alpha)
+        return self.head(x)
+
+
+class RootArg(_Family):
+    """A parameter of the root passed into every block and used at the end of its forward:
+    the first block's only input that needs a gradient is that parameter."""
+    @staticmethod
+    def build(width: int, n_blocks: int):
+        return _AlphaNet(width, n_blocks)

@@ -98,3 +98,17 @@ def test_a_child_whose_parent_reads_its_weights_is_not_made_a_unit(rank_pool, sh
     assert [names[id(u)] for u in wrap_units(s, model)] == ["blocks.0.fc", "blocks.1.fc", "head", ""]
     case = run_one(rank_pool, s, sharder=sharder)
     assert case.verdict == "pass", case.reason
+
+
+@pytest.mark.multigpu
+@pytest.mark.parametrize("mode", ["fast", "deterministic"])
+@pytest.mark.parametrize("w", [1, 2])
+def test_a_root_parameter_passed_into_a_block_leaves_the_blocks_gradients_whole(rank_pool, w, mode):
+    """blocks.0's only input that needs a gradient is the root's alpha, used at the end of its
+    forward: fsdp_core reduced the block when alpha's gradient was ready, before its own
+    weights had theirs (their gradients were missing)."""
+    _skip_unless(rank_pool, w)
+    s = Scenario(F + "RootArg", (("n_blocks", 2), ("width", 5)), w, mode=mode, lr=0.05)
+    case = run_one(rank_pool, s, sharder="fsdp_core")
+    assert case.verdict == "pass", case.reason
+    assert all(st.bitwise for st in case.steps)
