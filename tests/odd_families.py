@@ -150,3 +150,34 @@ class RootArg(_Family):
     @staticmethod
     def build(width: int, n_blocks: int):
         return _AlphaNet(width, n_blocks)
+
+
+class _GetterBlock(nn.Module):
+    def __init__(self, d: int, getter):
+        super().__init__()
+        self.fc = nn.Linear(d, d)
+        self._alpha = getter
+
+    def forward(self, x):
+        return x + self._alpha() * torch.tanh(self.fc(x))
+
+
+class _GetterNet(nn.Module):
+    def __init__(self, width: int, n_blocks: int):
+        super().__init__()
+        self.alpha = nn.Parameter(torch.full((1,), 0.7))
+        self.blocks = nn.ModuleList(_GetterBlock(width, lambda: self.alpha) for _ in range(n_blocks))
+        self.head = nn.Linear(width, 1)
+
+    def forward(self, x):
+        for b in self.blocks:
+            x = b(x)
+        return self.head(x)
+
+
+class RootGetter(_Family):
+    """Every block reads the root's parameter through a closure over the root (``lambda:
+    self.alpha``), as some models reach a shared scale."""
+    @staticmethod
+    def build(width: int, n_blocks: int):
+        return _GetterNet(width, n_blocks)

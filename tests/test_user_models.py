@@ -73,9 +73,9 @@ def test_the_replayed_step_names_the_zero_gradients_a_decayed_parameter_got(rank
         in case.reason, case.reason
 
 
-@pytest.mark.parametrize("sharder", ["fsdp_core", "torch_fsdp2"])
+@pytest.mark.parametrize("sharder", ["fsdp_core", "torch_fsdp2", "fsdp1"])
 def test_a_weight_tied_between_two_blocks_is_declined_not_blamed(sharder):
-    """Both sharders refuse a parameter two units own: per_block puts the first and the last
+    """The FSDP sharders refuse a parameter two units own: per_block puts the first and the last
     block's shared weight in two units even with the scenario's ties kept."""
     s = Scenario(F + "TiedBlocks", (("n_blocks", 2), ("width", 3)), 2)
     reason = load(sharder).unsupported(s)
@@ -112,3 +112,13 @@ def test_a_root_parameter_passed_into_a_block_leaves_the_blocks_gradients_whole(
     case = run_one(rank_pool, s, sharder="fsdp_core")
     assert case.verdict == "pass", case.reason
     assert all(st.bitwise for st in case.steps)
+
+
+@pytest.mark.multigpu
+def test_a_closure_over_the_model_reads_the_bf16_compute_copy_in_the_reference(rank_pool):
+    """The bf16 reference's compute copy was deep-copied: the blocks' ``lambda: self.alpha``
+    still read the fp32 master, and a correct sharder failed by 340x and more."""
+    _skip_unless(rank_pool, 2)
+    s = Scenario(F + "RootGetter", (("n_blocks", 2), ("width", 5)), 2, dtype="bf16", lr=0.05)
+    case = run_one(rank_pool, s, sharder="fsdp_core")
+    assert case.verdict == "pass", case.reason

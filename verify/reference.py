@@ -22,7 +22,6 @@ bf16: an fp32 master model is trained; each step's forward/backward runs on a co
 """
 from __future__ import annotations
 
-import copy
 import traceback
 from collections.abc import Mapping
 from typing import Callable, NamedTuple, Optional
@@ -219,10 +218,17 @@ def _take_grads(model: nn.Module) -> dict[str, Optional[torch.Tensor]]:
 
 
 def _bf16_copy(s: Scenario, master: nn.Module) -> nn.Module:
-    """A compute copy with bf16 parameters (leaves of their own) and input-casting pre-hooks."""
-    compute = copy.deepcopy(master)  # keeps tied parameters tied
-    for p in compute.parameters():   # each distinct Parameter once
-        p.data = p.data.to(torch.bfloat16)
+    """A compute copy with bf16 parameters (leaves of their own), the master's buffers, and
+    input-casting pre-hooks. Built afresh from the scenario, not deep-copied: deepcopy shares
+    functions, so a closure a model keeps over itself (``lambda: self.alpha``) would go on
+    reading the master's fp32 parameter."""
+    compute = build_model(s)   # ties as the family makes them
+    params = dict(master.named_parameters(remove_duplicate=False))
+    buffers = dict(master.named_buffers(remove_duplicate=False))
+    for name, p in compute.named_parameters():   # each distinct Parameter once
+        p.data = params[name].data.to(torch.bfloat16)
+    for name, b in compute.named_buffers():
+        b.data = buffers[name].data.clone()
     for unit in wrap_units(s, compute):
         unit.register_forward_pre_hook(_cast_inputs_to_bf16, with_kwargs=True)
     return compute

@@ -48,7 +48,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from torch.distributed.fsdp import (CPUOffload, FullyShardedDataParallel, MixedPrecision,
                                     ShardingStrategy)
 
-from verify.scenarios import build_model
+from verify.scenarios import build_model, split_ties
 from verify.sharders.base import Sharder, WrapPlan
 
 __all__ = ["FSDP1"]
@@ -67,6 +67,10 @@ class FSDP1(Sharder):
         if zero_d:   # _init_utils.py: "FSDP doesn't support scalar parameters"
             return (f"FSDP1 flattens every unit's parameters and refuses 0-d parameters "
                     f"({', '.join(zero_d[:3])})")
+        split = split_ties(scenario)
+        if split:   # FSDP1 needs a shared parameter in its users' lowest common FSDP unit
+            return (f"FSDP1 cannot shard a parameter tied across two FSDP units "
+                    f"({', '.join(split[:2])}): each unit flattens its own copy")
         return None
 
     def shard(self, model, plan: WrapPlan, group):
