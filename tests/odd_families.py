@@ -181,3 +181,38 @@ class RootGetter(_Family):
     @staticmethod
     def build(width: int, n_blocks: int):
         return _GetterNet(width, n_blocks)
+
+
+class _TokenNet(nn.Module):
+    def __init__(self, width: int, n_blocks: int):
+        super().__init__()
+        self.emb = nn.Embedding(11, width)
+        self.blocks = nn.ModuleList(_Block(width) for _ in range(n_blocks))
+        self.head = nn.Linear(width, 11)
+
+    def forward(self, input_ids, attention_mask):
+        x = self.emb(input_ids) * attention_mask.unsqueeze(-1)
+        for b in self.blocks:
+            x = b(x)
+        return self.head(x)
+
+
+class DictBatch(_Family):
+    """Batches as transformers has them: a dict of input_ids, attention_mask and labels, with
+    padded positions (-100) left out of the loss."""
+    @staticmethod
+    def build(width: int, n_blocks: int):
+        return _TokenNet(width, n_blocks)
+
+    @staticmethod
+    def make_batch(kw: dict, n: int, gen: torch.Generator):
+        ids = torch.randint(1, 11, (n, 5), generator=gen)
+        lengths = torch.randint(2, 6, (n,), generator=gen)
+        mask = (torch.arange(5)[None, :] < lengths[:, None]).long()
+        labels = torch.where(mask.bool(), torch.randint(0, 11, (n, 5), generator=gen), -100)
+        return {"input_ids": ids * mask, "attention_mask": mask, "labels": labels}
+
+    @staticmethod
+    def loss(model, batch):
+        logits = model(batch["input_ids"], batch["attention_mask"]).float()
+        return F.cross_entropy(logits.reshape(-1, 11), batch["labels"].reshape(-1), ignore_index=-100)

@@ -122,3 +122,14 @@ def test_a_closure_over_the_model_reads_the_bf16_compute_copy_in_the_reference(r
     s = Scenario(F + "RootGetter", (("n_blocks", 2), ("width", 5)), 2, dtype="bf16", lr=0.05)
     case = run_one(rank_pool, s, sharder="fsdp_core")
     assert case.verdict == "pass", case.reason
+
+
+@pytest.mark.multigpu
+@pytest.mark.parametrize("mode", ["fast", "deterministic"])
+def test_a_dict_batch_with_padding_runs_in_both_modes(rank_pool, mode):
+    """A batch that is a dict (input_ids, attention_mask, labels) is concatenated key by key
+    (fast mode's local batch) and moved whole: it raised 'too many values to unpack'."""
+    _skip_unless(rank_pool, 2)
+    s = Scenario(F + "DictBatch", (("n_blocks", 2), ("width", 4)), 2, mode=mode, micro_batches=4)
+    case = run_one(rank_pool, s, sharder="fsdp_core")
+    assert case.verdict == "pass", case.reason

@@ -34,7 +34,7 @@ from verify.case.probes import CollectiveRecorder, nonzero_padding, watch_units
 from verify.diagnosis.collective_log import CollectiveLog
 from verify.ranks.backend_check import backend_problem
 from verify.sharders import DEFAULT_SHARDER, Sharder, StepTrace, load, load_class, plan_for
-from verify.scenarios import (Scenario, build_model, cat_batches, loss_fn, make_batch, step_loss,
+from verify.scenarios import (Scenario, batch_to, build_model, cat_batches, loss_fn, make_batch, step_loss,
                               tie_weights, tree)
 from verify.tools.plants import planted
 
@@ -133,7 +133,7 @@ class Trainer:
         r, k = self.ctx.rank, self.s.k
         mine = [self.batch_fn(step, m) for m in range(r * k, (r + 1) * k)]
         if self.ctx.device.type != "cpu":
-            mine = [tuple(t.to(self.ctx.device) for t in b) for b in mine]
+            mine = [batch_to(b, self.ctx.device) for b in mine]
         return mine
 
     def _forward_backward(self, mine: Sequence) -> list[torch.Tensor]:

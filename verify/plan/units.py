@@ -35,7 +35,7 @@ from torch.utils._pytree import tree_leaves
 
 from fsdp_core import _layout
 from fsdp_core._collectives import GATHER_KIND, REDUCE_SCATTER_KIND
-from verify.scenarios import build_model, loss_fn, make_batch, wrap_units
+from verify.scenarios import batch_to, build_model, loss_fn, make_batch, wrap_units
 
 __all__ = ["UnitShape", "PlanFigures", "unit_shapes", "trace_units", "plan_scenario",
            "plan_problems", "unit_figures", "peak_unsharded", "OPT_STATES"]
@@ -139,7 +139,7 @@ def trace_units(s, device: str = "meta"):
             events.append(("post", key, g))
         handles.append(m.register_forward_pre_hook(pre, with_kwargs=True))
         handles.append(m.register_forward_hook(post, with_kwargs=True))
-    batch = tuple(x.to(device) for x in make_batch(s, 0, 0))
+    batch = batch_to(make_batch(s, 0, 0), device)
     try:
         loss_fn(s, model, batch).backward()
     finally:

@@ -19,12 +19,12 @@ from verify.scenarios.model import (_post_order, build_model, init_weights, para
                                     tie_weights, tied_owners, wrap_units)
 from verify.scenarios.scenario import (ALL_WORLD_SIZES, DTYPES, MODES, OPTIMIZERS, WORLD_SIZES,
                                        TIES, WRAPS, Scenario, _derive_seed)
-from verify.scenarios.training import (cat_batches, grouped_optimizer, loss_fn, make_batch,
+from verify.scenarios.training import (batch_to, cat_batches, grouped_optimizer, loss_fn, make_batch,
                                        make_optimizer, no_decay, optimizer_spec, step_loss, tree)
 
 __all__ = [
     "Scenario", "FAMILIES", "CORE_FAMILIES", "HF_FAMILIES", "MODES", "OPTIMIZERS", "DTYPES", "WRAPS", "TIES", "WORLD_SIZES", "ALL_WORLD_SIZES",
-    "build_model", "tie_weights", "tied_owners", "split_ties", "init_weights", "make_batch", "cat_batches", "loss_fn", "wrap_units",
+    "build_model", "tie_weights", "tied_owners", "split_ties", "init_weights", "make_batch", "cat_batches", "batch_to", "loss_fn", "wrap_units",
     "make_optimizer", "optimizer_spec", "grouped_optimizer", "no_decay", "param_names", "tree",
     "step_loss", "family_module", "is_family_path",
     # private helpers, for verify's own modules (plan/scale.py, tools/converge.py)

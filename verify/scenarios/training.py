@@ -3,21 +3,22 @@ the one summation order deterministic mode promises (`tree`, `step_loss`) and it
 (`optimizer_spec`, `grouped_optimizer`, `make_optimizer`)."""
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 import torch
 import torch.nn as nn
+from torch.utils._pytree import tree_map
 
 from verify.scenarios.families import family_module
 from verify.scenarios.scenario import OPTIMIZERS, Scenario, _derive_seed
 
-__all__ = ["make_batch", "cat_batches", "loss_fn", "tree", "step_loss", "no_decay",
+__all__ = ["make_batch", "cat_batches", "batch_to", "loss_fn", "tree", "step_loss", "no_decay",
            "optimizer_spec", "grouped_optimizer", "make_optimizer"]
 
 
 # -- data and loss ------------------------------------------------------------------------------
 
-def make_batch(s: Scenario, step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
+def make_batch(s: Scenario, step: int, micro: int) -> Any:
     """Global micro-batch `micro` of step `step`, on the CPU: a function of (seed, step, micro)
     only, independent of world size and rank."""
     gen = torch.Generator().manual_seed(_derive_seed(s.seed, "batch", step, micro))
@@ -30,9 +31,17 @@ def make_batch(s: Scenario, step: int, micro: int) -> tuple[torch.Tensor, torch.
         torch.set_default_dtype(dtype)
 
 
-def cat_batches(batches: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Concatenate micro-batches, in order, into one batch (fast mode's local or global batch)."""
-    return torch.cat([x for x, _ in batches]), torch.cat([y for _, y in batches])
+def cat_batches(batches: Sequence[Any]) -> Any:
+    """Concatenate micro-batches, in order, into one batch (fast mode's local or global batch):
+    each tensor of the batch's structure (an (x, y) pair, a dict of input_ids and labels, ...)
+    along dim 0; anything else as the first micro-batch has it."""
+    return tree_map(lambda *xs: torch.cat(xs) if isinstance(xs[0], torch.Tensor) else xs[0],
+                    batches[0], *batches[1:])
+
+
+def batch_to(batch: Any, device) -> Any:
+    """Every tensor of ``batch`` on ``device``, the structure kept."""
+    return tree_map(lambda t: t.to(device) if isinstance(t, torch.Tensor) else t, batch)
 
 
 def loss_fn(s: Scenario, model: nn.Module, batch) -> torch.Tensor:
