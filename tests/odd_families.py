@@ -216,3 +216,34 @@ class DictBatch(_Family):
     def loss(model, batch):
         logits = model(batch["input_ids"], batch["attention_mask"]).float()
         return F.cross_entropy(logits.reshape(-1, 11), batch["labels"].reshape(-1), ignore_index=-100)
+
+
+class _ClampBlock(nn.Module):
+    def __init__(self, d: int):
+        super().__init__()
+        self.fc = nn.Linear(d, d)
+
+    def forward(self, x):
+        with torch.no_grad():
+            self.fc.weight.clamp_(-0.3, 0.3)   # a max-norm style constraint, in place
+        return x + torch.tanh(self.fc(x))
+
+
+class _ClampNet(nn.Module):
+    def __init__(self, width: int, n_blocks: int):
+        super().__init__()
+        self.blocks = nn.ModuleList(_ClampBlock(width) for _ in range(n_blocks))
+        self.head = nn.Linear(width, 1)
+
+    def forward(self, x):
+        for b in self.blocks:
+            x = b(x)
+        return self.head(x)
+
+
+class ClampsInForward(_Family):
+    """Each block clamps its weight in place at the start of its forward: the parameters
+    change outside the optimizer."""
+    @staticmethod
+    def build(width: int, n_blocks: int):
+        return _ClampNet(width, n_blocks)

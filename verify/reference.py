@@ -89,10 +89,33 @@ class Replayer:
     implementation's rounding (verify/case/judge.py, [Note: the replayed steps]). ``alive`` turns
     False when a step's gradients are not known, since the steps after it cannot be replayed."""
 
-    def __init__(self, s: Scenario):
+    def __init__(self, s: Scenario, own: bool = True):
         self.model = build_model(s)
         self.optimizer = make_optimizer(s, self.model.named_parameters())
         self.alive = True
+        self.off = ""   # why the replay was turned off, where it was (`follows`)
+        self._own = Replayer(s, own=False) if own else None
+
+    def follows(self, ref_grads: Mapping[str, torch.Tensor], ref_params: Mapping[str, torch.Tensor]
+                ) -> bool:
+        """Whether the optimizer replayed from the reference's own gradients gives the
+        reference's own parameters after this step (within the fp32 torch.testing tolerance).
+        A model that changes its parameters outside the optimizer (in place in its forward, an
+        nn.Embedding with max_norm) does not: then nothing can be replayed, and this replay is
+        turned off, saying why."""
+        if self._own is None or not self._own.alive:
+            return True
+        for name, want in self._own.step(ref_grads).items():
+            got = ref_params.get(name)
+            if got is not None and got.shape == want.shape and not torch.allclose(
+                    got.float(), want.float(), rtol=1.3e-6, atol=1e-5, equal_nan=True):
+                self._own.alive = self.alive = False
+                self.off = (f"the replayed-step check is off for this case: the reference's own "
+                            f"parameter {name} after a step is not what {type(self.optimizer).__name__} "
+                            "computes from its gradients (the model changes its parameters "
+                            "outside the optimizer, e.g. in place in its forward)")
+                return False
+        return True
 
     def step(self, grads: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """One step from ``grads`` (by parameter name; a parameter without one is frozen this

@@ -123,7 +123,7 @@ def run_one(pool, s: Scenario, *, sharder: str = DEFAULT_SHARDER, timeout_s: Opt
     looser, why = regrouping_tier(s, adapter, case)
     if looser is not None:   # see [Note: a regrouped gradient sum] in verify/case/regroup.py
         case = evaluate(s, adapter, spec, result, ref, wall, replay=replay, tier=looser)
-        case.tier_note = why
+        case.tier_note = "\n".join(x for x in (why, case.tier_note) if x)
     state = result.ok and sorted({x for v in result.values for x in v.get("process_state") or ()})
     if state and not case.passed:
         case.reason += ("\nthis sharder's case ran with process-global state the harness (and the "

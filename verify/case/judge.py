@@ -115,7 +115,9 @@ def _align(s: Scenario, params: dict, ref: dict) -> tuple[dict, dict, list[str]]
 # the same gradients). A resume case replays through the checkpoint (`verify.campaign.resume`
 # hands the phases one replay), so optimizer state lost in save or load shows at the first step
 # after the load. The replay stops at the first step whose gradients are not reported or do not
-# reassemble.
+# reassemble, and is turned off (the case's tier note says so) where the reference's own steps
+# are not what the optimizer computes from the reference's gradients: a model that edits its
+# parameters outside the optimizer (in place in forward) cannot be replayed.
 
 
 def replays(s: Scenario, tier: str) -> bool:
@@ -280,7 +282,7 @@ def evaluate(s: Scenario, sharder, spec: str, result, ref, wall: float, *,
                               f"{unexpected[:5]}" + prefix_hint(unexpected, pdiff.missing))
         structural += ranks_disagree(s, values, i, where)
         replayed, replay_pairs = [], []
-        if replayer is not None and replayer.alive:
+        if replayer is not None and replayer.alive and replayer.follows(ref_step.grads, ref_step.params):
             # a tighter phase (a resume's) only carries the replay on to the looser one
             replayed, replay_pairs = _against_replay(s, values, i, step, ref_step.grads, params, where,
                                                      replayer, step_offset or None, replays(s, tier))
@@ -376,4 +378,5 @@ def evaluate(s: Scenario, sharder, spec: str, result, ref, wall: float, *,
     if failed:
         case.verdict, case.reason = "fail", "\n".join(c.detail for c in failed)
     case.severity, case.excess = case_severity(case.checks, case.verdict)
+    case.tier_note = replayer.off if replayer is not None else ""
     return case
