@@ -120,6 +120,25 @@ def test_a_failure_shrinks_only_to_candidates_of_its_own_severity():
     assert not same_failure(gross, case("last-bit", "numerics"))
 
 
+def test_an_error_shrinks_only_to_candidates_raising_the_same_thing():
+    """A case that raised shrinks to smaller cases that raise the same exception (its numbers
+    may change with the shapes), not to one that raises something else."""
+    from verify.diagnosis.shrink import same_failure
+    from verify.results import CaseResult
+
+    def error(last):
+        return CaseResult(scenario_json="{}", sharder="s", family="mlp", world_size=2,
+                          mode="fast", dtype="fp32", optimizer="sgd", tier="bitwise",
+                          verdict="error", severity="error",
+                          reason=f"rank 0 raised in run_case:\nTraceback (most recent call last):\n"
+                                 f"  File \"x.py\", line 3, in f\n{last}")
+    size = error("RuntimeError: size mismatch, got input (4), mat (4x6), vec (6)")
+    assert same_failure(size, error("RuntimeError: size mismatch, got input (2), mat (2x3), vec (3)"))
+    assert not same_failure(size, error("RuntimeError: Expected floating point type for target "
+                                        "with class probabilities, got Long"))
+    assert not same_failure(size, error("ValueError: size mismatch, got input (2), mat (2x3), vec (3)"))
+
+
 def test_a_signature_names_what_failed_first_not_what_followed():
     """A wrong update at step 0 makes step 1's gradients differ too: the signature names the
     step-0 failure only, so the group reads as the optimizer bug it is; a check failing at init

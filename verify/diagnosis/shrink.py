@@ -27,6 +27,7 @@ candidates are generated afresh from the smaller scenario; the reducer stops at 
 from __future__ import annotations
 
 import dataclasses
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Optional
@@ -95,6 +96,13 @@ def error_kind(case: CaseResult) -> str:
     return "raised"
 
 
+def _raised(case: CaseResult) -> str:
+    """The first exception line of an error's reason, its numbers blanked (a shape shrinks with
+    the case): a shrunk case that raises something else is another failure."""
+    m = re.search(r"^([A-Za-z_][\w.]*(?:Error|Exception)\b.*)$", case.reason or "", re.M)
+    return re.sub(r"\d+", "#", m.group(1))[:80] if m else ""
+
+
 def first_phase(case: CaseResult) -> str:
     """Where the first failing step's numbers first differ, read from the check records: the
     loss ("forward"), else the reduced gradients ("backward"), else the parameters after the
@@ -138,7 +146,8 @@ def same_failure(original: CaseResult, candidate: CaseResult) -> bool:
     if original.severity in (LAST_BIT, BEYOND, INVARIANT) and candidate.severity != original.severity:
         return False
     if original.verdict == "error":
-        return error_kind(candidate) == error_kind(original)
+        return error_kind(candidate) == error_kind(original) and (
+            error_kind(original) != "raised" or _raised(candidate) == _raised(original))
     return _numeric_class(primary_check(original)) in map(_numeric_class, failing_checks(candidate))
 
 
