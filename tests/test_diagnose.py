@@ -540,3 +540,15 @@ def test_a_case_timed_out_under_a_given_timeout_replays_with_it(pool):
     assert " --timeout 3 '" in case.replay, case.replay
     ok = run_one(pool, s, sharder="tests.hang_sharders:Replicated", timeout_s=3.0)
     assert ok.passed and "--timeout" not in ok.replay, ok.replay
+
+
+def test_gradients_are_compared_in_the_order_backward_reduces_them():
+    """Where every gradient is wrong (a missing division by W), the located divergence names
+    the unit backward reduces first (the last block), not the root's first parameter, which is
+    reduced last."""
+    from verify.diagnosis.tiered import backward_order
+    grads = dict.fromkeys(["emb.weight", "blocks.0.fc.weight", "blocks.0.fc.bias",
+                           "blocks.1.fc.weight", "head.weight"], 0)
+    got = [n for n, _ in backward_order(grads, ["blocks.0", "blocks.1", ""])]
+    assert got == ["blocks.1.fc.weight", "blocks.0.fc.bias", "blocks.0.fc.weight", "head.weight",
+                   "emb.weight"]

@@ -247,7 +247,8 @@ def test_cli_plant_option_reaches_the_campaign_and_is_validated(monkeypatch, cap
     assert main(["run", "--plant", "no_divide_by_world", "--world-sizes", "2"]) == 0
     assert calls[-1][1]["plant"] == "no_divide_by_world"
     assert main(["replay", "--plant", "drop_rank_grad", FAST2.to_json()]) == 1
-    assert calls[-1] == ("replay", {"timeout_s": None, "sharder": "fsdp_core", "plant": "drop_rank_grad"})
+    assert calls[-1] == ("replay", {"timeout_s": None, "sharder": "fsdp_core", "locate": True,
+                                   "plant": "drop_rank_grad"})
     assert main(["replay", FAST2.to_json()]) == 1
     assert "plant" not in calls[-1][1]                  # the real run never names a plant
     for argv in (["run", "--plant", "nope"], ["mutants", "--only", "drop_rank_grad,nope"]):
@@ -307,7 +308,8 @@ def test_a_faulted_case_is_one_error_and_the_campaign_goes_on(fault_pool, fault,
     error = results[1]
     for words in says:
         assert words in error.reason, error.reason
-    assert error.replay.startswith(f"python -m verify replay --plant {fault} '")
+    timed = f"--timeout {FAULT_TIMEOUT_S:g} " if fault == "rank_hangs" else ""   # as it ran
+    assert error.replay.startswith(f"python -m verify replay --plant {fault} {timed}'"), error.replay
     assert error.wall_time_s < FAULT_TIMEOUT_S + 5
     assert time.perf_counter() - started < 90
     # The faulted case's ranks were replaced and are gone; no orphan is left behind.

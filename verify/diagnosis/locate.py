@@ -36,7 +36,7 @@ from verify.case.state_check import ZERO_EXTRA, all_zero, reassemble
 from verify.case.train import Trainer
 from verify.compare import int_view, ulp_distance
 from verify.diagnosis.shrink import first_line
-from verify.diagnosis.tiered import from_tier, unit_of
+from verify.diagnosis.tiered import backward_order, from_tier, unit_of
 from verify.ranks.poolset import as_pool_set
 from verify.reference import RankBuffers, _bf16_copy, _deterministic_step, _fast_step
 from verify.scenarios import Scenario, build_model, make_batch, make_optimizer, wrap_units
@@ -367,7 +367,7 @@ def _compare(s: Scenario, d: int, values: list[dict], ref: dict) -> str:
     grads_ok, zeros = None, set()
     if all(rec is not None for rec in recs):
         given = {n for rec in recs for n in rec}
-        for name, want in ref["grads"].items():
+        for name, want in backward_order(ref["grads"], units):
             if name not in given:
                 return (f"{where}, {unit_of(name, units)} backward: reduced gradient of {name} "
                         f"is missing (no rank gave it)")

@@ -8,7 +8,7 @@ from typing import Any, Optional
 
 from verify.scenarios import Scenario, build_model, wrap_units
 
-__all__ = ["from_tier", "unit_of", "wrap_unit_names"]
+__all__ = ["from_tier", "unit_of", "wrap_unit_names", "backward_order"]
 
 
 def unit_of(name: str, units: list[str]) -> str:
@@ -18,6 +18,15 @@ def unit_of(name: str, units: list[str]) -> str:
         if u and (name == u or name.startswith(u + ".")) and len(u) > len(best):
             best = u
     return best or "<root>"
+
+
+def backward_order(grads: dict, units: list[str]) -> list:
+    """``grads``' items in the order backward reduces them: the units in reverse forward order,
+    the root's last; within a unit, the parameters in reverse registration order."""
+    order = {u: i for i, u in enumerate(reversed([u for u in units if u]))}
+    names = list(grads)
+    key = {n: (order.get(unit_of(n, units), len(order)), -i) for i, n in enumerate(names)}
+    return [(n, grads[n]) for n in sorted(names, key=key.__getitem__)]
 
 
 _REPLAYED = re.compile(r"parameter '([^']+)' against the replayed step")
