@@ -213,14 +213,18 @@ class FlatUnit(GradReduction):
     def _alloc_unsharded(self) -> None:
         if self.aliased:
             flat = self.shard
-        else:
-            flat = torch.empty(self.layout.padded_numel, dtype=self.param_dtype, device=self.compute_device)
+        else:   # a normal tensor even when first made under inference_mode (an eval first):
+            # it is reused by every later forward and backward, which need version counters
+            with torch.inference_mode(False):
+                flat = torch.empty(self.layout.padded_numel, dtype=self.param_dtype,
+                                   device=self.compute_device)
             UNSHARDED_BYTES.add(flat.untyped_storage().size())
         params = []
-        for i in range(self.layout.num_params):
-            p = nn.Parameter(self.param_view(flat, i), requires_grad=self.requires_grad[i])
-            p._fsdp_unsharded_of = self.sharded_params[i]  # type: ignore[attr-defined]
-            params.append(p)
+        with torch.inference_mode(False):
+            for i in range(self.layout.num_params):
+                p = nn.Parameter(self.param_view(flat, i), requires_grad=self.requires_grad[i])
+                p._fsdp_unsharded_of = self.sharded_params[i]  # type: ignore[attr-defined]
+                params.append(p)
         self.unsharded_flat, self.unsharded_params = flat, params
 
     def param_view(self, flat: torch.Tensor, index: int) -> torch.Tensor:

@@ -245,8 +245,18 @@ def _pre_forward(module: nn.Module, args: tuple, kwargs: dict):
     if cast:
         flat = _cast_floating(flat, mp.param_dtype)
     if torch.is_grad_enabled() and _in_backward():
-        pass  # activation-checkpoint recompute inside backward: the bookkeeping is done already
+        # activation-checkpoint recompute inside backward: the bookkeeping is done already,
+        # unless its last forward ran without grad (a reentrant checkpoint): then no hook would
+        # ever reduce this unit, and its gradients would be lost without a word
+        if not getattr(unit, "last_forward_grad", False):
+            raise RuntimeError(
+                f"fsdp_core: the unit {unit.module_name!r} is run inside backward without having "
+                "run forward with grad enabled in this iteration: activation checkpointing with "
+                "use_reentrant=True around a fully_shard module is not supported (its gradients "
+                "would never be reduced); use torch.utils.checkpoint.checkpoint(..., "
+                "use_reentrant=False), or checkpoint inside the module")
     elif torch.is_grad_enabled():
+        unit.last_forward_grad = True
         task = torch._C._current_graph_task_id()
         if unit.backward_task is not None and unit.backward_task != task:
             # The last backward through this unit raised before its end: drop its leftovers.
@@ -266,6 +276,9 @@ def _pre_forward(module: nn.Module, args: tuple, kwargs: dict):
                 needs_grad, _make_post_backward(unit, handle), mode="all"))
         else:
             unit.calls_without_hook += 1
+    elif not _in_backward() and unit.generation != _generation:
+        unit.last_forward_grad = False   # no grad forward since the last backward: an eval, or
+        # a reentrant checkpoint's forward
     args, kwargs = tree_unflatten(flat, spec)
     return args, kwargs
 

@@ -194,3 +194,48 @@ def branch_in_some_microbatches(payload: dict, ctx) -> dict:
         got = None if p.grad is None else p.grad[: piece.real_numel]
         same.append((name, got is not None and torch.equal(got, exp)))
     return dict(error=err, same=same)
+
+
+def eval_first_then_train(payload: dict, ctx) -> dict:
+    """An inference_mode forward before any training (an evaluation first), then two SGD steps:
+    the parameters as an unsharded twin trained on the same global batches ends with."""
+    m = _shard_mlp(_mlp(), ctx.group)
+    twin = _mlp()
+    out = {"eval": _error(lambda: _run_inference(m, ctx))}
+    opt, opt_twin = torch.optim.SGD(m.parameters(), lr=0.1), torch.optim.SGD(twin.parameters(), lr=0.1)
+    for step in range(2):
+        m(_batch(ctx, step)).sum().backward()   # gradients averaged over the ranks
+        for r in range(ctx.world_size):   # the global batch, as the ranks' slices
+            g = torch.Generator().manual_seed(100 * step + r)
+            twin(torch.randn(2, 3, generator=g)).sum().div(ctx.world_size).backward()
+        opt.step(), opt_twin.step()
+        opt.zero_grad(set_to_none=True), opt_twin.zero_grad(set_to_none=True)
+    full = fsdp_core.full_state_dict(m)
+    out["equal"] = all(torch.allclose(full[k], v, rtol=0, atol=1e-6) for k, v in twin.state_dict().items())
+    return out
+
+
+def _run_inference(m, ctx):
+    with torch.inference_mode():
+        m(_batch(ctx, 9))
+
+
+class _Checkpointed(nn.Module):
+    def __init__(self, reentrant: bool):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b, self.reentrant = nn.Linear(3, 4), nn.Linear(4, 2), reentrant
+
+    def forward(self, x):
+        from torch.utils.checkpoint import checkpoint   # lazy: only this case checkpoints
+        return checkpoint(self.b, torch.tanh(self.a(x)), use_reentrant=self.reentrant)
+
+
+def reentrant_checkpoint(payload: dict, ctx) -> dict:
+    """Activation checkpointing around a sharded unit. Reentrant: its forward runs without grad
+    and its recompute inside backward, where no hook could reduce it: a clear error, not
+    gradients silently lost. Non-reentrant: trains."""
+    m = _Checkpointed(payload["reentrant"])
+    fully_shard(m.b, mesh=ctx.group)
+    fully_shard(m, mesh=ctx.group)
+    return {"error": _error(lambda: m(_batch(ctx)).sum().backward())}

@@ -90,3 +90,19 @@ def test_deterministic_parameter_used_in_some_micro_batches_gets_its_gradient(ra
     for v in run(rank_pool, 2, cases.branch_in_some_microbatches, {}):
         assert v["error"] == ("no error", ""), v
         assert all(ok for _, ok in v["same"]), v
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_an_inference_mode_forward_before_training_then_trains_right(rank_pool, world_size):
+    """The unsharded buffer first made under inference_mode was an inference tensor, and the
+    next gather raised (W = 2) 'Inference tensors do not track version counter'."""
+    for v in run(rank_pool, world_size, cases.eval_first_then_train, {}):
+        assert v["eval"] == ("no error", "") and v["equal"], v
+
+
+def test_reentrant_checkpointing_around_a_unit_is_a_clear_error_not_lost_gradients(rank_pool):
+    for v in run(rank_pool, 2, cases.reentrant_checkpoint, {"reentrant": True}):
+        kind, msg = v["error"]
+        assert kind == "RuntimeError" and "use_reentrant=True" in msg and "use_reentrant=False" in msg, v
+    for v in run(rank_pool, 2, cases.reentrant_checkpoint, {"reentrant": False}):
+        assert v["error"] == ("no error", ""), v
