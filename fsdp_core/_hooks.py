@@ -326,6 +326,12 @@ def _make_post_backward(unit: FlatUnit, handle: list):
 
 def _make_pre_backward(module: nn.Module, unit: FlatUnit):
     def hook(grad: torch.Tensor):
+        if torch.is_grad_enabled() and not unit.aliased:   # backward records a graph
+            raise RuntimeError(
+                f"fsdp_core: a backward with create_graph=True (a gradient penalty, double "
+                f"backward) through the unit {unit.module_name!r} is not supported: the graph it "
+                "records reads the unit's gathered parameters, which are freed when this backward "
+                "ends. Compute the penalty without create_graph, or outside the sharded modules")
         _enlist(unit)
         unit.unshard()
         _observe_backward(module, unit)

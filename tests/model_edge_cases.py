@@ -239,3 +239,17 @@ def reentrant_checkpoint(payload: dict, ctx) -> dict:
     fully_shard(m.b, mesh=ctx.group)
     fully_shard(m, mesh=ctx.group)
     return {"error": _error(lambda: m(_batch(ctx)).sum().backward())}
+
+
+def gradient_penalty(payload: dict, ctx) -> dict:
+    """A gradient penalty: autograd.grad with create_graph=True, then backward through it. On
+    one rank (the shard is the parameter) it trains; on more, a clear error rather than the
+    resharded views' 'out of bounds for storage of size 0'."""
+    m = _shard_mlp(_mlp(), ctx.group)
+
+    def step():
+        x = _batch(ctx).requires_grad_(True)
+        out = m(x).pow(2).sum()
+        (gx,) = torch.autograd.grad(out, x, create_graph=True)
+        (out + gx.pow(2).sum()).backward()
+    return {"error": _error(step)}

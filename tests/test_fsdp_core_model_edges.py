@@ -106,3 +106,13 @@ def test_reentrant_checkpointing_around_a_unit_is_a_clear_error_not_lost_gradien
         assert kind == "RuntimeError" and "use_reentrant=True" in msg and "use_reentrant=False" in msg, v
     for v in run(rank_pool, 2, cases.reentrant_checkpoint, {"reentrant": False}):
         assert v["error"] == ("no error", ""), v
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_a_gradient_penalty_trains_on_one_rank_and_is_a_clear_error_on_more(rank_pool, world_size):
+    for v in run(rank_pool, world_size, cases.gradient_penalty, {}):
+        if world_size == 1:
+            assert v["error"] == ("no error", ""), v
+        else:
+            kind, msg = v["error"]
+            assert kind == "RuntimeError" and "create_graph=True" in msg, v
