@@ -326,7 +326,8 @@ def _make_post_backward(unit: FlatUnit, handle: list):
 
 def _make_pre_backward(module: nn.Module, unit: FlatUnit):
     def hook(grad: torch.Tensor):
-        if torch.is_grad_enabled() and not unit.aliased:   # backward records a graph
+        if torch.is_grad_enabled() and not unit.aliased:   # backward records a graph (and
+            # reads a gathered copy; one rank in the shards' dtype uses the shard itself)
             raise RuntimeError(
                 f"fsdp_core: a backward with create_graph=True (a gradient penalty, double "
                 f"backward) through the unit {unit.module_name!r} is not supported: the graph it "
