@@ -114,6 +114,7 @@ class FlatUnit(GradReduction):
         self.padding_ranges = self.layout.padding_ranges(self.rank)  # shard-relative [start, end)
         self.requires_gradient_sync = True
         self.generation = -1                        # see [Note: backward bookkeeping] in _hooks
+        self.last_forward_grad = False   # its last forward outside backward ran with grad
         self.state = ShardState.SHARDED
         self.unsharded_flat: Optional[torch.Tensor] = None  # 1-D padded, param dtype, compute device
         self.unsharded_params: Optional[list[nn.Parameter]] = None

@@ -248,7 +248,7 @@ def _pre_forward(module: nn.Module, args: tuple, kwargs: dict):
         # activation-checkpoint recompute inside backward: the bookkeeping is done already,
         # unless its last forward ran without grad (a reentrant checkpoint): then no hook would
         # ever reduce this unit, and its gradients would be lost without a word
-        if not getattr(unit, "last_forward_grad", False):
+        if not unit.last_forward_grad:
             raise RuntimeError(
                 f"fsdp_core: the unit {unit.module_name!r} is run inside backward without having "
                 "run forward with grad enabled in this iteration: activation checkpointing with "

@@ -94,7 +94,7 @@ class Replayer:
         self.optimizer = make_optimizer(s, self.model.named_parameters())
         self.alive = True
         self.off = ""   # why the replay was turned off, where it was (`follows`)
-        self._own = Replayer(s, own=False) if own else None
+        self._s, self._checks, self._own = s, own, None   # the reference's own replay: on first use
 
     def follows(self, ref_grads: Mapping[str, torch.Tensor], ref_params: Mapping[str, torch.Tensor]
                 ) -> bool:
@@ -103,7 +103,11 @@ class Replayer:
         A model that changes its parameters outside the optimizer (in place in its forward, an
         nn.Embedding with max_norm) does not: then nothing can be replayed, and this replay is
         turned off, saying why."""
-        if self._own is None or not self._own.alive:
+        if not self._checks:
+            return True
+        if self._own is None:   # first called at the replay's first step
+            self._own = Replayer(self._s, own=False)
+        if not self._own.alive:
             return True
         for name, want in self._own.step(ref_grads).items():
             got = ref_params.get(name)

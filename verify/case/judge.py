@@ -21,8 +21,9 @@ from typing import Any, Optional
 import torch
 
 from verify.case.severity import BEYOND, case_severity, state_severity, step_severity, tensors_severity
-from verify.case.state_check import (ZERO_EXTRA, gradient_problems, reassemble, reassembled_gradients,
-                                     state_problems, update_problems, zero_extras)
+from verify.case.state_check import (ZERO_EXTRA, gradient_problems, pieces_problems, reassemble,
+                                     reassembled_gradients, state_problems, update_problems,
+                                     zero_extras)
 from verify.compare import TIERS, TOLERANCES, compare_step, diff_stats, format_diff, tier_for, verdict
 from verify.plan.units import plan_problems
 from verify.case.placement import offload_status
@@ -139,7 +140,7 @@ def _against_replay(s: Scenario, values: list[dict], i: int, step: int, ref_grad
     if not judged:
         return [], []
     tol = TOLERANCES[torch.float32]
-    problems, pairs = [], []
+    problems, pairs, names = [], [], []
     for name, actual in params.items():
         expected = want.get(name)
         if expected is None or actual.shape != expected.shape or actual.dtype != expected.dtype:
@@ -149,6 +150,7 @@ def _against_replay(s: Scenario, values: list[dict], i: int, step: int, ref_grad
             problems.append(f"{where}: " + format_diff(f"parameter {name!r} against the replayed step", d,
                                                        "tolerance"))
             pairs.append((actual, expected))
+            names.append(name)
     if problems:
         steps = "the first step" if step == 0 else f"step {step}"
         problems.insert(0, f"{where}: the parameters after {steps} are not what {s.optimizer} "
@@ -159,8 +161,7 @@ def _against_replay(s: Scenario, values: list[dict], i: int, step: int, ref_grad
                                "step counts) that the checkpoint did not restore, or a copy of the "
                                "parameters the optimizer steps that load() did not refresh, shows here"
                                if resumed_at is not None and step == resumed_at else ""))
-        zeros = sorted(zero_extras(values, i, ref_grads) & set(params) & {
-            p.split(": parameter ", 1)[1].split("'")[1] for p in problems if ": parameter " in p})
+        zeros = sorted(zero_extras(values, i, ref_grads) & set(names))
         if zeros:
             problems.insert(1, f"{where}: " + ZERO_EXTRA.format(
                 names=", ".join(zeros), them="it" if len(zeros) == 1 else "them", opt=s.optimizer))
@@ -171,16 +172,7 @@ def _reassembly(values: list[dict], step: int, full: dict) -> Optional[list[str]
     pieces = [v["records"][step].get("pieces") for v in values]
     if any(p is None for p in pieces):
         return None
-    bad = []
-    for name in sorted({n for p in pieces for n in p}):
-        want = full.get(name)
-        if want is None:
-            bad.append(f"{name} (not among the full parameters)")
-            continue
-        flat, problem = reassemble(pieces, name, want.numel(), torch.float32)
-        if problem or not torch.equal(flat, want.reshape(-1).float()):
-            bad.append(f"{name} ({problem or 'pieces differ from the gathered tensor or leave gaps'})")
-    return bad
+    return pieces_problems(pieces, full)
 
 
 def _ranked(values: list[dict], get) -> tuple[list[str], Optional[int]]:

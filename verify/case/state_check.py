@@ -31,7 +31,7 @@ from verify.compare import diff_stats, int_view
 from verify.scenarios import build_model
 
 __all__ = ["NORM_RTOL", "LOADED_RIGHT", "loaded_problems", "reassemble", "norm_problems", "gradient_problems", "state_problems",
-           "reassembled_gradients", "update_problems", "all_zero", "zero_extras",
+           "reassembled_gradients", "update_problems", "all_zero", "zero_extras", "pieces_problems",
            "ZERO_EXTRA"]
 
 # The relative norm error allowed in the non-bitwise tiers, by compute dtype: 2000x the worst
@@ -226,6 +226,22 @@ LOADED_RIGHT = ("\n(the parameters as loaded equal the saved ones: what the chec
                 "steps, a shard or an fp32 master, that load() did not refresh)")
 
 
+def pieces_problems(pieces: list[dict], full: dict, missing_ok: bool = False) -> list[str]:
+    """The names (with what is wrong) whose ranks' (start, values) pieces do not reassemble to
+    ``full``'s tensor bit for bit; a name ``full`` lacks is one too, unless ``missing_ok``."""
+    bad = []
+    for name in sorted({n for p in pieces for n in p}):
+        want = full.get(name)
+        if want is None:
+            if not missing_ok:
+                bad.append(f"{name} (not among the full parameters)")
+            continue
+        flat, problem = reassemble(pieces, name, want.numel(), torch.float32)
+        if problem or not torch.equal(flat, want.reshape(-1).float()):
+            bad.append(f"{name} ({problem or 'pieces differ from the gathered tensor or leave gaps'})")
+    return bad
+
+
 def loaded_problems(saved: dict, loaded: dict, cut: int,
                     pieces: Optional[list] = None) -> list[str]:
     """The `loaded` check of a resume case: rank 0's full parameters after the load against
@@ -243,14 +259,7 @@ def loaded_problems(saved: dict, loaded: dict, cut: int,
     if bad:
         out.append(f"after the load: {bad[:5]} differ from the state saved after step {cut - 1}")
     if pieces and all(p is not None for p in pieces):
-        stale = []
-        for name in sorted({n for p in pieces for n in p}):
-            want = loaded.get(name)
-            if want is None:
-                continue
-            flat, problem = reassemble(pieces, name, want.numel(), torch.float32)
-            if problem or not torch.equal(flat, want.reshape(-1).float()):
-                stale.append(f"{name} ({problem or 'pieces differ'})")
+        stale = pieces_problems(pieces, loaded, missing_ok=True)
         if stale:
             out.append(f"after the load: the ranks' own pieces (local_pieces) of {stale[:5]} are "
                        "not the parameters full_parameters reads: load() did not refresh the "

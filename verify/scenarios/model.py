@@ -167,13 +167,12 @@ def modules_called(s: Scenario):
     cannot run on the meta device (code that reads values: then every module counts as run)."""
     key = (s.family, s.model, s.micro_batch_size)
     if key not in _CALLED:
-        from verify.scenarios.training import loss_fn, make_batch  # lazy: training imports this module
+        from verify.scenarios.training import batch_to, loss_fn, make_batch  # lazy: training imports this module
         model = build_model(s, device="meta")
         called: set[str] = set()
         for name, m in model.named_modules():
             m.register_forward_pre_hook(lambda mod, args, name=name: called.add(name))
-        batch = torch.utils._pytree.tree_map(
-            lambda t: t.to("meta") if isinstance(t, torch.Tensor) else t, make_batch(s, 0, 0))
+        batch = batch_to(make_batch(s, 0, 0), "meta")
         try:
             with torch.no_grad(), torch.random.fork_rng(devices=[]):
                 loss_fn(s, model, batch)
