@@ -37,6 +37,19 @@ class _Family:
         return F.mse_loss(model(x).float(), y)
 
 
+class _Stack(nn.Module):
+    """The blocks in order, then a linear head to one output."""
+    def __init__(self, blocks, width: int):
+        super().__init__()
+        self.blocks = nn.ModuleList(blocks)
+        self.head = nn.Linear(width, 1)
+
+    def forward(self, x):
+        for b in self.blocks:
+            x = b(x)
+        return self.head(x)
+
+
 class _DeadBlock(nn.Module):
     def __init__(self, d: int):
         super().__init__()
@@ -47,23 +60,12 @@ class _DeadBlock(nn.Module):
         return x + torch.tanh(self.fc(x))
 
 
-class _DeadNet(nn.Module):
-    def __init__(self, width: int, n_blocks: int):
-        super().__init__()
-        self.blocks = nn.ModuleList(_DeadBlock(width) for _ in range(n_blocks))
-        self.head = nn.Linear(width, 1)
-        self.dead_head = nn.Linear(width, 1)   # never used
-
-    def forward(self, x):
-        for b in self.blocks:
-            x = b(x)
-        return self.head(x)
-
-
 class DeadHead(_Family):
     @staticmethod
     def build(width: int, n_blocks: int):
-        return _DeadNet(width, n_blocks)
+        model = _Stack([_DeadBlock(width) for _ in range(n_blocks)], width)
+        model.dead_head = nn.Linear(width, 1)   # never used
+        return model
 
 
 class _Block(nn.Module):
@@ -75,23 +77,12 @@ class _Block(nn.Module):
         return x + torch.tanh(self.fc(x))
 
 
-class _TiedNet(nn.Module):
-    def __init__(self, width: int, n_blocks: int):
-        super().__init__()
-        self.blocks = nn.ModuleList(_Block(width) for _ in range(max(n_blocks, 2)))
-        self.blocks[-1].fc.weight = self.blocks[0].fc.weight
-        self.head = nn.Linear(width, 1)
-
-    def forward(self, x):
-        for b in self.blocks:
-            x = b(x)
-        return self.head(x)
-
-
 class TiedBlocks(_Family):
     @staticmethod
     def build(width: int, n_blocks: int):
-        return _TiedNet(width, n_blocks)
+        model = _Stack([_Block(width) for _ in range(max(n_blocks, 2))], width)
+        model.blocks[-1].fc.weight = model.blocks[0].fc.weight
+        return model
 
 
 class _Reads(nn.Module):
@@ -104,22 +95,10 @@ class _Reads(nn.Module):
         return x + F.linear(torch.tanh(self.fc(x)), self.proj.weight, self.proj.bias)
 
 
-class _ReadsNet(nn.Module):
-    def __init__(self, width: int, n_blocks: int):
-        super().__init__()
-        self.blocks = nn.ModuleList(_Reads(width) for _ in range(n_blocks))
-        self.head = nn.Linear(width, 1)
-
-    def forward(self, x):
-        for b in self.blocks:
-            x = b(x)
-        return self.head(x)
-
-
 class FunctionalChild(_Family):
     @staticmethod
     def build(width: int, n_blocks: int):
-        return _ReadsNet(width, n_blocks)
+        return _Stack([_Reads(width) for _ in range(n_blocks)], width)
 
 
 class _AlphaBlock(nn.Module):
@@ -229,21 +208,9 @@ class _ClampBlock(nn.Module):
         return x + torch.tanh(self.fc(x))
 
 
-class _ClampNet(nn.Module):
-    def __init__(self, width: int, n_blocks: int):
-        super().__init__()
-        self.blocks = nn.ModuleList(_ClampBlock(width) for _ in range(n_blocks))
-        self.head = nn.Linear(width, 1)
-
-    def forward(self, x):
-        for b in self.blocks:
-            x = b(x)
-        return self.head(x)
-
-
 class ClampsInForward(_Family):
     """Each block clamps its weight in place at the start of its forward: the parameters
     change outside the optimizer."""
     @staticmethod
     def build(width: int, n_blocks: int):
-        return _ClampNet(width, n_blocks)
+        return _Stack([_ClampBlock(width) for _ in range(n_blocks)], width)
